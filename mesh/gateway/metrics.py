@@ -1,0 +1,45 @@
+"""Prometheus metrics of the gateway, in a registry of its own (one per gateway, so tests can
+run several in one process)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from shards.types import Finished
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("quorum_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("quorum_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.completion_tokens = Counter("quorum_completion_tokens", "Completion tokens generated",
+                                         ["model"], registry=r)
+        self.ttft = Histogram("quorum_time_to_first_token_seconds", "Time from request to first token",
+                              ["model"], buckets=_TTFT_BUCKETS, registry=r)
+        self.tps = Histogram("quorum_tokens_per_second", "Decoding speed of each generation",
+                             ["model"], buckets=_TPS_BUCKETS, registry=r)
+        self.generations = Counter("quorum_generations", "Generations ended, by model and reason "
+                                   "(stop, length, cancelled)", ["model", "reason"], registry=r)
+        self.queue_depth = Gauge("quorum_queue_depth", "Requests waiting for a shard", ["role", "model"],
+                                 registry=r)
+        self.in_flight = Gauge("quorum_requests_in_flight", "Requests being answered", registry=r)
+
+    def watch_queue(self, role: str, model: str, depth: Callable[[], float]) -> None:
+        self.queue_depth.labels(role, model).set_function(depth)
+
+    def record_generation(self, model: str, finished: Finished) -> None:
+        """Called on a shard's worker thread (prometheus_client is thread-safe)."""
+        self.generations.labels(model, finished.reason).inc()
+        self.completion_tokens.labels(model).inc(finished.completion_tokens)
+        if finished.completion_tokens > 1 and finished.decode_s > 0:
+            self.tps.labels(model).observe((finished.completion_tokens - 1) / finished.decode_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""What this machine is: memory, cores, architecture, device class."""

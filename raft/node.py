@@ -1,0 +1,154 @@
+"""pysyncobj carrying our commands: journal, full dumps, password, membership.
+
+The node is a thin driver around the pure state in raft/state.py. pysyncobj runs replicated
+methods on its own tick thread; `propose` returns a concurrent Future that callers on an asyncio
+loop wrap with asyncio.wrap_future (never a blocking call from the loop or from the tick thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+
+from raft.commands import BadCommand, Command, decode, encode
+from raft.state import MeshState, Rejected, apply
+
+log = logging.getLogger("quorum.raft")
+
+_FAIL_NAMES = {getattr(FAIL_REASON, n): n.lower() for n in dir(FAIL_REASON) if n.isupper()}
+
+
+class ProposalFailed(RuntimeError):
+    """The log did not take the command (no leader, queue full, dropped, not leader)."""
+
+
+@dataclass(frozen=True)
+class RaftTiming:
+    heartbeat_s: float = 0.05
+    election_min_s: float = 0.3
+    election_max_s: float = 0.6
+    connection_retry_s: float = 0.5
+    leader_fallback_s: float = 0.6
+    compaction_min_entries: int = 5000
+
+
+class _Log(SyncObjConsumer):
+    """The replicated object: only `state` is serialised into pysyncobj's dumps."""
+
+    def __init__(self, on_applied: Callable[[MeshState], None] | None) -> None:
+        super().__init__()
+        self.state = MeshState()
+        self._on_applied_hook = on_applied
+
+    def _serialize(self) -> dict:
+        return {"state": self.state}
+
+    def _deserialize(self, data: dict) -> None:
+        self.state = data["state"]
+
+    @replicated
+    def submit(self, wire: dict) -> dict:
+        try:
+            self.state = apply(self.state, decode(wire))
+        except (BadCommand, Rejected) as exc:
+            return {"ok": False, "error": str(exc)}
+        if self._on_applied_hook is not None:
+            self._on_applied_hook(self.state)
+        return {"ok": True, "applied": self.state.applied}
+
+
+class RaftNode:
+    def __init__(self, self_address: str, partners: list[str], data_dir: Path, password: str,
+                 timing: RaftTiming = RaftTiming(), auto_tick: bool = True,
+                 on_applied: Callable[[MeshState], None] | None = None) -> None:
+        if not password:
+            raise ValueError("a Raft password is required: without one pysyncobj unpickles anything")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._ready = threading.Event()
+        conf = SyncObjConf(
+            password=password,
+            journalFile=str(data_dir / "raft.journal"),
+            fullDumpFile=str(data_dir / "raft.dump"),
+            dynamicMembershipChange=True,
+            useFork=False,
+            autoTick=auto_tick,
+            appendEntriesUseBatch=False,
+            appendEntriesPeriod=timing.heartbeat_s,
+            raftMinTimeout=timing.election_min_s,
+            raftMaxTimeout=timing.election_max_s,
+            connectionTimeout=max(3.5, timing.election_max_s),
+            connectionRetryTime=timing.connection_retry_s,
+            leaderFallbackTimeout=timing.leader_fallback_s,
+            logCompactionMinEntries=timing.compaction_min_entries,
+            onReady=self._ready.set,
+            maxBindRetries=0,
+        )
+        self._log = _Log(on_applied)
+        self.address = self_address
+        self._obj = SyncObj(self_address, partners, conf=conf, consumers=[self._log])
+        log.info("raft node %s started (partners: %s)", self_address, ", ".join(partners) or "none")
+
+    @property
+    def state(self) -> MeshState:
+        return self._log.state
+
+    def tick(self, seconds: float = 0.0) -> None:
+        """Drives the node by hand when auto_tick is off (tests)."""
+        self._obj.doTick(seconds)
+
+    def is_ready(self) -> bool:
+        """True once this node has caught up with the log it found on disk or from the leader."""
+        return self._ready.is_set()
+
+    def is_leader(self) -> bool:
+        return self._obj._isLeader()
+
+    def leader(self) -> str | None:
+        leader = self._obj._getLeader()
+        return None if leader is None else str(leader.address if hasattr(leader, "address") else leader)
+
+    def status(self) -> dict[str, Any]:
+        raw = self._obj.getStatus()
+        return {
+            "self": self.address,
+            "leader": self.leader(),
+            "is_leader": self.is_leader(),
+            "has_quorum": bool(raw.get("has_quorum")),
+            "term": raw.get("raft_term"),
+            "commit_index": raw.get("commit_idx"),
+            "last_applied": raw.get("last_applied"),
+            "log_length": raw.get("log_len"),
+            "ready": self.is_ready(),
+        }
+
+    def propose(self, cmd: Command) -> Future:
+        """Appends `cmd` to the log; the future resolves once it is committed and applied here."""
+        future: Future = Future()
+
+        def done(result: Any, error: int) -> None:
+            if error != FAIL_REASON.SUCCESS:
+                future.set_exception(ProposalFailed(_FAIL_NAMES.get(error, str(error))))
+            elif not result.get("ok"):
+                future.set_exception(Rejected(result.get("error", "rejected")))
+            else:
+                future.set_result(result)
+
+        self._log.submit(encode(cmd), callback=done)
+        return future
+
+    def close(self) -> None:
+        """Stops the tick thread and closes the journal; safe to call twice."""
+        if self._obj is None:
+            return
+        obj, self._obj = self._obj, None
+        if obj.tick_thread_alive():
+            obj.destroy_synchronous()
+        else:
+            obj.destroy()
+        log.info("raft node %s stopped", self.address)

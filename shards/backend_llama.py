@@ -1,0 +1,89 @@
+"""GGUF models through llama.cpp (llama-cpp-python).
+
+Decoding follows llama.cpp's own pattern: the prompt is prefilled in batches, then each sampled
+token is decoded one step at a time. Sampling is OpenAI's: temperature then top-p over the whole
+vocabulary (no top-k or min-p), temperature 0 is greedy, and a seed makes sampling repeatable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import lru_cache
+from typing import Iterator
+
+import llama_cpp
+import numpy as np
+
+from shards.types import Sampling, TokenStep
+
+log = logging.getLogger("quorum.llama")
+
+
+class LlamaBackend:
+    def __init__(self, path: str, n_ctx: int, threads: int) -> None:
+        self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads,
+                                    n_threads_batch=threads, n_batch=512, logits_all=False,
+                                    verbose=False)
+        self._vocab = self._llm._model.vocab
+        self.n_ctx = self._llm.n_ctx()
+        self.n_vocab = self._llm.n_vocab()
+        self._template = self._llm.metadata.get("tokenizer.chat_template") or None
+        self.bos_text = self._special_text(self._llm.token_bos())
+        self.eos_text = self._special_text(self._llm.token_eos())
+        self.token_bytes = lru_cache(maxsize=65536)(self.token_bytes)  # type: ignore[method-assign]
+        log.info("loaded %s (context %d, %d threads)", path, self.n_ctx, threads)
+
+    def _special_text(self, token: int) -> str:
+        return "" if token < 0 else llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+
+    def tokenize(self, text: str, add_bos: bool) -> list[int]:
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def token_bytes(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:  # the piece is longer than the buffer: llama.cpp says how long it is
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_end(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def chat_template(self) -> str | None:
+        return self._template
+
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int) -> Iterator[TokenStep]:
+        llm = self._llm
+        llm.set_seed((seed % 0xFFFFFFFE) + 1)  # llama.cpp treats some seeds as "random": stay clear
+        want = sampling.top_logprobs
+        steps = llm.generate(prompt, temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
+                             typical_p=1.0, repeat_penalty=1.0, presence_penalty=sampling.presence_penalty,
+                             frequency_penalty=sampling.frequency_penalty, reset=True)
+        try:
+            for token in steps:
+                if want is None:
+                    yield TokenStep(token)
+                else:
+                    yield self._with_logprobs(token, want)
+        finally:
+            steps.close()
+
+    def _with_logprobs(self, token: int, top: int) -> TokenStep:
+        """Log-probabilities of the model's distribution at the step that chose `token`."""
+        raw = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(raw, shape=(self.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        logz = peak + np.log(np.exp(logits - peak).sum())
+        best = np.argpartition(-logits, top)[:top] if top else np.array([], dtype=int)
+        best = best[np.argsort(-logits[best])]
+        return TokenStep(token, float(logits[token] - logz),
+                         tuple((int(t), float(logits[t] - logz)) for t in best))
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def open_backend(path: str, n_ctx: int, threads: int, **_unused) -> LlamaBackend:
+    return LlamaBackend(path=path, n_ctx=n_ctx, threads=threads)

@@ -1,0 +1,103 @@
+"""A shard running in this process: templating, tokenizing and the engine, behind async calls.
+
+This is what the gateway talks to for a replica on its own node; a replica on another node will
+sit behind the same calls over gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator, Callable
+
+from shards.backend import Backend
+from shards.engine import Engine, Job
+from shards.templates import Message, render
+from shards.types import ContextLengthExceeded, Event, Failed, Finished, Sampling
+
+log = logging.getLogger("quorum.shard")
+
+
+class Generation:
+    """One queued or running generation: its events, and a way to stop it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def emit(self, event: Event) -> None:
+        """Called on the engine's thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:
+            # The loop closed under a job that was still running (shutdown): nobody is listening.
+            log.debug("dropped a %s event after the loop closed", type(event).__name__)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Pieces, then one Finished or Failed. Leaving early cancels the generation."""
+        try:
+            while True:
+                event = await self._events.get()
+                yield event
+                if isinstance(event, (Finished, Failed)):
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class LocalShard:
+    def __init__(self, role: str, model: str, backend: Backend, queue_depth: int,
+                 named_template: str | None, on_finish: Callable[[Finished], None] | None = None) -> None:
+        self.role = role
+        self.model = model
+        self.backend = backend
+        self.n_ctx = backend.n_ctx
+        self._named_template = named_template
+        self._engine = Engine(backend, queue_depth, name=f"{role}/{model}", on_finish=on_finish)
+
+    @property
+    def waiting(self) -> int:
+        return self._engine.waiting
+
+    @property
+    def busy(self) -> bool:
+        return self._engine.busy
+
+    async def chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
+        """Renders and tokenizes a conversation (off the loop: long prompts take a while)."""
+        def work() -> tuple[list[int], tuple[str, ...]]:
+            rendered = render(messages, gguf_template=self.backend.chat_template(),
+                              named=self._named_template, bos=self.backend.bos_text,
+                              eos=self.backend.eos_text)
+            return self.backend.tokenize(rendered.text, add_bos=not rendered.has_bos), rendered.stop_texts
+        return await asyncio.to_thread(work)
+
+    async def text_prompt(self, prompt: str) -> list[int]:
+        return await asyncio.to_thread(self.backend.tokenize, prompt, True)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None) -> None:
+        """A prompt must leave room for at least one token, and for max_tokens when given."""
+        if prompt_tokens >= self.n_ctx or prompt_tokens + (max_tokens or 0) > self.n_ctx:
+            raise ContextLengthExceeded(self.n_ctx, prompt_tokens, max_tokens)
+
+    def submit(self, work: list[tuple[list[int], Sampling]],
+               stop_texts: tuple[str, ...] = ()) -> list[Generation]:
+        """Queues one generation per (prompt, sampling) pair, all or none; never blocks.
+
+        A request's n choices (and its several prompts) go in one call. Raises QueueFull when the
+        queue cannot take them all.
+        """
+        loop = asyncio.get_running_loop()
+        gens = [Generation(loop) for _ in work]
+        jobs = [Job(prompt=prompt, sampling=s, emit=g.emit, stop_texts=stop_texts, cancel=g.cancelled)
+                for g, (prompt, s) in zip(gens, work)]
+        self._engine.submit(jobs)
+        return gens
+
+    def close(self) -> None:
+        self._engine.close()

@@ -1,0 +1,81 @@
+"""Plain data passed between the gateway and a shard (and, later, over gRPC)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = None  # None: until the context window is full
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs; 0..N: chosen token plus N alternatives
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenStep:
+    """One sampled token, as a backend reports it."""
+    token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[tuple[str, float, tuple[int, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text released to the client, with the tokens it came from."""
+    text: str
+    tokens: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_s: float | None = None  # seconds from start of generation to first token
+    decode_s: float = 0.0  # seconds spent from first token to the end
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Piece | Finished | Failed
+
+
+class ShardError(Exception):
+    """Base of the errors a shard reports to the gateway."""
+
+
+class QueueFull(ShardError):
+    def __init__(self, depth: int) -> None:
+        super().__init__(f"the shard's queue is full ({depth} requests waiting); retry shortly")
+        self.depth = depth
+
+
+class ContextLengthExceeded(ShardError):
+    def __init__(self, n_ctx: int, prompt: int, completion: int | None) -> None:
+        asked = prompt + (completion or 0)
+        detail = f"{prompt} in the prompt" + (f", {completion} in the completion" if completion else "")
+        super().__init__(f"This model's maximum context length is {n_ctx} tokens. However, you "
+                         f"requested {asked} tokens ({detail}). Please reduce the length of the "
+                         f"messages or completion.")
+
+
+class NotReady(ShardError):
+    """The shard is still loading or has stopped."""

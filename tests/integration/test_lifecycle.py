@@ -1,0 +1,67 @@
+"""meshd's life: first start creates the mesh, Ctrl-C stops it cleanly, a restart resumes it."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import httpx
+
+from tests.procs import Meshd
+
+
+def test_first_run_creates_restart_resumes(tmp_path):
+    data_dir = tmp_path / "node"
+    with Meshd(data_dir) as first:
+        first.wait_ready()
+        before = first.status()
+        reply = httpx.post(f"{first.base_url}/v1/chat/completions", timeout=120, json={
+            "model": "gemma-3-270m", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})
+        assert reply.status_code == 200
+        assert first.interrupt() == 0, first.log()
+    assert "node" in first.log() and "stopped" in first.log()
+
+    # What the first run made: a private secret, the journal, the verified model file.
+    secret = data_dir / "mesh.secret"
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert (data_dir / "raft" / "raft.journal").exists()
+    assert (data_dir / "models" / "gemma-3-270m-q4_k_m.gguf.verified").exists()
+
+    assert before["mesh"]["id"] and before["raft"]["is_leader"]
+    [member] = before["members"]
+    [shard] = before["shards"]
+    assert shard["role"] == "reasoning" and shard["state"] == "ready"
+    assert shard["node_id"] == member["node_id"] == before["node"]["id"]
+
+    with Meshd(data_dir) as second:
+        second.wait_ready()
+        after = second.status()
+        assert after["mesh"]["id"] == before["mesh"]["id"], "a restart must resume the same mesh"
+        assert [m["node_id"] for m in after["members"]] == [member["node_id"]]
+        assert after["raft"]["commit_index"] > before["raft"]["commit_index"]
+        assert after["shards"][0]["state"] == "ready"
+        assert "assembling" not in second.log().split("starting in")[-1], "the model must not be rebuilt"
+        assert second.interrupt() == 0
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    with Meshd(tmp_path / "a", backend="null") as a:
+        a.wait_ready()
+        b = Meshd(tmp_path / "b", backend="null", port=a.port).start()
+        try:
+            assert b.proc.wait(timeout=60) == 1
+            assert "cannot listen on" in b.log()
+        finally:
+            b.kill()
+
+
+def test_bad_config_names_the_key(tmp_path):
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / "mesh.toml").write_text("[gateway]\nqueue_depht = 3\n")
+    node = Meshd(data_dir, backend="null").start()
+    try:
+        assert node.proc.wait(timeout=60) == 2
+        assert "gateway.queue_depht: unknown key" in node.log()
+    finally:
+        node.kill()

@@ -1,0 +1,110 @@
+"""Real meshd processes for tests and benchmarks: free loopback ports, readiness by polling
+/health (bounded), and every process killed by its pid when done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+MESHD = [sys.executable, "-m", "mesh.meshd"]
+
+
+def free_ports(count: int = 3) -> int:
+    """A base port such that base .. base+count-1 are all free on 127.0.0.1."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + count >= 65534:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports found")
+
+
+def wait_until(condition, timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+class Meshd:
+    """One meshd process. Use as a context manager; it is always killed on exit."""
+
+    def __init__(self, data_dir: Path, *extra: str, backend: str = "llama", threads: int = 1,
+                 port: int | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_ports(3)
+        self.address = f"127.0.0.1:{self.port}"
+        self.base_url = f"http://{self.address}"
+        self.args = [*MESHD, "--data-dir", str(self.data_dir), "--listen", self.address,
+                     "--threads", str(threads), "--backend", backend, "--no-progress", *extra]
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-meshd.log"
+
+    def start(self) -> "Meshd":
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        return self
+
+    def health(self) -> int:
+        try:
+            return httpx.get(f"{self.base_url}/health", timeout=2).status_code
+        except httpx.HTTPError:
+            return 0
+
+    def wait_ready(self, timeout: float = 120) -> "Meshd":
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"meshd exited with {self.proc.returncode}:\n{self.log()}")
+            return self.health() == 200
+        wait_until(ready, timeout, f"meshd on {self.address} to be ready")
+        return self
+
+    def status(self) -> dict:
+        return httpx.get(f"{self.base_url}/control/v1/status", timeout=5).json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def interrupt(self, timeout: float = 30) -> int:
+        """Ctrl-C, then wait for a clean exit; returns the exit code."""
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def __enter__(self) -> "Meshd":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
