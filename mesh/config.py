@@ -42,7 +42,8 @@ class NodeConfig:
 
     @property
     def raft_address(self) -> str:
-        return f"{self.host}:{self.raft_port or self.port + 2}"
+        """Raft binds loopback: a single-node mesh has no peers, so nothing else may reach it."""
+        return f"127.0.0.1:{self.raft_port or self.port + 2}"
 
     def resolved_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 2) // 2)
@@ -216,11 +217,11 @@ def _model(raw: Any, key: str) -> ModelSpec:
         if required not in raw:
             raise ConfigError(f"{key}.{required}: missing")
     name, file, sha = raw["name"], raw["file"], raw["sha256"]
-    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
         raise ConfigError(f"{key}.name: letters, digits, '.', '_' and '-' only (1-64), got {name!r}")
-    if not isinstance(file, str) or not _FILE_NAME.match(file) or ".." in file:
+    if not isinstance(file, str) or not _FILE_NAME.fullmatch(file) or ".." in file:
         raise ConfigError(f"{key}.file: a plain file name inside models/, got {file!r}")
-    if not isinstance(sha, str) or not _SHA256.match(sha):
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise ConfigError(f"{key}.sha256: expected 64 lowercase hex digits")
     roles = raw["roles"]
     if not isinstance(roles, list) or not roles or any(r not in ROLES or r == "witness" for r in roles):

@@ -104,14 +104,15 @@ def _init_mesh(state: MeshState, cmd: InitMesh) -> MeshState:
 
 def _add_member(state: MeshState, cmd: AddMember) -> MeshState:
     old = state.members.get(cmd.node_id)
+    clash = [m for m in state.members.values()
+             if m.name == cmd.name and m.state != "gone" and m.node_id != cmd.node_id]
+    if clash:
+        raise Rejected(f"a member named {cmd.name!r} already exists")
     if old is not None and old.state != "gone":
         # Re-adding a live member refreshes its addresses and profile (a restart with a new port).
         member = dataclasses.replace(old, name=cmd.name, http_address=cmd.http_address,
                                      raft_address=cmd.raft_address, profile=dict(cmd.profile))
     else:
-        clash = [m for m in state.members.values() if m.name == cmd.name and m.state != "gone"]
-        if clash:
-            raise Rejected(f"a member named {cmd.name!r} already exists")
         member = Member(node_id=cmd.node_id, name=cmd.name, http_address=cmd.http_address,
                         raft_address=cmd.raft_address, profile=dict(cmd.profile), state="active",
                         joined_at=cmd.joined_at)

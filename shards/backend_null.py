@@ -50,6 +50,9 @@ class NullBackend:
             top = tuple((t, math.log(0.5 / (j + 1))) for j, t in enumerate((token, 32, 46)))
             yield TokenStep(token=token, logprob=math.log(0.5), top=top[: (sampling.top_logprobs or 0)])
 
+    def close(self) -> None:
+        """Nothing to free: there are no weights."""
+
 
 def open_backend(n_ctx: int = 512, reply_tokens: int = 24, delay_s: float = 0.0, **_ignored) -> NullBackend:
     return NullBackend(n_ctx=n_ctx, reply_tokens=reply_tokens, delay_s=delay_s)

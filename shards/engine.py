@@ -18,7 +18,7 @@ from typing import Callable
 
 from shards.backend import Backend
 from shards.text import TextStream
-from shards.types import Event, Failed, Finished, Sampling, QueueFull
+from shards.types import Event, Failed, Finished, QueueFull, Sampling
 
 log = logging.getLogger("quorum.shard")
 
@@ -43,6 +43,8 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting = 0
         self._busy = False
+        self._closing = threading.Event()
+        self._current: Job | None = None
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
@@ -69,16 +71,14 @@ class Engine:
             self._jobs.put(job)
 
     def close(self) -> None:
-        """Stops the worker after the job it is running; queued jobs are told the shard stopped."""
+        """Stops the running generation at its next token, tells queued jobs the shard stopped,
+        ends the worker and frees the backend."""
+        self._closing.set()
+        current = self._current
+        if current is not None:
+            current.cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout=30)
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.emit(Failed("the shard is shutting down"))
         self.backend.close()
 
     def _run(self) -> None:
@@ -88,7 +88,11 @@ class Engine:
                 return
             with self._lock:
                 self._waiting -= 1
-                self._busy = True
+                self._busy = not self._closing.is_set()
+            if self._closing.is_set():
+                job.emit(Failed("the shard is shutting down"))
+                continue
+            self._current = job
             try:
                 if job.cancel.is_set():
                     finished = Finished("cancelled", len(job.prompt), 0)
@@ -101,6 +105,7 @@ class Engine:
                 log.exception("%s: generation failed", self.name)
                 job.emit(Failed(f"generation failed: {exc}"))
             finally:
+                self._current = None
                 with self._lock:
                     self._busy = False
 

@@ -26,7 +26,7 @@ class ModelFileError(RuntimeError):
 
 
 def model_path(models_dir: Path, file: str) -> Path:
-    if not _PLAIN.match(file) or ".." in file:
+    if not _PLAIN.fullmatch(file) or ".." in file:
         raise ModelFileError(f"not a plain model file name: {file!r}")
     return models_dir / file
 

@@ -71,7 +71,11 @@ def render_jinja(source: str, messages: list[Message], bos: str, eos: str) -> Re
         text = env.from_string(source).render(
             messages=[{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True, bos_token=bos, eos_token=eos)
-    except JinjaError as exc:
+    except TemplateError:
+        raise
+    except (JinjaError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as exc:
+        # The template is data from the model file: however it fails, the request gets a 400
+        # naming the failure, not a 500.
         raise TemplateError(f"the model's chat template failed: {exc}") from None
     return Rendered(text, has_bos=bool(bos) and text.startswith(bos))
 

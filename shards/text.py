@@ -21,7 +21,8 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._with_logprobs = with_logprobs
         self._held = ""
-        self._steps: list[tuple[TokenStep, int]] = []  # (step, offset in _held where its text ends)
+        # (step, start, end): where each held token's text lies in _held
+        self._steps: list[tuple[TokenStep, int, int]] = []
         self.stopped = False
         self.text = ""  # everything released so far
 
@@ -29,8 +30,9 @@ class TextStream:
         """Adds one token; returns the text that is now final, if any."""
         if self.stopped:
             return None
+        start = len(self._held)
         self._held += self._decoder.decode(self._token_bytes(step.token))
-        self._steps.append((step, len(self._held)))
+        self._steps.append((step, start, len(self._held)))
         cut = self._first_stop()
         if cut is not None:
             self.stopped = True
@@ -60,13 +62,12 @@ class TextStream:
 
     def _release(self, upto: int, drop_rest: bool = False) -> Piece | None:
         text = self._held[:upto]
-        released, kept, start = [], [], 0
-        for step, end in self._steps:
+        released, kept = [], []
+        for step, start, end in self._steps:
             if start < upto:  # the token's text starts before the cut: it goes out with it
                 released.append(step)
             else:
-                kept.append((step, end - upto))
-            start = end
+                kept.append((step, start - upto, end - upto))
         self._held = "" if drop_rest else self._held[upto:]
         self._steps = [] if drop_rest else kept
         if not text:

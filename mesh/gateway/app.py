@@ -8,6 +8,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -96,12 +97,17 @@ def create_app(gateway: Gateway, control_status: Callable[[], dict[str, Any]]) -
     async def client_gone(request: Request, exc: ClientGone) -> Response:
         return Response(status_code=499)
 
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        # A bug, not bad input: the traceback goes to the log, the client gets an OpenAI-shaped 500.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return ApiError(500, "Internal error in the gateway.", type="server_error").response()
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return ApiError(404, f"Unknown path {request.url.path}", code="unknown_url").response()
 
-    async def bad_method(request: Request, exc: Exception) -> Response:
+    async def bad_method(request: Request, exc: HTTPException) -> Response:
         return ApiError(405, f"Method {request.method} is not allowed on {request.url.path}",
-                        code="method_not_allowed").response()
+                        code="method_not_allowed", headers=exc.headers).response()
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -113,7 +119,8 @@ def create_app(gateway: Gateway, control_status: Callable[[], dict[str, Any]]) -
         Route("/control/v1/status", status, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={
-        ApiError: api_error, ClientGone: client_gone, 404: not_found, 405: bad_method})
+        ApiError: api_error, ClientGone: client_gone, 404: not_found, 405: bad_method,
+        Exception: internal_error})
     return RequestLog(app, gateway.metrics)
 
 
@@ -141,7 +148,7 @@ async def _disconnected(request: Request) -> None:
 
 
 class RequestLog:
-    """ASGI middleware: one log line and one metric sample per request; a last-resort 500 body."""
+    """ASGI middleware: one log line and one metric sample per request."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -164,12 +171,9 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_and_note)
         except Exception:
-            # A bug, not bad input: log it with its traceback and answer with an OpenAI-shaped 500.
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            if status == 0:
-                status = 500
-                await ApiError(500, "Internal error in the gateway.", type="server_error").response()(
-                    scope, receive, send)
+            # Starlette has already answered with internal_error's 500 and logged the traceback;
+            # it re-raises only so servers can see it. Nothing more to do for this request.
+            status = status or 500
         finally:
             self.metrics.in_flight.dec()
             endpoint = _endpoint(scope["path"])

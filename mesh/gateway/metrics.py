@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from shards.types import Finished
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from shards.types import Finished
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _TPS_BUCKETS = (1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 250, 500)

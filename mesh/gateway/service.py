@@ -178,7 +178,9 @@ class Gateway:
             gens = shard.submit(work, stop_texts)
         except QueueFull as exc:
             raise queue_full(str(exc), self.config.gateway.retry_after_s) from None
-        return Run(model=shard.model, gens=gens, prompt_tokens=sum(len(p) for p in prompts), started=started)
+        run = Run(model=shard.model, gens=gens, prompt_tokens=sum(len(p) for p in prompts), started=started)
+        self.metrics.prompt_tokens.labels(run.model).inc(run.prompt_tokens)
+        return run
 
     async def _events(self, run: Run, stream: bool = False) -> AsyncIterator[tuple[int, Event]]:
         """Each choice's events in turn; records metrics; a Failed event ends a non-streamed answer."""
@@ -194,7 +196,6 @@ class Gateway:
                     yield index, event
         finally:
             run.cancel()
-        self.metrics.prompt_tokens.labels(run.model).inc(run.prompt_tokens)
 
 
 def _choice_sampling(sampling: Sampling, index: int) -> Sampling:

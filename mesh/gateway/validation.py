@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.config import GatewayConfig
-from mesh.gateway.errors import ApiError, bad_request
+from mesh.gateway.errors import bad_request
 from shards.templates import Message
 from shards.types import Sampling
 
@@ -225,7 +225,8 @@ def _number(body: dict, key: str, default: float, low: float, high: float, open_
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
         raise bad_request(f"'{key}' must be a number; got {_show(value)}.", key)
     if value > high or value < low or (open_low and value <= low):
         raise bad_request(f"'{key}' must be {'above' if open_low else 'at least'} {low} and at most "

@@ -1,0 +1,379 @@
+"""raft/state.py apply() and raft/commands.py encode/decode: pure, deterministic, never mutating."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raft.commands import (
+    COMMANDS,
+    MEMBER_STATES,
+    SHARD_STATES,
+    AddMember,
+    AssignShard,
+    BadCommand,
+    Command,
+    InitMesh,
+    RegisterModel,
+    SetMemberState,
+    SetShardState,
+    decode,
+    encode,
+)
+from raft.state import MeshState, Rejected, apply
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+
+def init(mesh_id: str = "mesh-1") -> InitMesh:
+    return InitMesh(mesh_id=mesh_id, name="first", created_at=1000.0)
+
+
+def add(node_id: str = "n1", name: str = "alpha", port: int = 8080, joined_at: float = 1001.0) -> AddMember:
+    return AddMember(node_id=node_id, name=name, http_address=f"127.0.0.1:{port}",
+                     raft_address=f"127.0.0.1:{port + 2}", profile={"cores": 4}, joined_at=joined_at)
+
+
+def register(name: str = "gemma", sha256: str = SHA_A, roles: tuple[str, ...] = ("reasoning",)) -> RegisterModel:
+    return RegisterModel(name=name, file=f"{name}.gguf", sha256=sha256, size=1234, roles=roles,
+                         context_length=4096, chat_template="gemma", memory_bytes=99)
+
+
+def run(*cmds: Command, state: MeshState | None = None) -> MeshState:
+    state = MeshState() if state is None else state
+    for cmd in cmds:
+        state = apply(state, cmd)
+    return state
+
+
+def setup() -> MeshState:
+    """An initialised mesh with one member, one model and one shard of it."""
+    return run(init(), add(), register(), AssignShard("reasoning", "gemma", "n1"))
+
+
+# -- initialisation --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cmd", [add(), register(), AssignShard("reasoning", "gemma", "n1"),
+                                 SetMemberState("n1", "gone"), SetShardState("reasoning", "gemma", "n1", "ready")])
+def test_every_command_before_init_mesh_is_rejected(cmd):
+    with pytest.raises(Rejected, match="not initialised"):
+        apply(MeshState(), cmd)
+
+
+def test_init_mesh_sets_identity():
+    state = apply(MeshState(), init("abc"))
+    assert state.initialised
+    assert (state.mesh_id, state.name, state.created_at, state.applied) == ("abc", "first", 1000.0, 1)
+
+
+def test_init_mesh_twice_is_rejected():
+    state = run(init("abc"))
+    with pytest.raises(Rejected, match="already initialised"):
+        apply(state, init("other"))
+
+
+def test_init_mesh_with_empty_id_is_rejected():
+    with pytest.raises(Rejected):
+        apply(MeshState(), InitMesh(mesh_id="", name="x", created_at=0.0))
+
+
+def test_unknown_command_type_is_rejected():
+    @dataclasses.dataclass(frozen=True)
+    class Mystery(Command):
+        kind = "mystery"
+    with pytest.raises(Rejected):
+        apply(run(init()), Mystery())
+
+
+# -- members, models, shards -----------------------------------------------------------------
+
+def test_add_member_assign_shard_set_shard_state():
+    state = run(init(), add(), register(), AssignShard("reasoning", "gemma", "n1"))
+    member = state.members["n1"]
+    assert (member.name, member.state, member.joined_at) == ("alpha", "active", 1001.0)
+    assert member.http_address == "127.0.0.1:8080" and member.raft_address == "127.0.0.1:8082"
+    [shard] = state.shards_for("reasoning")
+    assert (shard.role, shard.model, shard.node_id, shard.state) == ("reasoning", "gemma", "n1", "assigned")
+
+    state = apply(state, SetShardState("reasoning", "gemma", "n1", "failed", "out of memory"))
+    shard = state.shards[("reasoning", "gemma", "n1")]
+    assert (shard.state, shard.detail) == ("failed", "out of memory")
+    state = apply(state, SetShardState("reasoning", "gemma", "n1", "ready"))
+    assert state.shards[("reasoning", "gemma", "n1")].detail == ""
+    assert state.applied == 6
+
+
+def test_assign_shard_twice_is_idempotent():
+    state = setup()
+    again = apply(state, AssignShard("reasoning", "gemma", "n1"))
+    assert again.shards == state.shards
+    assert again.applied == state.applied + 1
+
+
+def test_assign_shard_to_unknown_member_is_rejected():
+    with pytest.raises(Rejected, match="unknown member"):
+        apply(setup(), AssignShard("reasoning", "gemma", "nobody"))
+
+
+def test_assign_shard_of_unknown_model_is_rejected():
+    with pytest.raises(Rejected, match="unknown model"):
+        apply(setup(), AssignShard("reasoning", "llama", "n1"))
+
+
+def test_assign_shard_for_role_the_model_lacks_is_rejected():
+    with pytest.raises(Rejected, match="does not serve role"):
+        apply(setup(), AssignShard("context", "gemma", "n1"))
+
+
+def test_assign_shard_to_gone_member_is_rejected():
+    state = apply(setup(), SetMemberState("n1", "gone"))
+    with pytest.raises(Rejected, match="unknown member"):
+        apply(state, AssignShard("reasoning", "gemma", "n1"))
+
+
+def test_set_state_of_missing_shard_is_rejected():
+    with pytest.raises(Rejected):
+        apply(setup(), SetShardState("reasoning", "gemma", "n2", "ready"))
+
+
+@pytest.mark.parametrize("bad", ["bogus", "", "READY"])
+def test_unknown_shard_state_is_rejected(bad):
+    with pytest.raises(Rejected, match="unknown shard state"):
+        apply(setup(), SetShardState("reasoning", "gemma", "n1", bad))
+
+
+@pytest.mark.parametrize("bad", ["bogus", "", "Active"])
+def test_unknown_member_state_is_rejected(bad):
+    with pytest.raises(Rejected, match="unknown member state"):
+        apply(setup(), SetMemberState("n1", bad))
+
+
+def test_set_state_of_unknown_member_is_rejected():
+    with pytest.raises(Rejected, match="unknown member"):
+        apply(setup(), SetMemberState("n9", "draining"))
+
+
+def test_readding_live_member_updates_addresses_and_keeps_joined_at():
+    state = setup()
+    state = apply(state, AddMember(node_id="n1", name="alpha", http_address="127.0.0.1:9000",
+                                   raft_address="127.0.0.1:9002", profile={"cores": 8}, joined_at=5000.0))
+    member = state.members["n1"]
+    assert member.http_address == "127.0.0.1:9000" and member.raft_address == "127.0.0.1:9002"
+    assert member.profile == {"cores": 8}
+    assert member.joined_at == 1001.0, "a restart must not change when the member joined"
+    assert member.state == "active"
+    assert len(state.members) == 1
+    assert ("reasoning", "gemma", "n1") in state.shards, "a restart keeps the member's shards"
+
+
+def test_second_member_with_same_name_is_rejected():
+    with pytest.raises(Rejected, match="already exists"):
+        apply(setup(), add(node_id="n2", name="alpha", port=9000))
+
+
+def test_name_of_gone_member_can_be_reused():
+    state = apply(setup(), SetMemberState("n1", "gone"))
+    state = apply(state, add(node_id="n2", name="alpha", port=9000))
+    assert state.members["n2"].state == "active"
+
+
+def test_readding_gone_member_makes_it_active_with_new_joined_at():
+    state = apply(setup(), SetMemberState("n1", "gone"))
+    state = apply(state, add(joined_at=7000.0))
+    assert state.members["n1"].state == "active"
+    assert state.members["n1"].joined_at == 7000.0
+
+
+def test_readding_live_member_cannot_take_another_members_name():
+    state = run(init(), add("n1", "alpha"), add("n2", "beta", port=9000))
+    with pytest.raises(Rejected):
+        apply(state, add("n1", "beta"))
+
+
+def test_member_gone_removes_its_shards_only():
+    state = run(init(), add("n1", "alpha"), add("n2", "beta", port=9000), register(),
+                AssignShard("reasoning", "gemma", "n1"), AssignShard("reasoning", "gemma", "n2"))
+    state = apply(state, SetMemberState("n1", "gone"))
+    assert state.members["n1"].state == "gone"
+    assert list(state.shards) == [("reasoning", "gemma", "n2")]
+
+
+def test_member_draining_keeps_its_shards():
+    state = apply(setup(), SetMemberState("n1", "draining"))
+    assert state.members["n1"].state == "draining"
+    assert ("reasoning", "gemma", "n1") in state.shards
+
+
+def test_register_model_with_new_sha_while_in_use_is_rejected():
+    with pytest.raises(Rejected, match="in use"):
+        apply(setup(), register(sha256=SHA_B))
+
+
+def test_register_model_with_same_sha_while_in_use_updates_it():
+    state = apply(setup(), dataclasses.replace(register(), size=4321))
+    assert state.models["gemma"].size == 4321
+
+
+def test_register_model_with_new_sha_when_unused_replaces_it():
+    state = run(init(), register(sha256=SHA_A), register(sha256=SHA_B))
+    assert state.models["gemma"].sha256 == SHA_B
+
+
+def test_register_model_with_new_sha_after_its_shards_went_away():
+    state = apply(setup(), SetMemberState("n1", "gone"))
+    state = apply(state, register(sha256=SHA_B))
+    assert state.models["gemma"].sha256 == SHA_B
+
+
+def test_applied_counts_only_accepted_commands():
+    state = MeshState()
+    cmds = [add(), init(), init(), add(), add("n2", "alpha"), register(), AssignShard("context", "gemma", "n1"),
+            AssignShard("reasoning", "gemma", "n1"), SetShardState("reasoning", "gemma", "n1", "nope")]
+    accepted = 0
+    for cmd in cmds:
+        try:
+            state = apply(state, cmd)
+            accepted += 1
+        except Rejected:
+            pass
+    assert accepted == 4
+    assert state.applied == 4
+
+
+def test_rejected_command_leaves_state_unchanged():
+    state = setup()
+    before = copy.deepcopy(state)
+    with pytest.raises(Rejected):
+        apply(state, register(sha256=SHA_B))
+    assert state == before
+
+
+def test_apply_never_mutates_its_input():
+    cmds = [init(), add(), add("n2", "beta", port=9000), register(), AssignShard("reasoning", "gemma", "n1"),
+            AssignShard("reasoning", "gemma", "n2"), SetShardState("reasoning", "gemma", "n1", "ready"),
+            add("n1", "alpha", port=7000), SetMemberState("n2", "gone"), register(sha256=SHA_A),
+            SetMemberState("n1", "draining")]
+    state = MeshState()
+    for cmd in cmds:
+        before = copy.deepcopy(state)
+        new = apply(state, cmd)
+        assert state == before, f"{type(cmd).__name__} changed its input state"
+        assert new is not state
+        state = new
+
+
+def test_member_profile_is_copied_from_the_command():
+    profile = {"cores": 4}
+    cmd = AddMember("n1", "alpha", "h:1", "h:3", profile, 1.0)
+    state = run(init(), cmd)
+    profile["cores"] = 64
+    assert state.members["n1"].profile == {"cores": 4}
+
+
+# -- encode / decode -------------------------------------------------------------------------
+
+text = st.text(max_size=20)
+floats = st.floats(allow_nan=False, allow_infinity=False)
+ints = st.integers(min_value=0, max_value=1 << 40)
+json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-1000, 1000), text)
+
+command_strategies = {
+    InitMesh: st.builds(InitMesh, mesh_id=text, name=text, created_at=floats),
+    AddMember: st.builds(AddMember, node_id=text, name=text, http_address=text, raft_address=text,
+                         profile=st.dictionaries(text, json_scalar, max_size=4), joined_at=floats),
+    SetMemberState: st.builds(SetMemberState, node_id=text, state=st.sampled_from(MEMBER_STATES)),
+    RegisterModel: st.builds(RegisterModel, name=text, file=text, sha256=text, size=ints,
+                             roles=st.lists(text, max_size=3).map(tuple), context_length=ints,
+                             chat_template=st.one_of(st.none(), text), memory_bytes=ints),
+    AssignShard: st.builds(AssignShard, role=text, model=text, node_id=text),
+    SetShardState: st.builds(SetShardState, role=text, model=text, node_id=text,
+                             state=st.sampled_from(SHARD_STATES), detail=text),
+}
+
+
+def test_every_command_type_has_a_strategy():
+    assert set(command_strategies) == set(COMMANDS.values())
+
+
+@given(st.one_of(*command_strategies.values()))
+def test_encode_decode_round_trip(cmd):
+    wire = encode(cmd)
+    assert wire["kind"] == cmd.kind
+    assert decode(wire) == cmd
+    assert type(decode(wire)) is type(cmd)
+
+
+def test_encode_is_plain_data():
+    wire = encode(register(roles=("reasoning", "context")))
+    assert wire["roles"] == ["reasoning", "context"]
+    assert wire["kind"] == "register_model"
+
+
+def test_decode_fills_defaulted_field():
+    cmd = decode({"kind": "set_shard_state", "role": "r", "model": "m", "node_id": "n", "state": "ready"})
+    assert cmd == SetShardState("r", "m", "n", "ready", "")
+
+
+@pytest.mark.parametrize("wire", [
+    None, 3, "init_mesh", ["init_mesh"], {}, {"kind": "nuke_mesh"}, {"kind": None},
+    {"mesh_id": "x", "name": "y", "created_at": 1.0},
+    {"kind": "init_mesh", "mesh_id": "x", "name": "y"},
+    {"kind": "init_mesh", "mesh_id": "x", "name": "y", "created_at": 1.0, "extra": 1},
+    {"kind": "assign_shard", "role": "r", "model": "m"},
+])
+def test_decode_garbage_raises_bad_command(wire):
+    with pytest.raises(BadCommand):
+        decode(wire)
+
+
+# -- determinism -----------------------------------------------------------------------------
+
+node_ids = st.sampled_from(["n1", "n2", "n3"])
+names = st.sampled_from(["alpha", "beta", "gamma"])
+models = st.sampled_from(["gemma", "llama"])
+roles = st.sampled_from(["reasoning", "context", "tool-use"])
+small_commands = st.one_of(
+    st.builds(InitMesh, mesh_id=st.sampled_from(["", "m1", "m2"]), name=names, created_at=st.floats(0, 10)),
+    st.builds(AddMember, node_id=node_ids, name=names, http_address=st.sampled_from(["h:1", "h:2"]),
+              raft_address=st.sampled_from(["h:3", "h:4"]), profile=st.just({"cores": 2}),
+              joined_at=st.floats(0, 10)),
+    st.builds(SetMemberState, node_id=node_ids, state=st.sampled_from(MEMBER_STATES + ("bogus",))),
+    st.builds(RegisterModel, name=models, file=st.just("f.gguf"), sha256=st.sampled_from([SHA_A, SHA_B]),
+              size=st.integers(0, 5), roles=st.lists(roles, min_size=1, max_size=2).map(tuple),
+              context_length=st.just(4096), chat_template=st.none(), memory_bytes=st.just(1)),
+    st.builds(AssignShard, role=roles, model=models, node_id=node_ids),
+    st.builds(SetShardState, role=roles, model=models, node_id=node_ids,
+              state=st.sampled_from(SHARD_STATES + ("bogus",)), detail=st.sampled_from(["", "x"])),
+)
+
+
+def replay(start: MeshState, cmds: list[Command]) -> tuple[MeshState, list[bool]]:
+    state, outcomes = start, []
+    for cmd in cmds:
+        try:
+            state = apply(state, cmd)
+            outcomes.append(True)
+        except Rejected:
+            outcomes.append(False)
+    return state, outcomes
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(small_commands, max_size=30), st.booleans())
+def test_same_commands_from_same_start_give_equal_states(cmds, start_initialised):
+    start = run(init()) if start_initialised else MeshState()
+    snapshot = copy.deepcopy(start)
+    first, first_outcomes = replay(start, cmds)
+    second, second_outcomes = replay(start, cmds)
+    assert first == second
+    assert first_outcomes == second_outcomes
+    assert first.applied == start.applied + sum(first_outcomes)
+    assert start == snapshot, "replaying must not change the starting state"
+    # Through the wire format, as the Raft log carries them, the result is the same too.
+    third, _ = replay(start, [decode(encode(c)) for c in cmds])
+    assert third == first
