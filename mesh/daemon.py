@@ -124,10 +124,11 @@ class NodeDaemon:
             self.gateway.loading_detail = f"model failed to load: {exc}"
             raise StartupError(f"cannot load {path}: {exc}") from exc
         metrics = self.gateway.metrics
-        self.gateway.attach(LocalShard("reasoning", spec.name, backend, cfg.gateway.queue_depth,
-                                       spec.chat_template,
-                                       on_finish=lambda f: metrics.record_generation(spec.name, f)))
+        shard = LocalShard("reasoning", spec.name, backend, cfg.gateway.queue_depth, spec.chat_template,
+                           on_finish=lambda f: metrics.record_generation(spec.name, f))
+        # The log says "ready" before /health does, so a client that saw 200 sees a ready shard too.
         await self._propose(SetShardState("reasoning", spec.name, ident.node_id, "ready"))
+        self.gateway.attach(shard)
         log.info("ready: %s serving %s", ident.name, spec.name)
 
     async def _stop_shards(self) -> None:

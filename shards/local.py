@@ -7,6 +7,7 @@ sit behind the same calls over gRPC.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from typing import AsyncIterator, Callable
@@ -14,7 +15,15 @@ from typing import AsyncIterator, Callable
 from shards.backend import Backend
 from shards.engine import Engine, Job
 from shards.templates import Message, render
-from shards.types import ContextLengthExceeded, Event, Failed, Finished, Sampling
+from shards.types import (
+    ContextLengthExceeded,
+    Event,
+    Failed,
+    Finished,
+    GenerateRequest,
+    Opened,
+    Sampling,
+)
 
 log = logging.getLogger("quorum.shard")
 
@@ -85,6 +94,37 @@ class LocalShard:
         if prompt_tokens >= self.n_ctx or prompt_tokens + (max_tokens or 0) > self.n_ctx:
             raise ContextLengthExceeded(self.n_ctx, prompt_tokens, max_tokens)
 
+    async def open(self, req: GenerateRequest) -> Opened:
+        """Renders, tokenizes, checks the window and queues every choice of a request.
+
+        Raises TemplateError (bad messages for this model), ContextLengthExceeded or QueueFull;
+        once it returns, the request holds its place in the queue.
+        """
+        if req.messages:
+            prompt, stop_texts = await self.chat_prompt(list(req.messages))
+            prompts = [prompt]
+        else:
+            prompts, stop_texts = [await self.text_prompt(p) for p in req.prompts], ()
+        for prompt in prompts:
+            self.check_fits(len(prompt), req.sampling.max_tokens)
+        work = [(prompt, choice_sampling(req.sampling, i)) for prompt in prompts for i in range(req.n)]
+        gens = self.submit(work, stop_texts)
+
+        def cancel() -> None:
+            for g in gens:
+                g.cancel()
+
+        async def events():
+            try:
+                for index, gen in enumerate(gens):
+                    async for event in gen.events():
+                        yield index, event
+            finally:
+                cancel()
+
+        return Opened(prompt_tokens=sum(len(p) for p in prompts), choices=len(gens), events=events(),
+                      cancel=cancel)
+
     def submit(self, work: list[tuple[list[int], Sampling]],
                stop_texts: tuple[str, ...] = ()) -> list[Generation]:
         """Queues one generation per (prompt, sampling) pair, all or none; never blocks.
@@ -101,3 +141,10 @@ class LocalShard:
 
     def close(self) -> None:
         self._engine.close()
+
+
+def choice_sampling(sampling: Sampling, index: int) -> Sampling:
+    """Choice i of n uses seed + i, so a seeded request with n > 1 still gives distinct choices."""
+    if sampling.seed is None or index == 0:
+        return sampling
+    return dataclasses.replace(sampling, seed=sampling.seed + index)

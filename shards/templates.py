@@ -10,15 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from shards.types import Message
+
 
 class TemplateError(ValueError):
     """The messages cannot be rendered with this model's template (the client's fault: 400)."""
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system, developer, user, assistant (validated by the gateway)
+    content: str
 
 
 @dataclass(frozen=True)
@@ -79,3 +86,24 @@ class ContextLengthExceeded(ShardError):
 
 class NotReady(ShardError):
     """The shard is still loading or has stopped."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What the gateway asks of a shard: a conversation or text prompts, n choices of each."""
+    sampling: Sampling
+    n: int = 1
+    messages: tuple[Message, ...] = ()  # a chat; rendered with the model's template
+    prompts: tuple[str, ...] = ()  # raw text prompts (completions); used when messages is empty
+
+
+@dataclass
+class Opened:
+    """A request a shard has admitted: its choices' events, in choice order, and a way to stop them.
+
+    `events` yields (choice index, event): each choice's Pieces then its Finished (or Failed).
+    """
+    prompt_tokens: int
+    choices: int
+    events: AsyncIterator[tuple[int, "Event"]]
+    cancel: Callable[[], None]

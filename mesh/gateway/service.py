@@ -3,7 +3,6 @@ fits, queue the generations, and turn their events into OpenAI answers or stream
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,24 +13,30 @@ from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_fu
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
 from mesh.gateway.validation import ChatRequest, CompletionRequest
-from shards.local import Generation, LocalShard
+from shards.local import LocalShard
 from shards.templates import TemplateError
-from shards.types import ContextLengthExceeded, Event, Failed, Finished, Piece, QueueFull, Sampling
+from shards.types import ContextLengthExceeded, Event, Failed, Finished, GenerateRequest, Opened, Piece, QueueFull
 
 log = logging.getLogger("quorum.gateway")
 
 
 @dataclass
 class Run:
-    """Generations queued for one request, in choice order."""
+    """A request admitted by a replica: its events and when it arrived (for time to first token)."""
     model: str
-    gens: list[Generation]
-    prompt_tokens: int
+    opened: Opened
     started: float
 
+    @property
+    def prompt_tokens(self) -> int:
+        return self.opened.prompt_tokens
+
+    @property
+    def choices(self) -> int:
+        return self.opened.choices
+
     def cancel(self) -> None:
-        for g in self.gens:
-            g.cancel()
+        self.opened.cancel()
 
 
 class Gateway:
@@ -69,17 +74,12 @@ class Gateway:
     # -- chat --------------------------------------------------------------------------------
 
     async def start_chat(self, req: ChatRequest) -> Run:
-        started = time.perf_counter()
-        shard = self.shard_for(req.model)
-        try:
-            prompt, stop_texts = await shard.chat_prompt(list(req.messages))
-        except TemplateError as exc:
-            raise bad_request(str(exc), "messages") from None
-        return self._submit(shard, [prompt], req.sampling, req.n, stop_texts, started)
+        return await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
+                                                           messages=req.messages))
 
     async def collect_chat(self, req: ChatRequest, run: Run) -> dict:
         fmt = ChatFormat(req.model, req.logprobs)
-        choices = [ChoiceText() for _ in run.gens]
+        choices = [ChoiceText() for _ in range(run.choices)]
         completion = 0
         async for index, event in self._events(run):
             if isinstance(event, Piece):
@@ -118,14 +118,12 @@ class Gateway:
     # -- completions -------------------------------------------------------------------------
 
     async def start_completion(self, req: CompletionRequest) -> Run:
-        started = time.perf_counter()
-        shard = self.shard_for(req.model)
-        prompts = [await shard.text_prompt(p) for p in req.prompts]
-        return self._submit(shard, prompts, req.sampling, req.n, (), started)
+        return await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
+                                                           prompts=req.prompts))
 
     async def collect_completion(self, req: CompletionRequest, run: Run) -> dict:
         fmt = CompletionFormat(req.model, req.sampling.top_logprobs is not None)
-        choices = [ChoiceText() for _ in run.gens]
+        choices = [ChoiceText() for _ in range(run.choices)]
         completion = 0
         async for index, event in self._events(run):
             if isinstance(event, Piece):
@@ -138,7 +136,7 @@ class Gateway:
 
     async def stream_completion(self, req: CompletionRequest, run: Run) -> AsyncIterator[bytes]:
         fmt = CompletionFormat(req.model, req.sampling.top_logprobs is not None)
-        offsets = [0] * len(run.gens)
+        offsets = [0] * run.choices
         echoed: set[int] = set()
         completion = 0
         try:
@@ -166,40 +164,32 @@ class Gateway:
 
     # -- shared ------------------------------------------------------------------------------
 
-    def _submit(self, shard: LocalShard, prompts: list[list[int]], sampling: Sampling, n: int,
-                stop_texts: tuple[str, ...], started: float) -> Run:
-        for prompt in prompts:
-            try:
-                shard.check_fits(len(prompt), sampling.max_tokens)
-            except ContextLengthExceeded as exc:
-                raise bad_request(str(exc), "messages", "context_length_exceeded") from None
-        work = [(prompt, _choice_sampling(sampling, i)) for prompt in prompts for i in range(n)]
+    async def _open(self, model: str, request: GenerateRequest) -> Run:
+        """Admits a request on a replica of `model`, or raises the ApiError that says why not."""
+        started = time.perf_counter()
+        shard = self.shard_for(model)
         try:
-            gens = shard.submit(work, stop_texts)
+            opened = await shard.open(request)
+        except TemplateError as exc:
+            raise bad_request(str(exc), "messages") from None
+        except ContextLengthExceeded as exc:
+            raise bad_request(str(exc), "messages", "context_length_exceeded") from None
         except QueueFull as exc:
             raise queue_full(str(exc), self.config.gateway.retry_after_s) from None
-        run = Run(model=shard.model, gens=gens, prompt_tokens=sum(len(p) for p in prompts), started=started)
-        self.metrics.prompt_tokens.labels(run.model).inc(run.prompt_tokens)
-        return run
+        self.metrics.prompt_tokens.labels(model).inc(opened.prompt_tokens)
+        return Run(model=model, opened=opened, started=started)
 
     async def _events(self, run: Run, stream: bool = False) -> AsyncIterator[tuple[int, Event]]:
-        """Each choice's events in turn; records metrics; a Failed event ends a non-streamed answer."""
+        """Each choice's events in turn; records time to first token; a Failed event ends a
+        non-streamed answer with a 500 (a streamed one reports it in the stream)."""
         first_seen = False
         try:
-            for index, gen in enumerate(run.gens):
-                async for event in gen.events():
-                    if not first_seen and isinstance(event, (Piece, Finished)):
-                        first_seen = True
-                        self.metrics.ttft.labels(run.model).observe(time.perf_counter() - run.started)
-                    if isinstance(event, Failed) and not stream:
-                        raise ApiError(500, event.message, type="server_error")
-                    yield index, event
+            async for index, event in run.opened.events:
+                if not first_seen and isinstance(event, (Piece, Finished)):
+                    first_seen = True
+                    self.metrics.ttft.labels(run.model).observe(time.perf_counter() - run.started)
+                if isinstance(event, Failed) and not stream:
+                    raise ApiError(500, event.message, type="server_error")
+                yield index, event
         finally:
             run.cancel()
-
-
-def _choice_sampling(sampling: Sampling, index: int) -> Sampling:
-    """Choice i of n uses seed + i, so a seeded request with n > 1 still gives distinct choices."""
-    if sampling.seed is None or index == 0:
-        return sampling
-    return dataclasses.replace(sampling, seed=sampling.seed + index)
