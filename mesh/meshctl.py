@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -13,25 +14,37 @@ from typing import Any
 DEFAULT_MESH = "127.0.0.1:8080"
 
 
-class MeshUnreachable(RuntimeError):
-    pass
+class MeshError(RuntimeError):
+    """The mesh could not be reached or refused the request; the message says which."""
 
 
-def fetch(mesh: str, path: str, timeout: float = 5.0) -> Any:
+def call(mesh: str, path: str, body: dict | None = None, timeout: float = 30.0, retries: int = 5) -> Any:
+    """GET (body None) or POST a control request; retries briefly while leadership moves (503)."""
     url = f"http://{mesh}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
         try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = exc.reason
-        raise MeshUnreachable(f"{url}: HTTP {exc.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise MeshUnreachable(f"cannot reach the mesh at {mesh} ({reason}); is meshd running? "
-                              f"(--mesh HOST:PORT or MESH_ADDR)") from None
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            message = _error_message(exc)
+            if exc.code == 503 and attempt < retries:
+                time.sleep(min(2.0, float(exc.headers.get("retry-after") or 1)))
+                continue
+            raise MeshError(f"{message} (HTTP {exc.code})") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise MeshError(f"cannot reach the mesh at {mesh} ({reason}); is meshd running? "
+                            f"(--mesh HOST:PORT or MESH_ADDR)") from None
+    raise AssertionError("unreachable")
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(exc.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return str(exc.reason)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -44,49 +57,106 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
-def _gib(n: int | None) -> str:
-    return "?" if not n else f"{n / (1 << 30):.1f} GiB"
+def _size(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
 def render_status(st: dict) -> str:
     raft = st["raft"]
-    leader = raft.get("leader")
-    out = [f"mesh {st['mesh']['name'] or '?'} ({st['mesh']['id'][:12] or 'not initialised'})  "
+    out = [f"mesh {st['mesh']['name'] or '?'} ({(st['mesh']['id'] or 'not initialised')[:12]})  "
            f"term {raft.get('term')}  commit {raft.get('commit_index')}  "
-           f"health: {st['health']['detail']}", ""]
+           f"quorum {'yes' if raft.get('has_quorum') else 'NO'}"
+           f"  health: {st['health']['detail']}", ""]
+    names = {m["node_id"]: m["name"] for m in st["members"]}
     members = []
     for m in st["members"]:
         p = m.get("profile", {})
-        is_leader = "*" if leader and leader == m["raft_address"] else ""
-        members.append([m["name"] + is_leader, m["http_address"], p.get("device_class", "?"),
-                        _gib(p.get("ram_total")), p.get("cores", "?"), m["state"]])
-    out.append(table(["MEMBER", "ADDRESS", "CLASS", "RAM", "CORES", "STATE"], members))
+        role = "witness" if m.get("witness") else ("leader" if m.get("leader") else "")
+        members.append([m["name"], m["http_address"], p.get("device_class", "?"), _size(p.get("ram_total")),
+                        p.get("cores", "?"), m["state"] + ("" if m.get("connected", True) else " (unreachable)"),
+                        role])
+    out.append(table(["MEMBER", "ADDRESS", "CLASS", "RAM", "CORES", "STATE", "ROLE"], members))
     out.append("")
-    names = {m["node_id"]: m["name"] for m in st["members"]}
     shards = [[s["role"], s["model"], names.get(s["node_id"], s["node_id"]), s["state"], s["detail"]]
               for s in st["shards"]]
+    shards += [[u["role"], u["model"] or "-", "-", f"unplaced ({u['missing']})", u["reason"]] for u in st["unplaced"]]
     out.append(table(["ROLE", "MODEL", "NODE", "STATE", "DETAIL"], shards))
-    out.append("\n* leader")
     return "\n".join(out)
+
+
+def render_models(models: list[dict]) -> str:
+    return table(["MODEL", "FILE", "SIZE", "ROLES", "CONTEXT", "ON"],
+                 [[m["name"], m["file"], _size(m["size"]), ",".join(m["roles"]), m["context_length"],
+                   ", ".join(m["holders"]) or "-"] for m in models])
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshctl", description="Inspect and steer a Quorum mesh through any member.")
     p.add_argument("--mesh", default=os.environ.get("MESH_ADDR", DEFAULT_MESH),
                    help=f"HOST:PORT of any member (default: $MESH_ADDR or {DEFAULT_MESH})")
-    sub = p.add_subparsers(dest="command", required=True)
-    status = sub.add_parser("status", help="members, shards and health of the mesh")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = sub.add_parser("status", help="members, shards, leader and health")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    models = sub.add_parser("models", help="the model catalog and which members hold each file")
+    models.add_argument("--json", action="store_true")
+    assign = sub.add_parser("assign", help="pin a ROLE shard on a node (the placer keeps it there)")
+    assign.add_argument("role")
+    assign.add_argument("--node", required=True, help="member name or id")
+    assign.add_argument("--model", default=None, help="model (default: the first in the catalog for the role)")
+    unassign = sub.add_parser("unassign", help="remove a pin")
+    unassign.add_argument("role")
+    unassign.add_argument("--node", required=True)
+    replicas = sub.add_parser("replicas", help="set the desired number of replicas of a role")
+    replicas.add_argument("role")
+    replicas.add_argument("count", type=int)
+    drain = sub.add_parser("drain", help="move every shard off a node (it stays a member)")
+    drain.add_argument("node")
+    remove = sub.add_parser("remove", help="take a node out of the mesh (its shards move elsewhere)")
+    remove.add_argument("node")
+    token = sub.add_parser("token", help="join tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_sub.add_parser("create", help="make a join token (printed once)")
+    create.add_argument("--ttl", type=float, default=24.0, help="hours the token stays valid (default 24)")
+    revoke = token_sub.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("token_id")
     return p
+
+
+def run(args: argparse.Namespace) -> str:
+    mesh = args.mesh
+    if args.command == "status":
+        st = call(mesh, "/control/v1/status")
+        return json.dumps(st, indent=2) if args.json else render_status(st)
+    if args.command == "models":
+        models = call(mesh, "/control/v1/models")["models"]
+        return json.dumps(models, indent=2) if args.json else render_models(models)
+    if args.command == "assign":
+        r = call(mesh, "/control/v1/assign", {"role": args.role, "node": args.node, "model": args.model})["pinned"]
+        return f"pinned {r['role']} ({r['model']}) on {r['node']}"
+    if args.command == "unassign":
+        r = call(mesh, "/control/v1/unassign", {"role": args.role, "node": args.node})["unpinned"]
+        return f"unpinned {r['role']} on {r['node']}"
+    if args.command == "replicas":
+        call(mesh, "/control/v1/replicas", {"role": args.role, "count": args.count})
+        return f"{args.role}: {args.count} replica(s) desired"
+    if args.command == "drain":
+        return f"draining {call(mesh, '/control/v1/drain', {'node': args.node})['draining']}"
+    if args.command == "remove":
+        return f"removed {call(mesh, '/control/v1/remove', {'node': args.node}, timeout=60)['removed']}"
+    if args.command == "token" and args.token_command == "create":
+        return call(mesh, "/control/v1/tokens", {"ttl_s": args.ttl * 3600})["token"]
+    if args.command == "token" and args.token_command == "revoke":
+        return f"revoked {call(mesh, '/control/v1/tokens/revoke', {'token_id': args.token_id})['revoked']}"
+    raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "status":
-            st = fetch(args.mesh, "/control/v1/status")
-            print(json.dumps(st, indent=2) if args.json else render_status(st))
-    except MeshUnreachable as exc:
+        print(run(args))
+    except MeshError as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return 1
     return 0

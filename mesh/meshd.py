@@ -10,65 +10,123 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from mesh.config import ConfigError, load_config
+from mesh.config import ConfigError, MeshConfig, load_config
 from mesh.datadir import DataDir, default_data_dir
 from mesh.logs import setup_logging
 
 log = logging.getLogger("quorum.meshd")
 
+COMMANDS = {
+    "init": "create a new mesh in the data dir and print a join token",
+    "start": "run a node that was initialised or joined before",
+    "join": "join an existing mesh through any member, then run",
+    "leave": "drain this (running) node's shards and take it out of the mesh",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, default=None,
+                        help="where this node keeps everything (default: $MESH_DATA_DIR or ~/.local/share/quorum)")
+    common.add_argument("--listen", metavar="HOST:PORT", default=None,
+                        help="HTTP address of the gateway and control API (default 127.0.0.1:8080); "
+                             "gRPC and Raft take the next two ports")
+    common.add_argument("--advertise", metavar="HOST", default=None,
+                        help="host other members reach this node on (default: the --listen host)")
+    common.add_argument("--config", type=Path, default=None,
+                        help="mesh.toml to read (default: $MESH_CONFIG, else DATA_DIR/mesh.toml, else built-in)")
+    common.add_argument("--name", default=None, help="this node's name (default: the host name)")
+    common.add_argument("--threads", type=int, default=None, help="llama.cpp threads per shard (0: half the cores)")
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    common.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and services)")
+    common.add_argument("--backend", default="llama", choices=["llama", "null"], help=argparse.SUPPRESS)
+
     p = argparse.ArgumentParser(
-        prog="meshd",
-        description="Quorum node daemon. With no arguments: a single-node mesh serving the default "
-                    "model through an OpenAI-compatible API on http://127.0.0.1:8080/v1.",
+        prog="meshd", parents=[common],
+        description="Quorum node daemon. With no command: a single-node mesh (created on first run) serving "
+                    "the default model through an OpenAI-compatible API on http://127.0.0.1:8080/v1.",
         epilog="Environment: MESH_DATA_DIR sets the data dir, MESH_CONFIG the mesh.toml to read.")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="where this node keeps everything (default: $MESH_DATA_DIR or ~/.local/share/quorum)")
-    p.add_argument("--listen", metavar="HOST:PORT", default=None,
-                   help="HTTP address of the gateway and control API (default 127.0.0.1:8080); "
-                        "Raft takes the port after next")
-    p.add_argument("--config", type=Path, default=None,
-                   help="mesh.toml to read (default: $MESH_CONFIG, else DATA_DIR/mesh.toml, else built-in defaults)")
-    p.add_argument("--name", default=None, help="this node's name (default: the host name)")
-    p.add_argument("--threads", type=int, default=None, help="llama.cpp threads per shard (0: half the cores)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and services)")
-    p.add_argument("--backend", default="llama", choices=["llama", "null"], help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        cmd = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        if name == "join":
+            cmd.add_argument("--peer", required=True, metavar="HOST:PORT", help="HTTP address of any member")
+            cmd.add_argument("--token", default=None,
+                             help="join token from `meshctl token create` (not needed to rejoin)")
+            cmd.add_argument("--witness", action="store_true",
+                             help="join as a witness: votes in Raft, keeps the log, serves no model")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    data_dir = (args.data_dir or default_data_dir()).expanduser()
-    config_path = args.config or _env_config() or DataDir(data_dir).config_file
+    dd = DataDir((args.data_dir or default_data_dir()).expanduser())
+    record = dd.record() if (dd.path / "node.json").exists() else None
     try:
-        config = load_config(config_path).with_overrides(listen=args.listen, threads=args.threads)
+        config = _config(args, dd, record)
     except ConfigError as exc:
         print(f"meshd: {exc}", file=sys.stderr)
         return 2
+    from mesh.daemon import StartupError
+
+    failed = False
+    try:
+        if args.command == "leave":
+            return _leave(config)
+        return _run(_main(args, dd, config))
+    except* StartupError as group:
+        for exc in group.exceptions:
+            print(f"meshd: {exc}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
+
+
+def _config(args, dd: DataDir, record) -> MeshConfig:
+    path = args.config or (Path(os.environ["MESH_CONFIG"]) if os.environ.get("MESH_CONFIG") else None) \
+        or dd.config_file
+    listen = args.listen or (record.listen if record is not None and record.listen else None)
+    advertise = args.advertise or (record.advertise if record is not None else None)
+    return load_config(path).with_overrides(listen=listen, threads=args.threads, advertise=advertise)
+
+
+async def _main(args, dd: DataDir, config: MeshConfig) -> None:
+    from mesh.bootstrap import init_mesh, join_mesh
+    from mesh.daemon import NodeDaemon, NodeOptions, StartupError
+
+    dd.prepare()
+    if args.command == "init":
+        record, token = await init_mesh(dd, config, args.name)
+        print(f"created mesh {record.mesh_id} in {dd.path}\n\nstart it:  meshd start --data-dir {dd.path}\n"
+              f"add a device:  meshd join --peer {config.node.http_address} --token {token} --data-dir DIR\n"
+              f"join token (valid 24 h): {token}")
+        return
+    if args.command == "join":
+        record = dd.record(args.name)
+        if not record.joined and not args.token:
+            raise StartupError("--token is required to join a mesh for the first time")
+        await join_mesh(dd, config, args.peer, args.token or "", args.name, args.witness)
+    elif args.command is None and not dd.record(args.name).joined:
+        await init_mesh(dd, config, args.name)  # `meshd` alone: a single-node mesh, created on first run
+    elif args.command == "start" and not dd.record().joined:
+        raise StartupError(f"{dd.path} holds no mesh: run `meshd init` or `meshd join` first")
+    opts = NodeOptions(data_dir=dd.path, config=config, backend=args.backend,
+                       progress=not args.no_progress and sys.stderr.isatty())
+    await _serve(NodeDaemon(opts))
+
+
+def _run(coro) -> int:
     try:
         import uvloop
     except ImportError:  # uvloop is optional (not built for every platform); asyncio's loop works too
         uvloop = None
-    runner = uvloop.run if uvloop is not None else asyncio.run
-    from mesh.daemon import NodeDaemon, NodeOptions, StartupError
-
-    opts = NodeOptions(data_dir=data_dir, config=config, name=args.name, backend=args.backend,
-                       progress=not args.no_progress and sys.stderr.isatty())
-    failures: list[BaseException] = []
-    try:
-        runner(_serve(NodeDaemon(opts)))
-    except* StartupError as group:
-        failures.extend(group.exceptions)
-    for exc in failures:
-        print(f"meshd: {exc}", file=sys.stderr)
-    return 1 if failures else 0
+    (uvloop.run if uvloop is not None else asyncio.run)(coro)
+    return 0
 
 
 async def _serve(daemon) -> None:
@@ -79,10 +137,20 @@ async def _serve(daemon) -> None:
     await daemon.run(stop)
 
 
-def _env_config() -> Path | None:
-    import os
-    value = os.environ.get("MESH_CONFIG")
-    return Path(value) if value else None
+def _leave(config: MeshConfig) -> int:
+    import httpx
+
+    url = f"http://{config.node.http_address}/control/v1/leave"
+    try:
+        reply = httpx.post(url, timeout=180)
+    except httpx.HTTPError as exc:
+        print(f"meshd: cannot reach this node at {url} ({exc}); is it running?", file=sys.stderr)
+        return 1
+    if reply.status_code != 200:
+        print(f"meshd: leave failed: HTTP {reply.status_code}: {reply.text[:300]}", file=sys.stderr)
+        return 1
+    print(f"{reply.json()['left']} left the mesh")
+    return 0
 
 
 if __name__ == "__main__":

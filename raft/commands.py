@@ -31,6 +31,11 @@ class InitMesh(Command):
 
 @dataclass(frozen=True)
 class AddMember(Command):
+    """A node joins (or a known node re-announces its addresses after a restart).
+
+    A new node must present a join token (its id; the leader has checked the secret) that is
+    valid at `joined_at`, except the mesh's first member.
+    """
     kind: ClassVar[str] = "add_member"
     node_id: str
     name: str
@@ -38,6 +43,9 @@ class AddMember(Command):
     raft_address: str
     profile: dict[str, Any]
     joined_at: float
+    grpc_address: str = ""
+    witness: bool = False
+    token_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,66 @@ class RegisterModel(Command):
 
 
 @dataclass(frozen=True)
+class CreateToken(Command):
+    """A join token: the log keeps only the sha256 of its secret."""
+    kind: ClassVar[str] = "create_token"
+    token_id: str
+    secret_sha256: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class RevokeToken(Command):
+    kind: ClassVar[str] = "revoke_token"
+    token_id: str
+
+
+@dataclass(frozen=True)
+class SetReplicas(Command):
+    kind: ClassVar[str] = "set_replicas"
+    role: str
+    count: int
+
+
+@dataclass(frozen=True)
+class PinShard(Command):
+    """Manual placement (meshctl assign): the placer keeps this shard on this node."""
+    kind: ClassVar[str] = "pin_shard"
+    role: str
+    model: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class UnpinShard(Command):
+    kind: ClassVar[str] = "unpin_shard"
+    role: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class ApplyPlacement(Command):
+    """The leader's placement result: the whole set of shards, and what could not be placed.
+
+    assignments: [[role, model, node_id], ...]; unplaced: [[role, model, missing, reason], ...].
+    Shards that stay keep their state; new ones start as "assigned"; the rest are dropped.
+    """
+    kind: ClassVar[str] = "apply_placement"
+    assignments: tuple[tuple[str, str, str], ...]
+    unplaced: tuple[tuple[str, str, int, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class HaveModelFile(Command):
+    """A member holds a verified copy of a model file (peers may fetch it from there)."""
+    kind: ClassVar[str] = "have_model_file"
+    node_id: str
+    model: str
+    have: bool = True
+
+
+@dataclass(frozen=True)
 class AssignShard(Command):
     kind: ClassVar[str] = "assign_shard"
     role: str
@@ -80,7 +148,8 @@ class SetShardState(Command):
 
 COMMANDS: dict[str, type[Command]] = {
     cls.kind: cls
-    for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState)
+    for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
+                RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile)
 }
 
 
@@ -92,7 +161,7 @@ def encode(cmd: Command) -> dict[str, Any]:
     body = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(cmd)}
     for key, value in body.items():
         if isinstance(value, tuple):
-            body[key] = list(value)
+            body[key] = [list(v) if isinstance(v, tuple) else v for v in value]
     return {"kind": cmd.kind, **body}
 
 
@@ -108,5 +177,5 @@ def decode(wire: Any) -> Command:
         raise BadCommand(f"{cls.kind}: unknown {sorted(unknown)} missing {sorted(missing)}")
     for key, value in body.items():
         if isinstance(value, list):
-            body[key] = tuple(value)
+            body[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
     return cls(**body)

@@ -142,6 +142,33 @@ class RaftNode:
         self._log.submit(encode(cmd), callback=done)
         return future
 
+    def partners(self) -> dict[str, bool]:
+        """The other voting members' Raft addresses, and whether this node is connected to each."""
+        obj = self._obj
+        return {node.address: obj.isNodeConnected(node) for node in obj.otherNodes}
+
+    def add_partner(self, address: str) -> Future:
+        """Adds a voting member (leader only, one change at a time); resolves when committed."""
+        return self._membership(self._obj.addNodeToCluster, address)
+
+    def remove_partner(self, address: str) -> Future:
+        return self._membership(self._obj.removeNodeFromCluster, address)
+
+    def transfer_leadership(self, address: str | None = None) -> Future:
+        return self._membership(self._obj.transferLeadership, address)
+
+    def _membership(self, call: Callable, address: str | None) -> Future:
+        future: Future = Future()
+
+        def done(result: Any, error: int) -> None:
+            if error == FAIL_REASON.SUCCESS:
+                future.set_result(True)
+            else:
+                future.set_exception(ProposalFailed(_FAIL_NAMES.get(error, str(error))))
+
+        call(address, callback=done)
+        return future
+
     def close(self) -> None:
         """Stops the tick thread and closes the journal; safe to call twice."""
         if self._obj is None:

@@ -15,13 +15,22 @@ from raft.commands import (
     MEMBER_STATES,
     SHARD_STATES,
     AddMember,
+    ApplyPlacement,
     AssignShard,
     Command,
+    CreateToken,
+    HaveModelFile,
     InitMesh,
+    PinShard,
     RegisterModel,
+    RevokeToken,
     SetMemberState,
+    SetReplicas,
     SetShardState,
+    UnpinShard,
 )
+
+ROLES = ("reasoning", "context", "tool-use")
 
 
 class Rejected(ValueError):
@@ -37,6 +46,8 @@ class Member:
     profile: dict[str, Any]
     state: str
     joined_at: float
+    grpc_address: str = ""
+    witness: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,33 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class JoinToken:
+    token_id: str
+    secret_sha256: str
+    created_at: float
+    expires_at: float
+    revoked: bool = False
+
+    def valid_at(self, when: float) -> bool:
+        return not self.revoked and self.created_at <= when < self.expires_at
+
+
+@dataclass(frozen=True)
+class Pin:
+    role: str
+    model: str
+    node_id: str
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    role: str
+    model: str
+    missing: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class MeshState:
     """Treat as immutable: apply() builds new dicts, never edits these in place."""
     mesh_id: str = ""
@@ -73,11 +111,27 @@ class MeshState:
     members: dict[str, Member] = field(default_factory=dict)
     models: dict[str, Model] = field(default_factory=dict)
     shards: dict[tuple[str, str, str], Shard] = field(default_factory=dict)
+    tokens: dict[str, JoinToken] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)  # desired replicas per role
+    pins: dict[tuple[str, str], Pin] = field(default_factory=dict)  # (role, node_id) -> pin
+    unplaced: tuple[Unplaced, ...] = ()  # the last placement's shortfalls, with reasons
+    model_files: dict[str, frozenset[str]] = field(default_factory=dict)  # model -> node ids holding it
+    # Room for the session (KV-cache) log: per-session prompt and answer tokens (stream failover).
+    sessions: dict[str, Any] = field(default_factory=dict)
     applied: int = 0  # commands applied so far (rejected ones excluded)
 
     @property
     def initialised(self) -> bool:
         return bool(self.mesh_id)
+
+    def live_members(self) -> list[Member]:
+        return sorted((m for m in self.members.values() if m.state != "gone"), key=lambda m: m.node_id)
+
+    def member_by_name(self, name: str) -> Member | None:
+        return next((m for m in self.members.values() if m.name == name and m.state != "gone"), None)
+
+    def shards_on(self, node_id: str) -> list[Shard]:
+        return sorted((s for s in self.shards.values() if s.node_id == node_id), key=lambda s: s.key)
 
     def shards_for(self, role: str, model: str | None = None) -> list[Shard]:
         return sorted((s for s in self.shards.values() if s.role == role and model in (None, s.model)),
@@ -111,11 +165,19 @@ def _add_member(state: MeshState, cmd: AddMember) -> MeshState:
     if old is not None and old.state != "gone":
         # Re-adding a live member refreshes its addresses and profile (a restart with a new port).
         member = dataclasses.replace(old, name=cmd.name, http_address=cmd.http_address,
-                                     raft_address=cmd.raft_address, profile=dict(cmd.profile))
+                                     raft_address=cmd.raft_address, profile=dict(cmd.profile),
+                                     grpc_address=cmd.grpc_address or old.grpc_address)
     else:
+        if any(m.state != "gone" for m in state.members.values()):
+            token = state.tokens.get(cmd.token_id or "")
+            if token is None or not token.valid_at(cmd.joined_at):
+                raise Rejected("a valid join token is required to join this mesh")
+        taken = [m for m in state.members.values() if m.state != "gone" and m.raft_address == cmd.raft_address]
+        if taken:
+            raise Rejected(f"raft address {cmd.raft_address} is already used by {taken[0].name}")
         member = Member(node_id=cmd.node_id, name=cmd.name, http_address=cmd.http_address,
                         raft_address=cmd.raft_address, profile=dict(cmd.profile), state="active",
-                        joined_at=cmd.joined_at)
+                        joined_at=cmd.joined_at, grpc_address=cmd.grpc_address, witness=cmd.witness)
     return dataclasses.replace(state, members={**state.members, cmd.node_id: member})
 
 
@@ -126,10 +188,12 @@ def _set_member_state(state: MeshState, cmd: SetMemberState) -> MeshState:
     if cmd.state not in MEMBER_STATES:
         raise Rejected(f"unknown member state {cmd.state!r}")
     members = {**state.members, cmd.node_id: dataclasses.replace(member, state=cmd.state)}
-    shards = state.shards
+    shards, pins, files = state.shards, state.pins, state.model_files
     if cmd.state == "gone":
         shards = {k: s for k, s in shards.items() if s.node_id != cmd.node_id}
-    return dataclasses.replace(state, members=members, shards=shards)
+        pins = {k: p for k, p in pins.items() if p.node_id != cmd.node_id}
+        files = {m: nodes - {cmd.node_id} for m, nodes in files.items()}
+    return dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files)
 
 
 def _register_model(state: MeshState, cmd: RegisterModel) -> MeshState:
@@ -171,6 +235,75 @@ def _set_shard_state(state: MeshState, cmd: SetShardState) -> MeshState:
     return dataclasses.replace(state, shards=shards)
 
 
+def _create_token(state: MeshState, cmd: CreateToken) -> MeshState:
+    if cmd.token_id in state.tokens:
+        raise Rejected(f"token {cmd.token_id} already exists")
+    if cmd.expires_at <= cmd.created_at:
+        raise Rejected("a token must expire after it is created")
+    token = JoinToken(cmd.token_id, cmd.secret_sha256, cmd.created_at, cmd.expires_at)
+    return dataclasses.replace(state, tokens={**state.tokens, cmd.token_id: token})
+
+
+def _revoke_token(state: MeshState, cmd: RevokeToken) -> MeshState:
+    token = state.tokens.get(cmd.token_id)
+    if token is None:
+        raise Rejected(f"unknown token {cmd.token_id}")
+    return dataclasses.replace(state, tokens={**state.tokens, cmd.token_id: dataclasses.replace(token, revoked=True)})
+
+
+def _set_replicas(state: MeshState, cmd: SetReplicas) -> MeshState:
+    if cmd.role not in ROLES:
+        raise Rejected(f"unknown role {cmd.role!r} (roles with replicas: {', '.join(ROLES)})")
+    if cmd.count < 0 or cmd.count > 64:
+        raise Rejected(f"replicas must be between 0 and 64, got {cmd.count}")
+    return dataclasses.replace(state, replicas={**state.replicas, cmd.role: cmd.count})
+
+
+def _pin_shard(state: MeshState, cmd: PinShard) -> MeshState:
+    member = state.members.get(cmd.node_id)
+    if member is None or member.state == "gone":
+        raise Rejected(f"unknown member {cmd.node_id}")
+    if member.witness:
+        raise Rejected(f"{member.name} is a witness: it holds no model shards")
+    model = state.models.get(cmd.model)
+    if model is None:
+        raise Rejected(f"unknown model {cmd.model!r}")
+    if cmd.role not in model.roles:
+        raise Rejected(f"model {cmd.model!r} does not serve role {cmd.role!r}")
+    pin = Pin(cmd.role, cmd.model, cmd.node_id)
+    return dataclasses.replace(state, pins={**state.pins, (cmd.role, cmd.node_id): pin})
+
+
+def _unpin_shard(state: MeshState, cmd: UnpinShard) -> MeshState:
+    if (cmd.role, cmd.node_id) not in state.pins:
+        raise Rejected(f"no {cmd.role} pin on {cmd.node_id}")
+    return dataclasses.replace(state, pins={k: p for k, p in state.pins.items() if k != (cmd.role, cmd.node_id)})
+
+
+def _apply_placement(state: MeshState, cmd: ApplyPlacement) -> MeshState:
+    shards = {}
+    for role, model, node_id in cmd.assignments:
+        member = state.members.get(node_id)
+        if member is None or member.state == "gone" or member.witness:
+            raise Rejected(f"cannot place {role} on {node_id}: not a live model-holding member")
+        if model not in state.models or role not in state.models[model].roles:
+            raise Rejected(f"cannot place {role} with model {model!r}")
+        key = (role, model, node_id)
+        shards[key] = state.shards.get(key) or Shard(role=role, model=model, node_id=node_id)
+    unplaced = tuple(Unplaced(r, m, int(n), str(why)) for r, m, n, why in cmd.unplaced)
+    return dataclasses.replace(state, shards=shards, unplaced=unplaced)
+
+
+def _have_model_file(state: MeshState, cmd: HaveModelFile) -> MeshState:
+    if cmd.node_id not in state.members:
+        raise Rejected(f"unknown member {cmd.node_id}")
+    if cmd.model not in state.models:
+        raise Rejected(f"unknown model {cmd.model!r}")
+    holders = state.model_files.get(cmd.model, frozenset())
+    holders = holders | {cmd.node_id} if cmd.have else holders - {cmd.node_id}
+    return dataclasses.replace(state, model_files={**state.model_files, cmd.model: holders})
+
+
 _HANDLERS = {
     InitMesh: _init_mesh,
     AddMember: _add_member,
@@ -178,4 +311,11 @@ _HANDLERS = {
     RegisterModel: _register_model,
     AssignShard: _assign_shard,
     SetShardState: _set_shard_state,
+    CreateToken: _create_token,
+    RevokeToken: _revoke_token,
+    SetReplicas: _set_replicas,
+    PinShard: _pin_shard,
+    UnpinShard: _unpin_shard,
+    ApplyPlacement: _apply_placement,
+    HaveModelFile: _have_model_file,
 }

@@ -55,13 +55,15 @@ class Meshd:
     """One meshd process. Use as a context manager; it is always killed on exit."""
 
     def __init__(self, data_dir: Path, *extra: str, backend: str = "llama", threads: int = 1,
-                 port: int | None = None) -> None:
+                 port: int | None = None, command: str | None = None, name: str | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_ports(3)
         self.address = f"127.0.0.1:{self.port}"
         self.base_url = f"http://{self.address}"
-        self.args = [*MESHD, "--data-dir", str(self.data_dir), "--listen", self.address,
-                     "--threads", str(threads), "--backend", backend, "--no-progress", *extra]
+        self.name = name or self.data_dir.name
+        self.common = ["--data-dir", str(self.data_dir), "--listen", self.address, "--name", self.name,
+                       "--threads", str(threads), "--backend", backend, "--no-progress"]
+        self.args = [*MESHD, *([command] if command else []), *self.common, *extra]
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-meshd.log"
 
@@ -86,6 +88,16 @@ class Meshd:
             return self.health() == 200
         wait_until(ready, timeout, f"meshd on {self.address} to be ready")
         return self
+
+    def init(self) -> str:
+        """Runs `meshd init` for this node (not the daemon); returns its output."""
+        done = subprocess.run([*MESHD, "init", *self.common], cwd=REPO, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"meshd init failed: {done.stderr}")
+        return done.stdout
+
+    def post(self, path: str, body: dict | None = None, timeout: float = 60) -> httpx.Response:
+        return httpx.post(f"{self.base_url}{path}", json=body or {}, timeout=timeout)
 
     def status(self) -> dict:
         return httpx.get(f"{self.base_url}/control/v1/status", timeout=5).json()

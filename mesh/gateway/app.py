@@ -28,7 +28,8 @@ class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-def create_app(gateway: Gateway, control_status: Callable[[], dict[str, Any]]) -> ASGIApp:
+def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
+    """The gateway's routes plus `extra_routes` (the control API), behind the request log."""
     limits = gateway.config.gateway
 
     async def read_json(request: Request) -> dict:
@@ -88,9 +89,6 @@ def create_app(gateway: Gateway, control_status: Callable[[], dict[str, Any]]) -
     async def metrics(request: Request) -> Response:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def status(request: Request) -> Response:
-        return JSONResponse(control_status())
-
     async def api_error(request: Request, exc: ApiError) -> Response:
         return exc.response()
 
@@ -116,7 +114,7 @@ def create_app(gateway: Gateway, control_status: Callable[[], dict[str, Any]]) -
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route("/control/v1/status", status, methods=["GET"]),
+        *extra_routes,
     ]
     app = Starlette(routes=routes, exception_handlers={
         ApiError: api_error, ClientGone: client_gone, 404: not_found, 405: bad_method,

@@ -13,9 +13,20 @@ from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_fu
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
 from mesh.gateway.validation import ChatRequest, CompletionRequest
+from mesh.router import LocalPicker, NoReplica, Replica, Router
 from shards.local import LocalShard
 from shards.templates import TemplateError
-from shards.types import ContextLengthExceeded, Event, Failed, Finished, GenerateRequest, Opened, Piece, QueueFull
+from shards.types import (
+    ContextLengthExceeded,
+    Event,
+    Failed,
+    Finished,
+    GenerateRequest,
+    NotReady,
+    Opened,
+    Piece,
+    QueueFull,
+)
 
 log = logging.getLogger("quorum.gateway")
 
@@ -40,36 +51,40 @@ class Run:
 
 
 class Gateway:
-    def __init__(self, config: MeshConfig, metrics: Metrics) -> None:
+    """The OpenAI side of the mesh. `picker` chooses the replica for each request: a Router over
+    the whole mesh in the daemon, or a LocalPicker holding in-process shards."""
+
+    def __init__(self, config: MeshConfig, metrics: Metrics, picker: Router | LocalPicker | None = None) -> None:
         self.config = config
         self.metrics = metrics
-        self._shards: dict[str, LocalShard] = {}
+        self.picker = picker if picker is not None else LocalPicker()
         self.loading_detail = "starting"
 
     def attach(self, shard: LocalShard) -> None:
-        self._shards[shard.model] = shard
+        """Serves a shard held in this process (LocalPicker only)."""
+        self.picker.shards[(shard.role, shard.model)] = shard
         self.metrics.watch_queue(shard.role, shard.model, lambda: shard.waiting)
         log.info("serving %s with a local %s shard (context %d)", shard.model, shard.role, shard.n_ctx)
 
     def detach_all(self) -> list[LocalShard]:
-        shards, self._shards = list(self._shards.values()), {}
+        shards, self.picker.shards = list(self.picker.shards.values()), {}
         return shards
 
     @property
     def ready(self) -> bool:
-        return bool(self._shards)
+        return bool(self.picker.ready_models("reasoning"))
 
     def served_models(self) -> list[str]:
-        return sorted(self._shards)
+        return self.picker.ready_models("reasoning")
 
-    def shard_for(self, model: str) -> LocalShard:
-        if self.config.model(model) is None and model not in self._shards:
+    def shard_for(self, model: str) -> Replica:
+        if self.config.model(model) is None and model not in self.served_models():
             raise model_not_found(model)
-        shard = self._shards.get(model)
-        if shard is None:
+        try:
+            return self.picker.pick("reasoning", model)
+        except NoReplica:
             raise unavailable(f"No replica of '{model}' is ready yet ({self.loading_detail}).",
-                              self.config.gateway.retry_after_s, code="loading")
-        return shard
+                              self.config.gateway.retry_after_s, code="loading") from None
 
     # -- chat --------------------------------------------------------------------------------
 
@@ -176,6 +191,9 @@ class Gateway:
             raise bad_request(str(exc), "messages", "context_length_exceeded") from None
         except QueueFull as exc:
             raise queue_full(str(exc), self.config.gateway.retry_after_s) from None
+        except NotReady as exc:
+            raise unavailable(f"The replica of '{model}' cannot take requests: {exc}",
+                              self.config.gateway.retry_after_s) from None
         self.metrics.prompt_tokens.labels(model).inc(opened.prompt_tokens)
         return Run(model=model, opened=opened, started=started)
 

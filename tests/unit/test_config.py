@@ -258,9 +258,21 @@ def test_raft_address_uses_raft_port_when_set():
     assert NodeConfig(listen="127.0.0.1:8080", raft_port=7000).raft_address == "127.0.0.1:7000"
 
 
-def test_raft_address_binds_loopback_whatever_the_listen_host():
-    """A single-node mesh has no peers: Raft stays on 127.0.0.1 even when HTTP listens on all addresses."""
+def test_wildcard_listen_without_advertise_keeps_raft_and_grpc_on_loopback():
+    """A single node listening on all addresses has no peers: Raft and gRPC stay on 127.0.0.1."""
     assert NodeConfig(listen="0.0.0.0:9000").raft_address == "127.0.0.1:9002"
+    assert NodeConfig(listen="0.0.0.0:9000").grpc_address == "127.0.0.1:9001"
+
+
+def test_advertise_names_the_host_peers_use():
+    node = MeshConfig().with_overrides(listen="0.0.0.0:9000", advertise="pi-1.local").node
+    assert (node.http_address, node.grpc_address, node.raft_address) == (
+        "pi-1.local:9000", "pi-1.local:9001", "pi-1.local:9002")
+
+
+def test_advertise_with_a_port_is_an_error():
+    with pytest.raises(ConfigError, match="--advertise"):
+        MeshConfig().with_overrides(advertise="pi-1.local:9000")
 
 
 def test_resolved_threads_auto_is_positive_and_explicit_wins():

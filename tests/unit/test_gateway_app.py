@@ -69,7 +69,7 @@ class Mesh:
 async def mesh(cfg: MeshConfig | None = None, backend: NullBackend | None = None,
                attach: bool = True) -> AsyncIterator[Mesh]:
     gateway = Gateway(cfg or MeshConfig(), Metrics())
-    app = create_app(gateway, lambda: {"status": "unit"})
+    app = create_app(gateway)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
                                  timeout=WAIT_S) as client:
         m = Mesh(gateway, client, None, None)
@@ -186,11 +186,12 @@ def test_metrics_expose_request_counter_and_queue_depth():
     run(main())
 
 
-def test_control_status_returns_status_fn():
+def test_gateway_alone_serves_no_control_api():
+    """The control API comes from the daemon's extra routes; a bare gateway answers 404 there."""
     async def main():
         async with mesh() as m:
             reply = await m.client.get("/control/v1/status")
-            assert reply.status_code == 200 and reply.json() == {"status": "unit"}
+            assert reply.status_code == 404 and reply.json()["error"]["code"] == "unknown_url"
     run(main())
 
 

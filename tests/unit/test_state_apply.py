@@ -14,13 +14,20 @@ from raft.commands import (
     MEMBER_STATES,
     SHARD_STATES,
     AddMember,
+    ApplyPlacement,
     AssignShard,
     BadCommand,
     Command,
+    CreateToken,
+    HaveModelFile,
     InitMesh,
+    PinShard,
     RegisterModel,
+    RevokeToken,
     SetMemberState,
+    SetReplicas,
     SetShardState,
+    UnpinShard,
     decode,
     encode,
 )
@@ -30,13 +37,18 @@ SHA_A = "a" * 64
 SHA_B = "b" * 64
 
 
+TOKEN = CreateToken("t1", "c" * 64, created_at=1000.0, expires_at=1_000_000.0)
+
+
 def init(mesh_id: str = "mesh-1") -> InitMesh:
     return InitMesh(mesh_id=mesh_id, name="first", created_at=1000.0)
 
 
 def add(node_id: str = "n1", name: str = "alpha", port: int = 8080, joined_at: float = 1001.0) -> AddMember:
+    """A member joining with the test token (the first member of a mesh needs none)."""
     return AddMember(node_id=node_id, name=name, http_address=f"127.0.0.1:{port}",
-                     raft_address=f"127.0.0.1:{port + 2}", profile={"cores": 4}, joined_at=joined_at)
+                     raft_address=f"127.0.0.1:{port + 2}", profile={"cores": 4}, joined_at=joined_at,
+                     token_id="t1")
 
 
 def register(name: str = "gemma", sha256: str = SHA_A, roles: tuple[str, ...] = ("reasoning",)) -> RegisterModel:
@@ -53,7 +65,7 @@ def run(*cmds: Command, state: MeshState | None = None) -> MeshState:
 
 def setup() -> MeshState:
     """An initialised mesh with one member, one model and one shard of it."""
-    return run(init(), add(), register(), AssignShard("reasoning", "gemma", "n1"))
+    return run(init(), TOKEN, add(), register(), AssignShard("reasoning", "gemma", "n1"))
 
 
 # -- initialisation --------------------------------------------------------------------------
@@ -190,13 +202,13 @@ def test_readding_gone_member_makes_it_active_with_new_joined_at():
 
 
 def test_readding_live_member_cannot_take_another_members_name():
-    state = run(init(), add("n1", "alpha"), add("n2", "beta", port=9000))
+    state = run(init(), TOKEN, add("n1", "alpha"), add("n2", "beta", port=9000))
     with pytest.raises(Rejected):
         apply(state, add("n1", "beta"))
 
 
 def test_member_gone_removes_its_shards_only():
-    state = run(init(), add("n1", "alpha"), add("n2", "beta", port=9000), register(),
+    state = run(init(), TOKEN, add("n1", "alpha"), add("n2", "beta", port=9000), register(),
                 AssignShard("reasoning", "gemma", "n1"), AssignShard("reasoning", "gemma", "n2"))
     state = apply(state, SetMemberState("n1", "gone"))
     assert state.members["n1"].state == "gone"
@@ -254,7 +266,7 @@ def test_rejected_command_leaves_state_unchanged():
 
 
 def test_apply_never_mutates_its_input():
-    cmds = [init(), add(), add("n2", "beta", port=9000), register(), AssignShard("reasoning", "gemma", "n1"),
+    cmds = [init(), TOKEN, add(), add("n2", "beta", port=9000), register(), AssignShard("reasoning", "gemma", "n1"),
             AssignShard("reasoning", "gemma", "n2"), SetShardState("reasoning", "gemma", "n1", "ready"),
             add("n1", "alpha", port=7000), SetMemberState("n2", "gone"), register(sha256=SHA_A),
             SetMemberState("n1", "draining")]
@@ -293,6 +305,14 @@ command_strategies = {
     AssignShard: st.builds(AssignShard, role=text, model=text, node_id=text),
     SetShardState: st.builds(SetShardState, role=text, model=text, node_id=text,
                              state=st.sampled_from(SHARD_STATES), detail=text),
+    CreateToken: st.builds(CreateToken, token_id=text, secret_sha256=text, created_at=floats, expires_at=floats),
+    RevokeToken: st.builds(RevokeToken, token_id=text),
+    SetReplicas: st.builds(SetReplicas, role=text, count=ints),
+    PinShard: st.builds(PinShard, role=text, model=text, node_id=text),
+    UnpinShard: st.builds(UnpinShard, role=text, node_id=text),
+    ApplyPlacement: st.builds(ApplyPlacement, assignments=st.lists(st.tuples(text, text, text), max_size=3).map(tuple),
+                              unplaced=st.lists(st.tuples(text, text, ints, text), max_size=2).map(tuple)),
+    HaveModelFile: st.builds(HaveModelFile, node_id=text, model=text, have=st.booleans()),
 }
 
 
@@ -377,3 +397,75 @@ def test_same_commands_from_same_start_give_equal_states(cmds, start_initialised
     # Through the wire format, as the Raft log carries them, the result is the same too.
     third, _ = replay(start, [decode(encode(c)) for c in cmds])
     assert third == first
+
+
+# -- joining, tokens, placement (multi-node) -------------------------------------------------
+
+def test_first_member_needs_no_token_but_the_second_does():
+    state = run(init(), AddMember("n1", "alpha", "h:1", "h:3", {}, 1001.0))
+    with pytest.raises(Rejected, match="join token"):
+        apply(state, AddMember("n2", "beta", "h:4", "h:6", {}, 1002.0))
+
+
+@pytest.mark.parametrize("when, token", [
+    (999.0, TOKEN),  # before the token was made
+    (1_000_000.0, TOKEN),  # at expiry
+    (2000.0, None),  # revoked
+])
+def test_expired_early_or_revoked_tokens_are_refused(when, token):
+    state = run(init(), TOKEN, add("n1", "alpha"))
+    if token is None:
+        state = apply(state, RevokeToken("t1"))
+    with pytest.raises(Rejected, match="join token"):
+        apply(state, AddMember("n2", "beta", "h:4", "h:6", {}, when, token_id="t1"))
+
+
+def test_a_known_member_rejoins_without_a_token():
+    state = run(init(), TOKEN, add("n1", "alpha"), add("n2", "beta", port=9000))
+    state = apply(state, AddMember("n2", "beta", "h:7", "h:9", {}, 9999999.0))
+    assert state.members["n2"].http_address == "h:7"
+
+
+def test_two_members_cannot_share_a_raft_address():
+    state = run(init(), TOKEN, add("n1", "alpha", port=8080))
+    with pytest.raises(Rejected, match="raft address"):
+        apply(state, add("n2", "beta", port=8080))
+
+
+def test_placement_keeps_state_of_remaining_shards_and_drops_the_rest():
+    state = run(init(), TOKEN, add("n1", "alpha"), add("n2", "beta", port=9000), register(),
+                AssignShard("reasoning", "gemma", "n1"), SetShardState("reasoning", "gemma", "n1", "ready"))
+    state = apply(state, ApplyPlacement((("reasoning", "gemma", "n1"), ("reasoning", "gemma", "n2")),
+                                        (("context", "enc", 1, "no model serves it"),)))
+    assert state.shards[("reasoning", "gemma", "n1")].state == "ready"
+    assert state.shards[("reasoning", "gemma", "n2")].state == "assigned"
+    assert state.unplaced[0].reason == "no model serves it"
+    state = apply(state, ApplyPlacement((("reasoning", "gemma", "n2"),)))
+    assert list(state.shards) == [("reasoning", "gemma", "n2")]
+
+
+def test_placement_on_a_witness_is_rejected():
+    state = run(init(), TOKEN, add("n1", "alpha"), register(),
+                AddMember("w1", "wit", "h:4", "h:6", {}, 1002.0, witness=True, token_id="t1"))
+    with pytest.raises(Rejected, match="not a live model-holding member"):
+        apply(state, ApplyPlacement((("reasoning", "gemma", "w1"),)))
+
+
+def test_pins_and_replicas_are_validated():
+    state = setup()
+    state = apply(state, PinShard("reasoning", "gemma", "n1"))
+    assert ("reasoning", "n1") in state.pins
+    with pytest.raises(Rejected, match="does not serve"):
+        apply(state, PinShard("context", "gemma", "n1"))
+    state = apply(state, UnpinShard("reasoning", "n1"))
+    assert not state.pins
+    assert apply(state, SetReplicas("reasoning", 3)).replicas == {"reasoning": 3}
+    with pytest.raises(Rejected, match="unknown role"):
+        apply(state, SetReplicas("witness", 1))
+
+
+def test_model_file_holders_are_tracked_and_forgotten_with_the_member():
+    state = apply(setup(), HaveModelFile("n1", "gemma"))
+    assert state.model_files["gemma"] == {"n1"}
+    state = apply(state, SetMemberState("n1", "gone"))
+    assert state.model_files["gemma"] == frozenset()

@@ -1,0 +1,229 @@
+"""The control API that meshctl and joining nodes talk to (/control/v1/*).
+
+Reads answer from this member's copy of the state. Writes become Raft commands, which pysyncobj
+carries to the leader from any member. Joins and removals change Raft membership, which only the
+leader can do: the forwarder relays them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from mesh.gateway.errors import ApiError, bad_request, unavailable
+from mesh.gateway.validation import parse_json
+from mesh.tokens import BadToken, check_token, new_token
+from raft.commands import AddMember, Command, PinShard, RevokeToken, SetMemberState, SetReplicas, UnpinShard
+from raft.node import ProposalFailed
+from raft.state import Member, MeshState, Rejected
+
+if TYPE_CHECKING:
+    from mesh.daemon import NodeDaemon
+
+log = logging.getLogger("quorum.control")
+
+MEMBERSHIP_CHANGE_TIMEOUT_S = 30.0
+
+
+def not_found(what: str) -> ApiError:
+    return ApiError(404, what, code="not_found")
+
+
+class Control:
+    def __init__(self, daemon: NodeDaemon) -> None:
+        self.d = daemon
+        self._membership = asyncio.Lock()
+        self._pending: asyncio.Future | None = None  # the last membership change, until committed
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/control/v1/status", self.status, methods=["GET"]),
+            Route("/control/v1/models", self.models, methods=["GET"]),
+            Route("/control/v1/tokens", self.create_token, methods=["POST"]),
+            Route("/control/v1/tokens/revoke", self.revoke_token, methods=["POST"]),
+            Route("/control/v1/join", self.join, methods=["POST"]),
+            Route("/control/v1/assign", self.assign, methods=["POST"]),
+            Route("/control/v1/unassign", self.unassign, methods=["POST"]),
+            Route("/control/v1/replicas", self.replicas, methods=["POST"]),
+            Route("/control/v1/drain", self.drain, methods=["POST"]),
+            Route("/control/v1/remove", self.remove, methods=["POST"]),
+            Route("/control/v1/leave", self.leave, methods=["POST"]),
+        ]
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def status(self, request: Request) -> Response:
+        return JSONResponse(self.d.status())
+
+    async def models(self, request: Request) -> Response:
+        state = self.d.raft.state
+        names = {m.node_id: m.name for m in state.members.values()}
+        return JSONResponse({"models": [
+            {**dataclasses.asdict(m), "holders": sorted(names.get(n, n) for n in state.model_files.get(m.name, ()))}
+            for m in sorted(state.models.values(), key=lambda m: m.name)]})
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def create_token(self, request: Request) -> Response:
+        body = await _body(request)
+        ttl = body.get("ttl_s", 24 * 3600)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+            raise bad_request("'ttl_s' must be a number of seconds", "ttl_s")
+        try:
+            token = new_token(float(ttl))
+        except ValueError as exc:
+            raise bad_request(str(exc), "ttl_s") from None
+        await self._propose(token.command)
+        log.info("join token %s created (expires in %.0f s)", token.command.token_id, ttl)
+        return JSONResponse({"token": token.text, "token_id": token.command.token_id,
+                             "expires_at": token.command.expires_at})
+
+    async def revoke_token(self, request: Request) -> Response:
+        body = await _body(request)
+        await self._propose(RevokeToken(_str(body, "token_id")))
+        return JSONResponse({"revoked": body["token_id"]})
+
+    async def assign(self, request: Request) -> Response:
+        body = await _body(request)
+        state = self.d.raft.state
+        member = self._member(state, _str(body, "node"))
+        role = _str(body, "role")
+        model = body.get("model") or _model_for(state, role)
+        await self._propose(PinShard(role=role, model=model, node_id=member.node_id))
+        return JSONResponse({"pinned": {"role": role, "model": model, "node": member.name}})
+
+    async def unassign(self, request: Request) -> Response:
+        body = await _body(request)
+        member = self._member(self.d.raft.state, _str(body, "node"))
+        await self._propose(UnpinShard(role=_str(body, "role"), node_id=member.node_id))
+        return JSONResponse({"unpinned": {"role": body["role"], "node": member.name}})
+
+    async def replicas(self, request: Request) -> Response:
+        body = await _body(request)
+        count = body.get("count")
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise bad_request("'count' must be an integer", "count")
+        await self._propose(SetReplicas(role=_str(body, "role"), count=count))
+        return JSONResponse({"replicas": {body["role"]: count}})
+
+    async def drain(self, request: Request) -> Response:
+        body = await _body(request)
+        member = self._member(self.d.raft.state, _str(body, "node"))
+        await self._propose(SetMemberState(member.node_id, "draining"))
+        return JSONResponse({"draining": member.name})
+
+    async def join(self, request: Request) -> Response:
+        """Leader only (relayed by followers): checks the token, records the member, adds it to Raft."""
+        body = await _body(request)
+        raft = self.d.raft
+        node_id, raft_address = _str(body, "node_id"), _str(body, "raft_address")
+        async with self._membership:
+            await self._settle_pending()
+            state = raft.state
+            known = state.members.get(node_id)
+            now = time.time()
+            token_id = None
+            if known is None or known.state == "gone":
+                try:
+                    token_id = check_token(state, body.get("token", ""), now)
+                except BadToken as exc:
+                    log.warning("join of %s refused: %s", body.get("name"), exc)
+                    raise ApiError(403, f"Join refused: {exc}.", type="permission_error", code="bad_token") from None
+            cmd = AddMember(node_id=node_id, name=_str(body, "name"), http_address=_str(body, "http_address"),
+                            raft_address=raft_address, grpc_address=_str(body, "grpc_address"),
+                            profile=body.get("profile") if isinstance(body.get("profile"), dict) else {},
+                            joined_at=now, witness=bool(body.get("witness")), token_id=token_id)
+            await self._propose(cmd)
+            if raft_address not in raft.partners() and raft_address != raft.address:
+                self._pending = asyncio.wrap_future(raft.add_partner(raft_address))
+            log.info("%s (%s) joined from %s", cmd.name, node_id, raft_address)
+        state = raft.state
+        return JSONResponse({
+            "mesh_id": state.mesh_id, "mesh_name": state.name, "secret": self.d.dd.secret(),
+            "partners": sorted(m.raft_address for m in state.live_members() if m.node_id != node_id),
+        })
+
+    async def remove(self, request: Request) -> Response:
+        """Leader only: drops a member's shards and takes it out of the Raft group."""
+        body = await _body(request)
+        raft = self.d.raft
+        member = self._member(raft.state, _str(body, "node"))
+        if member.raft_address == raft.address:
+            # The leader cannot remove itself: hand leadership over; the caller retries there.
+            await asyncio.wrap_future(raft.transfer_leadership())
+            raise unavailable("This member was the leader; leadership is moving. Retry the removal.", 1,
+                              code="leader_moved")
+        async with self._membership:
+            await self._settle_pending()
+            await self._propose(SetMemberState(member.node_id, "gone"))
+            if member.raft_address in raft.partners():
+                try:
+                    await asyncio.wait_for(asyncio.wrap_future(raft.remove_partner(member.raft_address)),
+                                           MEMBERSHIP_CHANGE_TIMEOUT_S)
+                except (ProposalFailed, TimeoutError) as exc:
+                    raise unavailable(f"{member.name} is marked gone but Raft did not drop it yet ({exc}); "
+                                      f"retry", 1, code="membership_change") from None
+        log.info("%s removed from the mesh", member.name)
+        return JSONResponse({"removed": member.name})
+
+    async def leave(self, request: Request) -> Response:
+        """This node drains its shards, asks the leader to remove it, then stops."""
+        result = await self.d.leave()
+        return JSONResponse(result)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _propose(self, cmd: Command) -> dict:
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self.d.raft.propose(cmd)), 10.0)
+        except Rejected as exc:
+            raise ApiError(409, str(exc), code="rejected") from None
+        except (ProposalFailed, TimeoutError) as exc:
+            raise unavailable(f"The mesh could not commit the change ({exc or 'timeout'}): no majority "
+                              f"reachable?", 1, code="no_quorum") from None
+
+    async def _settle_pending(self) -> None:
+        """pysyncobj takes one membership change at a time: wait (bounded) for the previous one."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            await asyncio.wait_for(pending, MEMBERSHIP_CHANGE_TIMEOUT_S)
+        except (ProposalFailed, TimeoutError) as exc:
+            log.warning("the previous membership change did not complete: %s", exc or "timeout")
+
+    @staticmethod
+    def _member(state: MeshState, name_or_id: str) -> Member:
+        member = state.members.get(name_or_id)
+        if member is None or member.state == "gone":
+            member = state.member_by_name(name_or_id)
+        if member is None:
+            names = ", ".join(m.name for m in state.live_members()) or "none"
+            raise not_found(f"No member named {name_or_id!r} (members: {names}).")
+        return member
+
+
+def _model_for(state: MeshState, role: str) -> str:
+    for model in sorted(state.models.values(), key=lambda m: m.name):
+        if role in model.roles:
+            return model.name
+    raise bad_request(f"No model in the catalog serves role {role!r}.", "role")
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    return parse_json(raw) if raw else {}
+
+
+def _str(body: dict, key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value or len(value) > 256:
+        raise bad_request(f"'{key}' is required and must be a non-empty string", key)
+    return value

@@ -1,0 +1,232 @@
+"""Placement: which shard runs on which node, as a pure, deterministic function.
+
+The leader calls place() whenever membership, health, pins or desired replicas change, and commits
+the difference (moves()) through Raft. No I/O, no clock, no randomness: every input is sorted (ties
+by node id), so one mesh always gives one plan, whatever order its nodes, pins or current shards
+arrive in. The one ordered input is `models`: catalog order decides which model serves a role.
+
+Order of work, each step over all roles before the next:
+1. pins (manual placement wins), by role, node id, model;
+2. current shards that are still valid, fastest node first, so a shrinking role drops the slowest;
+3. new shards: reasoning on the fastest node that fits, other roles on the node with most free memory.
+Roles go in the order of MODEL_ROLES. Whatever is left short is reported in Plan.unplaced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+MODEL_ROLES = ("reasoning", "tool-use", "context")  # roles that hold a model, in placement order
+NO_MODEL_CLASSES = frozenset({"openwrt-router"})  # device classes that never hold a model
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    device_class: str  # raspberry-pi, termux-phone, openwrt-router, desktop, server
+    memory_available: int  # bytes this node can give to model shards
+    speed: float  # higher is faster (a local benchmark score)
+    witness: bool = False  # a witness votes in Raft and never holds a model
+    healthy: bool = True  # active and reachable; unhealthy nodes get no new shards and lose theirs
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    roles: tuple[str, ...]  # of "reasoning", "context", "tool-use"
+    memory_bytes: int  # model file + KV cache for its context + runtime overhead
+
+
+@dataclass(frozen=True, order=True)
+class Assignment:
+    """One shard: (role, model, node). As a pin, an empty model means the role's first model."""
+    role: str
+    model: str
+    node_id: str
+
+
+@dataclass(frozen=True, order=True)
+class Unplaced:
+    role: str
+    model: str  # "" when no model in the catalog serves the role
+    missing: int  # replicas (pinned or automatic) that could not be placed
+    reason: str  # human-readable, shown by `meshctl status`
+
+
+@dataclass(frozen=True)
+class Plan:
+    assignments: tuple[Assignment, ...]  # sorted
+    unplaced: tuple[Unplaced, ...]  # sorted
+
+
+def place(nodes: Iterable[NodeInfo], models: Sequence[ModelInfo], replicas: Mapping[str, int],
+          pins: Iterable[Assignment], current: Iterable[Assignment]) -> Plan:
+    """The plan for this mesh. Raises ValueError only for inputs config validation already refuses
+    (duplicate node ids or model names, unknown roles or negative counts in `replicas`, NaN speeds)."""
+    ledger = _Ledger(_index(nodes, "node_id"), _index(models, "name"))
+    if any(math.isnan(n.speed) for n in ledger.nodes.values()):
+        raise ValueError("placement: a node's speed is NaN; speeds must be comparable")
+    desired = _desired(replicas)
+    first = {role: next((m.name for m in ledger.models.values() if role in m.roles), "") for role in MODEL_ROLES}
+    short: dict[tuple[str, str], list[tuple[int, str]]] = {}
+
+    pinned = dict.fromkeys(MODEL_ROLES, 0)
+    for pin in sorted({_resolve(p, first) for p in pins}, key=lambda p: (_rank(p.role), p.node_id, p.model)):
+        why = ledger.refusal(pin)
+        if why is None:
+            ledger.add(pin)
+            pinned[pin.role] += 1
+        else:
+            short.setdefault((pin.role, pin.model), []).append((1, f"pin on {pin.node_id}: {why}"))
+
+    # A pin that could not be placed does not count: an automatic replica stands in for it.
+    wanted = {role: max(0, desired[role] - pinned[role]) for role in MODEL_ROLES}
+    auto = dict.fromkeys(MODEL_ROLES, 0)
+    for shard in sorted(set(current), key=lambda a: (_rank(a.role), -ledger.speed(a.node_id), a.node_id, a.model)):
+        still_wanted = shard.role in MODEL_ROLES and auto[shard.role] < wanted[shard.role]
+        if still_wanted and shard.model == first[shard.role] and ledger.refusal(shard) is None:
+            ledger.add(shard)
+            auto[shard.role] += 1
+
+    left_short = []
+    for role in MODEL_ROLES:
+        missing, model = wanted[role] - auto[role], first[role]
+        while missing > 0:
+            node_id = ledger.best_node(role, model) if model else None
+            if node_id is None:
+                left_short.append((role, model, missing))
+                break
+            ledger.add(Assignment(role, model, node_id))
+            missing -= 1
+    # Reasons describe the final plan (free memory after every shard), so placing again from this
+    # plan gives the same words, and `meshctl status` shows memory as it will be.
+    for role, model, missing in left_short:
+        short.setdefault((role, model), []).append((missing, ledger.why_not(role, model)))
+
+    unplaced = (Unplaced(role, model, sum(n for n, _ in parts), "; ".join(why for _, why in parts))
+                for (role, model), parts in short.items())
+    return Plan(tuple(sorted(ledger.placed)), tuple(sorted(unplaced)))
+
+
+def moves(old: Iterable[Assignment], new: Iterable[Assignment]) -> tuple[set[Assignment], set[Assignment]]:
+    """(to_add, to_remove) that turn the shards `old` into `new`."""
+    old, new = set(old), set(new)
+    return new - old, old - new
+
+
+class _Ledger:
+    """What has been placed so far: memory used per node and the nodes holding each role."""
+
+    def __init__(self, nodes: dict[str, NodeInfo], models: dict[str, ModelInfo]) -> None:
+        self.nodes = dict(sorted(nodes.items()))
+        self.models = models
+        self.used = dict.fromkeys(self.nodes, 0)
+        self.holders: dict[str, set[str]] = {role: set() for role in MODEL_ROLES}
+        self.placed: list[Assignment] = []
+
+    def speed(self, node_id: str) -> float:
+        node = self.nodes.get(node_id)
+        return node.speed if node else 0.0
+
+    def free(self, node_id: str) -> int:
+        return self.nodes[node_id].memory_available - self.used[node_id]
+
+    def add(self, shard: Assignment) -> None:
+        self.used[shard.node_id] += self.models[shard.model].memory_bytes
+        self.holders[shard.role].add(shard.node_id)
+        self.placed.append(shard)
+
+    def refusal(self, shard: Assignment) -> str | None:
+        """Why `shard` cannot be added now, or None when it can."""
+        if shard.role not in MODEL_ROLES:
+            return f"role {shard.role!r} holds no model"
+        if not shard.model:
+            return f"no model in the catalog serves {shard.role}"
+        model = self.models.get(shard.model)
+        if model is None:
+            return f"model {shard.model!r} is not in the catalog"
+        if shard.role not in model.roles:
+            return f"model {shard.model} does not serve {shard.role}"
+        node = self.nodes.get(shard.node_id)
+        if node is None:
+            return "no such node in the mesh"
+        if (why := _ineligible(node)) is not None:
+            return why
+        if shard.node_id in self.holders[shard.role]:
+            return f"node already holds a {shard.role} replica"
+        if model.memory_bytes > self.free(shard.node_id):
+            return f"needs {_size(model.memory_bytes)}; {_size(self.free(shard.node_id))} free"
+        return None
+
+    def _open(self, role: str) -> list[NodeInfo]:
+        """Eligible nodes that hold no replica of `role` yet, by node id."""
+        return [n for n in self.nodes.values() if _ineligible(n) is None and n.node_id not in self.holders[role]]
+
+    def best_node(self, role: str, model: str) -> str | None:
+        need = self.models[model].memory_bytes
+        fits = [n for n in self._open(role) if self.free(n.node_id) >= need]
+        if not fits:
+            return None
+        if role == "reasoning":
+            return min(fits, key=lambda n: (-n.speed, n.node_id)).node_id
+        return min(fits, key=lambda n: (-self.free(n.node_id), n.node_id)).node_id
+
+    def why_not(self, role: str, model: str) -> str:
+        if not model:
+            return f"no model in the catalog serves {role}"
+        eligible = [n for n in self.nodes.values() if _ineligible(n) is None]
+        if not eligible:
+            return "no eligible node: every node is a witness, a router or unhealthy" if self.nodes \
+                else "no eligible node: the mesh has no nodes"
+        open_nodes = self._open(role)
+        if not open_nodes:
+            return f"too few distinct nodes: all {len(eligible)} eligible nodes already hold a {role} replica"
+        roomiest = min(open_nodes, key=lambda n: (-self.free(n.node_id), n.node_id))
+        return (f"needs {_size(self.models[model].memory_bytes)}; "
+                f"largest free is {_size(self.free(roomiest.node_id))} on {roomiest.node_id}")
+
+
+def _ineligible(node: NodeInfo) -> str | None:
+    if node.witness:
+        return "a witness holds no model"
+    if node.device_class in NO_MODEL_CLASSES:
+        return f"an {node.device_class} holds no model"
+    if not node.healthy:
+        return "node is unhealthy"
+    return None
+
+
+def _index(items: Iterable, key: str) -> dict:
+    out = {}
+    for item in items:
+        name = getattr(item, key)
+        if name in out:
+            raise ValueError(f"placement: duplicate {key} {name!r}")
+        out[name] = item
+    return out
+
+
+def _desired(replicas: Mapping[str, int]) -> dict[str, int]:
+    for role, count in replicas.items():
+        if role not in MODEL_ROLES and role != "witness":  # witnesses are members, not shards
+            raise ValueError(f"placement: replicas for unknown role {role!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"placement: replicas.{role} must be a count of 0 or more, got {count!r}")
+    return {role: replicas.get(role, 0) for role in MODEL_ROLES}
+
+
+def _resolve(pin: Assignment, first: Mapping[str, str]) -> Assignment:
+    return replace(pin, model=first.get(pin.role, "")) if not pin.model else pin
+
+
+def _rank(role: str) -> tuple[int, str]:
+    return (MODEL_ROLES.index(role) if role in MODEL_ROLES else len(MODEL_ROLES), role)
+
+
+def _size(n: int) -> str:
+    if n % _MIB == 0:
+        return f"{n // _MIB} MiB"
+    return f"{n / _MIB:.1f} MiB" if abs(n) >= _MIB else f"{n} B"

@@ -1,0 +1,109 @@
+"""The leader's placement loop: turns the replicated state into a Plan and commits it.
+
+It runs on every member but acts only while that member is the Raft leader with a quorum, so at
+most one leader's placement is ever committed. It reruns whenever the state changes and at least
+every `every_s` seconds (membership health changes without a log entry: a peer's Raft connection
+dropping is seen here, and after `grace_s` the peer's shards move elsewhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from mesh.placement import Assignment, ModelInfo, NodeInfo, Plan, place
+from raft.commands import ApplyPlacement
+from raft.node import ProposalFailed, RaftNode
+from raft.state import MeshState, Rejected
+
+log = logging.getLogger("quorum.placer")
+
+
+class Placer:
+    def __init__(self, raft: RaftNode, grace_s: float, reserve_bytes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.raft = raft
+        self.grace_s = grace_s
+        self.reserve = reserve_bytes
+        self.clock = clock
+        self._down_since: dict[str, float] = {}  # raft address -> when this leader lost it
+
+    def healthy(self, state: MeshState) -> dict[str, bool]:
+        """node_id -> usable for shards: active, and reachable (or lost for less than the grace period)."""
+        connected = self.raft.partners()
+        now = self.clock()
+        out = {}
+        for member in state.members.values():
+            if member.state != "active":
+                out[member.node_id] = False
+                continue
+            if member.raft_address == self.raft.address or connected.get(member.raft_address, False):
+                self._down_since.pop(member.raft_address, None)
+                out[member.node_id] = True
+            else:
+                since = self._down_since.setdefault(member.raft_address, now)
+                out[member.node_id] = now - since < self.grace_s
+        return out
+
+    def plan(self, state: MeshState) -> Plan:
+        health = self.healthy(state)
+        nodes = [NodeInfo(node_id=m.node_id, device_class=str(m.profile.get("device_class", "desktop")),
+                          memory_available=_memory(m.profile, self.reserve), speed=float(m.profile.get("speed", 0.0)),
+                          witness=m.witness, healthy=health.get(m.node_id, False))
+                 for m in state.members.values() if m.state != "gone"]
+        # Catalog order (the order models were registered in the log) decides which model serves a role.
+        models = [ModelInfo(name=m.name, roles=tuple(m.roles), memory_bytes=m.memory_bytes)
+                  for m in state.models.values()]
+        pins = [Assignment(p.role, p.model, p.node_id) for p in state.pins.values()]
+        current = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()]
+        return place(nodes, models, state.replicas, pins, current)
+
+    async def step(self) -> bool:
+        """Commits a new placement if it differs from the state's; True if it committed one."""
+        raft = self.raft
+        if not (raft.is_leader() and raft.is_ready() and raft.status()["has_quorum"]):
+            return False
+        state = raft.state
+        if not state.initialised or not state.models:
+            return False
+        plan = self.plan(state)
+        assignments = tuple((a.role, a.model, a.node_id) for a in plan.assignments)
+        unplaced = tuple((u.role, u.model, u.missing, u.reason) for u in plan.unplaced)
+        current = tuple(sorted(state.shards))
+        known = tuple((u.role, u.model, u.missing, u.reason) for u in state.unplaced)
+        if assignments == current and unplaced == known:
+            return False
+        try:
+            await asyncio.wrap_future(raft.propose(ApplyPlacement(assignments, unplaced)))
+        except (Rejected, ProposalFailed) as exc:
+            # The state moved under us (a member left) or leadership changed: the next round retries.
+            log.info("placement not committed: %s", exc)
+            return False
+        added = set(assignments) - set(current)
+        dropped = set(current) - set(assignments)
+        log.info("placement: +%s -%s%s", _names(state, added) or "none", _names(state, dropped) or "none",
+                 f"; unplaced: {'; '.join(u[3] for u in unplaced)}" if unplaced else "")
+        return True
+
+    async def run(self, changed: asyncio.Event, every_s: float = 1.0) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(changed.wait(), every_s)
+            except TimeoutError:
+                pass
+            changed.clear()
+            await self.step()
+
+
+def _memory(profile: dict, reserve: int) -> int:
+    """What a member can give to shards: its own report when it made one, else available RAM less a reserve."""
+    if "memory_available_for_models" in profile:
+        return int(profile["memory_available_for_models"])
+    return max(0, int(profile.get("ram_available", 0)) - reserve)
+
+
+def _names(state: MeshState, keys: set) -> str:
+    return ", ".join(f"{role}/{model}@{state.members[n].name if n in state.members else n}"
+                     for role, model, n in sorted(keys))

@@ -1,0 +1,97 @@
+"""Which replica answers a request: a ready shard of the role and model, least loaded first.
+
+The replicated state says which shards are ready where; shards on this node are called in
+process, the others over gRPC (one RemoteShard per node, role and model, kept while it is used).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Protocol
+
+from raft.state import MeshState
+from shards.types import GenerateRequest, Opened
+
+log = logging.getLogger("quorum.router")
+
+
+class Replica(Protocol):
+    role: str
+    model: str
+
+    async def open(self, req: GenerateRequest) -> Opened: ...
+
+
+class NoReplica(LookupError):
+    """No ready replica of a role/model right now (the gateway answers 503)."""
+
+
+class LocalPicker:
+    """Replicas held in this process only: the gateway of a node that routes to no one else."""
+
+    def __init__(self) -> None:
+        self.shards: dict[tuple[str, str], Any] = {}
+
+    def ready_models(self, role: str = "reasoning") -> list[str]:
+        return sorted(m for r, m in self.shards if r == role)
+
+    def pick(self, role: str, model: str) -> Replica:
+        try:
+            return self.shards[(role, model)]
+        except KeyError:
+            raise NoReplica(f"no ready {role} replica of {model!r}") from None
+
+
+class Router:
+    def __init__(self, node_id: str, state: Callable[[], MeshState], local: Callable[[], dict],
+                 remote: Callable[[str, str, str, str], Any]) -> None:
+        self.node_id = node_id
+        self._state = state
+        self._local = local  # () -> {(role, model): LocalShard} loaded on this node
+        self._make_remote = remote  # (address, role, model, node_id) -> RemoteShard
+        self._remote: dict[tuple[str, str, str], Any] = {}
+
+    def ready_models(self, role: str = "reasoning") -> list[str]:
+        state = self._state()
+        return sorted({s.model for s in state.shards.values() if s.role == role and self._usable(state, s)})
+
+    def pick(self, role: str, model: str) -> Replica:
+        state = self._state()
+        candidates = []
+        for shard in state.shards_for(role, model):
+            if not self._usable(state, shard):
+                continue
+            replica = self._replica(state, shard)
+            if replica is not None:
+                candidates.append((_load(replica), shard.node_id != self.node_id, shard.node_id, replica))
+        if not candidates:
+            raise NoReplica(f"no ready {role} replica of {model!r}")
+        return min(candidates, key=lambda c: c[:3])[3]
+
+    def _usable(self, state: MeshState, shard) -> bool:
+        member = state.members.get(shard.node_id)
+        if shard.state != "ready" or member is None or member.state not in ("active", "draining"):
+            return False
+        return shard.node_id != self.node_id or (shard.role, shard.model) in self._local()
+
+    def _replica(self, state: MeshState, shard) -> Any:
+        if shard.node_id == self.node_id:
+            return self._local().get((shard.role, shard.model))
+        member = state.members[shard.node_id]
+        key = (member.grpc_address, shard.role, shard.model)
+        if key not in self._remote:
+            self._remote[key] = self._make_remote(member.grpc_address, shard.role, shard.model, shard.node_id)
+        return self._remote[key]
+
+    async def close(self) -> None:
+        remotes, self._remote = list(self._remote.values()), {}
+        for remote in remotes:
+            await remote.close()
+
+
+def _load(replica: Any) -> int:
+    """Requests a replica is working on or holding in its queue."""
+    load = getattr(replica, "load", None)
+    if load is not None:
+        return int(load)
+    return int(replica.waiting) + int(replica.busy)
