@@ -14,5 +14,5 @@ def setup_logging(level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # pysyncobj and uvicorn are chatty at INFO about things our own lines already say.
-    for noisy in ("pysyncobj", "uvicorn.error"):
+    for noisy in ("pysyncobj", "uvicorn.error", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

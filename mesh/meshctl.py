@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     except MeshError as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader (| head) stopped early: nothing left to say
+        sys.stderr.close()
     return 0
 
 

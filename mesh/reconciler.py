@@ -105,7 +105,15 @@ class Reconciler:
             raise ModelFileError(f"no member holds {model.file} yet and this node cannot assemble it")
         await self._report(SetShardState(role, model.name, self.node_id, "loading",
                                          f"fetching {model.file} from a peer"))
-        return await self.fetch(peers, model.file, model.sha256, self.models_dir, progress=self.progress)
+        names = {m.grpc_address: m.name for m in state.members.values()}
+
+        def on_progress(peer: str, done: int, total: int) -> None:
+            # Every ~10%: the shard's detail in the log shows the transfer in `meshctl status`.
+            detail = f"fetching {model.file} from {names.get(peer, peer)}: {done * 100 // max(total, 1)}%"
+            self._report_later(SetShardState(role, model.name, self.node_id, "loading", detail))
+
+        return await self.fetch(peers, model.file, model.sha256, self.models_dir, progress=self.progress,
+                                on_progress=on_progress)
 
     async def _unload(self, key: tuple[str, str]) -> None:
         shard = self.local.pop(key)
@@ -116,6 +124,13 @@ class Reconciler:
     async def close(self) -> None:
         for key in list(self.local):
             await self._unload(key)
+
+    def _report_later(self, cmd: Command) -> None:
+        """A progress report that nothing waits for; a failure is only logged."""
+        def done(future) -> None:
+            if future.exception() is not None:
+                log.info("progress report not committed: %s", future.exception())
+        self.raft.propose(cmd).add_done_callback(done)
 
     async def _report(self, cmd: Command) -> None:
         """State reports are best effort: a shard removed meanwhile, or no quorum, is logged and skipped."""

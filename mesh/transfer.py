@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import grpc
 from tqdm import tqdm
@@ -43,7 +43,8 @@ class _PeerFailed(Exception):
 async def fetch_model(address: str | Sequence[str], file: str, sha256: str, models_dir: Path,
                       progress: bool = False, attempts: int = 3, *,
                       credentials: grpc.ChannelCredentials | None = None,
-                      backoff_s: float = 0.5) -> Path:
+                      backoff_s: float = 0.5,
+                      on_progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Downloads `file` into `models_dir` from a peer (host:port) or the first of several peers
     that can serve it, verifies its sha256, stamps it, and returns its path.
 
@@ -55,6 +56,7 @@ async def fetch_model(address: str | Sequence[str], file: str, sha256: str, mode
     twice that, ...). Peers that answered NOT_FOUND, FAILED_PRECONDITION and the like are not
     asked again. Raises ModelFileError when no round gives a verified file. A file already
     present and stamped with `sha256` is returned without any network traffic.
+    `on_progress(peer, done_bytes, total_bytes)` is called at every ~10% of the file.
     """
     sha256 = sha256.lower()
     path = model_path(Path(models_dir), file)
@@ -71,7 +73,7 @@ async def fetch_model(address: str | Sequence[str], file: str, sha256: str, mode
     for attempt in range(1, attempts + 1):
         for i, peer in enumerate(list(peers)):
             try:
-                await _download(peer, file, sha256, partial, credentials, progress)
+                await _download(peer, file, sha256, partial, credentials, progress, on_progress)
             except _PeerFailed as exc:
                 log.warning("fetching %s from %s failed: %s", file, peer, exc)
                 errors.append(f"{peer}: {exc}")
@@ -99,7 +101,8 @@ async def fetch_model(address: str | Sequence[str], file: str, sha256: str, mode
 
 
 async def _download(peer: str, file: str, sha256: str, partial: Path,
-                    credentials: grpc.ChannelCredentials | None, progress: bool) -> None:
+                    credentials: grpc.ChannelCredentials | None, progress: bool,
+                    on_progress: Callable[[str, int, int], None] | None = None) -> None:
     """Appends the rest of the file from `peer` to `partial`; returns when it holds it all."""
     offset = await asyncio.to_thread(_size_or_zero, partial)
     if credentials is None:
@@ -123,7 +126,7 @@ async def _download(peer: str, file: str, sha256: str, partial: Path,
                 if offset + len(chunk.data) > chunk.total_size:
                     raise _PeerFailed(f"sent more than the {chunk.total_size} bytes it announced")
                 if report is None:
-                    report = _Progress(file, peer, chunk.total_size, offset, progress)
+                    report = _Progress(file, peer, chunk.total_size, offset, progress, on_progress)
                     out = await asyncio.to_thread(partial.open, "ab")
                 await asyncio.to_thread(out.write, chunk.data)
                 offset += len(chunk.data)
@@ -148,8 +151,10 @@ async def _download(peer: str, file: str, sha256: str, partial: Path,
 class _Progress:
     """One INFO line per ~10% of the file, and a tqdm bar when asked for."""
 
-    def __init__(self, file: str, peer: str, total: int, start: int, bar: bool) -> None:
+    def __init__(self, file: str, peer: str, total: int, start: int, bar: bool,
+                 listener: Callable[[str, int, int], None] | None = None) -> None:
         self.file, self.peer, self.total = file, peer, total
+        self._listener = listener
         self._next = (start * 10 // total + 1) * 10 if total else 100
         self._bar = tqdm(total=total, initial=start, desc=f"fetching {file}", unit="B", unit_scale=True,
                          unit_divisor=1024, disable=not bar, leave=False, mininterval=0.5)
@@ -164,6 +169,8 @@ class _Progress:
         percent = done * 100 // self.total if self.total else 100
         if percent >= self._next:
             log.info("fetching %s from %s: %d%% (%s)", self.file, self.peer, percent, self._mb(done))
+            if self._listener is not None:
+                self._listener(self.peer, done, self.total)
             self._next = (percent // 10 + 1) * 10
 
     def _mb(self, done: int) -> str:

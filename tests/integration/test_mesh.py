@@ -160,6 +160,9 @@ def test_a_fourth_member_leaves_and_a_dead_one_is_removed(mesh, tmp_path):
         wait_until(lambda: len(a.status()["members"]) == 4 and d.health() == 200, 120, "d to join")
         e.start()
         wait_until(lambda: len(a.status()["members"]) == 5 and e.health() == 200, 120, "e to join")
+        five = [n.status() for n in (*mesh.values(), d, e)]
+        assert all(len(v["members"]) == 5 and v["raft"]["has_quorum"] for v in five), "a 5-member mesh"
+        assert {v["raft"]["leader"] for v in five} == {five[0]["raft"]["leader"]}
         left = subprocess.run([sys.executable, "-m", "mesh.meshd", "leave", *d.common], cwd=REPO,
                               capture_output=True, text=True, timeout=240)
         assert left.returncode == 0, left.stderr + d.log()
