@@ -265,6 +265,8 @@ class NodeDaemon:
             "replicas": dict(state.replicas),
             "pins": [dataclasses.asdict(p) for p in state.pins.values()],
             "unplaced": [dataclasses.asdict(u) for u in state.unplaced],
+            "local_shards": [{"role": role, "model": model, "busy": shard.busy, "waiting": shard.waiting}
+                             for (role, model), shard in sorted(self._local_shards().items())],
             "health": {"ready": ready, "detail": "ok" if ready else "no reasoning replica is ready"},
         }
 

@@ -192,7 +192,7 @@ class RemoteShard:
             log.warning("%s/%s on %s (%s): %s", self.role, self.model, self.node_id, self.address, problem)
             message = f"lost the stream from {self.node_id} ({self.address}): {problem}"
             for index in range(current, choices):
-                yield index, Failed(message)
+                yield index, Failed(message, retryable=True)
         finally:
             call.cancel()  # no-op once the call has ended
             end()

@@ -35,11 +35,11 @@ class LocalPicker:
     def ready_models(self, role: str = "reasoning") -> list[str]:
         return sorted(m for r, m in self.shards if r == role)
 
-    def pick(self, role: str, model: str) -> Replica:
-        try:
-            return self.shards[(role, model)]
-        except KeyError:
-            raise NoReplica(f"no ready {role} replica of {model!r}") from None
+    def pick(self, role: str, model: str, exclude: set[str] = frozenset()) -> tuple[str, Replica]:
+        shard = self.shards.get((role, model))
+        if shard is None or "local" in exclude:
+            raise NoReplica(f"no ready {role} replica of {model!r}")
+        return "local", shard
 
 
 class Router:
@@ -55,18 +55,20 @@ class Router:
         state = self._state()
         return sorted({s.model for s in state.shards.values() if s.role == role and self._usable(state, s)})
 
-    def pick(self, role: str, model: str) -> Replica:
+    def pick(self, role: str, model: str, exclude: set[str] = frozenset()) -> tuple[str, Replica]:
+        """(node id, replica) of the least-loaded ready replica not on a node in `exclude`."""
         state = self._state()
         candidates = []
         for shard in state.shards_for(role, model):
-            if not self._usable(state, shard):
+            if shard.node_id in exclude or not self._usable(state, shard):
                 continue
             replica = self._replica(state, shard)
             if replica is not None:
                 candidates.append((_load(replica), shard.node_id != self.node_id, shard.node_id, replica))
         if not candidates:
             raise NoReplica(f"no ready {role} replica of {model!r}")
-        return min(candidates, key=lambda c: c[:3])[3]
+        best = min(candidates, key=lambda c: c[:3])
+        return best[2], best[3]
 
     def _usable(self, state: MeshState, shard) -> bool:
         member = state.members.get(shard.node_id)

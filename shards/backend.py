@@ -30,8 +30,14 @@ class Backend(Protocol):
     def chat_template(self) -> str | None:
         """The model file's own Jinja chat template, if it carries one."""
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int) -> Iterator[TokenStep]:
-        """Samples tokens after `prompt` until the caller stops iterating or the window is full."""
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int,
+                 forced: tuple[int, ...] = ()) -> Iterator[TokenStep]:
+        """Samples tokens after `prompt` until the caller stops iterating or the window is full.
+
+        The first steps yield the `forced` tokens instead of what they sample (a resumed
+        generation replaying what another replica already sent); sampling still runs at those
+        steps, so a deterministic request continues exactly as it would have.
+        """
 
     def close(self) -> None:
         """Frees the model."""

@@ -8,6 +8,7 @@ vocabulary (no top-k or min-p), temperature 0 is greedy, and a seed makes sampli
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 from functools import lru_cache
 from typing import Iterator
@@ -54,21 +55,37 @@ class LlamaBackend:
     def chat_template(self) -> str | None:
         return self._template
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int) -> Iterator[TokenStep]:
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int,
+                 forced: tuple[int, ...] = ()) -> Iterator[TokenStep]:
+        """Prefills `prompt` from an empty cache, then decodes one token per step.
+
+        The same request always takes the same path through llama.cpp (no prefix-cache reuse,
+        which would batch the prompt differently), so a generation resumed on another replica can
+        be exact: `forced` tokens (already sent by a replica that died) are replayed one step
+        each, sampling at every step as the original did so the sampler's random state and
+        penalty history match, then sampling continues.
+        """
         llm = self._llm
         llm.set_seed((seed % 0xFFFFFFFE) + 1)  # llama.cpp treats some seeds as "random": stay clear
+        # _init_sampler is private in llama-cpp-python 0.3.36 (pinned): it builds the same chain
+        # generate() uses, which we need to keep across steps (its RNG and penalty history).
+        llm._sampler = llm._init_sampler(temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
+                                         typical_p=1.0, repeat_penalty=1.0,
+                                         presence_penalty=sampling.presence_penalty,
+                                         frequency_penalty=sampling.frequency_penalty)
         want = sampling.top_logprobs
-        steps = llm.generate(prompt, temp=sampling.temperature, top_p=sampling.top_p, top_k=0, min_p=0.0,
-                             typical_p=1.0, repeat_penalty=1.0, presence_penalty=sampling.presence_penalty,
-                             frequency_penalty=sampling.frequency_penalty, reset=True)
         try:
-            for token in steps:
-                if want is None:
-                    yield TokenStep(token)
-                else:
-                    yield self._with_logprobs(token, want)
+            llm.reset()
+            llm.eval(prompt)
+            for step in itertools.count():
+                if llm.n_tokens >= self.n_ctx:
+                    return
+                sampled = llm.sample(temp=sampling.temperature, top_p=sampling.top_p)
+                token = forced[step] if step < len(forced) else sampled
+                yield TokenStep(token) if want is None else self._with_logprobs(token, want)
+                llm.eval([token])
         finally:
-            steps.close()
+            llm._sampler = None
 
     def _with_logprobs(self, token: int, top: int) -> TokenStep:
         """Log-probabilities of the model's distribution at the step that chose `token`."""

@@ -39,14 +39,15 @@ class NullBackend:
     def chat_template(self) -> str | None:
         return None
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int) -> Iterator[TokenStep]:
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int,
+                 forced: tuple[int, ...] = ()) -> Iterator[TokenStep]:
         rng = random.Random(f"{seed}:{len(prompt)}:{sum(prompt)}" if sampling.temperature > 0 else "greedy")
         text = " ".join(rng.choice(_WORDS) for _ in range(self.reply_tokens)).encode()
         for i in range(len(prompt), self.n_ctx):
             if self.delay_s:
                 time.sleep(self.delay_s)
             k = i - len(prompt)
-            token = text[k] if k < self.reply_tokens else EOS
+            token = forced[k] if k < len(forced) else text[k] if k < self.reply_tokens else EOS
             top = tuple((t, math.log(0.5 / (j + 1))) for j, t in enumerate((token, 32, 46)))
             yield TokenStep(token=token, logprob=math.log(0.5), top=top[: (sampling.top_logprobs or 0)])
 

@@ -30,6 +30,7 @@ class Job:
     emit: Callable[[Event], None]
     stop_texts: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
+    forced: tuple[int, ...] = ()  # tokens to replay first (a resumed generation)
 
 
 class Engine:
@@ -90,7 +91,7 @@ class Engine:
                 self._waiting -= 1
                 self._busy = not self._closing.is_set()
             if self._closing.is_set():
-                job.emit(Failed("the shard is shutting down"))
+                job.emit(Failed("the shard is shutting down", retryable=True))
                 continue
             self._current = job
             try:
@@ -120,7 +121,7 @@ class Engine:
         budget = self.backend.n_ctx - len(job.prompt)
         if s.max_tokens is not None:
             budget = min(budget, s.max_tokens)
-        steps = self.backend.generate(job.prompt, s, seed)
+        steps = self.backend.generate(job.prompt, s, seed, job.forced)
         try:
             while produced < budget:
                 if job.cancel.is_set():

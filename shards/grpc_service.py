@@ -142,7 +142,7 @@ def request_to_proto(role: str, model: str, req: GenerateRequest) -> mesh_pb2.Ge
     return mesh_pb2.GenerateRequest(
         role=role, model=model, sampling=sampling, n=req.n,
         messages=[mesh_pb2.Message(role=m.role, content=m.content) for m in req.messages],
-        prompts=list(req.prompts))
+        prompts=list(req.prompts), first_choice=req.first_choice, resume_tokens=list(req.resume_tokens))
 
 
 def request_from_proto(msg: mesh_pb2.GenerateRequest) -> GenerateRequest:
@@ -160,7 +160,7 @@ def request_from_proto(msg: mesh_pb2.GenerateRequest) -> GenerateRequest:
     return GenerateRequest(
         sampling=_sampling_from_proto(msg.sampling) if msg.HasField("sampling") else Sampling(),
         n=msg.n, messages=tuple(Message(m.role, m.content) for m in msg.messages),
-        prompts=tuple(msg.prompts))
+        prompts=tuple(msg.prompts), first_choice=msg.first_choice, resume_tokens=tuple(msg.resume_tokens))
 
 
 def _sampling_from_proto(s: mesh_pb2.Sampling) -> Sampling:
@@ -206,7 +206,8 @@ def event_to_proto(index: int, event: Event) -> mesh_pb2.GenerateEvent:
             finished.first_token_s = event.first_token_s
         return mesh_pb2.GenerateEvent(finished=finished)
     if isinstance(event, Failed):
-        return mesh_pb2.GenerateEvent(failed=mesh_pb2.Failed(index=index, message=event.message))
+        return mesh_pb2.GenerateEvent(failed=mesh_pb2.Failed(index=index, message=event.message,
+                                                             retryable=event.retryable))
     raise TypeError(f"not a shard event: {event!r}")
 
 
@@ -227,7 +228,7 @@ def event_from_proto(msg: mesh_pb2.GenerateEvent) -> tuple[int, Event]:
                                  first_token_s=f.first_token_s if f.HasField("first_token_s") else None,
                                  decode_s=f.decode_s)
     if kind == "failed":
-        return msg.failed.index, Failed(msg.failed.message)
+        return msg.failed.index, Failed(msg.failed.message, msg.failed.retryable)
     raise ValueError(f"unexpected {kind or 'empty'} event in the middle of a stream")
 
 

@@ -107,8 +107,9 @@ class LocalShard:
             prompts, stop_texts = [await self.text_prompt(p) for p in req.prompts], ()
         for prompt in prompts:
             self.check_fits(len(prompt), req.sampling.max_tokens)
-        work = [(prompt, choice_sampling(req.sampling, i)) for prompt in prompts for i in range(req.n)]
-        gens = self.submit(work, stop_texts)
+        work = [(prompt, choice_sampling(req.sampling, req.first_choice + i)) for prompt in prompts
+                for i in range(req.n)]
+        gens = self.submit(work, stop_texts, forced=req.resume_tokens)
 
         def cancel() -> None:
             for g in gens:
@@ -125,17 +126,19 @@ class LocalShard:
         return Opened(prompt_tokens=sum(len(p) for p in prompts), choices=len(gens), events=events(),
                       cancel=cancel)
 
-    def submit(self, work: list[tuple[list[int], Sampling]],
-               stop_texts: tuple[str, ...] = ()) -> list[Generation]:
+    def submit(self, work: list[tuple[list[int], Sampling]], stop_texts: tuple[str, ...] = (),
+               forced: tuple[int, ...] = ()) -> list[Generation]:
         """Queues one generation per (prompt, sampling) pair, all or none; never blocks.
 
-        A request's n choices (and its several prompts) go in one call. Raises QueueFull when the
-        queue cannot take them all.
+        A request's n choices (and its several prompts) go in one call; `forced` tokens are
+        replayed at the start of the first (a resumed choice). Raises QueueFull when the queue
+        cannot take them all.
         """
         loop = asyncio.get_running_loop()
         gens = [Generation(loop) for _ in work]
-        jobs = [Job(prompt=prompt, sampling=s, emit=g.emit, stop_texts=stop_texts, cancel=g.cancelled)
-                for g, (prompt, s) in zip(gens, work)]
+        jobs = [Job(prompt=prompt, sampling=s, emit=g.emit, stop_texts=stop_texts, cancel=g.cancelled,
+                    forced=forced if i == 0 else ())
+                for i, (g, (prompt, s)) in enumerate(zip(gens, work))]
         self._engine.submit(jobs)
         return gens
 

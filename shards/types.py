@@ -60,6 +60,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    retryable: bool = False  # the replica was lost (not the request's fault): resume elsewhere
 
 
 Event = Piece | Finished | Failed
@@ -95,6 +96,10 @@ class GenerateRequest:
     n: int = 1
     messages: tuple[Message, ...] = ()  # a chat; rendered with the model's template
     prompts: tuple[str, ...] = ()  # raw text prompts (completions); used when messages is empty
+    # Resuming a choice another replica was generating: its index among the request's choices
+    # (seeds follow it) and the tokens already sent, replayed before sampling goes on.
+    first_choice: int = 0
+    resume_tokens: tuple[int, ...] = ()
 
 
 @dataclass

@@ -28,6 +28,8 @@ class Metrics:
                              ["model"], buckets=_TPS_BUCKETS, registry=r)
         self.generations = Counter("quorum_generations", "Generations ended, by model and reason "
                                    "(stop, length, cancelled)", ["model", "reason"], registry=r)
+        self.failovers = Counter("quorum_failovers", "Generations resumed on another replica after "
+                                 "theirs was lost", ["model"], registry=r)
         self.queue_depth = Gauge("quorum_queue_depth", "Requests waiting for a shard", ["role", "model"],
                                  registry=r)
         self.in_flight = Gauge("quorum_requests_in_flight", "Requests being answered", registry=r)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable
 
 from mesh.config import MeshConfig
+from mesh.failover import ResumableRun
 from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
 from mesh.gateway.validation import ChatRequest, CompletionRequest
-from mesh.router import LocalPicker, NoReplica, Replica, Router
+from mesh.router import LocalPicker, NoReplica, Router
 from shards.local import LocalShard
 from shards.templates import TemplateError
 from shards.types import (
@@ -33,21 +34,22 @@ log = logging.getLogger("quorum.gateway")
 
 @dataclass
 class Run:
-    """A request admitted by a replica: its events and when it arrived (for time to first token)."""
+    """A request admitted by a replica: its events (resumed elsewhere if the replica is lost) and
+    when it arrived (for time to first token)."""
     model: str
-    opened: Opened
+    resumable: ResumableRun
     started: float
 
     @property
     def prompt_tokens(self) -> int:
-        return self.opened.prompt_tokens
+        return self.resumable.prompt_tokens
 
     @property
     def choices(self) -> int:
-        return self.opened.choices
+        return self.resumable.choices
 
     def cancel(self) -> None:
-        self.opened.cancel()
+        self.resumable.cancel()
 
 
 class Gateway:
@@ -77,14 +79,9 @@ class Gateway:
     def served_models(self) -> list[str]:
         return self.picker.ready_models("reasoning")
 
-    def shard_for(self, model: str) -> Replica:
+    def check_model(self, model: str) -> None:
         if self.config.model(model) is None and model not in self.served_models():
             raise model_not_found(model)
-        try:
-            return self.picker.pick("reasoning", model)
-        except NoReplica:
-            raise unavailable(f"No replica of '{model}' is ready yet ({self.loading_detail}).",
-                              self.config.gateway.retry_after_s, code="loading") from None
 
     # -- chat --------------------------------------------------------------------------------
 
@@ -182,27 +179,46 @@ class Gateway:
     async def _open(self, model: str, request: GenerateRequest) -> Run:
         """Admits a request on a replica of `model`, or raises the ApiError that says why not."""
         started = time.perf_counter()
-        shard = self.shard_for(model)
-        try:
-            opened = await shard.open(request)
-        except TemplateError as exc:
-            raise bad_request(str(exc), "messages") from None
-        except ContextLengthExceeded as exc:
-            raise bad_request(str(exc), "messages", "context_length_exceeded") from None
-        except QueueFull as exc:
-            raise queue_full(str(exc), self.config.gateway.retry_after_s) from None
-        except NotReady as exc:
-            raise unavailable(f"The replica of '{model}' cannot take requests: {exc}",
-                              self.config.gateway.retry_after_s) from None
+        self.check_model(model)
+        node_id, opened = await self._admit(model, request, set())
         self.metrics.prompt_tokens.labels(model).inc(opened.prompt_tokens)
-        return Run(model=model, opened=opened, started=started)
+
+        def reopen(req: GenerateRequest, avoid: set[str]) -> Awaitable[tuple[str, Opened]]:
+            return self._admit(model, req, avoid)
+
+        def counted(node_id: str) -> None:
+            self.metrics.failovers.labels(model).inc()
+
+        return Run(model=model, resumable=ResumableRun(request, node_id, opened, reopen, counted), started=started)
+
+    async def _admit(self, model: str, request: GenerateRequest, avoid: set[str]) -> tuple[str, Opened]:
+        """Opens `request` on the least-loaded ready replica outside `avoid`; a replica that turns
+        out to be unreachable is skipped for the next one."""
+        retry_after = self.config.gateway.retry_after_s
+        while True:
+            try:
+                node_id, shard = self.picker.pick("reasoning", model, avoid)
+            except NoReplica:
+                raise unavailable(f"No replica of '{model}' is ready ({self.loading_detail}).", retry_after,
+                                  code="loading" if not avoid else "no_replica") from None
+            try:
+                return node_id, await shard.open(request)
+            except TemplateError as exc:
+                raise bad_request(str(exc), "messages") from None
+            except ContextLengthExceeded as exc:
+                raise bad_request(str(exc), "messages", "context_length_exceeded") from None
+            except QueueFull as exc:
+                raise queue_full(str(exc), retry_after) from None
+            except NotReady as exc:
+                log.warning("replica of %s on %s cannot take requests (%s); trying another", model, node_id, exc)
+                avoid = avoid | {node_id}
 
     async def _events(self, run: Run, stream: bool = False) -> AsyncIterator[tuple[int, Event]]:
         """Each choice's events in turn; records time to first token; a Failed event ends a
         non-streamed answer with a 500 (a streamed one reports it in the stream)."""
         first_seen = False
         try:
-            async for index, event in run.opened.events:
+            async for index, event in run.resumable.events():
                 if not first_seen and isinstance(event, (Piece, Finished)):
                     first_seen = True
                     self.metrics.ttft.labels(run.model).observe(time.perf_counter() - run.started)

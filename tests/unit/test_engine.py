@@ -264,11 +264,11 @@ class Exploding(Backend):
         super().__init__()
         self.calls = 0
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int) -> Iterator[TokenStep]:
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int, forced=()) -> Iterator[TokenStep]:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("GPU on fire")
-        return super().generate(prompt, sampling, seed)
+        return super().generate(prompt, sampling, seed, forced)
 
 
 def test_backend_failure_fails_that_job_only(engines):
@@ -300,7 +300,7 @@ def test_close_tells_queued_jobs_the_shard_stopped():
     engine.close()
     assert not engine._thread.is_alive()
     assert running.items[-1].reason == "cancelled", "the running job stops at its next token"
-    assert queued.items == [Failed("the shard is shutting down")]
+    assert queued.items == [Failed("the shard is shutting down", retryable=True)]
 
 
 def test_engine_close_with_null_backend_does_not_raise():

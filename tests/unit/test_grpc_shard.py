@@ -101,9 +101,9 @@ class GatedBackend(NullBackend):
         super().__init__(**kwargs)
         self.gate = threading.Event()
 
-    def generate(self, prompt, sampling, seed):
+    def generate(self, prompt, sampling, seed, forced=()):
         self.gate.wait(WAIT_S)
-        yield from super().generate(prompt, sampling, seed)
+        yield from super().generate(prompt, sampling, seed, forced)
 
 
 CHAT = (Message("system", "Be brief."), Message("user", "Name three letters."))
@@ -143,7 +143,7 @@ def test_events_survive_the_wire_exactly():
         (3, Piece("é", (195, 169), (TokenLogprob("\ufffd", -0.25, (195,), (("\ufffd", -0.25, (195,)),)),))),
         (1, Finished("length", 7, 9, first_token_s=None, decode_s=0.5)),
         (0, Finished("stop", 7, 1, first_token_s=0.125, decode_s=0.0)),
-        (2, Failed("the shard is shutting down")),
+        (2, Failed("the shard is shutting down", retryable=True)),
     ]
     for index, event in events:
         wire = mesh_pb2.GenerateEvent.FromString(event_to_proto(index, event).SerializeToString())

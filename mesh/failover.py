@@ -1,0 +1,109 @@
+"""Stream continuity: a request's choices run to the end even when the replica serving them is lost.
+
+The gateway keeps, per choice, the tokens and text it has already passed on. When a replica is
+lost mid-answer (its events end in a retryable Failed: connection reset, keepalive timeout, shard
+shutting down), the choice is opened again on another replica with those tokens as
+`resume_tokens`: the replica prefills the prompt exactly as the first one did and replays the
+tokens one step each (see shards/backend_llama.py), so at temperature 0, or with a seed, the rest
+of the answer is what the lost replica would have produced. The replayed part comes back too and
+is dropped here by count (tokens, characters), so the client sees each token once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+from shards.types import Event, Failed, Finished, GenerateRequest, Opened, Piece
+
+log = logging.getLogger("quorum.failover")
+
+MAX_FAILOVERS = 3  # replicas lost while answering one request before the gateway gives up
+
+# (request, node ids to avoid) -> (node id, opened): admits on a replica or raises
+Reopen = Callable[[GenerateRequest, set[str]], Awaitable[tuple[str, Opened]]]
+
+
+class ResumableRun:
+    def __init__(self, request: GenerateRequest, node_id: str, opened: Opened, reopen: Reopen,
+                 on_failover: Callable[[str], None] | None = None) -> None:
+        self.request = request
+        self.node_id = node_id
+        self.opened = opened
+        self.prompt_tokens = opened.prompt_tokens
+        self.choices = opened.choices
+        self._reopen = reopen
+        self._on_failover = on_failover
+        self.lost: set[str] = set()
+        n = opened.choices
+        self.tokens: list[list[int]] = [[] for _ in range(n)]  # per choice, as passed on
+        self._skip_tokens = [0] * n  # replayed tokens still to drop, per choice
+        self._skip_chars = [0] * n
+        self._sent_chars = [0] * n
+
+    def cancel(self) -> None:
+        self.opened.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(choice index, event) for every choice in order, across failovers; one end per choice."""
+        opened, base, next_choice, failovers = self.opened, 0, 0, 0
+        while True:
+            lost = None
+            async for index, event in opened.events:
+                i = base + index
+                if isinstance(event, Failed) and event.retryable and failovers < MAX_FAILOVERS:
+                    lost = (i, event.message)
+                    break
+                if isinstance(event, Piece):
+                    event = self._new_part(i, event)
+                    if event is None:
+                        continue
+                if isinstance(event, (Finished, Failed)):
+                    next_choice = i + 1
+                yield i, event
+            opened.cancel()
+            if lost is None and next_choice >= self.choices:
+                return
+            if lost is not None:
+                failovers += 1
+                self.lost.add(self.node_id)
+                next_choice = lost[0]
+                log.warning("replica on %s lost during choice %d (%s); resuming after %d tokens",
+                            self.node_id, next_choice, lost[1], len(self.tokens[next_choice]))
+                if self._on_failover is not None:
+                    self._on_failover(self.node_id)
+            try:
+                self.node_id, opened = await self._reopen(self._single(next_choice), set(self.lost))
+            except Exception as exc:  # no replica left to resume on: the choice ends in an error
+                yield next_choice, Failed(f"the replica was lost and no other could resume: {exc}")
+                return
+            self.opened, base = opened, next_choice
+
+    def _single(self, i: int) -> GenerateRequest:
+        """Choice i alone, resuming from what was passed on (all of it: none, for a fresh choice)."""
+        req = self.request
+        self._skip_tokens[i] = len(self.tokens[i])
+        self._skip_chars[i] = self._sent_chars[i]
+        prompts = (req.prompts[i // req.n],) if req.prompts else ()
+        return dataclasses.replace(req, n=1, prompts=prompts, first_choice=i % req.n,
+                                   resume_tokens=tuple(self.tokens[i]))
+
+    def _new_part(self, i: int, piece: Piece) -> Piece | None:
+        """The part of a piece not passed on before (a resumed replica replays what was sent)."""
+        drop_tokens = min(self._skip_tokens[i], len(piece.tokens))
+        self._skip_tokens[i] -= drop_tokens
+        drop_chars = min(self._skip_chars[i], len(piece.text))
+        self._skip_chars[i] -= drop_chars
+        if not drop_tokens and not drop_chars:
+            self.tokens[i].extend(piece.tokens)
+            self._sent_chars[i] += len(piece.text)
+            return piece
+        tokens = piece.tokens[drop_tokens:]
+        text = piece.text[drop_chars:]
+        logprobs = piece.logprobs[drop_tokens:]
+        self.tokens[i].extend(tokens)
+        self._sent_chars[i] += len(text)
+        if not text and not logprobs:
+            return None
+        return Piece(text=text, tokens=tuple(tokens), logprobs=tuple(logprobs))

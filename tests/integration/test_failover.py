@@ -1,0 +1,93 @@
+"""Stream continuity: the member serving a stream is killed (or frozen) mid-answer; the client's
+stream completes, and at temperature 0 it equals an uninterrupted run, token for token."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import openai
+import pytest
+
+from tests.procs import Meshd, wait_until
+
+MODEL = "gemma-3-270m"
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+TOKENS = 90
+
+
+def ready_on(node: Meshd) -> list[str]:
+    st = node.status()
+    names = {m["node_id"]: m["name"] for m in st["members"]}
+    return sorted(names[s["node_id"]] for s in st["shards"] if s["state"] == "ready")
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    """a is the leader and serves the API; b and c hold the two reasoning replicas."""
+    root = tmp_path_factory.mktemp("failover")
+    a = Meshd(root / "a", command="start")
+    a.init()
+    nodes = {"a": a}
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [n.kill() for n in nodes.values()])
+        a.start().wait_ready()
+        for name in ("b", "c"):
+            token = a.post("/control/v1/tokens", {"ttl_s": 3600}).json()["token"]
+            nodes[name] = Meshd(root / name, "--peer", a.address, "--token", token, command="join").start()
+            wait_until(lambda n=nodes[name]: n.health() == 200, 120, f"{name} to join")
+        assert a.post("/control/v1/replicas", {"role": "reasoning", "count": 2}).status_code == 200
+        for name in ("b", "c"):
+            assert a.post("/control/v1/assign", {"role": "reasoning", "node": name}).status_code == 200
+        wait_until(lambda: ready_on(a) == ["b", "c"], 180, "replicas on b and c only")
+        yield nodes
+
+
+def serving(mesh) -> Meshd:
+    """The member whose shard is generating right now."""
+    def busy():
+        return next((mesh[n] for n in ("b", "c") if any(s["busy"] for s in mesh[n].status()["local_shards"])), None)
+    return wait_until(busy, 30, "a busy replica", every=0.01)
+
+
+def restart(mesh, name: str) -> None:
+    old = mesh[name]
+    mesh[name] = Meshd(old.data_dir, command="start", port=old.port, name=name).start()
+    wait_until(lambda: ready_on(mesh["a"]) == ["b", "c"] and mesh[name].health() == 200, 180,
+               f"{name} to serve again")
+
+
+def stream(client: openai.OpenAI, interrupt=None) -> tuple[str, list[str | None]]:
+    text, finishes = "", []
+    chunks = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=TOKENS, temperature=0,
+                                            stream=True)
+    for i, chunk in enumerate(chunks):
+        text += chunk.choices[0].delta.content or ""
+        finishes.append(chunk.choices[0].finish_reason)
+        if i == 12 and interrupt is not None:
+            interrupt()
+    return text, [f for f in finishes if f]
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_stream_survives_the_loss_of_its_replica(mesh, how):
+    client = openai.OpenAI(base_url=f"{mesh['a'].base_url}/v1", api_key="x", max_retries=0, timeout=120)
+    reference, ref_finish = stream(client)
+    assert len(reference) > 40 and ref_finish == ["length"]
+    victim: list[Meshd] = []
+
+    def interrupt() -> None:
+        node = serving(mesh)
+        victim.append(node)
+        os.kill(node.proc.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+
+    text, finishes = stream(client, interrupt)
+    assert victim, "the stream ended before it could be interrupted"
+    assert finishes == ["length"], "one finish_reason"
+    assert text == reference, "the resumed stream must equal the uninterrupted one"
+    name = next(n for n, node in mesh.items() if node is victim[0])
+    if how == "stop":
+        os.kill(victim[0].proc.pid, signal.SIGCONT)
+    victim[0].kill()
+    restart(mesh, name)
