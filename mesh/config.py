@@ -95,6 +95,12 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True)
+class SessionsConfig:
+    checkpoint_tokens: int = 16  # a named session's answer is checkpointed every this many tokens
+    checkpoint_ms: int = 250  # ... or this often, whichever comes first
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     file: str
@@ -122,6 +128,7 @@ class MeshConfig:
     raft: RaftConfig = field(default_factory=RaftConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
     replicas: dict[str, int] = field(default_factory=lambda: {"reasoning": 1})
     models: tuple[ModelSpec, ...] = (DEFAULT_MODEL,)
 
@@ -174,7 +181,7 @@ def load_config(path: str | Path | None) -> MeshConfig:
 
 
 def parse_config(raw: dict[str, Any]) -> MeshConfig:
-    _no_unknown(raw, {"node", "raft", "gateway", "placement", "replicas", "models"}, "")
+    _no_unknown(raw, {"node", "raft", "gateway", "placement", "sessions", "replicas", "models"}, "")
     node = _section(NodeConfig, raw.get("node", {}), "node")
     split_host_port(node.listen, "node.listen")
     for key in ("raft_port", "grpc_port"):
@@ -191,6 +198,7 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
         raise ConfigError("raft.compaction_min_entries: must be at least 2")
     gateway = _section(GatewayConfig, raw.get("gateway", {}), "gateway")
     placement = _section(PlacementConfig, raw.get("placement", {}), "placement")
+    sessions = _section(SessionsConfig, raw.get("sessions", {}), "sessions")
     replicas = _replicas(raw.get("replicas", {"reasoning": 1}))
     models = tuple(_model(m, f"models[{i}]") for i, m in enumerate(_list(raw, "models", [DEFAULT_MODEL])))
     names = [m.name for m in models]
@@ -200,8 +208,8 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
     for role, count in replicas.items():
         if count and role != "witness" and not any(role in m.roles for m in models):
             raise ConfigError(f"replicas.{role}: no model in the catalog serves role {role!r}")
-    return MeshConfig(node=node, raft=raft, gateway=gateway, placement=placement, replicas=replicas,
-                      models=models)
+    return MeshConfig(node=node, raft=raft, gateway=gateway, placement=placement, sessions=sessions,
+                      replicas=replicas, models=models)
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:

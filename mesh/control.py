@@ -46,6 +46,7 @@ class Control:
         return [
             Route("/control/v1/status", self.status, methods=["GET"]),
             Route("/control/v1/models", self.models, methods=["GET"]),
+            Route("/control/v1/sessions/{session_id}", self.session, methods=["GET"]),
             Route("/control/v1/tokens", self.create_token, methods=["POST"]),
             Route("/control/v1/tokens/revoke", self.revoke_token, methods=["POST"]),
             Route("/control/v1/join", self.join, methods=["POST"]),
@@ -68,6 +69,14 @@ class Control:
         return JSONResponse({"models": [
             {**dataclasses.asdict(m), "holders": sorted(names.get(n, n) for n in state.model_files.get(m.name, ()))}
             for m in sorted(state.models.values(), key=lambda m: m.name)]})
+
+    async def session(self, request: Request) -> Response:
+        sid = request.path_params["session_id"]
+        session = self.d.raft.state.sessions.get(sid)
+        if session is None:
+            raise not_found(f"No session {sid!r} in the log.")
+        return JSONResponse({"session_id": sid, "last_used": session.last_used,
+                             "turns": [dataclasses.asdict(t) for t in session.turns]})
 
     # -- writes ------------------------------------------------------------------------------
 

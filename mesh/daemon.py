@@ -24,6 +24,7 @@ from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
 from mesh.placer import Placer
 from mesh.router import Router
+from mesh.sessions import SessionLog
 from nodes.profile import local_profile
 from raft.commands import AddMember, Command, RegisterModel, SetMemberState
 from raft.node import RaftNode, RaftTiming
@@ -99,7 +100,8 @@ class NodeDaemon:
                                     raft_timing(cfg), on_applied=changes.notify)
         placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20)
         router = Router(record.node_id, lambda: raft.state, self._local_shards, _remote_shard)
-        gateway = Gateway(cfg, self.metrics, router)
+        gateway = Gateway(cfg, self.metrics, router,
+                          SessionLog(raft, cfg.sessions.checkpoint_tokens, cfg.sessions.checkpoint_ms))
         control = Control(self)
         app = LeaderForwarder(create_app(gateway, control.routes()), raft.is_leader, self._leader_http,
                               cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s)

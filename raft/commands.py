@@ -129,6 +129,36 @@ class HaveModelFile(Command):
 
 
 @dataclass(frozen=True)
+class SessionTurnStart(Command):
+    """A named session's next turn begins: the messages the client added, and when."""
+    kind: ClassVar[str] = "session_turn_start"
+    session_id: str
+    turn: int
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    prompt_tokens: int
+    at: float
+
+
+@dataclass(frozen=True)
+class SessionAppend(Command):
+    """A checkpoint: answer tokens (and their text) generated since the last one."""
+    kind: ClassVar[str] = "session_append"
+    session_id: str
+    turn: int
+    tokens: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class SessionTurnEnd(Command):
+    kind: ClassVar[str] = "session_turn_end"
+    session_id: str
+    turn: int
+    finish_reason: str
+    at: float
+
+
+@dataclass(frozen=True)
 class AssignShard(Command):
     kind: ClassVar[str] = "assign_shard"
     role: str
@@ -149,7 +179,8 @@ class SetShardState(Command):
 COMMANDS: dict[str, type[Command]] = {
     cls.kind: cls
     for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
-                RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile)
+                RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile, SessionTurnStart,
+                SessionAppend, SessionTurnEnd)
 }
 
 

@@ -24,6 +24,9 @@ from raft.commands import (
     PinShard,
     RegisterModel,
     RevokeToken,
+    SessionAppend,
+    SessionTurnEnd,
+    SessionTurnStart,
     SetMemberState,
     SetReplicas,
     SetShardState,
@@ -31,6 +34,13 @@ from raft.commands import (
 )
 
 ROLES = ("reasoning", "context", "tool-use")
+
+# Session log policy (fixed here so every member applies the same): a session idle for longer than
+# SESSION_TTL_S is dropped when the next turn of any session starts; beyond MAX_SESSIONS the least
+# recently used go first; a session keeps its last MAX_TURNS turns.
+SESSION_TTL_S = 24 * 3600
+MAX_SESSIONS = 1000
+MAX_TURNS = 64
 
 
 class Rejected(ValueError):
@@ -103,6 +113,31 @@ class Unplaced:
 
 
 @dataclass(frozen=True)
+class Turn:
+    messages: tuple[tuple[str, str], ...]  # what the client added this turn: (role, content)
+    prompt_tokens: int
+    answer_tokens: tuple[int, ...] = ()
+    answer_text: str = ""
+    finish_reason: str | None = None  # None while the answer is being generated
+
+
+@dataclass(frozen=True)
+class Session:
+    turns: tuple[Turn, ...]
+    last_used: float
+
+    def history(self) -> list[tuple[str, str]]:
+        """The conversation so far, as (role, content): each finished turn's messages and answer."""
+        out: list[tuple[str, str]] = []
+        for turn in self.turns:
+            if turn.finish_reason is None:
+                continue
+            out.extend(turn.messages)
+            out.append(("assistant", turn.answer_text))
+        return out
+
+
+@dataclass(frozen=True)
 class MeshState:
     """Treat as immutable: apply() builds new dicts, never edits these in place."""
     mesh_id: str = ""
@@ -116,8 +151,8 @@ class MeshState:
     pins: dict[tuple[str, str], Pin] = field(default_factory=dict)  # (role, node_id) -> pin
     unplaced: tuple[Unplaced, ...] = ()  # the last placement's shortfalls, with reasons
     model_files: dict[str, frozenset[str]] = field(default_factory=dict)  # model -> node ids holding it
-    # Room for the session (KV-cache) log: per-session prompt and answer tokens (stream failover).
-    sessions: dict[str, Any] = field(default_factory=dict)
+    # The session log: per named session, each turn's messages, answer tokens and text.
+    sessions: dict[str, Session] = field(default_factory=dict)
     applied: int = 0  # commands applied so far (rejected ones excluded)
 
     @property
@@ -304,6 +339,47 @@ def _have_model_file(state: MeshState, cmd: HaveModelFile) -> MeshState:
     return dataclasses.replace(state, model_files={**state.model_files, cmd.model: holders})
 
 
+def _session_turn_start(state: MeshState, cmd: SessionTurnStart) -> MeshState:
+    sessions = {k: v for k, v in state.sessions.items() if cmd.at - v.last_used <= SESSION_TTL_S}
+    old = sessions.get(cmd.session_id)
+    turns = old.turns if old is not None else ()
+    if turns and turns[-1].finish_reason is None:
+        turns = turns[:-1]  # an unfinished turn (its answer was never completed) is replaced
+    if cmd.turn != len(turns):
+        raise Rejected(f"session {cmd.session_id}: turn {cmd.turn} out of order (next is {len(turns)})")
+    turn = Turn(messages=tuple(tuple(m) for m in cmd.messages), prompt_tokens=cmd.prompt_tokens)
+    sessions[cmd.session_id] = Session(turns=(*turns, turn)[-MAX_TURNS:], last_used=cmd.at)
+    if len(sessions) > MAX_SESSIONS:
+        keep = sorted(sessions, key=lambda k: (sessions[k].last_used, k))[-MAX_SESSIONS:]
+        sessions = {k: sessions[k] for k in keep}
+    return dataclasses.replace(state, sessions=sessions)
+
+
+def _open_turn(state: MeshState, session_id: str, turn: int) -> tuple[Session, Turn]:
+    session = state.sessions.get(session_id)
+    if session is None or not session.turns:
+        raise Rejected(f"unknown session {session_id}")
+    last = session.turns[-1]
+    if turn != len(session.turns) - 1 or last.finish_reason is not None:
+        raise Rejected(f"session {session_id}: turn {turn} is not the open turn")
+    return session, last
+
+
+def _session_append(state: MeshState, cmd: SessionAppend) -> MeshState:
+    session, turn = _open_turn(state, cmd.session_id, cmd.turn)
+    turn = dataclasses.replace(turn, answer_tokens=turn.answer_tokens + tuple(cmd.tokens),
+                               answer_text=turn.answer_text + cmd.text)
+    session = dataclasses.replace(session, turns=(*session.turns[:-1], turn))
+    return dataclasses.replace(state, sessions={**state.sessions, cmd.session_id: session})
+
+
+def _session_turn_end(state: MeshState, cmd: SessionTurnEnd) -> MeshState:
+    session, turn = _open_turn(state, cmd.session_id, cmd.turn)
+    turn = dataclasses.replace(turn, finish_reason=cmd.finish_reason)
+    session = Session(turns=(*session.turns[:-1], turn), last_used=cmd.at)
+    return dataclasses.replace(state, sessions={**state.sessions, cmd.session_id: session})
+
+
 _HANDLERS = {
     InitMesh: _init_mesh,
     AddMember: _add_member,
@@ -318,4 +394,7 @@ _HANDLERS = {
     UnpinShard: _unpin_shard,
     ApplyPlacement: _apply_placement,
     HaveModelFile: _have_model_file,
+    SessionTurnStart: _session_turn_start,
+    SessionAppend: _session_append,
+    SessionTurnEnd: _session_turn_end,
 }

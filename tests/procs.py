@@ -99,6 +99,11 @@ class Meshd:
     def post(self, path: str, body: dict | None = None, timeout: float = 60) -> httpx.Response:
         return httpx.post(f"{self.base_url}{path}", json=body or {}, timeout=timeout)
 
+    def get_json(self, path: str) -> dict:
+        reply = httpx.get(f"{self.base_url}{path}", timeout=10)
+        reply.raise_for_status()
+        return reply.json()
+
     def status(self) -> dict:
         return httpx.get(f"{self.base_url}/control/v1/status", timeout=5).json()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -18,6 +19,7 @@ from mesh.gateway.errors import ApiError, too_large, unavailable
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway, Run
 from mesh.gateway.validation import parse_chat, parse_completion, parse_json
+from mesh.sessions import check_session_id
 
 log = logging.getLogger("quorum.http")
 
@@ -48,7 +50,13 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
 
     async def chat_completions(request: Request) -> Response:
         req = parse_chat(await read_json(request), limits)
-        return await answer(request, req, gateway.start_chat, gateway.collect_chat, gateway.stream_chat)
+        session = request.headers.get("x-session-id")
+        if session is not None:
+            req = dataclasses.replace(req, session_id=check_session_id(session))
+        response = await answer(request, req, gateway.start_chat, gateway.collect_chat, gateway.stream_chat)
+        if session is not None:
+            response.headers["X-Session-Id"] = session
+        return response
 
     async def completions(request: Request) -> Response:
         req = parse_completion(await read_json(request), limits)

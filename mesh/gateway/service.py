@@ -10,6 +10,7 @@ from typing import AsyncIterator, Awaitable
 
 from mesh.config import MeshConfig
 from mesh.failover import ResumableRun
+from mesh.sessions import NotCommitted, SessionLog, TurnRecorder
 from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
@@ -39,6 +40,7 @@ class Run:
     model: str
     resumable: ResumableRun
     started: float
+    recorder: TurnRecorder | None = None  # a named session's turn, recorded in the log
 
     @property
     def prompt_tokens(self) -> int:
@@ -56,9 +58,11 @@ class Gateway:
     """The OpenAI side of the mesh. `picker` chooses the replica for each request: a Router over
     the whole mesh in the daemon, or a LocalPicker holding in-process shards."""
 
-    def __init__(self, config: MeshConfig, metrics: Metrics, picker: Router | LocalPicker | None = None) -> None:
+    def __init__(self, config: MeshConfig, metrics: Metrics, picker: Router | LocalPicker | None = None,
+                 sessions: SessionLog | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.sessions = sessions
         self.picker = picker if picker is not None else LocalPicker()
         self.loading_detail = "starting"
 
@@ -86,8 +90,16 @@ class Gateway:
     # -- chat --------------------------------------------------------------------------------
 
     async def start_chat(self, req: ChatRequest) -> Run:
-        return await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
-                                                           messages=req.messages))
+        if req.session_id is None:
+            return await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
+                                                               messages=req.messages))
+        if self.sessions is None:
+            raise bad_request("Sessions need a mesh node (this gateway keeps no log).", "X-Session-Id")
+        turn, history = self.sessions.history(req.session_id)
+        run = await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
+                                                          messages=(*history, *req.messages)))
+        run.recorder = self.sessions.recorder(req.session_id, turn, req.messages, run.prompt_tokens)
+        return run
 
     async def collect_chat(self, req: ChatRequest, run: Run) -> dict:
         fmt = ChatFormat(req.model, req.logprobs)
@@ -108,7 +120,7 @@ class Gateway:
         try:
             async for index, event in self._events(run, stream=True):
                 if isinstance(event, Failed):
-                    yield sse(ApiError(500, event.message, type="server_error").body())
+                    yield sse(_failure(event).body())
                     return
                 if index not in started:
                     started.add(index)
@@ -154,7 +166,7 @@ class Gateway:
         try:
             async for index, event in self._events(run, stream=True):
                 if isinstance(event, Failed):
-                    yield sse(ApiError(500, event.message, type="server_error").body())
+                    yield sse(_failure(event).body())
                     return
                 if req.echo and index not in echoed:
                     echoed.add(index)
@@ -222,8 +234,30 @@ class Gateway:
                 if not first_seen and isinstance(event, (Piece, Finished)):
                     first_seen = True
                     self.metrics.ttft.labels(run.model).observe(time.perf_counter() - run.started)
+                if run.recorder is not None and index == 0:
+                    event = await self._record(run.recorder, event)
                 if isinstance(event, Failed) and not stream:
+                    if event.retryable:
+                        raise unavailable(event.message, self.config.gateway.retry_after_s, code="not_committed")
                     raise ApiError(500, event.message, type="server_error")
                 yield index, event
         finally:
             run.cancel()
+
+    async def _record(self, recorder: TurnRecorder, event: Event) -> Event:
+        """Adds choice 0's answer to the session log; its end is committed before it is passed on."""
+        if isinstance(event, Piece):
+            recorder.add(event)
+        elif isinstance(event, Finished):
+            try:
+                await recorder.finish(event.reason)
+            except NotCommitted as exc:
+                return Failed(str(exc), retryable=True)
+        return event
+
+
+def _failure(event: Failed) -> ApiError:
+    """How a failure reads inside a stream (whose status line was sent long ago)."""
+    if event.retryable:
+        return ApiError(503, event.message, type="service_unavailable", code="unavailable")
+    return ApiError(500, event.message, type="server_error")

@@ -30,6 +30,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     logprobs: bool
+    session_id: str | None = None  # X-Session-Id: messages are this turn's; history comes from the log
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 
+import httpx
 import openai
 import pytest
 
@@ -18,7 +19,10 @@ TOKENS = 90
 
 
 def ready_on(node: Meshd) -> list[str]:
-    st = node.status()
+    try:
+        st = node.status()
+    except httpx.HTTPError:  # still starting
+        return []
     names = {m["node_id"]: m["name"] for m in st["members"]}
     return sorted(names[s["node_id"]] for s in st["shards"] if s["state"] == "ready")
 
@@ -91,3 +95,45 @@ def test_stream_survives_the_loss_of_its_replica(mesh, how):
         os.kill(victim[0].proc.pid, signal.SIGCONT)
     victim[0].kill()
     restart(mesh, name)
+
+
+def chat(node: Meshd, session: str, content: str) -> httpx.Response:
+    return httpx.post(f"{node.base_url}/v1/chat/completions", timeout=120, headers={"X-Session-Id": session},
+                      json={"model": MODEL, "messages": [{"role": "user", "content": content}],
+                            "max_tokens": 12, "temperature": 0})
+
+
+def test_named_session_survives_a_full_restart_of_every_member(mesh):
+    a = mesh["a"]
+    first = chat(a, "trip-42", "My name is Ada. Remember it.")
+    assert first.status_code == 200 and first.headers["x-session-id"] == "trip-42"
+    answer = first.json()["choices"][0]["message"]["content"]
+    # A streamed turn through a follower is committed too.
+    with httpx.stream("POST", f"{mesh['b'].base_url}/v1/chat/completions", timeout=120,
+                      headers={"X-Session-Id": "trip-42"},
+                      json={"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
+                            "max_tokens": 8, "temperature": 0, "stream": True}) as streamed:
+        assert streamed.status_code == 200 and streamed.read().endswith(b"data: [DONE]\n\n")
+    logged = a.get_json("/control/v1/sessions/trip-42")
+    assert [t["finish_reason"] for t in logged["turns"]] == ["length", "length"]
+    assert logged["turns"][0]["answer_text"] == answer
+
+    for node in mesh.values():
+        node.kill()  # kill -9: nothing flushed on the way out
+    for name in list(mesh):
+        old = mesh[name]
+        mesh[name] = Meshd(old.data_dir, command="start", port=old.port, name=name).start()
+    wait_until(lambda: ready_on(mesh["a"]) == ["b", "c"], 240, "the mesh to come back")
+
+    after = mesh["c"].get_json("/control/v1/sessions/trip-42")
+    assert after["turns"] == logged["turns"], "every committed turn is intact after a full restart"
+    third = chat(mesh["c"], "trip-42", "What is my name?")
+    assert third.status_code == 200
+    # The mesh supplied the history: the prompt holds all three turns, not just the new message.
+    assert third.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"] + 20
+    assert len(mesh["a"].get_json("/control/v1/sessions/trip-42")["turns"]) == 3
+
+
+def test_bad_session_ids_are_400(mesh):
+    r = chat(mesh["a"], "no spaces allowed", "hi")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "X-Session-Id"

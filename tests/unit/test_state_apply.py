@@ -25,6 +25,9 @@ from raft.commands import (
     RegisterModel,
     RevokeToken,
     SetMemberState,
+    SessionAppend,
+    SessionTurnEnd,
+    SessionTurnStart,
     SetReplicas,
     SetShardState,
     UnpinShard,
@@ -313,6 +316,12 @@ command_strategies = {
     ApplyPlacement: st.builds(ApplyPlacement, assignments=st.lists(st.tuples(text, text, text), max_size=3).map(tuple),
                               unplaced=st.lists(st.tuples(text, text, ints, text), max_size=2).map(tuple)),
     HaveModelFile: st.builds(HaveModelFile, node_id=text, model=text, have=st.booleans()),
+    SessionTurnStart: st.builds(SessionTurnStart, session_id=text, turn=ints,
+                                messages=st.lists(st.tuples(text, text), max_size=3).map(tuple),
+                                prompt_tokens=ints, at=floats),
+    SessionAppend: st.builds(SessionAppend, session_id=text, turn=ints,
+                             tokens=st.lists(st.integers(0, 300000), max_size=5).map(tuple), text=text),
+    SessionTurnEnd: st.builds(SessionTurnEnd, session_id=text, turn=ints, finish_reason=text, at=floats),
 }
 
 
@@ -469,3 +478,48 @@ def test_model_file_holders_are_tracked_and_forgotten_with_the_member():
     assert state.model_files["gemma"] == {"n1"}
     state = apply(state, SetMemberState("n1", "gone"))
     assert state.model_files["gemma"] == frozenset()
+
+
+# -- the session log -------------------------------------------------------------------------
+
+def turn(sid: str, n: int, at: float, text: str = "hi") -> list[Command]:
+    return [SessionTurnStart(sid, n, (("user", f"question {n}"),), 10, at),
+            SessionAppend(sid, n, (1, 2), text[:1]), SessionAppend(sid, n, (3,), text[1:]),
+            SessionTurnEnd(sid, n, "stop", at + 1)]
+
+
+def test_a_session_keeps_each_turns_messages_and_answer():
+    state = run(init(), *turn("s", 0, 2000.0, "ab"), *turn("s", 1, 2010.0, "cd"))
+    session = state.sessions["s"]
+    assert [t.answer_tokens for t in session.turns] == [(1, 2, 3), (1, 2, 3)]
+    assert session.history() == [("user", "question 0"), ("assistant", "ab"),
+                                 ("user", "question 1"), ("assistant", "cd")]
+
+
+def test_turns_must_come_in_order_and_appends_go_to_the_open_turn():
+    state = run(init(), *turn("s", 0, 2000.0))
+    with pytest.raises(Rejected, match="out of order"):
+        apply(state, SessionTurnStart("s", 5, (), 1, 2001.0))
+    with pytest.raises(Rejected, match="not the open turn"):
+        apply(state, SessionAppend("s", 0, (9,), "x"))
+    with pytest.raises(Rejected, match="unknown session"):
+        apply(state, SessionAppend("nope", 0, (9,), "x"))
+
+
+def test_an_unfinished_turn_is_replaced_by_the_next_start_and_left_out_of_history():
+    state = run(init(), *turn("s", 0, 2000.0), SessionTurnStart("s", 1, (("user", "lost"),), 5, 2001.0),
+                SessionAppend("s", 1, (7,), "partial"))
+    assert len(state.sessions["s"].history()) == 2
+    state = apply(state, SessionTurnStart("s", 1, (("user", "again"),), 5, 2002.0))
+    assert state.sessions["s"].turns[-1].messages == (("user", "again"),)
+
+
+def test_idle_sessions_expire_and_the_count_is_bounded():
+    from raft.state import MAX_SESSIONS, SESSION_TTL_S
+    state = run(init(), *turn("old", 0, 2000.0))
+    state = apply(state, SessionTurnStart("new", 0, (), 1, 2001.0 + SESSION_TTL_S + 5))
+    assert "old" not in state.sessions and "new" in state.sessions
+    for i in range(MAX_SESSIONS + 3):
+        state = apply(state, SessionTurnStart(f"s{i}", 0, (), 1, 3e5 + i))
+    assert len(state.sessions) == MAX_SESSIONS
+    assert "s0" not in state.sessions and f"s{MAX_SESSIONS + 2}" in state.sessions
