@@ -4,12 +4,18 @@ An ASGI middleware in front of the gateway: on a follower, /v1/* requests (and c
 that only the leader may perform) go to the leader's HTTP address unchanged, streaming included,
 and the answer comes back byte for byte. A request is relayed at most once (a header marks it), so
 two nodes that disagree about the leader cannot bounce it between them; such a request gets a 503.
+
+When the leader dies or steps down before it has answered (connection refused or closed without
+a response, or its "no leader" 503), the request goes again to whichever member is elected next,
+for up to `failover_s`: a client of a surviving member does not see the election. A stream the
+leader had started answering is not replayed: it ends early (see the README's limits).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Callable
 
 import httpx
@@ -31,8 +37,9 @@ def must_forward(path: str) -> bool:
 
 class LeaderForwarder:
     def __init__(self, app: ASGIApp, is_leader: Callable[[], bool], leader_http: Callable[[], str | None],
-                 max_body_bytes: int, retry_after_s: int) -> None:
+                 max_body_bytes: int, retry_after_s: int, failover_s: float = 10.0) -> None:
         self.app = app
+        self.failover_s = failover_s
         self.is_leader = is_leader
         self.leader_http = leader_http
         self.max_body = max_body_bytes
@@ -44,11 +51,9 @@ class LeaderForwarder:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        leader = self.leader_http()
-        if leader is None or FORWARDED in headers:
-            why = "no leader is known (an election is in progress, or this member is cut off from the majority)"
-            await unavailable(f"This member cannot serve the request now: {why}.", self.retry_after,
-                              code="no_leader").response()(scope, receive, send)
+        if FORWARDED in headers:
+            await self._no_leader(scope, receive, send, "it was relayed here by a member that took this one "
+                                                      "for the leader")
             return
         try:
             body = await _read_body(receive, self.max_body)
@@ -57,10 +62,50 @@ class LeaderForwarder:
             return
         except _Disconnected:
             return
-        await self._relay(scope, receive, send, leader, headers, body)
+        finding = asyncio.ensure_future(self._find_leader_and_send(scope, headers, body))
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({finding, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (finding, watcher):
+                task.cancel()
+            await asyncio.gather(finding, watcher, return_exceptions=True)
+        if not finding.done() or finding.cancelled():
+            log.info("client left a relayed %s before the leader answered", scope["path"])
+            return
+        outcome = finding.result()
+        if outcome is _LOCAL:  # this member was elected while the request waited: answer it here
+            await self.app(scope, _replay(body, receive), send)
+        elif outcome is None:
+            await self._no_leader(scope, receive, send, "no leader answered (an election is in progress, "
+                                                      "or this member is cut off from the majority)")
+        else:
+            await self._stream(scope, receive, send, outcome)
 
-    async def _relay(self, scope: Scope, receive: Receive, send: Send, leader: str, headers: dict[str, str],
-                     body: bytes) -> None:
+    async def _find_leader_and_send(self, scope: Scope, headers: dict[str, str], body: bytes):
+        """The leader's response (or _LOCAL, or None after failover_s without any leader taking it)."""
+        deadline = time.monotonic() + self.failover_s
+        failed, failed_at = None, 0.0
+        while True:
+            if self.is_leader():
+                return _LOCAL
+            leader = self.leader_http()
+            if leader is not None and (leader != failed or time.monotonic() - failed_at >= 1.0):
+                response = await self._send(scope, leader, headers, body)
+                if response is not None:
+                    return response
+                failed, failed_at = leader, time.monotonic()
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(0.1)
+
+    async def _no_leader(self, scope: Scope, receive: Receive, send: Send, why: str) -> None:
+        await unavailable(f"This member cannot serve the request now: {why}.", self.retry_after,
+                          code="no_leader").response()(scope, receive, send)
+
+    async def _send(self, scope: Scope, leader: str, headers: dict[str, str], body: bytes) -> httpx.Response | None:
+        """Sends the request to `leader`; None if it did not take it (unreachable, closed without an
+        answer, or itself without a leader), so another leader can be tried."""
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
         url = f"http://{leader}{scope['path']}"
@@ -72,9 +117,33 @@ class LeaderForwarder:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            log.warning("relay to leader %s failed: %s", leader, exc)
-            await unavailable(f"The leader at {leader} did not answer ({type(exc).__name__}); retry shortly.",
-                              self.retry_after, code="leader_unreachable").response()(scope, receive, send)
+            log.warning("relay to leader %s failed (%s); waiting for a leader", leader, type(exc).__name__)
+            return None
+        if response.status_code == 503 and response.headers.get("content-type", "").startswith("application/json"):
+            body_503 = await response.aread()
+            await response.aclose()
+            if b'"no_leader"' in body_503:
+                return None
+            return _Buffered(response, body_503)
+        if scope["method"] != "GET" and not response.headers.get("content-type", "").startswith("text/event-stream"):
+            # A plain answer is read whole before anything is sent on, so a leader that dies while
+            # generating it costs the client nothing: the request goes to the next leader.
+            try:
+                data = await response.aread()
+            except httpx.HTTPError as exc:
+                log.warning("leader %s died before answering (%s); waiting for the next", leader,
+                            type(exc).__name__)
+                return None
+            finally:
+                await response.aclose()
+            return _Buffered(response, data)
+        return response
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, response) -> None:
+        if isinstance(response, _Buffered):
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": _headers(response.headers)})
+            await send({"type": "http.response.body", "body": response.body, "more_body": False})
             return
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         relay = asyncio.ensure_future(self._stream_back(response, send))
@@ -91,9 +160,8 @@ class LeaderForwarder:
             await response.aclose()  # closing our side tells the leader to stop generating
 
     async def _stream_back(self, response: httpx.Response, send: Send) -> None:
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()
-                   if k.lower() not in _HOP_BY_HOP]
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": _headers(response.headers)})
         try:
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -109,6 +177,36 @@ class LeaderForwarder:
 
 class _Disconnected(Exception):
     pass
+
+
+_LOCAL = object()  # "answer here": this member became the leader
+
+
+class _Buffered:
+    """A leader's whole answer, read before anything went to the client."""
+
+    def __init__(self, response: httpx.Response, body: bytes) -> None:
+        self.status_code = response.status_code
+        self.headers = response.headers
+        self.body = body
+
+
+def _headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+            if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"]
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that gives the body read already, then waits on the real one (disconnects)."""
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

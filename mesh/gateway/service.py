@@ -10,12 +10,12 @@ from typing import AsyncIterator, Awaitable
 
 from mesh.config import MeshConfig
 from mesh.failover import ResumableRun
-from mesh.sessions import NotCommitted, SessionLog, TurnRecorder
 from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
 from mesh.gateway.validation import ChatRequest, CompletionRequest
 from mesh.router import LocalPicker, NoReplica, Router
+from mesh.sessions import NotCommitted, SessionLog, TurnRecorder
 from shards.local import LocalShard
 from shards.templates import TemplateError
 from shards.types import (
