@@ -55,15 +55,21 @@ class Meshd:
     """One meshd process. Use as a context manager; it is always killed on exit."""
 
     def __init__(self, data_dir: Path, *extra: str, backend: str = "llama", threads: int = 1,
-                 port: int | None = None, command: str | None = None, name: str | None = None) -> None:
+                 port: int | None = None, command: str | None = None, name: str | None = None,
+                 host: str = "127.0.0.1", listen: str | None = None, advertise: str | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
+        """`prefix` runs meshd under another command (e.g. `ip netns exec NS`); `host` is the
+        address the test reaches it on; `listen`/`advertise` default to host:port and nothing."""
         self.data_dir = Path(data_dir)
         self.port = port or free_ports(3)
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
         self.base_url = f"http://{self.address}"
         self.name = name or self.data_dir.name
-        self.common = ["--data-dir", str(self.data_dir), "--listen", self.address, "--name", self.name,
-                       "--threads", str(threads), "--backend", backend, "--no-progress"]
-        self.args = [*MESHD, *([command] if command else []), *self.common, *extra]
+        self.prefix = list(prefix)
+        self.common = ["--data-dir", str(self.data_dir), "--listen", listen or self.address, "--name", self.name,
+                       "--threads", str(threads), "--backend", backend, "--no-progress",
+                       *(["--advertise", advertise] if advertise else [])]
+        self.args = [*self.prefix, *MESHD, *([command] if command else []), *self.common, *extra]
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-meshd.log"
 
@@ -91,7 +97,8 @@ class Meshd:
 
     def init(self) -> str:
         """Runs `meshd init` for this node (not the daemon); returns its output."""
-        done = subprocess.run([*MESHD, "init", *self.common], cwd=REPO, capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*self.prefix, *MESHD, "init", *self.common], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"meshd init failed: {done.stderr}")
         return done.stdout

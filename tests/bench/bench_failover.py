@@ -1,0 +1,181 @@
+"""Failover and session-log costs, measured in one run:
+
+1. failover gap: a streamed answer (temperature 0) whose serving member is killed (kill -9) or
+   frozen (SIGSTOP) after a few tokens; the gap is the time from the last chunk before the
+   interruption to the first chunk after it (targets: kill -9 p50 <= 300 ms, SIGSTOP p50 <= 1.5 s);
+2. leader election time in a 3-member Raft group with meshd's settings, after the leader stops
+   (target p50 <= 1 s);
+3. decoding tokens/s of a streamed chat with a named session (checkpointed through Raft) vs
+   without, alternated on one node (target >= 0.97).
+
+    .venv/bin/python -m tests.bench.bench_failover [--kills 10] [--runs 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from mesh.config import MeshConfig
+from mesh.daemon import raft_timing
+from raft.node import RaftNode
+from tests.procs import Meshd, free_ports, wait_until
+
+MODEL = "gemma-3-270m"
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def ready_on(node: Meshd) -> list[str]:
+    try:
+        st = node.status()
+    except httpx.HTTPError:
+        return []
+    names = {m["node_id"]: m["name"] for m in st["members"]}
+    return sorted(names[s["node_id"]] for s in st["shards"] if s["state"] == "ready")
+
+
+def stream_with_interrupt(base_url: str, interrupt, after: int = 10, tokens: int = 60) -> float:
+    """Streams an answer, calls interrupt() after `after` content chunks; returns the gap in seconds:
+    the longest pause between two chunks after the interruption (chunks already on their way when
+    it happened arrive without a pause, so the first one after it would understate the gap)."""
+    stamps: list[float] = []
+    cut = None
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", timeout=120,
+                      json={"model": MODEL, "messages": PROMPT, "max_tokens": tokens, "temperature": 0,
+                            "stream": True}) as reply:
+        for line in reply.iter_lines():
+            if '"content":"' not in line or '"content":""' in line:
+                continue
+            stamps.append(time.perf_counter())
+            if len(stamps) == after:
+                cut = len(stamps) - 1
+                interrupt()
+    if cut is None or len(stamps) <= cut + 1:
+        raise RuntimeError("the stream did not continue after the interruption")
+    return max(b - a for a, b in zip(stamps[cut:], stamps[cut + 1:]))
+
+
+def bench_gap(args, root: Path) -> None:
+    a = Meshd(root / "a", command="start")
+    a.init()
+    nodes = {"a": a.start()}
+    try:
+        a.wait_ready()
+        for name in ("b", "c"):
+            token = a.post("/control/v1/tokens", {"ttl_s": 3600}).json()["token"]
+            nodes[name] = Meshd(root / name, "--peer", a.address, "--token", token, command="join").start()
+            wait_until(lambda n=nodes[name]: n.health() == 200, 120, f"{name} to join")
+        a.post("/control/v1/replicas", {"role": "reasoning", "count": 2})
+        for name in ("b", "c"):
+            a.post("/control/v1/assign", {"role": "reasoning", "node": name})
+        wait_until(lambda: ready_on(a) == ["b", "c"], 180, "replicas on b and c")
+        for how, sig in (("kill -9", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP)):
+            gaps = []
+            for _ in range(args.kills):
+                victim = []
+
+                def interrupt() -> None:
+                    busy = next(n for n in ("b", "c")
+                                if any(s["busy"] for s in nodes[n].status()["local_shards"]))
+                    victim.append(busy)
+                    os.kill(nodes[busy].proc.pid, sig)
+
+                gaps.append(stream_with_interrupt(a.base_url, interrupt))
+                name = victim[0]
+                if sig == signal.SIGSTOP:
+                    os.kill(nodes[name].proc.pid, signal.SIGCONT)
+                nodes[name].kill()
+                old = nodes[name]
+                nodes[name] = Meshd(old.data_dir, command="start", port=old.port, name=name).start()
+                wait_until(lambda: ready_on(a) == ["b", "c"] and nodes[name].health() == 200, 180, "recovery")
+            gaps_ms = [g * 1000 for g in gaps]
+            print(f"failover gap after {how}: p50 {statistics.median(gaps_ms):.0f} ms, p95 {pct(gaps_ms, 0.95):.0f} ms "
+                  f"over {len(gaps_ms)} interruptions (10 tokens replayed each)", flush=True)
+    finally:
+        for n in nodes.values():
+            n.kill()
+
+
+def bench_election(args, root: Path) -> None:
+    timing = raft_timing(MeshConfig())
+    times = []
+    for round_ in range(args.kills):
+        addresses = [f"127.0.0.1:{free_ports(1)}" for _ in range(3)]
+        secret = "bench-secret-0123456789abcdef01"
+        nodes = [RaftNode(x, [y for y in addresses if y != x], root / f"e{round_}-{i}", secret,
+                          timing) for i, x in enumerate(addresses)]
+        try:
+            wait_until(lambda: sum(n.is_leader() for n in nodes) == 1 and all(n.is_ready() for n in nodes), 30,
+                       "a leader")
+            leader = next(n for n in nodes if n.is_leader())
+            rest = [n for n in nodes if n is not leader]
+            start = time.perf_counter()
+            leader.close()
+            wait_until(lambda: any(n.is_leader() for n in rest), 30, "a new leader", every=0.005)
+            times.append((time.perf_counter() - start) * 1000)
+        finally:
+            for n in nodes:
+                n.close()
+    print(f"leader election after the leader stops: p50 {statistics.median(times):.0f} ms, "
+          f"p95 {pct(times, 0.95):.0f} ms over {len(times)} rounds", flush=True)
+
+
+def bench_session_logging(args, root: Path) -> None:
+    with Meshd(root / "solo") as node:
+        node.wait_ready()
+
+        def rate(session: str | None) -> float:
+            headers = {"X-Session-Id": session} if session else {}
+            first = last = None
+            count = 0
+            with httpx.stream("POST", f"{node.base_url}/v1/chat/completions", timeout=120, headers=headers,
+                              json={"model": MODEL, "messages": PROMPT, "max_tokens": 128, "temperature": 0,
+                                    "stream": True}) as reply:
+                for line in reply.iter_lines():
+                    if '"content":"' in line and '"content":""' not in line:
+                        now = time.perf_counter()
+                        first = first or now
+                        last = now
+                        count += 1
+            return (count - 1) / (last - first)
+
+        rate(None)
+        ratios = []
+        for i in range(args.runs):
+            on, off = rate(f"bench-{i}"), rate(None)
+            ratios.append(on / off)
+            print(f"run {i + 1}: with session log {on:.1f} tok/s, without {off:.1f} tok/s", flush=True)
+    print(f"tokens/s with session logging / without: median {statistics.median(ratios):.3f} "
+          f"(min {min(ratios):.3f}; target >= 0.97)", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--runs", type=int, default=6)
+    ap.add_argument("--only", nargs="+", default=["election", "sessions", "gap"],
+                    choices=["election", "sessions", "gap"])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "election" in args.only:
+            bench_election(args, Path(tmp))
+        if "sessions" in args.only:
+            bench_session_logging(args, Path(tmp))
+        if "gap" in args.only:
+            bench_gap(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
