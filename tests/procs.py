@@ -132,3 +132,54 @@ class Meshd:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def join_token(node: Meshd, ttl_s: int = 3600) -> str:
+    reply = node.post("/control/v1/tokens", {"ttl_s": ttl_s})
+    reply.raise_for_status()
+    return reply.json()["token"]
+
+
+def ready_replicas(node: Meshd) -> list[str]:
+    """Names of the members holding a ready shard, as `node` sees it ([] while it is starting)."""
+    try:
+        st = node.status()
+    except httpx.HTTPError:
+        return []
+    names = {m["node_id"]: m["name"] for m in st["members"]}
+    return sorted(names[s["node_id"]] for s in st["shards"] if s["state"] == "ready")
+
+
+def start_mesh(root: Path, names: list[str], replicas_on: list[str], **kw) -> dict[str, Meshd]:
+    """A mesh of `names` (the first creates it, the others join through it) with a pinned
+    reasoning replica on each of `replicas_on`. The caller kills the processes (kill_all)."""
+    first = Meshd(root / names[0], command="start", **kw)
+    first.init()
+    nodes = {names[0]: first}
+    try:
+        first.start().wait_ready()
+        for name in names[1:]:
+            nodes[name] = Meshd(root / name, "--peer", first.address, "--token", join_token(first),
+                                command="join", **kw).start()
+            wait_until(lambda n=nodes[name]: n.health() == 200, 120, f"{name} to join")
+        first.post("/control/v1/replicas", {"role": "reasoning", "count": len(replicas_on)}).raise_for_status()
+        for name in replicas_on:
+            first.post("/control/v1/assign", {"role": "reasoning", "node": name}).raise_for_status()
+        wait_until(lambda: ready_replicas(first) == sorted(replicas_on), 180, f"replicas on {replicas_on}")
+    except BaseException:
+        kill_all(nodes)
+        raise
+    return nodes
+
+
+def serves(node: Meshd) -> bool:
+    """True once the node has loaded a shard itself (the log may still say "ready" from before a restart)."""
+    try:
+        return bool(node.status()["local_shards"])
+    except httpx.HTTPError:
+        return False
+
+
+def kill_all(nodes: dict[str, Meshd]) -> None:
+    for node in nodes.values():
+        node.kill()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import statistics
@@ -26,7 +27,7 @@ import httpx
 from mesh.config import MeshConfig
 from mesh.daemon import raft_timing
 from raft.node import RaftNode
-from tests.procs import Meshd, free_ports, wait_until
+from tests.procs import Meshd, free_ports, kill_all, ready_replicas, serves, start_mesh, wait_until
 
 MODEL = "gemma-3-270m"
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -37,25 +38,18 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def ready_on(node: Meshd) -> list[str]:
-    try:
-        st = node.status()
-    except httpx.HTTPError:
-        return []
-    names = {m["node_id"]: m["name"] for m in st["members"]}
-    return sorted(names[s["node_id"]] for s in st["shards"] if s["state"] == "ready")
-
-
 def stream_with_interrupt(base_url: str, interrupt, after: int = 10, tokens: int = 60) -> float:
     """Streams an answer, calls interrupt() after `after` content chunks; returns the gap in seconds:
     the longest pause between two chunks after the interruption (chunks already on their way when
     it happened arrive without a pause, so the first one after it would understate the gap)."""
     stamps: list[float] = []
     cut = None
+    tail: list[str] = []
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", timeout=120,
                       json={"model": MODEL, "messages": PROMPT, "max_tokens": tokens, "temperature": 0,
                             "stream": True}) as reply:
         for line in reply.iter_lines():
+            tail = (tail + [line])[-3:]
             if '"content":"' not in line or '"content":""' in line:
                 continue
             stamps.append(time.perf_counter())
@@ -63,24 +57,14 @@ def stream_with_interrupt(base_url: str, interrupt, after: int = 10, tokens: int
                 cut = len(stamps) - 1
                 interrupt()
     if cut is None or len(stamps) <= cut + 1:
-        raise RuntimeError("the stream did not continue after the interruption")
+        raise RuntimeError(f"the stream did not continue after the interruption; it ended with {tail}")
     return max(b - a for a, b in zip(stamps[cut:], stamps[cut + 1:]))
 
 
 def bench_gap(args, root: Path) -> None:
-    a = Meshd(root / "a", command="start")
-    a.init()
-    nodes = {"a": a.start()}
+    nodes = start_mesh(root, ["a", "b", "c"], replicas_on=["b", "c"])
+    a = nodes["a"]
     try:
-        a.wait_ready()
-        for name in ("b", "c"):
-            token = a.post("/control/v1/tokens", {"ttl_s": 3600}).json()["token"]
-            nodes[name] = Meshd(root / name, "--peer", a.address, "--token", token, command="join").start()
-            wait_until(lambda n=nodes[name]: n.health() == 200, 120, f"{name} to join")
-        a.post("/control/v1/replicas", {"role": "reasoning", "count": 2})
-        for name in ("b", "c"):
-            a.post("/control/v1/assign", {"role": "reasoning", "node": name})
-        wait_until(lambda: ready_on(a) == ["b", "c"], 180, "replicas on b and c")
         for how, sig in (("kill -9", signal.SIGKILL), ("SIGSTOP", signal.SIGSTOP)):
             gaps = []
             for _ in range(args.kills):
@@ -99,13 +83,12 @@ def bench_gap(args, root: Path) -> None:
                 nodes[name].kill()
                 old = nodes[name]
                 nodes[name] = Meshd(old.data_dir, command="start", port=old.port, name=name).start()
-                wait_until(lambda: ready_on(a) == ["b", "c"] and nodes[name].health() == 200, 180, "recovery")
+                wait_until(lambda: ready_replicas(a) == ["b", "c"] and serves(nodes[name]), 180, "recovery")
             gaps_ms = [g * 1000 for g in gaps]
             print(f"failover gap after {how}: p50 {statistics.median(gaps_ms):.0f} ms, p95 {pct(gaps_ms, 0.95):.0f} ms "
                   f"over {len(gaps_ms)} interruptions (10 tokens replayed each)", flush=True)
     finally:
-        for n in nodes.values():
-            n.kill()
+        kill_all(nodes)
 
 
 def bench_election(args, root: Path) -> None:
@@ -167,8 +150,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=6)
     ap.add_argument("--only", nargs="+", default=["election", "sessions", "gap"],
                     choices=["election", "sessions", "gap"])
+    ap.add_argument("--dir", default=None, help="keep the run's data dirs and logs under this folder")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with (contextlib.nullcontext(tempfile.mkdtemp(dir=args.dir)) if args.dir
+          else tempfile.TemporaryDirectory()) as tmp:
         if "election" in args.only:
             bench_election(args, Path(tmp))
         if "sessions" in args.only:

@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import llama_cpp
 import openai
 
@@ -28,7 +27,7 @@ from raft.node import RaftNode
 from shards.model_files import ensure_model
 from shards.templates import render
 from tests.bench.bench_gateway import PROMPT, run_gateway, run_inprocess
-from tests.procs import Meshd, free_ports, wait_until
+from tests.procs import free_ports, kill_all, start_mesh, wait_until
 
 
 def tokens_per_second(run: tuple[float, float, int]) -> float:
@@ -42,32 +41,22 @@ def bench_remote_shard(args, root: Path) -> None:
                           n_threads_batch=args.threads, verbose=False)
     prompt = llm.tokenize(render(PROMPT, gguf_template=None, named=spec.chat_template).text.encode(),
                           add_bos=True, special=True)
-    leader = Meshd(root / "leader", command="start", threads=args.threads)
-    leader.init()
-    with leader:
-        leader.wait_ready()
-        token = leader.post("/control/v1/tokens", {"ttl_s": 3600}).json()["token"]
-        with Meshd(root / "worker", "--peer", leader.address, "--token", token, command="join",
-                   threads=args.threads) as worker:
-            wait_until(lambda: worker.health() == 200, 120, "the worker to join")
-            httpx.post(f"{leader.base_url}/control/v1/assign", json={"role": "reasoning", "node": "worker"})
-
-            def on_worker() -> bool:
-                st = leader.status()
-                names = {m["node_id"]: m["name"] for m in st["members"]}
-                return [names[s["node_id"]] for s in st["shards"] if s["state"] == "ready"] == ["worker"]
-            wait_until(on_worker, 180, "the reasoning shard to run on the worker only")
-            client = openai.OpenAI(base_url=f"{leader.base_url}/v1", api_key="x", max_retries=0)
-            run_gateway(client, spec.name, 8)
-            run_inprocess(llm, prompt, 8)
-            ratios, ttft = [], []
-            for i in range(args.runs):
-                g = run_gateway(client, spec.name, args.tokens)
-                p = run_inprocess(llm, prompt, args.tokens)
-                ratios.append(tokens_per_second(g) / tokens_per_second(p))
-                ttft.append((g[0] - p[0]) * 1000)
-                print(f"run {i + 1}: mesh {tokens_per_second(g):.1f} tok/s, ttft {g[0] * 1000:.1f} ms | "
-                      f"in-process {tokens_per_second(p):.1f} tok/s, ttft {p[0] * 1000:.1f} ms", flush=True)
+    nodes = start_mesh(root, ["leader", "worker"], replicas_on=["worker"], threads=args.threads)
+    leader = nodes["leader"]
+    try:
+        client = openai.OpenAI(base_url=f"{leader.base_url}/v1", api_key="x", max_retries=0)
+        run_gateway(client, spec.name, 8)
+        run_inprocess(llm, prompt, 8)
+        ratios, ttft = [], []
+        for i in range(args.runs):
+            g = run_gateway(client, spec.name, args.tokens)
+            p = run_inprocess(llm, prompt, args.tokens)
+            ratios.append(tokens_per_second(g) / tokens_per_second(p))
+            ttft.append((g[0] - p[0]) * 1000)
+            print(f"run {i + 1}: mesh {tokens_per_second(g):.1f} tok/s, ttft {g[0] * 1000:.1f} ms | "
+                  f"in-process {tokens_per_second(p):.1f} tok/s, ttft {p[0] * 1000:.1f} ms", flush=True)
+    finally:
+        kill_all(nodes)
     print(f"\ntokens/s ratio mesh (gateway -> gRPC -> other node) / in-process: median {statistics.median(ratios):.3f}"
           f" (min {min(ratios):.3f}, max {max(ratios):.3f}; target >= 0.95)")
     print(f"TTFT overhead: median {statistics.median(ttft):.1f} ms (min {min(ttft):.1f}, max {max(ttft):.1f})")

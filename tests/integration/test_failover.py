@@ -3,7 +3,6 @@ stream completes, and at temperature 0 it equals an uninterrupted run, token for
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 
@@ -11,41 +10,21 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import Meshd, wait_until
+from tests.procs import Meshd, kill_all, ready_replicas, serves, start_mesh, wait_until
 
 MODEL = "gemma-3-270m"
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 TOKENS = 90
 
 
-def ready_on(node: Meshd) -> list[str]:
-    try:
-        st = node.status()
-    except httpx.HTTPError:  # still starting
-        return []
-    names = {m["node_id"]: m["name"] for m in st["members"]}
-    return sorted(names[s["node_id"]] for s in st["shards"] if s["state"] == "ready")
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     """a is the leader and serves the API; b and c hold the two reasoning replicas."""
-    root = tmp_path_factory.mktemp("failover")
-    a = Meshd(root / "a", command="start")
-    a.init()
-    nodes = {"a": a}
-    with contextlib.ExitStack() as stack:
-        stack.callback(lambda: [n.kill() for n in nodes.values()])
-        a.start().wait_ready()
-        for name in ("b", "c"):
-            token = a.post("/control/v1/tokens", {"ttl_s": 3600}).json()["token"]
-            nodes[name] = Meshd(root / name, "--peer", a.address, "--token", token, command="join").start()
-            wait_until(lambda n=nodes[name]: n.health() == 200, 120, f"{name} to join")
-        assert a.post("/control/v1/replicas", {"role": "reasoning", "count": 2}).status_code == 200
-        for name in ("b", "c"):
-            assert a.post("/control/v1/assign", {"role": "reasoning", "node": name}).status_code == 200
-        wait_until(lambda: ready_on(a) == ["b", "c"], 180, "replicas on b and c only")
+    nodes = start_mesh(tmp_path_factory.mktemp("failover"), ["a", "b", "c"], replicas_on=["b", "c"])
+    try:
         yield nodes
+    finally:
+        kill_all(nodes)
 
 
 def serving(mesh) -> Meshd:
@@ -58,7 +37,7 @@ def serving(mesh) -> Meshd:
 def restart(mesh, name: str) -> None:
     old = mesh[name]
     mesh[name] = Meshd(old.data_dir, command="start", port=old.port, name=name).start()
-    wait_until(lambda: ready_on(mesh["a"]) == ["b", "c"] and mesh[name].health() == 200, 180,
+    wait_until(lambda: ready_replicas(mesh["a"]) == ["b", "c"] and serves(mesh[name]), 180,
                f"{name} to serve again")
 
 
@@ -123,7 +102,8 @@ def test_named_session_survives_a_full_restart_of_every_member(mesh):
     for name in list(mesh):
         old = mesh[name]
         mesh[name] = Meshd(old.data_dir, command="start", port=old.port, name=name).start()
-    wait_until(lambda: ready_on(mesh["a"]) == ["b", "c"], 240, "the mesh to come back")
+    wait_until(lambda: ready_replicas(mesh["a"]) == ["b", "c"] and serves(mesh["b"]) and serves(mesh["c"]), 240,
+               "the mesh to come back")
 
     after = mesh["c"].get_json("/control/v1/sessions/trip-42")
     assert after["turns"] == logged["turns"], "every committed turn is intact after a full restart"
