@@ -41,13 +41,32 @@ class ResumableRun:
         self._skip_tokens = [0] * n  # replayed tokens still to drop, per choice
         self._skip_chars = [0] * n
         self._sent_chars = [0] * n
+        self._done_before = 0  # choices before this one were finished by a previous gateway
+
+    @classmethod
+    def resume(cls, request: GenerateRequest, choices: int, prompt_tokens: int,
+               progress: dict[int, tuple[list[int], int]], first: int, reopen: Reopen,
+               on_failover: Callable[[str], None] | None = None) -> ResumableRun:
+        """Continues a request another gateway was answering: choices before `first` are done,
+        `progress` holds (tokens, characters) already passed on per choice."""
+        async def lost():
+            if first < choices:
+                yield first, Failed("the previous leader was lost", retryable=True)
+
+        run = cls(request, "the previous leader", Opened(prompt_tokens, choices, lost(), lambda: None), reopen,
+                  on_failover)
+        for i, (tokens, chars) in progress.items():
+            run.tokens[i] = list(tokens)
+            run._sent_chars[i] = chars
+        run._done_before = first
+        return run
 
     def cancel(self) -> None:
         self.opened.cancel()
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """(choice index, event) for every choice in order, across failovers; one end per choice."""
-        opened, base, next_choice, failovers = self.opened, 0, 0, 0
+        opened, base, next_choice, failovers = self.opened, 0, self._done_before, 0
         while True:
             lost = None
             async for index, event in opened.events:

@@ -22,6 +22,7 @@ import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.gateway.errors import ApiError, too_large, unavailable
+from mesh.stream_resume import RESUME_HEADER, StreamState, split_events
 
 log = logging.getLogger("quorum.forward")
 
@@ -80,7 +81,7 @@ class LeaderForwarder:
             await self._no_leader(scope, receive, send, "no leader answered (an election is in progress, "
                                                       "or this member is cut off from the majority)")
         else:
-            await self._stream(scope, receive, send, outcome)
+            await self._stream(scope, receive, send, outcome, headers, body)
 
     async def _find_leader_and_send(self, scope: Scope, headers: dict[str, str], body: bytes):
         """The leader's response (or _LOCAL, or None after failover_s without any leader taking it)."""
@@ -139,14 +140,15 @@ class LeaderForwarder:
             return _Buffered(response, data)
         return response
 
-    async def _stream(self, scope: Scope, receive: Receive, send: Send, response) -> None:
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, response, headers: dict[str, str],
+                      body: bytes) -> None:
         if isinstance(response, _Buffered):
             await send({"type": "http.response.start", "status": response.status_code,
                         "headers": _headers(response.headers)})
             await send({"type": "http.response.body", "body": response.body, "more_body": False})
             return
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        relay = asyncio.ensure_future(self._stream_back(response, send))
+        relay = asyncio.ensure_future(self._stream_back(scope, response, send, headers, body))
         try:
             done, _ = await asyncio.wait({watcher, relay}, return_when=asyncio.FIRST_COMPLETED)
             if relay in done:
@@ -157,17 +159,49 @@ class LeaderForwarder:
             for task in (watcher, relay):
                 task.cancel()
             await asyncio.gather(watcher, relay, return_exceptions=True)
-            await response.aclose()  # closing our side tells the leader to stop generating
 
-    async def _stream_back(self, response: httpx.Response, send: Send) -> None:
+    async def _stream_back(self, scope: Scope, response: httpx.Response, send: Send, headers: dict[str, str],
+                           body: bytes) -> None:
+        """Relays the leader's stream; a chat stream whose leader dies goes on from the next one."""
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": _headers(response.headers)})
+        state = StreamState() if scope["path"] == "/v1/chat/completions" and response.status_code == 200 else None
+        buffer = bytearray()
+        resumes = 0
         try:
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            # The leader went away mid-answer; the client sees the stream end early.
-            log.warning("leader stream broke off: %s", exc)
+            while True:
+                try:
+                    async for raw in response.aiter_raw():
+                        if state is None:
+                            await send({"type": "http.response.body", "body": raw, "more_body": True})
+                            continue
+                        buffer += raw
+                        for event in split_events(buffer):
+                            await send({"type": "http.response.body", "body": state.observe(event),
+                                        "more_body": True})
+                    if state is None or state.done:
+                        break
+                    raise httpx.RemoteProtocolError("the stream ended before [DONE]")
+                except httpx.HTTPError as exc:
+                    if state is None or state.done or resumes >= 2:
+                        log.warning("leader stream broke off: %s", exc)
+                        break
+                    resumes += 1
+                    log.warning("leader stream broke off (%s); resuming %s on the next leader", exc, state.id)
+                    await response.aclose()
+                    buffer.clear()
+                    resumed = {**headers, RESUME_HEADER: state.header()}
+                    outcome = await self._find_leader_and_send(scope, resumed, body)
+                    if outcome is _LOCAL:  # this member is the new leader: resume here
+                        await self.app({**scope, "headers": _raw_headers({**resumed, FORWARDED: "1"})},
+                                       _replay(body, _never), _Unwrapping(send, state))
+                        break
+                    if not isinstance(outcome, httpx.Response) or outcome.status_code != 200:
+                        log.warning("no leader could resume stream %s", state.id)
+                        break
+                    response = outcome
+        finally:
+            await response.aclose()  # closing our side tells the leader to stop generating
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def aclose(self) -> None:
@@ -194,6 +228,34 @@ class _Buffered:
 def _headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
             if k.lower() not in _HOP_BY_HOP and k.lower() != "content-encoding"]
+
+
+def _raw_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def _never() -> dict:
+    """A receive() for a request answered here on a client's behalf: the client's own disconnect
+    is watched by the relay around it."""
+    await asyncio.Event().wait()
+    return {"type": "http.disconnect"}
+
+
+class _Unwrapping:
+    """A send() for a stream resumed on this member: the response head was sent already, and
+    the chunks lose the fields only relaying members use."""
+
+    def __init__(self, send: Send, state: StreamState) -> None:
+        self.send = send
+        self.state = state
+        self.buffer = bytearray()
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] != "http.response.body":
+            return
+        self.buffer += message.get("body", b"")
+        for event in split_events(self.buffer):
+            await self.send({"type": "http.response.body", "body": self.state.observe(event), "more_body": True})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

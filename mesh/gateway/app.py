@@ -15,11 +15,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mesh.gateway.errors import ApiError, too_large, unavailable
+from mesh.forward import FORWARDED
+from mesh.gateway.errors import ApiError, bad_request, too_large, unavailable
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway, Run
 from mesh.gateway.validation import parse_chat, parse_completion, parse_json
 from mesh.sessions import check_session_id
+from mesh.stream_resume import RESUME_HEADER, BadResume, StreamState
 
 log = logging.getLogger("quorum.http")
 
@@ -53,6 +55,14 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         session = request.headers.get("x-session-id")
         if session is not None:
             req = dataclasses.replace(req, session_id=check_session_id(session))
+        if request.headers.get(FORWARDED) and req.stream:
+            req = dataclasses.replace(req, relayed=True)
+            resume = request.headers.get(RESUME_HEADER)
+            if resume is not None:
+                try:
+                    req = dataclasses.replace(req, resume=StreamState.from_header(resume, req.n))
+                except BadResume as exc:
+                    raise bad_request(str(exc), RESUME_HEADER) from None
         response = await answer(request, req, gateway.start_chat, gateway.collect_chat, gateway.stream_chat)
         if session is not None:
             response.headers["X-Session-Id"] = session

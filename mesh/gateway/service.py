@@ -16,6 +16,7 @@ from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
 from mesh.gateway.validation import ChatRequest, CompletionRequest
 from mesh.router import LocalPicker, NoReplica, Router
 from mesh.sessions import NotCommitted, SessionLog, TurnRecorder
+from mesh.stream_resume import EXTRA
 from shards.local import LocalShard
 from shards.templates import TemplateError
 from shards.types import (
@@ -90,6 +91,8 @@ class Gateway:
     # -- chat --------------------------------------------------------------------------------
 
     async def start_chat(self, req: ChatRequest) -> Run:
+        if req.resume is not None:
+            return await self._resume_chat(req)
         if req.session_id is None:
             return await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
                                                                messages=req.messages))
@@ -99,6 +102,31 @@ class Gateway:
         run = await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
                                                           messages=(*history, *req.messages)))
         run.recorder = self.sessions.recorder(req.session_id, turn, req.messages, run.prompt_tokens)
+        return run
+
+    async def _resume_chat(self, req: ChatRequest) -> Run:
+        """A stream the previous leader was answering, continued here (see mesh/stream_resume.py)."""
+        state = req.resume
+        self.check_model(req.model)
+        messages, turn = req.messages, None
+        if req.session_id is not None and self.sessions is not None:
+            turn, history = self.sessions.history(req.session_id)
+            messages = (*history, *req.messages)
+        request = GenerateRequest(sampling=req.sampling, n=req.n, messages=messages)
+
+        def reopen(r: GenerateRequest, avoid: set[str]) -> Awaitable[tuple[str, Opened]]:
+            return self._admit(req.model, r, avoid)
+
+        progress = {i: (c.tokens, len(c.text)) for i, c in state.choices.items()}
+        resumable = ResumableRun.resume(request, req.n, state.prompt_tokens, progress,
+                                        state.first_unfinished(req.n), reopen)
+        run = Run(model=req.model, resumable=resumable, started=time.perf_counter())
+        if turn is not None:
+            run.recorder = self.sessions.recorder(req.session_id, turn, req.messages, state.prompt_tokens)
+            done = state.choices.get(0)
+            if done is not None:
+                run.recorder.add(Piece(text=done.text, tokens=tuple(done.tokens)))
+        log.info("resuming stream %s from a previous leader", state.id)
         return run
 
     async def collect_chat(self, req: ChatRequest, run: Run) -> dict:
@@ -117,6 +145,15 @@ class Gateway:
         fmt = ChatFormat(req.model, req.logprobs)
         started: set[int] = set()
         completion = 0
+        if req.resume is not None:  # same stream, same id: what was sent stays sent
+            fmt.id, fmt.created = req.resume.id, req.resume.created
+            started = {i for i, c in req.resume.choices.items() if c.started}
+            completion = sum(c.completion_tokens for c in req.resume.choices.values() if c.finished)
+
+        def chunk(body: dict, extra: dict) -> bytes:
+            # A relaying member needs the token ids to resume this stream if this leader dies.
+            return sse({**body, EXTRA: {"index": index, **extra}} if req.relayed else body)
+
         try:
             async for index, event in self._events(run, stream=True):
                 if isinstance(event, Failed):
@@ -124,15 +161,15 @@ class Gateway:
                     return
                 if index not in started:
                     started.add(index)
-                    yield sse(fmt.chunk(index, {"role": "assistant", "content": "", "refusal": None},
-                                        with_usage_field=req.include_usage))
+                    yield chunk(fmt.chunk(index, {"role": "assistant", "content": "", "refusal": None},
+                                          with_usage_field=req.include_usage), {"prompt_tokens": run.prompt_tokens})
                 if isinstance(event, Piece):
-                    yield sse(fmt.chunk(index, {"content": event.text}, logprobs=event.logprobs,
-                                        with_usage_field=req.include_usage))
+                    yield chunk(fmt.chunk(index, {"content": event.text}, logprobs=event.logprobs,
+                                          with_usage_field=req.include_usage), {"tokens": list(event.tokens)})
                 elif isinstance(event, Finished):
                     completion += event.completion_tokens
-                    yield sse(fmt.chunk(index, {}, finish_reason=event.reason,
-                                        with_usage_field=req.include_usage))
+                    yield chunk(fmt.chunk(index, {}, finish_reason=event.reason, with_usage_field=req.include_usage),
+                                {"completion_tokens": event.completion_tokens})
             if req.include_usage:
                 yield sse(fmt.usage_chunk(run.prompt_tokens, completion))
             yield sse("[DONE]")

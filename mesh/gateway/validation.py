@@ -31,6 +31,8 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     session_id: str | None = None  # X-Session-Id: messages are this turn's; history comes from the log
+    relayed: bool = False  # relayed by another member: chunks carry what it needs to resume the stream
+    resume: Any = None  # a StreamState: continue a stream a previous leader was answering
 
 
 @dataclass(frozen=True)

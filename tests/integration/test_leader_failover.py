@@ -1,8 +1,12 @@
-"""Five members; the leader and one more are killed while a client keeps asking a survivor."""
+"""Five members; the leader and one more are killed while a client keeps asking a survivor, plain
+and streamed: no request fails, and every answer (greedy) is the one an undisturbed mesh gives."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import signal
 import threading
 
 import httpx
@@ -21,35 +25,69 @@ def test_losing_the_leader_and_one_more_fails_no_request(tmp_path):
         # Kill the leader and one more member, keeping one replica; the client talks to a survivor.
         victims = [leader, next(n for n in "abedc" if n != leader and {leader, n} != {"c", "d"})]
         survivor = nodes[next(n for n in "eabdc" if n not in victims)]
-        results: list[int] = []
+        prompts = [f"Count to {k}." for k in range(2, 7)]
+        http = httpx.Client(base_url=survivor.base_url, timeout=120)
+        stack.callback(http.close)
+
+        def ask(prompt: str, stream: bool, midway=None) -> tuple[bool, str]:
+            body = {"model": MODEL, "max_tokens": 24, "temperature": 0, "stream": stream,
+                    "messages": [{"role": "user", "content": prompt}]}
+            if not stream:
+                reply = http.post("/v1/chat/completions", json=body)
+                return reply.status_code == 200, reply.json()["choices"][0]["message"]["content"] \
+                    if reply.status_code == 200 else reply.text
+            text, finishes, done = "", 0, False
+            with http.stream("POST", "/v1/chat/completions", json=body) as reply:
+                if reply.status_code != 200:
+                    return False, reply.read().decode()
+                for line in reply.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            return False, line
+                        for choice in chunk["choices"]:
+                            text += choice["delta"].get("content") or ""
+                            finishes += bool(choice["finish_reason"])
+                        if midway is not None and len(text) > 10:
+                            midway()  # the leader dies while this stream is being relayed
+                            midway = None
+            return done and finishes == 1, text
+
+        reference = {p: ask(p, stream=False)[1] for p in prompts}  # greedy: what every answer must be
+        results: list[tuple[str, bool, bool, str]] = []
         stop = threading.Event()
-        fifth = threading.Event()
+        killed = threading.Event()
+
+        def kill_victims() -> None:
+            for name in victims:  # kill -9 the leader and one more: 3 of 5 remain, still a majority
+                os.kill(nodes[name].proc.pid, signal.SIGKILL)
+            killed.set()
 
         def client() -> None:
-            with httpx.Client(base_url=survivor.base_url, timeout=120) as http:
-                for i in range(40):
-                    if stop.is_set():
-                        return
-                    reply = http.post("/v1/chat/completions", json={
-                        "model": MODEL, "max_tokens": 8, "temperature": 0,
-                        "messages": [{"role": "user", "content": f"Count to {i % 5 + 2}."}]})
-                    results.append(reply.status_code)
-                    if len(results) == 5:
-                        fifth.set()
+            for i in range(40):
+                if stop.is_set():
+                    return
+                prompt, stream = prompts[i % len(prompts)], i % 2 == 1
+                ok, text = ask(prompt, stream, kill_victims if i == 5 else None)
+                results.append((prompt, stream, ok, text))
 
         worker = threading.Thread(target=client)
         worker.start()
         try:
-            assert fifth.wait(120), "the client never got going"
-            for name in victims:  # kill -9 the leader and one more: 3 of 5 remain, still a majority
-                nodes[name].kill()
-            wait_until(lambda: any(m["leader"] for m in survivor.status()["members"] if m["name"] not in victims), 30,
-                       "a new leader among the survivors")
+            assert killed.wait(180), "the client never got to the interrupted stream"
+            wait_until(lambda: any(m["leader"] for m in survivor.status()["members"] if m["name"] not in victims),
+                       30, "a new leader among the survivors")
             wait_until(lambda: len(results) >= 20, 240, "requests after the failover")
         finally:
             stop.set()
             worker.join(240)
-        assert results and set(results) == {200}, f"failed requests: {[r for r in results if r != 200]}"
+        failed = [r for r in results if not r[2]]
+        assert not failed, f"failed requests: {failed}"
+        wrong = [r for r in results if r[3] != reference[r[0]]]
+        assert not wrong, f"answers that differ from the uninterrupted ones: {wrong}"
+        assert any(stream for _, stream, _, _ in results), "streams were part of the traffic"
         st = survivor.status()
         assert st["raft"]["has_quorum"]
         assert next(m["name"] for m in st["members"] if m["leader"]) not in victims
