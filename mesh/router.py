@@ -35,6 +35,9 @@ class LocalPicker:
     def ready_models(self, role: str = "reasoning") -> list[str]:
         return sorted(m for r, m in self.shards if r == role)
 
+    def known_models(self) -> list[str]:
+        return sorted({m for _, m in self.shards})
+
     def pick(self, role: str, model: str, exclude: set[str] = frozenset()) -> tuple[str, Replica]:
         shard = self.shards.get((role, model))
         if shard is None or "local" in exclude:
@@ -50,6 +53,10 @@ class Router:
         self._local = local  # () -> {(role, model): LocalShard} loaded on this node
         self._make_remote = remote  # (address, role, model, node_id) -> RemoteShard
         self._remote: dict[tuple[str, str, str], Any] = {}
+
+    def known_models(self) -> list[str]:
+        """The mesh's model catalog (every member's additions, as the log has them)."""
+        return sorted(self._state().models)
 
     def ready_models(self, role: str = "reasoning") -> list[str]:
         state = self._state()

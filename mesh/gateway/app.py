@@ -86,14 +86,13 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
 
     async def list_models(request: Request) -> Response:
         created = int(time.time())
-        data = [{"id": m.name, "object": "model", "created": created, "owned_by": "quorum"}
-                for m in gateway.config.models if "reasoning" in m.roles or m.name in gateway.served_models()]
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "quorum"}
+                for name in gateway.known_models()]
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(request: Request) -> Response:
         name = request.path_params["model"]
-        if gateway.config.model(name) is None:
-            raise ApiError(404, f"The model '{name}' does not exist.", param="model", code="model_not_found")
+        gateway.check_model(name)
         return JSONResponse({"id": name, "object": "model", "created": int(time.time()), "owned_by": "quorum"})
 
     async def health(request: Request) -> Response:

@@ -84,8 +84,12 @@ class Gateway:
     def served_models(self) -> list[str]:
         return self.picker.ready_models("reasoning")
 
+    def known_models(self) -> list[str]:
+        """Models this gateway answers for: its own catalog and the mesh's."""
+        return sorted({m.name for m in self.config.models} | set(self.picker.known_models()))
+
     def check_model(self, model: str) -> None:
-        if self.config.model(model) is None and model not in self.served_models():
+        if model not in self.known_models():
             raise model_not_found(model)
 
     # -- chat --------------------------------------------------------------------------------
