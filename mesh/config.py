@@ -86,6 +86,7 @@ class GatewayConfig:
     max_stop_chars: int = 256
     max_top_logprobs: int = 20
     max_messages: int = 1024
+    api_keys: str = "auto"  # auto (required beyond loopback), required, off
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,8 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
     if raft.compaction_min_entries < 2:
         raise ConfigError("raft.compaction_min_entries: must be at least 2")
     gateway = _section(GatewayConfig, raw.get("gateway", {}), "gateway")
+    if gateway.api_keys not in ("auto", "required", "off"):
+        raise ConfigError(f"gateway.api_keys: one of auto, required, off; got {gateway.api_keys!r}")
     placement = _section(PlacementConfig, raw.get("placement", {}), "placement")
     sessions = _section(SessionsConfig, raw.get("sessions", {}), "sessions")
     replicas = _replicas(raw.get("replicas", {"reasoning": 1}))

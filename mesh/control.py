@@ -17,10 +17,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mesh.api_keys import new_key
 from mesh.gateway.errors import ApiError, bad_request, unavailable
 from mesh.gateway.validation import parse_json
 from mesh.tokens import BadToken, check_token, new_token
-from raft.commands import AddMember, Command, PinShard, RevokeToken, SetMemberState, SetReplicas, UnpinShard
+from raft.commands import (
+    AddMember,
+    Command,
+    PinShard,
+    RevokeApiKey,
+    RevokeToken,
+    SetMemberState,
+    SetReplicas,
+    UnpinShard,
+)
 from raft.node import ProposalFailed
 from raft.state import Member, MeshState, Rejected
 
@@ -50,6 +60,9 @@ class Control:
             Route("/control/v1/tokens", self.create_token, methods=["POST"]),
             Route("/control/v1/tokens/revoke", self.revoke_token, methods=["POST"]),
             Route("/control/v1/join", self.join, methods=["POST"]),
+            Route("/control/v1/keys", self.list_keys, methods=["GET"]),
+            Route("/control/v1/keys", self.create_key, methods=["POST"]),
+            Route("/control/v1/keys/revoke", self.revoke_key, methods=["POST"]),
             Route("/control/v1/assign", self.assign, methods=["POST"]),
             Route("/control/v1/unassign", self.unassign, methods=["POST"]),
             Route("/control/v1/replicas", self.replicas, methods=["POST"]),
@@ -98,6 +111,26 @@ class Control:
         body = await _body(request)
         await self._propose(RevokeToken(_str(body, "token_id")))
         return JSONResponse({"revoked": body["token_id"]})
+
+    async def list_keys(self, request: Request) -> Response:
+        keys = sorted(self.d.raft.state.api_keys.values(), key=lambda k: k.created_at)
+        return JSONResponse({"keys": [{"key_id": k.key_id, "name": k.name, "created_at": k.created_at,
+                                       "revoked": k.revoked} for k in keys]})
+
+    async def create_key(self, request: Request) -> Response:
+        body = await _body(request)
+        name = body.get("name") or "unnamed"
+        if not isinstance(name, str) or len(name) > 64:
+            raise bad_request("'name' must be a string of at most 64 characters", "name")
+        key = new_key(name)
+        await self._propose(key.command)
+        log.info("API key %s (%s) created", key.command.key_id, name)
+        return JSONResponse({"key": key.text, "key_id": key.command.key_id, "name": name})
+
+    async def revoke_key(self, request: Request) -> Response:
+        body = await _body(request)
+        await self._propose(RevokeApiKey(_str(body, "key_id")))
+        return JSONResponse({"revoked": body["key_id"]})
 
     async def assign(self, request: Request) -> Response:
         body = await _body(request)

@@ -15,6 +15,8 @@ from typing import Any
 
 import uvicorn
 
+from mesh.api_keys import ApiKeyCheck
+from mesh.api_keys import required as api_keys_required
 from mesh.config import MeshConfig
 from mesh.control import Control
 from mesh.datadir import DataDir, NodeRecord
@@ -103,8 +105,12 @@ class NodeDaemon:
         gateway = Gateway(cfg, self.metrics, router,
                           SessionLog(raft, cfg.sessions.checkpoint_tokens, cfg.sessions.checkpoint_ms))
         control = Control(self)
-        app = LeaderForwarder(create_app(gateway, control.routes()), raft.is_leader, self._leader_http,
-                              cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s)
+        forwarder = LeaderForwarder(create_app(gateway, control.routes()), raft.is_leader, self._leader_http,
+                                    cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s)
+        enforce = api_keys_required(cfg.gateway.api_keys, node.host)
+        app = ApiKeyCheck(forwarder, lambda: raft.state, enforce)
+        if enforce:
+            log.info("the gateway requires API keys (gateway.api_keys = %s)", cfg.gateway.api_keys)
         server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                         timeout_graceful_shutdown=3, timeout_keep_alive=30))
         grpc_server = None
@@ -135,7 +141,7 @@ class NodeDaemon:
             if grpc_server is not None:
                 await grpc_server.stop(1.0)
             await router.close()
-            await app.aclose()
+            await forwarder.aclose()
             raft.close()
             sock.close()
             log.info("node %s stopped", record.name)

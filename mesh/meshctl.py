@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--ttl", type=float, default=24.0, help="hours the token stays valid (default 24)")
     revoke = token_sub.add_parser("revoke", help="revoke a token by its id")
     revoke.add_argument("token_id")
+    keys = sub.add_parser("keys", help="gateway API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kcreate = keys_sub.add_parser("create", help="make an API key (printed once)")
+    kcreate.add_argument("--name", default="unnamed", help="what the key is for")
+    krevoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    krevoke.add_argument("key_id")
+    klist = keys_sub.add_parser("list", help="the keys (ids and names, never the secrets)")
+    klist.add_argument("--json", action="store_true")
     return p
 
 
@@ -149,6 +157,17 @@ def run(args: argparse.Namespace) -> str:
         return call(mesh, "/control/v1/tokens", {"ttl_s": args.ttl * 3600})["token"]
     if args.command == "token" and args.token_command == "revoke":
         return f"revoked {call(mesh, '/control/v1/tokens/revoke', {'token_id': args.token_id})['revoked']}"
+    if args.command == "keys" and args.keys_command == "create":
+        return call(mesh, "/control/v1/keys", {"name": args.name})["key"]
+    if args.command == "keys" and args.keys_command == "revoke":
+        return f"revoked {call(mesh, '/control/v1/keys/revoke', {'key_id': args.key_id})['revoked']}"
+    if args.command == "keys" and args.keys_command == "list":
+        keys = call(mesh, "/control/v1/keys")["keys"]
+        if args.json:
+            return json.dumps(keys, indent=2)
+        return table(["KEY ID", "NAME", "CREATED", "STATE"],
+                     [[k["key_id"], k["name"], time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"])),
+                       "revoked" if k["revoked"] else "active"] for k in keys])
     raise AssertionError(args.command)
 
 

@@ -129,6 +129,22 @@ class HaveModelFile(Command):
 
 
 @dataclass(frozen=True)
+class CreateApiKey(Command):
+    """A gateway API key: the log keeps only the sha256 of its secret."""
+    kind: ClassVar[str] = "create_api_key"
+    key_id: str
+    name: str
+    secret_sha256: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RevokeApiKey(Command):
+    kind: ClassVar[str] = "revoke_api_key"
+    key_id: str
+
+
+@dataclass(frozen=True)
 class SessionTurnStart(Command):
     """A named session's next turn begins: the messages the client added, and when."""
     kind: ClassVar[str] = "session_turn_start"
@@ -180,7 +196,7 @@ COMMANDS: dict[str, type[Command]] = {
     cls.kind: cls
     for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
                 RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile, SessionTurnStart,
-                SessionAppend, SessionTurnEnd)
+                SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey)
 }
 
 

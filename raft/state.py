@@ -18,11 +18,13 @@ from raft.commands import (
     ApplyPlacement,
     AssignShard,
     Command,
+    CreateApiKey,
     CreateToken,
     HaveModelFile,
     InitMesh,
     PinShard,
     RegisterModel,
+    RevokeApiKey,
     RevokeToken,
     SessionAppend,
     SessionTurnEnd,
@@ -98,6 +100,15 @@ class JoinToken:
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    key_id: str
+    name: str
+    secret_sha256: str
+    created_at: float
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
 class Pin:
     role: str
     model: str
@@ -147,6 +158,7 @@ class MeshState:
     models: dict[str, Model] = field(default_factory=dict)
     shards: dict[tuple[str, str, str], Shard] = field(default_factory=dict)
     tokens: dict[str, JoinToken] = field(default_factory=dict)
+    api_keys: dict[str, ApiKey] = field(default_factory=dict)
     replicas: dict[str, int] = field(default_factory=dict)  # desired replicas per role
     pins: dict[tuple[str, str], Pin] = field(default_factory=dict)  # (role, node_id) -> pin
     unplaced: tuple[Unplaced, ...] = ()  # the last placement's shortfalls, with reasons
@@ -380,6 +392,20 @@ def _session_turn_end(state: MeshState, cmd: SessionTurnEnd) -> MeshState:
     return dataclasses.replace(state, sessions={**state.sessions, cmd.session_id: session})
 
 
+def _create_api_key(state: MeshState, cmd: CreateApiKey) -> MeshState:
+    if cmd.key_id in state.api_keys:
+        raise Rejected(f"API key {cmd.key_id} already exists")
+    key = ApiKey(cmd.key_id, cmd.name, cmd.secret_sha256, cmd.created_at)
+    return dataclasses.replace(state, api_keys={**state.api_keys, cmd.key_id: key})
+
+
+def _revoke_api_key(state: MeshState, cmd: RevokeApiKey) -> MeshState:
+    key = state.api_keys.get(cmd.key_id)
+    if key is None:
+        raise Rejected(f"unknown API key {cmd.key_id}")
+    return dataclasses.replace(state, api_keys={**state.api_keys, cmd.key_id: dataclasses.replace(key, revoked=True)})
+
+
 _HANDLERS = {
     InitMesh: _init_mesh,
     AddMember: _add_member,
@@ -397,4 +423,6 @@ _HANDLERS = {
     SessionTurnStart: _session_turn_start,
     SessionAppend: _session_append,
     SessionTurnEnd: _session_turn_end,
+    CreateApiKey: _create_api_key,
+    RevokeApiKey: _revoke_api_key,
 }

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import httpx
+import openai
+import pytest
 
-from tests.procs import Meshd
+from tests.procs import REPO, Meshd
 
 
 def test_first_run_creates_restart_resumes(tmp_path):
@@ -65,3 +69,31 @@ def test_bad_config_names_the_key(tmp_path):
         assert "gateway.queue_depht: unknown key" in node.log()
     finally:
         node.kill()
+
+
+def test_gateway_with_required_api_keys(tmp_path):
+    data_dir = tmp_path / "node"
+    data_dir.mkdir()
+    (data_dir / "mesh.toml").write_text('[gateway]\napi_keys = "required"\n')
+    with Meshd(data_dir) as node:
+        node.wait_ready()  # /health stays public
+        made = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "keys", "create",
+                               "--name", "laptop"], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0, made.stderr
+        key = made.stdout.strip()
+        good = openai.OpenAI(base_url=f"{node.base_url}/v1", api_key=key, max_retries=0, timeout=120)
+        assert good.chat.completions.create(model="gemma-3-270m", max_tokens=2,
+                                            messages=[{"role": "user", "content": "hi"}]).choices
+        bad = openai.OpenAI(base_url=f"{node.base_url}/v1", api_key="x", max_retries=0, timeout=60)
+        with pytest.raises(openai.AuthenticationError) as err:
+            bad.models.list()
+        assert err.value.status_code == 401 and err.value.body["type"] == "authentication_error"
+        listed = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "keys", "list"],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert "laptop" in listed.stdout and key.split(".")[2] not in listed.stdout
+        key_id = key.split(".")[1]
+        revoked = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "keys", "revoke",
+                                  key_id], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert revoked.returncode == 0, revoked.stderr
+        with pytest.raises(openai.AuthenticationError):
+            good.models.list()

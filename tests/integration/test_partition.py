@@ -100,6 +100,8 @@ def test_cut_off_minority_refuses_writes_majority_serves_and_it_heals(net, tmp_p
             nodes.append(node.start())
             wait_until(lambda n=node: n.health() == 200, 120, f"{name} to join")
         a_, b, c = nodes
+        # The members listen beyond loopback, so the gateway wants an API key (known to every member).
+        auth = {"Authorization": f"Bearer {a_.post('/control/v1/keys', {'name': 'test'}).json()['key']}"}
         # c holds no shard: the reasoning replica is on a or b, in the majority.
         a_.post("/control/v1/assign", {"role": "reasoning", "node": "a"})
         wait_until(lambda: all(s["node_id"] != c.status()["node"]["id"] for s in a_.status()["shards"]), 60,
@@ -110,13 +112,13 @@ def test_cut_off_minority_refuses_writes_majority_serves_and_it_heals(net, tmp_p
         # The minority refuses writes and says so.
         refused = c.post("/control/v1/replicas", {"role": "reasoning", "count": 1}, timeout=60)
         assert refused.status_code == 503 and "majority" in refused.json()["error"]["message"]
-        answer = httpx.post(f"{c.base_url}/v1/chat/completions", timeout=60,
+        answer = httpx.post(f"{c.base_url}/v1/chat/completions", timeout=60, headers=auth,
                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "no_leader"
         assert "Retry-After" in answer.headers or "retry-after" in answer.headers
         # The majority keeps serving and committing.
         for node in (a_, b):
-            ok = httpx.post(f"{node.base_url}/v1/chat/completions", timeout=120,
+            ok = httpx.post(f"{node.base_url}/v1/chat/completions", timeout=120, headers=auth,
                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
             assert ok.status_code == 200
         assert a_.post("/control/v1/replicas", {"role": "reasoning", "count": 1}).status_code == 200
@@ -126,6 +128,6 @@ def test_cut_off_minority_refuses_writes_majority_serves_and_it_heals(net, tmp_p
         wait_until(lambda: c.status()["raft"]["has_quorum"]
                    and c.status()["raft"]["commit_index"] >= majority_commit, 60, "c to catch up")
         assert c.status()["replicas"] == a_.status()["replicas"]
-        healed = httpx.post(f"{c.base_url}/v1/chat/completions", timeout=120,
+        healed = httpx.post(f"{c.base_url}/v1/chat/completions", timeout=120, headers=auth,
                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert healed.status_code == 200

@@ -18,11 +18,13 @@ from raft.commands import (
     AssignShard,
     BadCommand,
     Command,
+    CreateApiKey,
     CreateToken,
     HaveModelFile,
     InitMesh,
     PinShard,
     RegisterModel,
+    RevokeApiKey,
     RevokeToken,
     SessionAppend,
     SessionTurnEnd,
@@ -322,6 +324,8 @@ command_strategies = {
     SessionAppend: st.builds(SessionAppend, session_id=text, turn=ints,
                              tokens=st.lists(st.integers(0, 300000), max_size=5).map(tuple), text=text),
     SessionTurnEnd: st.builds(SessionTurnEnd, session_id=text, turn=ints, finish_reason=text, at=floats),
+    CreateApiKey: st.builds(CreateApiKey, key_id=text, name=text, secret_sha256=text, created_at=floats),
+    RevokeApiKey: st.builds(RevokeApiKey, key_id=text),
 }
 
 
