@@ -9,22 +9,19 @@ not covered by these keys.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
-import re
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mesh.credentials import matches, mint, parse
 from mesh.gateway.errors import ApiError
 from raft.commands import CreateApiKey
 from raft.state import MeshState
 
-_FORMAT = re.compile(r"qk1\.([0-9a-f]{12})\.([A-Za-z0-9_-]{43})")
+PREFIX = "qk1"
 POLICIES = ("auto", "required", "off")
 
 
@@ -35,18 +32,18 @@ class NewKey:
 
 
 def new_key(name: str, now: float | None = None) -> NewKey:
-    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-    cmd = CreateApiKey(key_id=key_id, name=name, secret_sha256=_digest(secret),
+    cred = mint(PREFIX)
+    cmd = CreateApiKey(key_id=cred.id, name=name, secret_sha256=cred.digest,
                        created_at=time.time() if now is None else now)
-    return NewKey(text=f"qk1.{key_id}.{secret}", command=cmd)
+    return NewKey(text=cred.text, command=cmd)
 
 
 def valid_key(state: MeshState, presented: str) -> bool:
-    match = _FORMAT.fullmatch(presented)
-    if match is None:
+    parsed = parse(PREFIX, presented)
+    if parsed is None:
         return False
-    key = state.api_keys.get(match.group(1))
-    return key is not None and not key.revoked and hmac.compare_digest(key.secret_sha256, _digest(match.group(2)))
+    key = state.api_keys.get(parsed[0])
+    return key is not None and not key.revoked and matches(key.secret_sha256, parsed[1])
 
 
 def required(policy: str, listen_host: str) -> bool:
@@ -80,7 +77,3 @@ class ApiKeyCheck:
                                headers={"WWW-Authenticate": "Bearer"}).response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()

@@ -6,19 +6,15 @@ shown once, to whoever created the token. The leader checks a presented token ag
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import re
-import secrets
 import time
 from dataclasses import dataclass
 
+from mesh.credentials import matches, mint, parse
 from raft.commands import CreateToken
 from raft.state import MeshState
 
 PREFIX = "qjt1"
 DEFAULT_TTL_S = 24 * 3600
-_FORMAT = re.compile(r"qjt1\.([0-9a-f]{12})\.([A-Za-z0-9_-]{43})")
 
 
 class BadToken(ValueError):
@@ -35,23 +31,19 @@ def new_token(ttl_s: float = DEFAULT_TTL_S, now: float | None = None) -> NewToke
     if not 60 <= ttl_s <= 365 * 24 * 3600:
         raise ValueError("a token's lifetime must be between 60 s and 365 days")
     now = time.time() if now is None else now
-    token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-    cmd = CreateToken(token_id=token_id, secret_sha256=_digest(secret), created_at=now, expires_at=now + ttl_s)
-    return NewToken(text=f"{PREFIX}.{token_id}.{secret}", command=cmd)
+    cred = mint(PREFIX)
+    cmd = CreateToken(token_id=cred.id, secret_sha256=cred.digest, created_at=now, expires_at=now + ttl_s)
+    return NewToken(text=cred.text, command=cmd)
 
 
 def check_token(state: MeshState, text: str, now: float) -> str:
     """Returns the token id if `text` is a token of this mesh valid at `now`; else BadToken."""
-    match = _FORMAT.fullmatch(text.strip()) if isinstance(text, str) else None
-    if match is None:
+    parsed = parse(PREFIX, text.strip() if isinstance(text, str) else text)
+    if parsed is None:
         raise BadToken("malformed join token")
-    token = state.tokens.get(match.group(1))
-    if token is None or not hmac.compare_digest(token.secret_sha256, _digest(match.group(2))):
+    token = state.tokens.get(parsed[0])
+    if token is None or not matches(token.secret_sha256, parsed[1]):
         raise BadToken("unknown join token")
     if not token.valid_at(now):
         raise BadToken("join token expired or revoked")
     return token.token_id
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
