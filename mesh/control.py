@@ -217,7 +217,12 @@ class Control:
 
     async def leave(self, request: Request) -> Response:
         """This node drains its shards, asks the leader to remove it, then stops."""
-        result = await self.d.leave()
+        from mesh.daemon import StartupError  # here, not at the top: mesh.daemon imports this module
+
+        try:
+            result = await self.d.leave()
+        except StartupError as exc:  # a step timed out (no quorum, nowhere to move the shards)
+            raise unavailable(f"Leaving did not complete: {exc}.", 5, code="leave_incomplete") from None
         return JSONResponse(result)
 
     # -- helpers -----------------------------------------------------------------------------
