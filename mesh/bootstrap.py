@@ -29,9 +29,8 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
     if record.joined:
         raise StartupError(f"{dd.path} already belongs to mesh {record.mesh_id}; use `meshd start`")
     node = cfg.node
-    for address in (node.raft_address,):
-        host, _, port = address.rpartition(":")
-        bind(host, int(port)).close()
+    host, _, port = node.raft_address.rpartition(":")
+    bind(host, int(port)).close()  # a clear error now, rather than pysyncobj retrying its bind forever
     raft = RaftNode(node.raft_address, [], dd.raft_dir, dd.secret(), raft_timing(cfg))
     try:
         await until(lambda: raft.is_leader() and raft.is_ready(), "Raft leadership of the new mesh", 30)

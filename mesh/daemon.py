@@ -93,9 +93,9 @@ class NodeDaemon:
         cfg, record = self.cfg, self.record
         node = cfg.node
         sock = bind(node.host, node.port)
-        for address in (node.raft_address, node.grpc_address):
-            host, _, port = address.rpartition(":")
-            bind(node.host if node.host not in ("0.0.0.0", "::") else host, int(port)).close()
+        # Clear errors now for ports taken, rather than pysyncobj retrying its bind forever.
+        bind(node.public_host, int(node.raft_address.rpartition(":")[2])).close()  # pysyncobj binds its own address
+        bind(node.host, int(node.grpc_address.rpartition(":")[2])).close()  # gRPC binds the listen host
         changes = _Changes(asyncio.get_running_loop(), 3)
         log.info("node %s (%s) starting in %s", record.name, record.node_id, self.dd.path)
         self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, self.dd.secret(),
@@ -159,10 +159,10 @@ class NodeDaemon:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         ShardService(self._local_shards).add_to(server)
         NodeService(self.dd.models_dir).add_to(server)
-        host, _, port = self.cfg.node.grpc_address.rpartition(":")
-        bind_host = self.cfg.node.host if self.cfg.node.host not in ("0.0.0.0", "::") else "0.0.0.0"
-        if server.add_insecure_port(f"{bind_host}:{port}") == 0:
-            raise StartupError(f"cannot listen for gRPC on {bind_host}:{port}")
+        host = self.cfg.node.host
+        address = f"{f'[{host}]' if ':' in host else host}:{self.cfg.node.grpc_address.rpartition(':')[2]}"
+        if server.add_insecure_port(address) == 0:
+            raise StartupError(f"cannot listen for gRPC on {address}")
         await server.start()
         log.info("gRPC data plane on %s", self.cfg.node.grpc_address)
         return server
