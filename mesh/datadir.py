@@ -1,6 +1,9 @@
 """Everything a node keeps lives in its data dir:
 
     mesh.secret      the mesh secret (0600): Raft's password; never leaves the machine in clear
+    admin.token      the admin credential meshctl sends to the control API (0600; derived from the secret)
+    ca.pem, ca.key   the mesh CA's certificate and key (key 0600; see mesh/pki.py)
+    node.pem, node.key  this node's certificate (signed by the mesh CA) and key (0600)
     node.json        this node's id, name, mesh, addresses and last known Raft partners
     mesh.toml        optional configuration (else the built-in defaults)
     raft/            pysyncobj's journal and full dump
@@ -9,7 +12,10 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -17,6 +23,11 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from mesh.pki import NodeIdentity
+
+ADMIN_PREFIX = "qadm1"
+_IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "ca.key")
 
 
 def default_data_dir() -> Path:
@@ -102,15 +113,56 @@ class DataDir:
             os.replace(tmp, path)
 
     def forget_mesh(self, record: NodeRecord) -> None:
-        """After leaving: drop the Raft journal and the secret (models stay), keep id and name."""
+        """After leaving: drop the Raft journal, the secret, the admin token and the certificates
+        (models stay); keep id and name."""
         for path in self.raft_dir.iterdir():
             path.unlink()
-        (self.path / "mesh.secret").unlink(missing_ok=True)
+        for name in ("mesh.secret", "admin.token", *_IDENTITY_FILES):
+            (self.path / name).unlink(missing_ok=True)
         self.save(record)
 
     def write_secret(self, value: str) -> None:
         """Stores a mesh secret received when joining (0600)."""
-        path = self.path / "mesh.secret"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(value.strip() + "\n")
+        _write_private(self.path / "mesh.secret", value.strip() + "\n")
+
+    # -- certificates and the admin credential -------------------------------------------------
+
+    def write_identity(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes, ca_key_pem: bytes) -> None:
+        _write_private(self.path / "node.key", key_pem.decode())
+        (self.path / "node.pem").write_bytes(cert_pem)
+        (self.path / "ca.pem").write_bytes(ca_pem)
+        _write_private(self.path / "ca.key", ca_key_pem.decode())
+
+    def identity(self) -> NodeIdentity:
+        """This node's key, certificate and mesh CA; ValueError if the data dir has none."""
+        try:
+            return NodeIdentity(key_pem=(self.path / "node.key").read_bytes(),
+                                cert_pem=(self.path / "node.pem").read_bytes(),
+                                ca_pem=(self.path / "ca.pem").read_bytes())
+        except FileNotFoundError as exc:
+            raise ValueError(f"{self.path} has no node certificate ({exc.filename} is missing): it was made by "
+                             f"an older Quorum; make the mesh again with `meshd init`, or join it anew") from None
+
+    def ca_key(self) -> bytes:
+        return (self.path / "ca.key").read_bytes()
+
+    def admin_token(self) -> str:
+        """The mesh's admin credential (the same on every member: derived from the mesh secret), kept
+        in admin.token (0600) for meshctl on this machine."""
+        token = admin_token_for(self.secret())
+        path = self.path / "admin.token"
+        if not path.exists() or path.read_text().strip() != token:
+            _write_private(path, token + "\n")
+        return token
+
+
+def admin_token_for(secret: str) -> str:
+    mac = hmac.new(secret.encode(), b"quorum admin credential v1", hashlib.sha256).digest()
+    return f"{ADMIN_PREFIX}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)

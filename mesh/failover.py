@@ -32,6 +32,7 @@ class ResumableRun:
         self.node_id = node_id
         self.opened = opened
         self.prompt_tokens = opened.prompt_tokens
+        self.prompt_token_ids = opened.prompt_token_ids  # as the first replica tokenized it
         self.choices = opened.choices
         self._reopen = reopen
         self._on_failover = on_failover

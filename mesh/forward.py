@@ -33,18 +33,23 @@ _HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-e
 
 def must_forward(path: str) -> bool:
     """Paths answered by the leader only."""
-    return path.startswith("/v1/") or path in ("/control/v1/join", "/control/v1/remove")
+    return path.startswith("/v1/") or path == "/control/v1/remove"
 
 
 class LeaderForwarder:
-    def __init__(self, app: ASGIApp, is_leader: Callable[[], bool], leader_http: Callable[[], str | None],
-                 max_body_bytes: int, retry_after_s: int, failover_s: float = 10.0) -> None:
+    """`leader_url()` is the base URL requests go to (the leader's HTTPS peer port in a daemon);
+    `client()` makes the HTTP client for it (presenting this member's certificate)."""
+
+    def __init__(self, app: ASGIApp, is_leader: Callable[[], bool], leader_url: Callable[[], str | None],
+                 max_body_bytes: int, retry_after_s: int, failover_s: float = 10.0,
+                 client: Callable[[], httpx.AsyncClient] | None = None) -> None:
         self.app = app
         self.failover_s = failover_s
         self.is_leader = is_leader
-        self.leader_http = leader_http
+        self.leader_http = leader_url
         self.max_body = max_body_bytes
         self.retry_after = retry_after_s
+        self._make_client = client or (lambda: httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None)))
         self._client: httpx.AsyncClient | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,8 +113,8 @@ class LeaderForwarder:
         """Sends the request to `leader`; None if it did not take it (unreachable, closed without an
         answer, or itself without a leader), so another leader can be tried."""
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
-        url = f"http://{leader}{scope['path']}"
+            self._client = self._make_client()
+        url = f"{leader}{scope['path']}"
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         out_headers = {k: v for k, v in headers.items() if k not in _HOP_BY_HOP}

@@ -18,12 +18,14 @@ class MeshError(RuntimeError):
     """The mesh could not be reached or refused the request; the message says which."""
 
 
-def call(mesh: str, path: str, body: dict | None = None, timeout: float = 30.0, retries: int = 5) -> Any:
+def _call(mesh: str, path: str, body: dict | None = None, timeout: float = 30.0, retries: int = 5,
+          admin: str | None = None) -> Any:
     """GET (body None) or POST a control request; retries briefly while leadership moves (503)."""
     url = f"http://{mesh}{path}"
     data = None if body is None else json.dumps(body).encode()
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {admin}"} if admin else {})}
     for attempt in range(retries + 1):
-        request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+        request = urllib.request.Request(url, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return json.loads(resp.read())
@@ -83,7 +85,22 @@ def render_status(st: dict) -> str:
               for s in st["shards"]]
     shards += [[u["role"], u["model"] or "-", "-", f"unplaced ({u['missing']})", u["reason"]] for u in st["unplaced"]]
     out.append(table(["ROLE", "MODEL", "NODE", "STATE", "DETAIL"], shards))
+    out.append("")
+    out.append(table(["ROLE", "DESIRED", "READY", "ON"], replica_rows(st, names)))
     return "\n".join(out)
+
+
+def replica_rows(st: dict, names: dict[str, str]) -> list[list[Any]]:
+    """Replicas per role: desired (witness: the witness members), ready, and where."""
+    rows = []
+    roles = sorted({*st.get("replicas", {}), *(s["role"] for s in st["shards"])} - {"witness"})
+    for role in roles:
+        ready = [names.get(s["node_id"], s["node_id"]) for s in st["shards"]
+                 if s["role"] == role and s["state"] == "ready"]
+        rows.append([role, st.get("replicas", {}).get(role, 0), len(ready), ", ".join(sorted(ready)) or "-"])
+    witnesses = sorted(m["name"] for m in st["members"] if m.get("witness") and m["state"] != "gone")
+    rows.append(["witness", "-", len(witnesses), ", ".join(witnesses) or "-"])
+    return rows
 
 
 def render_models(models: list[dict]) -> str:
@@ -96,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshctl", description="Inspect and steer a Quorum mesh through any member.")
     p.add_argument("--mesh", default=os.environ.get("MESH_ADDR", DEFAULT_MESH),
                    help=f"HOST:PORT of any member (default: $MESH_ADDR or {DEFAULT_MESH})")
+    p.add_argument("--admin-token", default=os.environ.get("QUORUM_ADMIN_TOKEN"),
+                   help="the mesh's admin credential (default: $QUORUM_ADMIN_TOKEN, else admin.token in --data-dir)")
+    p.add_argument("--data-dir", default=None,
+                   help="a member's data dir to read admin.token from (default: $MESH_DATA_DIR or "
+                        "~/.local/share/quorum)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = sub.add_parser("status", help="members, shards, leader and health")
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
@@ -119,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_sub.add_parser("create", help="make a join token (printed once)")
     create.add_argument("--ttl", type=float, default=24.0, help="hours the token stays valid (default 24)")
+    create.add_argument("--uses", type=int, default=1, help="how many nodes may join with it (default 1)")
     revoke = token_sub.add_parser("revoke", help="revoke a token by its id")
     revoke.add_argument("token_id")
     keys = sub.add_parser("keys", help="gateway API keys")
@@ -132,8 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def admin_token(args: argparse.Namespace) -> str | None:
+    """--admin-token, $QUORUM_ADMIN_TOKEN, or the admin.token a member keeps in its data dir."""
+    if args.admin_token:
+        return args.admin_token.strip()
+    from pathlib import Path
+
+    from mesh.datadir import default_data_dir
+
+    path = (Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()) / "admin.token"
+    try:
+        return path.read_text().strip()
+    except OSError:  # not on a member's machine: the request goes without, and the mesh says 401
+        return None
+
+
 def run(args: argparse.Namespace) -> str:
-    mesh = args.mesh
+    mesh, admin = args.mesh, admin_token(args)
+
+    def call(mesh: str, path: str, body: dict | None = None, **kw: Any) -> Any:
+        return _call(mesh, path, body, admin=admin, **kw)
+
     if args.command == "status":
         st = call(mesh, "/control/v1/status")
         return json.dumps(st, indent=2) if args.json else render_status(st)
@@ -154,7 +196,7 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "remove":
         return f"removed {call(mesh, '/control/v1/remove', {'node': args.node}, timeout=60)['removed']}"
     if args.command == "token" and args.token_command == "create":
-        return call(mesh, "/control/v1/tokens", {"ttl_s": args.ttl * 3600})["token"]
+        return call(mesh, "/control/v1/tokens", {"ttl_s": args.ttl * 3600, "uses": args.uses})["token"]
     if args.command == "token" and args.token_command == "revoke":
         return f"revoked {call(mesh, '/control/v1/tokens/revoke', {'token_id': args.token_id})['revoked']}"
     if args.command == "keys" and args.keys_command == "create":

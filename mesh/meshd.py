@@ -55,11 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         cmd = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
         if name == "join":
-            cmd.add_argument("--peer", required=True, metavar="HOST:PORT", help="HTTP address of any member")
+            where = cmd.add_mutually_exclusive_group(required=True)
+            where.add_argument("--peer", metavar="HOST:PORT", help="HTTP address of any member")
+            where.add_argument("--discover", action="store_true",
+                               help="find a member on the LAN by mDNS ([discovery] in mesh.toml) and join through it")
+            cmd.add_argument("--discover-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+                             help="how long --discover browses the LAN for members (default 5)")
             cmd.add_argument("--token", default=None,
                              help="join token from `meshctl token create` (not needed to rejoin)")
             cmd.add_argument("--witness", action="store_true",
-                             help="join as a witness: votes in Raft, keeps the log, serves no model")
+                             help="join as a witness: votes in Raft, keeps the log, serves no model "
+                                  "(the default on OpenWrt routers)")
     return p
 
 
@@ -78,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     try:
         if args.command == "leave":
-            return _leave(config)
+            return _leave(config, dd)
         return _run(_main(args, dd, config))
     except* StartupError as group:
         for exc in group.exceptions:
@@ -110,7 +116,11 @@ async def _main(args, dd: DataDir, config: MeshConfig) -> None:
         record = dd.record(args.name)
         if not record.joined and not args.token:
             raise StartupError("--token is required to join a mesh for the first time")
-        await join_mesh(dd, config, args.peer, args.token or "", args.name, args.witness)
+        args.witness = _witness(args.witness)
+        if args.discover and not record.joined:
+            await _join_discovered(args, dd, config)
+        else:
+            await join_mesh(dd, config, args.peer, args.token or "", args.name, args.witness)
     elif args.command is None and not dd.record(args.name).joined:
         await init_mesh(dd, config, args.name)  # `meshd` alone: a single-node mesh, created on first run
     elif args.command == "start" and not dd.record().joined:
@@ -118,6 +128,49 @@ async def _main(args, dd: DataDir, config: MeshConfig) -> None:
     opts = NodeOptions(data_dir=dd.path, config=config, backend=args.backend,
                        progress=not args.no_progress and sys.stderr.isatty())
     await _serve(NodeDaemon(opts))
+
+
+async def _join_discovered(args, dd: DataDir, config: MeshConfig) -> None:
+    """`meshd join --discover`: browse the LAN, then join through the members found, in order, exactly
+    as --peer would, until one accepts the token. Only members advertising the CA fingerprint the token
+    carries are candidates (and the join checks the CA certificate itself before sending the token)."""
+    from mesh.bootstrap import join_mesh
+    from mesh.daemon import StartupError
+    from mesh.discovery import DiscoveryError, browse, join_first
+    from mesh.tokens import BadToken, split_token
+
+    service = config.discovery.service
+    try:
+        ca = split_token(args.token)[1]
+    except BadToken as exc:
+        raise StartupError(f"cannot join: {exc}") from None
+    try:
+        found = await browse(service, config.node.host, args.discover_timeout, ca=ca)
+    except DiscoveryError as exc:
+        raise StartupError(f"{exc}; join with --peer HOST:PORT instead") from None
+    if not found:
+        raise StartupError(f"no member of the token's mesh answered on the LAN ({service}) within "
+                           f"{args.discover_timeout:g} s; is it running with [discovery] advertise = true? "
+                           "Else use --peer HOST:PORT")
+    await join_first(found, lambda peer: join_mesh(dd, config, peer, args.token, args.name, args.witness),
+                     StartupError)
+
+
+def _witness(flag: bool) -> bool:
+    """--witness, or the default for router-class devices (they never hold a model shard)."""
+    from mesh.witness import ROUTER_CLASS, joins_as_witness
+
+    if not flag and joins_as_witness(False):
+        log.info("this device is a router (%s): joining as a witness", ROUTER_CLASS)
+        return True
+    return flag
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 600:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 600, got {text}")
+    return value
 
 
 def _run(coro) -> int:
@@ -137,12 +190,15 @@ async def _serve(daemon) -> None:
     await daemon.run(stop)
 
 
-def _leave(config: MeshConfig) -> int:
+def _leave(config: MeshConfig, dd: DataDir) -> int:
     import httpx
 
     url = f"http://{config.node.http_address}/control/v1/leave"
+    if not (dd.path / "mesh.secret").exists():
+        print(f"meshd: {dd.path} belongs to no mesh: nothing to leave", file=sys.stderr)
+        return 1
     try:
-        reply = httpx.post(url, timeout=180)
+        reply = httpx.post(url, timeout=180, headers={"Authorization": f"Bearer {dd.admin_token()}"})
     except httpx.HTTPError as exc:
         print(f"meshd: cannot reach this node at {url} ({exc}); is it running?", file=sys.stderr)
         return 1

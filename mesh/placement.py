@@ -10,6 +10,17 @@ Order of work, each step over all roles before the next:
 2. current shards that are still valid, fastest node first, so a shrinking role drops the slowest;
 3. new shards: reasoning on the fastest node that fits, other roles on the node with most free memory.
 Roles go in the order of MODEL_ROLES. Whatever is left short is reported in Plan.unplaced.
+
+Phones on battery (BatteryPolicy): a phone (BATTERY_CLASSES) that is not charging (when the policy
+requires charging) or whose charge is low is "battery-limited" for the BATTERY_ROLES (reasoning).
+A limited node's current reasoning shard is not kept in step 2; in step 3 limited nodes come after
+every other node that fits, the ones that held the role before first. So a phone's replica moves
+only when another node can take it, and a phone alone (or with no room elsewhere) keeps serving.
+Hysteresis, so a charge hovering at the threshold does not move replicas back and forth: a phone
+that holds the role is limited below `min_percent`, one that does not only below `resume_percent`
+(higher). Pins are never moved for battery reasons. A node with no battery facts is never limited.
+A phone that charges again becomes a candidate for new replicas; the ones that moved off it stay
+where they are (step 2 keeps valid current shards), so replicas do not follow the charger around.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ from dataclasses import dataclass, replace
 
 MODEL_ROLES = ("reasoning", "tool-use", "context")  # roles that hold a model, in placement order
 NO_MODEL_CLASSES = frozenset({"openwrt-router"})  # device classes that never hold a model
+BATTERY_CLASSES = frozenset({"termux-phone"})  # device classes whose battery limits what they hold
+BATTERY_ROLES = frozenset({"reasoning"})  # roles kept off battery-limited nodes when others can hold them
 _MIB = 1 << 20
 
 
@@ -31,6 +44,26 @@ class NodeInfo:
     speed: float  # higher is faster (a local benchmark score)
     witness: bool = False  # a witness votes in Raft and never holds a model
     healthy: bool = True  # active and reachable; unhealthy nodes get no new shards and lose theirs
+    battery_percent: float | None = None  # charge, 0-100; None when the node has no battery (or cannot tell)
+    charging: bool | None = None  # on external power; None when the node cannot tell
+
+
+@dataclass(frozen=True)
+class BatteryPolicy:
+    """When a phone's battery keeps reasoning off it (see the module docstring)."""
+    min_percent: float = 30.0  # a phone holding reasoning keeps it down to this charge
+    resume_percent: float = 40.0  # a phone without reasoning takes it (if others can) from this charge up
+    require_charging: bool = True  # a phone not on external power is limited whatever its charge
+
+    def limited(self, node: NodeInfo, holds: bool) -> bool:
+        """True when `node` should give up (holds) or not take (not holds) a battery role."""
+        if node.device_class not in BATTERY_CLASSES:
+            return False
+        if self.require_charging and node.charging is False:
+            return True
+        if node.battery_percent is None:
+            return False
+        return node.battery_percent < (self.min_percent if holds else self.resume_percent)
 
 
 @dataclass(frozen=True)
@@ -63,10 +96,14 @@ class Plan:
 
 
 def place(nodes: Iterable[NodeInfo], models: Sequence[ModelInfo], replicas: Mapping[str, int],
-          pins: Iterable[Assignment], current: Iterable[Assignment]) -> Plan:
+          pins: Iterable[Assignment], current: Iterable[Assignment],
+          battery: BatteryPolicy = BatteryPolicy()) -> Plan:
     """The plan for this mesh. Raises ValueError only for inputs config validation already refuses
-    (duplicate node ids or model names, unknown roles or negative counts in `replicas`, NaN speeds)."""
-    ledger = _Ledger(_index(nodes, "node_id"), _index(models, "name"))
+    (duplicate node ids or model names, unknown roles or negative counts in `replicas`, NaN speeds).
+    `battery` decides which phones are battery-limited; the default is mesh.toml's [placement]."""
+    current = set(current)
+    ledger = _Ledger(_index(nodes, "node_id"), _index(models, "name"), battery,
+                     {(s.role, s.node_id) for s in current if s.role in BATTERY_ROLES})
     if any(math.isnan(n.speed) for n in ledger.nodes.values()):
         raise ValueError("placement: a node's speed is NaN; speeds must be comparable")
     desired = _desired(replicas)
@@ -85,8 +122,10 @@ def place(nodes: Iterable[NodeInfo], models: Sequence[ModelInfo], replicas: Mapp
     # A pin that could not be placed does not count: an automatic replica stands in for it.
     wanted = {role: max(0, desired[role] - pinned[role]) for role in MODEL_ROLES}
     auto = dict.fromkeys(MODEL_ROLES, 0)
-    for shard in sorted(set(current), key=lambda a: (_rank(a.role), -ledger.speed(a.node_id), a.node_id, a.model)):
+    for shard in sorted(current, key=lambda a: (_rank(a.role), -ledger.speed(a.node_id), a.node_id, a.model)):
         still_wanted = shard.role in MODEL_ROLES and auto[shard.role] < wanted[shard.role]
+        if ledger.limited(shard.role, shard.node_id):
+            continue  # step 3 puts it back here only if no other node can take it
         if still_wanted and shard.model == first[shard.role] and ledger.refusal(shard) is None:
             ledger.add(shard)
             auto[shard.role] += 1
@@ -120,9 +159,12 @@ def moves(old: Iterable[Assignment], new: Iterable[Assignment]) -> tuple[set[Ass
 class _Ledger:
     """What has been placed so far: memory used per node and the nodes holding each role."""
 
-    def __init__(self, nodes: dict[str, NodeInfo], models: dict[str, ModelInfo]) -> None:
+    def __init__(self, nodes: dict[str, NodeInfo], models: dict[str, ModelInfo], battery: BatteryPolicy,
+                 held: set[tuple[str, str]]) -> None:
         self.nodes = dict(sorted(nodes.items()))
         self.models = models
+        self.battery = battery
+        self.held = held  # (role, node_id) of current shards in BATTERY_ROLES
         self.used = dict.fromkeys(self.nodes, 0)
         self.holders: dict[str, set[str]] = {role: set() for role in MODEL_ROLES}
         self.placed: list[Assignment] = []
@@ -130,6 +172,13 @@ class _Ledger:
     def speed(self, node_id: str) -> float:
         node = self.nodes.get(node_id)
         return node.speed if node else 0.0
+
+    def limited(self, role: str, node_id: str) -> bool:
+        """True when `node_id`'s battery should keep `role` off it while another node can hold it."""
+        node = self.nodes.get(node_id)
+        if role not in BATTERY_ROLES or node is None:
+            return False
+        return self.battery.limited(node, (role, node_id) in self.held)
 
     def free(self, node_id: str) -> int:
         return self.nodes[node_id].memory_available - self.used[node_id]
@@ -170,9 +219,14 @@ class _Ledger:
         fits = [n for n in self._open(role) if self.free(n.node_id) >= need]
         if not fits:
             return None
+
+        def last_resort(n: NodeInfo) -> tuple[bool, bool]:  # battery-limited nodes last, earlier holders first
+            limited = self.limited(role, n.node_id)
+            return limited, limited and (role, n.node_id) not in self.held
+
         if role == "reasoning":
-            return min(fits, key=lambda n: (-n.speed, n.node_id)).node_id
-        return min(fits, key=lambda n: (-self.free(n.node_id), n.node_id)).node_id
+            return min(fits, key=lambda n: (*last_resort(n), -n.speed, n.node_id)).node_id
+        return min(fits, key=lambda n: (*last_resort(n), -self.free(n.node_id), n.node_id)).node_id
 
     def why_not(self, role: str, model: str) -> str:
         if not model:

@@ -13,7 +13,8 @@ import logging
 import time
 from typing import Callable
 
-from mesh.placement import Assignment, ModelInfo, NodeInfo, Plan, place
+from mesh.config import PlacementConfig
+from mesh.placement import BATTERY_ROLES, Assignment, BatteryPolicy, ModelInfo, NodeInfo, Plan, place
 from raft.commands import ApplyPlacement
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Rejected
@@ -23,8 +24,9 @@ log = logging.getLogger("quorum.placer")
 
 class Placer:
     def __init__(self, raft: RaftNode, grace_s: float, reserve_bytes: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, battery: BatteryPolicy = BatteryPolicy()) -> None:
         self.raft = raft
+        self.battery = battery
         self.grace_s = grace_s
         self.reserve = reserve_bytes
         self.clock = clock
@@ -48,17 +50,15 @@ class Placer:
         return out
 
     def plan(self, state: MeshState) -> Plan:
-        health = self.healthy(state)
-        nodes = [NodeInfo(node_id=m.node_id, device_class=str(m.profile.get("device_class", "desktop")),
-                          memory_available=_memory(m.profile, self.reserve), speed=float(m.profile.get("speed", 0.0)),
-                          witness=m.witness, healthy=health.get(m.node_id, False))
-                 for m in state.members.values() if m.state != "gone"]
+        nodes = node_infos(state, self.healthy(state), self.reserve)
         # Catalog order (the order models were registered in the log) decides which model serves a role.
         models = [ModelInfo(name=m.name, roles=tuple(m.roles), memory_bytes=m.memory_bytes)
                   for m in state.models.values()]
         pins = [Assignment(p.role, p.model, p.node_id) for p in state.pins.values()]
         current = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()]
-        return place(nodes, models, state.replicas, pins, current)
+        plan = place(nodes, models, state.replicas, pins, current, self.battery)
+        limited = {n.node_id for n in nodes if n.healthy and self.battery.limited(n, True)}
+        return keep_until_replaced(plan, state, limited)
 
     async def step(self) -> bool:
         """Commits a new placement if it differs from the state's; True if it committed one."""
@@ -95,6 +95,63 @@ class Placer:
                 pass
             changed.clear()
             await self.step()
+
+
+def battery_policy(cfg: PlacementConfig) -> BatteryPolicy:
+    return BatteryPolicy(min_percent=float(cfg.battery_min_percent), resume_percent=float(cfg.battery_resume_percent),
+                         require_charging=cfg.battery_require_charging)
+
+
+def node_infos(state: MeshState, health: dict[str, bool], reserve: int) -> list[NodeInfo]:
+    """What placement needs to know of each live member, from its replicated profile."""
+    out = []
+    for m in state.members.values():
+        if m.state == "gone":
+            continue
+        percent, charging = _battery(m.profile.get("battery"))
+        out.append(NodeInfo(node_id=m.node_id, device_class=str(m.profile.get("device_class", "desktop")),
+                            memory_available=_memory(m.profile, reserve), speed=float(m.profile.get("speed", 0.0)),
+                            witness=m.witness, healthy=health.get(m.node_id, False),
+                            battery_percent=percent, charging=charging))
+    return out
+
+
+def keep_until_replaced(plan: Plan, state: MeshState, limited: set[str]) -> Plan:
+    """Make before break for battery moves: a ready shard of a BATTERY_ROLES role that the plan takes
+    off a `limited` node (healthy, battery-limited) stays, beyond the desired count, until every
+    replica the plan gives the role is ready, so unplugging a phone never leaves its role without a
+    serving replica. It is kept only where the plan adds nothing new to that node, so its memory is
+    not promised twice, and never when the plan gives the role no replica (replicas set to 0)."""
+    planned = set(plan.assignments)
+    gaining = {a.node_id for a in planned if (a.role, a.model, a.node_id) not in state.shards}
+    kept = []
+    for key, shard in sorted(state.shards.items()):
+        if shard.role not in BATTERY_ROLES or shard.state != "ready" or Assignment(*key) in planned:
+            continue
+        if shard.node_id not in limited or shard.node_id in gaining:
+            continue
+        replicas = [a for a in planned if a.role == shard.role]
+        if not replicas or all(_ready(state, a) for a in replicas):
+            continue
+        kept.append(Assignment(*key))
+    if not kept:
+        return plan
+    return Plan(tuple(sorted((*plan.assignments, *kept))), plan.unplaced)
+
+
+def _ready(state: MeshState, a: Assignment) -> bool:
+    shard = state.shards.get((a.role, a.model, a.node_id))
+    return shard is not None and shard.state == "ready"
+
+
+def _battery(value: object) -> tuple[float | None, bool | None]:
+    """(percent, charging) from a profile's battery entry ({"percent", "charging"} or None)."""
+    if not isinstance(value, dict):
+        return None, None
+    percent, charging = value.get("percent"), value.get("charging")
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or percent != percent:
+        percent = None  # not a number (or NaN): as if the node had no battery reading
+    return (None if percent is None else float(percent)), (charging if isinstance(charging, bool) else None)
 
 
 def _memory(profile: dict, reserve: int) -> int:

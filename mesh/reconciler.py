@@ -20,6 +20,7 @@ from raft.commands import Command, HaveModelFile, SetShardState
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Model, Rejected
 from shards.backend import load_backend
+from shards.context import ContextShard
 from shards.local import LocalShard
 from shards.model_files import ModelFileError, ensure_model, is_verified, model_path
 
@@ -39,7 +40,7 @@ class Reconciler:
         self.metrics = metrics
         self.fetch = fetch  # async (peers, file, sha256, models_dir) -> Path
         self.progress = progress
-        self.local: dict[tuple[str, str], LocalShard] = {}
+        self.local: dict[tuple[str, str], LocalShard | ContextShard] = {}
         self._failed: dict[tuple[str, str], float] = {}
 
     async def run(self, changed: asyncio.Event, every_s: float = 1.0) -> None:
@@ -74,7 +75,9 @@ class Reconciler:
             if self.node_id not in state.model_files.get(model_name, ()):
                 await self._report(HaveModelFile(self.node_id, model_name))
             await self._report(SetShardState(role, model_name, self.node_id, "loading", "loading the model"))
-            backend = await asyncio.to_thread(load_backend, self.backend, path=str(path), n_ctx=model.context_length,
+            # An .onnx file is a sentence encoder (context role) whatever backend serves the chat models.
+            kind = "onnx" if path.suffix == ".onnx" else self.backend
+            backend = await asyncio.to_thread(load_backend, kind, path=str(path), n_ctx=model.context_length,
                                               threads=self.cfg.node.resolved_threads())
         except Exception as exc:  # a shard that cannot load is reported and retried later, never fatal
             log.warning("%s/%s failed to load: %s", role, model_name, exc)
@@ -82,8 +85,11 @@ class Reconciler:
             await self._report(SetShardState(role, model_name, self.node_id, "failed", str(exc)[:300]))
             return
         metrics = self.metrics
-        shard = LocalShard(role, model_name, backend, self.cfg.gateway.queue_depth, model.chat_template,
-                           on_finish=lambda f: metrics.record_generation(model_name, f))
+        if kind == "onnx":
+            shard = ContextShard(role, model_name, backend, self.cfg.gateway.queue_depth)
+        else:
+            shard = LocalShard(role, model_name, backend, self.cfg.gateway.queue_depth, model.chat_template,
+                               on_finish=lambda f: metrics.record_generation(model_name, f))
         self.local[key] = shard
         metrics.watch_queue(role, model_name, lambda: shard.waiting)
         self._failed.pop(key, None)

@@ -26,6 +26,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
+from mesh.grpc_tls import TARGET_NAME_OPTION
 from proto import mesh_pb2
 from shards.grpc_service import (
     CLIENT_OPTIONS,
@@ -34,7 +35,10 @@ from shards.grpc_service import (
     QUEUE_FULL,
     REASON_KEY,
     TEMPLATE,
+    admitted_from_proto,
     context_length_error,
+    embed_request_to_proto,
+    embedded_from_proto,
     event_from_proto,
     request_to_proto,
 )
@@ -45,6 +49,8 @@ log = logging.getLogger("quorum.remote")
 
 GENERATE = "/quorum.mesh.v1.Shard/Generate"
 HEALTH = "/quorum.mesh.v1.Shard/Health"
+EMBED = "/quorum.mesh.v1.Shard/Embed"
+EMBED_TIMEOUT_S = 120.0  # a full batch of long texts on a slow device, with room to spare
 
 # Codes that mean "this replica cannot take it now": a router tries another one.
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
@@ -94,7 +100,8 @@ class RemoteShard:
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=CLIENT_OPTIONS)
             else:
-                self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=CLIENT_OPTIONS)
+                self._channel = grpc.aio.secure_channel(self.address, self._credentials,
+                                                      options=(*CLIENT_OPTIONS, TARGET_NAME_OPTION))
             self._loop = loop
         elif loop is not self._loop:
             raise RuntimeError(f"{self!r}: its gRPC channel belongs to another event loop")
@@ -143,7 +150,7 @@ class RemoteShard:
             end()
             raise RemoteError(grpc.StatusCode.INTERNAL, "protocol",
                               f"{self.node_id} did not start the stream with Admitted")
-        admitted = first.admitted
+        prompt_tokens, choices, prompt_token_ids = admitted_from_proto(first.admitted)
         cancelled = False
 
         def cancel() -> None:
@@ -152,9 +159,9 @@ class RemoteShard:
             call.cancel()
             end()
 
-        return Opened(prompt_tokens=admitted.prompt_tokens, choices=admitted.choices,
-                      events=self._events(call, admitted.choices, lambda: cancelled, end),
-                      cancel=cancel)
+        return Opened(prompt_tokens=prompt_tokens, choices=choices,
+                      events=self._events(call, choices, lambda: cancelled, end),
+                      cancel=cancel, prompt_token_ids=prompt_token_ids)
 
     async def _events(self, call: grpc.aio.UnaryStreamCall, choices: int,
                       cancelled: Callable[[], bool], end: Callable[[], None]) -> AsyncIterator[tuple[int, Event]]:
@@ -197,6 +204,24 @@ class RemoteShard:
             call.cancel()  # no-op once the call has ended
             end()
 
+    async def embed(self, texts: list[str]):
+        """The peer's context shard embeds `texts` (shards.context.Embedded); refusals as for open()."""
+        if self.load >= self._max_in_flight:
+            raise QueueFull(self.load)
+        embed = self.channel().unary_unary(EMBED, request_serializer=mesh_pb2.EmbedRequest.SerializeToString,
+                                           response_deserializer=mesh_pb2.EmbedReply.FromString)
+        self.load += 1
+        try:
+            reply = await embed(embed_request_to_proto(self.role, self.model, list(texts)), timeout=EMBED_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise self._refusal(exc) from None
+        finally:
+            self.load -= 1
+        try:
+            return embedded_from_proto(reply, len(texts))
+        except ValueError as exc:
+            raise RemoteError(grpc.StatusCode.INTERNAL, "protocol", f"{self.node_id}: {exc}") from None
+
     async def health(self, timeout_s: float = 2.0) -> dict:
         """This shard as its node reports it: {"node_id", "address", "role", "model", "ready",
         "waiting", "busy", "n_ctx", "load"}; ready is False if the node does not serve it.
@@ -230,7 +255,7 @@ class RemoteShard:
                 depth = 0
             return QueueFull(depth)
         if reason == CONTEXT_LENGTH:
-            return context_length_error(details)
+            return context_length_error(details, meta)
         if reason == TEMPLATE:
             return TemplateError(details)
         if code in _UNREACHABLE:

@@ -1,10 +1,11 @@
 """Named sessions (X-Session-Id) in the Raft log: the gateway's side.
 
-A turn's start, its answer in checkpoints (every `checkpoint_tokens` tokens or `checkpoint_ms`,
-whichever comes first, proposed without waiting so decoding never waits on Raft), and its end
-go through the log. The end is committed on a majority before the answer's last chunk leaves the
-gateway: a client that saw a turn finish can continue it by id after any minority loss or a full
-restart. Retention is fixed in raft/state.py (idle TTL, session count, turns per session).
+A turn's start (with the prompt's token ids as the shard tokenized them), its answer in
+checkpoints (every `checkpoint_tokens` tokens or `checkpoint_ms`, whichever comes first, proposed
+without waiting so decoding never waits on Raft), and its end go through the log. The end is
+committed on a majority before the answer's last chunk leaves the gateway: a client that saw a
+turn finish can continue it by id after any minority loss or a full restart. Retention is fixed
+in raft/state.py (idle TTL, session count, turns per session, prompt ids on the last two turns).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from concurrent.futures import Future
 from mesh.gateway.errors import bad_request
 from raft.commands import SessionAppend, SessionTurnEnd, SessionTurnStart
 from raft.node import ProposalFailed, RaftNode
-from raft.state import Rejected
+from raft.state import MAX_PROMPT_IDS, Rejected
 from shards.types import Message, Piece
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -49,20 +50,24 @@ class SessionLog:
         finished = [t for t in session.turns if t.finish_reason is not None]
         return len(finished), [Message(role, content) for role, content in session.history()]
 
-    def recorder(self, session_id: str, turn: int, messages: tuple[Message, ...], prompt_tokens: int) -> TurnRecorder:
-        return TurnRecorder(self, session_id, turn, messages, prompt_tokens)
+    def recorder(self, session_id: str, turn: int, messages: tuple[Message, ...], prompt_tokens: int,
+                 prompt_token_ids: tuple[int, ...] = ()) -> TurnRecorder:
+        return TurnRecorder(self, session_id, turn, messages, prompt_tokens, prompt_token_ids)
 
 
 class TurnRecorder:
-    """Records one turn's answer (choice 0) as it is generated."""
+    """Records one turn: its prompt's token ids when it starts, then its answer (choice 0) as it is
+    generated. A prompt over MAX_PROMPT_IDS tokens is recorded as its count only (the state
+    would drop the ids anyway; leaving them out keeps the entry small)."""
 
     def __init__(self, log: SessionLog, session_id: str, turn: int, messages: tuple[Message, ...],
-                 prompt_tokens: int) -> None:
+                 prompt_tokens: int, prompt_token_ids: tuple[int, ...] = ()) -> None:
         self.log = log
         self.session_id = session_id
         self.turn = turn
+        ids = tuple(prompt_token_ids) if len(prompt_token_ids) <= MAX_PROMPT_IDS else ()
         self._pending: list[Future] = [log.raft.propose(SessionTurnStart(
-            session_id, turn, tuple((m.role, m.content) for m in messages), prompt_tokens, time.time()))]
+            session_id, turn, tuple((m.role, m.content) for m in messages), prompt_tokens, time.time(), ids))]
         self._tokens: list[int] = []
         self._text = ""
         self._last = time.monotonic()

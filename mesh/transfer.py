@@ -20,6 +20,7 @@ from typing import BinaryIO, Callable, Sequence
 import grpc
 from tqdm import tqdm
 
+from mesh.grpc_tls import TARGET_NAME_OPTION
 from proto import mesh_pb2
 from shards.grpc_service import TRANSFER_OPTIONS
 from shards.model_files import ModelFileError, is_verified, model_path
@@ -108,7 +109,7 @@ async def _download(peer: str, file: str, sha256: str, partial: Path,
     if credentials is None:
         channel = grpc.aio.insecure_channel(peer, options=TRANSFER_OPTIONS)
     else:
-        channel = grpc.aio.secure_channel(peer, credentials, options=TRANSFER_OPTIONS)
+        channel = grpc.aio.secure_channel(peer, credentials, options=(*TRANSFER_OPTIONS, TARGET_NAME_OPTION))
     async with channel:
         fetch = channel.unary_stream(FETCH_MODEL,
                                      request_serializer=mesh_pb2.FetchModelRequest.SerializeToString,

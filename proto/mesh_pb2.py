@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10proto/mesh.proto\x12\x0equorum.mesh.v1\"\x85\x02\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x19\n\x0ctop_logprobs\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0f\n\r_top_logprobs\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xce\x01\n\x0fGenerateRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.quorum.mesh.v1.Sampling\x12\t\n\x01n\x18\x04 \x01(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.quorum.mesh.v1.Message\x12\x0f\n\x07prompts\x18\x06 \x03(\t\x12\x14\n\x0c\x66irst_choice\x18\x07 \x01(\r\x12\x15\n\rresume_tokens\x18\x08 \x03(\x05\"\xc6\x01\n\rGenerateEvent\x12,\n\x08\x61\x64mitted\x18\x01 \x01(\x0b\x32\x18.quorum.mesh.v1.AdmittedH\x00\x12&\n\x05piece\x18\x02 \x01(\x0b\x32\x15.quorum.mesh.v1.PieceH\x00\x12,\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x18.quorum.mesh.v1.FinishedH\x00\x12(\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x16.quorum.mesh.v1.FailedH\x00\x42\x07\n\x05\x65vent\"2\n\x08\x41\x64mitted\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x0f\n\x07\x63hoices\x18\x02 \x01(\r\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"f\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\'\n\x03top\x18\x04 \x03(\x0b\x32\x1a.quorum.mesh.v1.TopLogprob\"d\n\x05Piece\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.quorum.mesh.v1.TokenLogprob\"\x9b\x01\n\x08\x46inished\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x1a\n\rfirst_token_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x42\x10\n\x0e_first_token_s\";\n\x06\x46\x61iled\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x0f\n\rHealthRequest\"g\n\x0bShardHealth\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x08\x12\r\n\x05n_ctx\x18\x06 \x01(\r\":\n\x0bHealthReply\x12+\n\x06shards\x18\x01 \x03(\x0b\x32\x1b.quorum.mesh.v1.ShardHealth\"A\n\x11\x46\x65tchModelRequest\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\">\n\nModelChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x32\x9b\x01\n\x05Shard\x12L\n\x08Generate\x12\x1f.quorum.mesh.v1.GenerateRequest\x1a\x1d.quorum.mesh.v1.GenerateEvent0\x01\x12\x44\n\x06Health\x12\x1d.quorum.mesh.v1.HealthRequest\x1a\x1b.quorum.mesh.v1.HealthReply2U\n\x04Node\x12M\n\nFetchModel\x12!.quorum.mesh.v1.FetchModelRequest\x1a\x1a.quorum.mesh.v1.ModelChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10proto/mesh.proto\x12\x0equorum.mesh.v1\"\xa7\x02\n\x08Sampling\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x19\n\x0ctop_logprobs\x18\x06 \x01(\x05H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x14\n\x07grammar\x18\t \x01(\tH\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0f\n\r_top_logprobsB\n\n\x08_grammar\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xce\x01\n\x0fGenerateRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.quorum.mesh.v1.Sampling\x12\t\n\x01n\x18\x04 \x01(\r\x12)\n\x08messages\x18\x05 \x03(\x0b\x32\x17.quorum.mesh.v1.Message\x12\x0f\n\x07prompts\x18\x06 \x03(\t\x12\x14\n\x0c\x66irst_choice\x18\x07 \x01(\r\x12\x15\n\rresume_tokens\x18\x08 \x03(\x05\"\xc6\x01\n\rGenerateEvent\x12,\n\x08\x61\x64mitted\x18\x01 \x01(\x0b\x32\x18.quorum.mesh.v1.AdmittedH\x00\x12&\n\x05piece\x18\x02 \x01(\x0b\x32\x15.quorum.mesh.v1.PieceH\x00\x12,\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x18.quorum.mesh.v1.FinishedH\x00\x12(\n\x06\x66\x61iled\x18\x04 \x01(\x0b\x32\x16.quorum.mesh.v1.FailedH\x00\x42\x07\n\x05\x65vent\"L\n\x08\x41\x64mitted\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x0f\n\x07\x63hoices\x18\x02 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\";\n\nTopLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\"f\n\x0cTokenLogprob\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\'\n\x03top\x18\x04 \x03(\x0b\x32\x1a.quorum.mesh.v1.TopLogprob\"d\n\x05Piece\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.quorum.mesh.v1.TokenLogprob\"\x9b\x01\n\x08\x46inished\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12\x1a\n\rfirst_token_s\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x06 \x01(\x01\x42\x10\n\x0e_first_token_s\";\n\x06\x46\x61iled\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"\x0f\n\rHealthRequest\"g\n\x0bShardHealth\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x08\x12\r\n\x05n_ctx\x18\x06 \x01(\r\":\n\x0bHealthReply\x12+\n\x06shards\x18\x01 \x03(\x0b\x32\x1b.quorum.mesh.v1.ShardHealth\"A\n\x11\x46\x65tchModelRequest\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\">\n\nModelChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\":\n\x0c\x45mbedRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05texts\x18\x03 \x03(\t\"P\n\nEmbedReply\x12\x12\n\ndimensions\x18\x01 \x01(\r\x12\x0f\n\x07vectors\x18\x02 \x01(\x0c\x12\x0e\n\x06tokens\x18\x03 \x03(\r\x12\r\n\x05n_ctx\x18\x04 \x01(\r2\xde\x01\n\x05Shard\x12L\n\x08Generate\x12\x1f.quorum.mesh.v1.GenerateRequest\x1a\x1d.quorum.mesh.v1.GenerateEvent0\x01\x12\x44\n\x06Health\x12\x1d.quorum.mesh.v1.HealthRequest\x1a\x1b.quorum.mesh.v1.HealthReply\x12\x41\n\x05\x45mbed\x12\x1c.quorum.mesh.v1.EmbedRequest\x1a\x1a.quorum.mesh.v1.EmbedReply2U\n\x04Node\x12M\n\nFetchModel\x12!.quorum.mesh.v1.FetchModelRequest\x1a\x1a.quorum.mesh.v1.ModelChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,37 +32,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.mesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLING']._serialized_start=37
-  _globals['_SAMPLING']._serialized_end=298
-  _globals['_MESSAGE']._serialized_start=300
-  _globals['_MESSAGE']._serialized_end=340
-  _globals['_GENERATEREQUEST']._serialized_start=343
-  _globals['_GENERATEREQUEST']._serialized_end=549
-  _globals['_GENERATEEVENT']._serialized_start=552
-  _globals['_GENERATEEVENT']._serialized_end=750
-  _globals['_ADMITTED']._serialized_start=752
-  _globals['_ADMITTED']._serialized_end=802
-  _globals['_TOPLOGPROB']._serialized_start=804
-  _globals['_TOPLOGPROB']._serialized_end=863
-  _globals['_TOKENLOGPROB']._serialized_start=865
-  _globals['_TOKENLOGPROB']._serialized_end=967
-  _globals['_PIECE']._serialized_start=969
-  _globals['_PIECE']._serialized_end=1069
-  _globals['_FINISHED']._serialized_start=1072
-  _globals['_FINISHED']._serialized_end=1227
-  _globals['_FAILED']._serialized_start=1229
-  _globals['_FAILED']._serialized_end=1288
-  _globals['_HEALTHREQUEST']._serialized_start=1290
-  _globals['_HEALTHREQUEST']._serialized_end=1305
-  _globals['_SHARDHEALTH']._serialized_start=1307
-  _globals['_SHARDHEALTH']._serialized_end=1410
-  _globals['_HEALTHREPLY']._serialized_start=1412
-  _globals['_HEALTHREPLY']._serialized_end=1470
-  _globals['_FETCHMODELREQUEST']._serialized_start=1472
-  _globals['_FETCHMODELREQUEST']._serialized_end=1537
-  _globals['_MODELCHUNK']._serialized_start=1539
-  _globals['_MODELCHUNK']._serialized_end=1601
-  _globals['_SHARD']._serialized_start=1604
-  _globals['_SHARD']._serialized_end=1759
-  _globals['_NODE']._serialized_start=1761
-  _globals['_NODE']._serialized_end=1846
+  _globals['_SAMPLING']._serialized_end=332
+  _globals['_MESSAGE']._serialized_start=334
+  _globals['_MESSAGE']._serialized_end=374
+  _globals['_GENERATEREQUEST']._serialized_start=377
+  _globals['_GENERATEREQUEST']._serialized_end=583
+  _globals['_GENERATEEVENT']._serialized_start=586
+  _globals['_GENERATEEVENT']._serialized_end=784
+  _globals['_ADMITTED']._serialized_start=786
+  _globals['_ADMITTED']._serialized_end=862
+  _globals['_TOPLOGPROB']._serialized_start=864
+  _globals['_TOPLOGPROB']._serialized_end=923
+  _globals['_TOKENLOGPROB']._serialized_start=925
+  _globals['_TOKENLOGPROB']._serialized_end=1027
+  _globals['_PIECE']._serialized_start=1029
+  _globals['_PIECE']._serialized_end=1129
+  _globals['_FINISHED']._serialized_start=1132
+  _globals['_FINISHED']._serialized_end=1287
+  _globals['_FAILED']._serialized_start=1289
+  _globals['_FAILED']._serialized_end=1348
+  _globals['_HEALTHREQUEST']._serialized_start=1350
+  _globals['_HEALTHREQUEST']._serialized_end=1365
+  _globals['_SHARDHEALTH']._serialized_start=1367
+  _globals['_SHARDHEALTH']._serialized_end=1470
+  _globals['_HEALTHREPLY']._serialized_start=1472
+  _globals['_HEALTHREPLY']._serialized_end=1530
+  _globals['_FETCHMODELREQUEST']._serialized_start=1532
+  _globals['_FETCHMODELREQUEST']._serialized_end=1597
+  _globals['_MODELCHUNK']._serialized_start=1599
+  _globals['_MODELCHUNK']._serialized_end=1661
+  _globals['_EMBEDREQUEST']._serialized_start=1663
+  _globals['_EMBEDREQUEST']._serialized_end=1721
+  _globals['_EMBEDREPLY']._serialized_start=1723
+  _globals['_EMBEDREPLY']._serialized_end=1803
+  _globals['_SHARD']._serialized_start=1806
+  _globals['_SHARD']._serialized_end=2028
+  _globals['_NODE']._serialized_start=2030
+  _globals['_NODE']._serialized_end=2115
 # @@protoc_insertion_point(module_scope)

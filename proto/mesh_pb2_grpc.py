@@ -45,6 +45,11 @@ class ShardStub:
                 request_serializer=proto_dot_mesh__pb2.HealthRequest.SerializeToString,
                 response_deserializer=proto_dot_mesh__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/quorum.mesh.v1.Shard/Embed',
+                request_serializer=proto_dot_mesh__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=proto_dot_mesh__pb2.EmbedReply.FromString,
+                _registered_method=True)
 
 
 class ShardServicer:
@@ -73,6 +78,14 @@ class ShardServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """A context shard's encoder: one L2-normalised vector per text, in order. Refusals as for
+        Generate: queue_full, bad_request (no texts, too many), not_served, not_ready.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +98,11 @@ def add_ShardServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=proto_dot_mesh__pb2.HealthRequest.FromString,
                     response_serializer=proto_dot_mesh__pb2.HealthReply.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=proto_dot_mesh__pb2.EmbedRequest.FromString,
+                    response_serializer=proto_dot_mesh__pb2.EmbedReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +160,33 @@ class Shard:
             '/quorum.mesh.v1.Shard/Health',
             proto_dot_mesh__pb2.HealthRequest.SerializeToString,
             proto_dot_mesh__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quorum.mesh.v1.Shard/Embed',
+            proto_dot_mesh__pb2.EmbedRequest.SerializeToString,
+            proto_dot_mesh__pb2.EmbedReply.FromString,
             options,
             channel_credentials,
             insecure,

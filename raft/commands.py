@@ -46,6 +46,15 @@ class AddMember(Command):
     grpc_address: str = ""
     witness: bool = False
     token_id: str | None = None
+    peer_address: str = ""  # the HTTPS peer port (joins, relayed requests); "" in logs from before it
+
+
+@dataclass(frozen=True)
+class UpdateProfile(Command):
+    """A live member's changed profile facts (battery, memory), merged into its recorded profile."""
+    kind: ClassVar[str] = "update_profile"
+    node_id: str
+    profile: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class CreateToken(Command):
     secret_sha256: str
     created_at: float
     expires_at: float
+    uses: int = 1  # how many nodes may join with it
 
 
 @dataclass(frozen=True)
@@ -146,13 +156,16 @@ class RevokeApiKey(Command):
 
 @dataclass(frozen=True)
 class SessionTurnStart(Command):
-    """A named session's next turn begins: the messages the client added, and when."""
+    """A named session's next turn begins: the messages the client added, when, and the prompt the
+    shard tokenized (the whole rendered conversation: at most the context window, and nothing over
+    raft.state.MAX_PROMPT_IDS, so an entry stays under about 40 KB pickled; empty in older logs)."""
     kind: ClassVar[str] = "session_turn_start"
     session_id: str
     turn: int
     messages: tuple[tuple[str, str], ...]  # (role, content)
     prompt_tokens: int
     at: float
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -196,7 +209,7 @@ COMMANDS: dict[str, type[Command]] = {
     cls.kind: cls
     for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
                 RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile, SessionTurnStart,
-                SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey)
+                SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey, UpdateProfile)
 }
 
 

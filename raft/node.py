@@ -8,6 +8,7 @@ loop wrap with asyncio.wrap_future (never a blocking call from the loop or from 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -58,6 +59,12 @@ class _Log(SyncObjConsumer):
             self.state = apply(self.state, decode(wire))
         except (BadCommand, Rejected) as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            # A command whose fields have the wrong types (a dict where a name belongs): apply is pure,
+            # so every node fails alike; rejecting keeps the copies equal. Escaping would stop pysyncobj
+            # applying anything after this entry (it retries it on every tick, on every node, forever).
+            log.error("command %s rejected: applying it raised %r", str(wire)[:200], exc)
+            return {"ok": False, "error": f"malformed command: {exc!r}"}
         if self._on_applied_hook is not None:
             self._on_applied_hook(self.state)
         return {"ok": True, "applied": self.state.applied}
@@ -92,6 +99,8 @@ class RaftNode:
         self._log = _Log(on_applied)
         self.address = self_address
         self._obj = SyncObj(self_address, partners, conf=conf, consumers=[self._log])
+        self._on_tick: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._obj.addOnTickCallback(self._run_on_tick)
         log.info("raft node %s started (partners: %s)", self_address, ", ".join(partners) or "none")
 
     @property
@@ -155,10 +164,31 @@ class RaftNode:
         return self._membership(self._obj.removeNodeFromCluster, address)
 
     def transfer_leadership(self, address: str | None = None) -> Future:
-        return self._membership(self._obj.transferLeadership, address)
-
-    def _membership(self, call: Callable, address: str | None) -> Future:
+        """Asks `address` (None: the most caught-up follower) to take over. Runs on the tick thread:
+        pysyncobj's transferLeadership writes to the peer connection directly, unlike the calls
+        above, which queue a command."""
         future: Future = Future()
+        obj = self._obj
+
+        def transfer() -> None:
+            try:
+                self._membership(obj.transferLeadership, address, future)
+            except Exception as exc:  # a malformed address: the caller hears of it, the tick thread goes on
+                future.set_exception(ProposalFailed(f"transfer to {address}: {exc!r}"))
+
+        self._on_tick.put(transfer)
+        return future
+
+    def _run_on_tick(self) -> None:
+        while True:
+            try:
+                call = self._on_tick.get_nowait()
+            except queue.Empty:
+                return
+            call()
+
+    def _membership(self, call: Callable, address: str | None, future: Future | None = None) -> Future:
+        future = Future() if future is None else future
 
         def done(result: Any, error: int) -> None:
             if error == FAIL_REASON.SUCCESS:

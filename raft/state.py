@@ -33,6 +33,7 @@ from raft.commands import (
     SetReplicas,
     SetShardState,
     UnpinShard,
+    UpdateProfile,
 )
 
 ROLES = ("reasoning", "context", "tool-use")
@@ -43,6 +44,14 @@ ROLES = ("reasoning", "context", "tool-use")
 SESSION_TTL_S = 24 * 3600
 MAX_SESSIONS = 1000
 MAX_TURNS = 64
+# A turn's prompt token ids (the whole rendered conversation) are kept when there are at most
+# MAX_PROMPT_IDS of them (more than the context windows we load: 4096 by default; a longer list is
+# kept as its count only), and only on a session's last PROMPT_IDS_TURNS turns: each prompt holds
+# the conversation before it, so the last finished turn's prompt and answer rebuild the KV cache,
+# and older copies would make the log grow with the square of a session's length. Worst case
+# 1000 sessions x 2 turns x 8192 ids.
+MAX_PROMPT_IDS = 8192
+PROMPT_IDS_TURNS = 2
 
 
 class Rejected(ValueError):
@@ -60,6 +69,7 @@ class Member:
     joined_at: float
     grpc_address: str = ""
     witness: bool = False
+    peer_address: str = ""  # HTTPS peer port: joins and requests relayed to the leader
 
 
 @dataclass(frozen=True)
@@ -94,9 +104,11 @@ class JoinToken:
     created_at: float
     expires_at: float
     revoked: bool = False
+    uses: int = 1  # joins it allows; each AddMember naming it spends one (a replayed token is refused)
+    used: int = 0
 
     def valid_at(self, when: float) -> bool:
-        return not self.revoked and self.created_at <= when < self.expires_at
+        return not self.revoked and self.used < self.uses and self.created_at <= when < self.expires_at
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,9 @@ class Turn:
     answer_tokens: tuple[int, ...] = ()
     answer_text: str = ""
     finish_reason: str | None = None  # None while the answer is being generated
+    # The prompt as the shard tokenized it; () in logs and dumps from before it was recorded, on
+    # turns older than the last PROMPT_IDS_TURNS, and for prompts over MAX_PROMPT_IDS.
+    prompt_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,18 +228,32 @@ def _add_member(state: MeshState, cmd: AddMember) -> MeshState:
         # Re-adding a live member refreshes its addresses and profile (a restart with a new port).
         member = dataclasses.replace(old, name=cmd.name, http_address=cmd.http_address,
                                      raft_address=cmd.raft_address, profile=dict(cmd.profile),
-                                     grpc_address=cmd.grpc_address or old.grpc_address)
+                                     grpc_address=cmd.grpc_address or old.grpc_address,
+                                     peer_address=cmd.peer_address or old.peer_address)
     else:
         if any(m.state != "gone" for m in state.members.values()):
             token = state.tokens.get(cmd.token_id or "")
             if token is None or not token.valid_at(cmd.joined_at):
                 raise Rejected("a valid join token is required to join this mesh")
+            state = dataclasses.replace(state, tokens={**state.tokens, token.token_id: dataclasses.replace(
+                token, used=token.used + 1)})
         taken = [m for m in state.members.values() if m.state != "gone" and m.raft_address == cmd.raft_address]
         if taken:
             raise Rejected(f"raft address {cmd.raft_address} is already used by {taken[0].name}")
         member = Member(node_id=cmd.node_id, name=cmd.name, http_address=cmd.http_address,
                         raft_address=cmd.raft_address, profile=dict(cmd.profile), state="active",
-                        joined_at=cmd.joined_at, grpc_address=cmd.grpc_address, witness=cmd.witness)
+                        joined_at=cmd.joined_at, grpc_address=cmd.grpc_address, witness=cmd.witness,
+                        peer_address=cmd.peer_address)
+    return dataclasses.replace(state, members={**state.members, cmd.node_id: member})
+
+
+def _update_profile(state: MeshState, cmd: UpdateProfile) -> MeshState:
+    member = state.members.get(cmd.node_id)
+    if member is None or member.state == "gone":
+        raise Rejected(f"unknown member {cmd.node_id}")
+    if not isinstance(cmd.profile, dict):
+        raise Rejected("a profile update is a mapping of profile fields")
+    member = dataclasses.replace(member, profile={**member.profile, **cmd.profile})
     return dataclasses.replace(state, members={**state.members, cmd.node_id: member})
 
 
@@ -287,7 +316,9 @@ def _create_token(state: MeshState, cmd: CreateToken) -> MeshState:
         raise Rejected(f"token {cmd.token_id} already exists")
     if cmd.expires_at <= cmd.created_at:
         raise Rejected("a token must expire after it is created")
-    token = JoinToken(cmd.token_id, cmd.secret_sha256, cmd.created_at, cmd.expires_at)
+    if not isinstance(cmd.uses, int) or cmd.uses < 1:
+        raise Rejected("a token allows at least one join")
+    token = JoinToken(cmd.token_id, cmd.secret_sha256, cmd.created_at, cmd.expires_at, uses=cmd.uses)
     return dataclasses.replace(state, tokens={**state.tokens, cmd.token_id: token})
 
 
@@ -359,8 +390,14 @@ def _session_turn_start(state: MeshState, cmd: SessionTurnStart) -> MeshState:
         turns = turns[:-1]  # an unfinished turn (its answer was never completed) is replaced
     if cmd.turn != len(turns):
         raise Rejected(f"session {cmd.session_id}: turn {cmd.turn} out of order (next is {len(turns)})")
-    turn = Turn(messages=tuple(tuple(m) for m in cmd.messages), prompt_tokens=cmd.prompt_tokens)
-    sessions[cmd.session_id] = Session(turns=(*turns, turn)[-MAX_TURNS:], last_used=cmd.at)
+    ids = tuple(int(t) for t in cmd.prompt_token_ids) if len(cmd.prompt_token_ids) <= MAX_PROMPT_IDS else ()
+    turn = Turn(messages=tuple(tuple(m) for m in cmd.messages), prompt_tokens=cmd.prompt_tokens,
+                prompt_token_ids=ids)
+    turns = (*turns, turn)[-MAX_TURNS:]
+    keep_from = len(turns) - PROMPT_IDS_TURNS
+    turns = tuple(dataclasses.replace(t, prompt_token_ids=()) if i < keep_from and t.prompt_token_ids else t
+                  for i, t in enumerate(turns))
+    sessions[cmd.session_id] = Session(turns=turns, last_used=cmd.at)
     if len(sessions) > MAX_SESSIONS:
         keep = sorted(sessions, key=lambda k: (sessions[k].last_used, k))[-MAX_SESSIONS:]
         sessions = {k: sessions[k] for k in keep}
@@ -409,6 +446,7 @@ def _revoke_api_key(state: MeshState, cmd: RevokeApiKey) -> MeshState:
 _HANDLERS = {
     InitMesh: _init_mesh,
     AddMember: _add_member,
+    UpdateProfile: _update_profile,
     SetMemberState: _set_member_state,
     RegisterModel: _register_model,
     AssignShard: _assign_shard,

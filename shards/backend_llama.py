@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
+import math
 from functools import lru_cache
 from typing import Iterator
 
@@ -33,6 +34,11 @@ class LlamaBackend:
         self.bos_text = self._special_text(self._llm.token_bos())
         self.eos_text = self._special_text(self._llm.token_eos())
         self.token_bytes = lru_cache(maxsize=65536)(self.token_bytes)  # type: ignore[method-assign]
+        # Candidate buffer for grammar-constrained steps: llama_token_data {id, logit, p}, one per token.
+        self._candidates = np.zeros(self.n_vocab, dtype=np.dtype([("id", np.int32), ("logit", np.float32),
+                                                                  ("p", np.float32)], align=True))
+        self._ids = np.arange(self.n_vocab, dtype=np.int32)
+        self._one = llama_cpp.llama_token_data()
         log.info("loaded %s (context %d, %d threads)", path, self.n_ctx, threads)
 
     def _special_text(self, token: int) -> str:
@@ -64,6 +70,9 @@ class LlamaBackend:
         be exact: `forced` tokens (already sent by a replica that died) are replayed one step
         each, sampling at every step as the original did so the sampler's random state and
         penalty history match, then sampling continues.
+
+        With `sampling.grammar` every step samples only tokens the grammar allows, and the end
+        of generation only once the grammar is complete; replayed tokens advance the grammar too.
         """
         llm = self._llm
         llm.set_seed((seed % 0xFFFFFFFE) + 1)  # llama.cpp treats some seeds as "random": stay clear
@@ -73,19 +82,81 @@ class LlamaBackend:
                                          typical_p=1.0, repeat_penalty=1.0,
                                          presence_penalty=sampling.presence_penalty,
                                          frequency_penalty=sampling.frequency_penalty)
+        grammar = None
         want = sampling.top_logprobs
         try:
+            if sampling.grammar:
+                grammar = self._grammar(sampling.grammar)
             llm.reset()
             llm.eval(prompt)
             for step in itertools.count():
                 if llm.n_tokens >= self.n_ctx:
                     return
-                sampled = llm.sample(temp=sampling.temperature, top_p=sampling.top_p)
-                token = forced[step] if step < len(forced) else sampled
+                replay = forced[step] if step < len(forced) else None
+                if grammar is None:
+                    sampled = llm.sample(temp=sampling.temperature, top_p=sampling.top_p)
+                    token = sampled if replay is None else replay
+                else:
+                    token = self._sample_with(grammar, llm._sampler.sampler, replay)
                 yield TokenStep(token) if want is None else self._with_logprobs(token, want)
                 llm.eval([token])
         finally:
             llm._sampler = None
+            if grammar is not None:
+                llama_cpp.llama_sampler_free(grammar)
+
+    def _grammar(self, text: str) -> ctypes.c_void_p:
+        grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode("utf-8"), b"root")
+        if not grammar:
+            raise ValueError("the grammar does not parse")
+        return grammar
+
+    def _sample_with(self, grammar: ctypes.c_void_p, chain: ctypes.c_void_p, replay: int | None) -> int:
+        """One step of llama_sampler_sample under a grammar, the way llama.cpp's own sampler does
+        it: the chain picks from every token; if the grammar does not allow that pick, the grammar
+        rules out what it does not allow and the chain picks again from the rest (rejection
+        sampling: same distribution, and one full grammar pass only when needed). The chosen
+        token, or `replay`, is accepted by both. A replayed step takes the same path as the
+        original, so the chain's random state stays in step."""
+        cur = self._candidates_array()
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur))
+        choice = self._selected(cur)
+        if not self._allows(grammar, choice):
+            cur = self._candidates_array()
+            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+            if not np.isfinite(self._candidates["logit"]).any():  # only masked: still in id order
+                raise ValueError("the grammar allows no token here")
+            llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur))
+            choice = self._selected(cur)
+        if replay is not None and not self._allows(grammar, replay):
+            raise ValueError(f"replayed token {replay} is not allowed by the grammar")
+        token = choice if replay is None else replay
+        llama_cpp.llama_sampler_accept(grammar, token)
+        llama_cpp.llama_sampler_accept(chain, token)
+        return token
+
+    def _candidates_array(self) -> llama_cpp.llama_token_data_array:
+        """Every token with its logit at the last position, as llama_sampler_sample builds them."""
+        raw = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        cand = self._candidates
+        cand["id"] = self._ids
+        cand["logit"] = np.ctypeslib.as_array(raw, shape=(self.n_vocab,))
+        cand["p"] = 0.0
+        return llama_cpp.llama_token_data_array(data=cand.ctypes.data_as(llama_cpp.llama_token_data_p),
+                                                size=self.n_vocab, selected=-1, sorted=False)
+
+    @staticmethod
+    def _selected(cur: llama_cpp.llama_token_data_array) -> int:
+        if not 0 <= cur.selected < cur.size:
+            raise ValueError("the sampler chain selected no token")
+        return int(cur.data[cur.selected].id)  # samplers may point `data` elsewhere: read through it
+
+    def _allows(self, grammar: ctypes.c_void_p, token: int) -> bool:
+        one = self._one
+        one.id, one.logit, one.p = token, 0.0, 0.0
+        cur = llama_cpp.llama_token_data_array(data=ctypes.pointer(one), size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(cur))
+        return math.isfinite(one.logit)
 
     def _with_logprobs(self, token: int, top: int) -> TokenStep:
         """Log-probabilities of the model's distribution at the step that chose `token`."""

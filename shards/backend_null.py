@@ -3,6 +3,8 @@
 Tokens are bytes (ids 0-255) plus BOS (256) and EOS (257). It "generates" words from a fixed
 list, chosen by a random generator seeded from the seed and the prompt, and ends with EOS after
 `reply_tokens` tokens. `delay_s` slows each token down so tests can catch a generation mid-way.
+`reply` replaces the words with a fixed text (say, a tool call for tests of what the gateway
+makes of one). It has no vocabulary to apply a grammar to: Sampling.grammar is ignored.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ class NullBackend:
     bos_text = "<bos>"
     eos_text = "<eos>"
 
-    def __init__(self, n_ctx: int = 512, reply_tokens: int = 24, delay_s: float = 0.0) -> None:
+    def __init__(self, n_ctx: int = 512, reply_tokens: int = 24, delay_s: float = 0.0,
+                 reply: str | None = None) -> None:
         self.n_ctx = n_ctx
-        self.reply_tokens = reply_tokens
+        self.reply_tokens = reply_tokens if reply is None else len(reply.encode())
         self.delay_s = delay_s
+        self.reply = reply
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
         return ([BOS] if add_bos else []) + list(text.encode("utf-8"))
@@ -42,7 +46,8 @@ class NullBackend:
     def generate(self, prompt: list[int], sampling: Sampling, seed: int,
                  forced: tuple[int, ...] = ()) -> Iterator[TokenStep]:
         rng = random.Random(f"{seed}:{len(prompt)}:{sum(prompt)}" if sampling.temperature > 0 else "greedy")
-        text = " ".join(rng.choice(_WORDS) for _ in range(self.reply_tokens)).encode()
+        text = self.reply.encode() if self.reply is not None else \
+            " ".join(rng.choice(_WORDS) for _ in range(self.reply_tokens)).encode()
         for i in range(len(prompt), self.n_ctx):
             if self.delay_s:
                 time.sleep(self.delay_s)
@@ -55,5 +60,6 @@ class NullBackend:
         """Nothing to free: there are no weights."""
 
 
-def open_backend(n_ctx: int = 512, reply_tokens: int = 24, delay_s: float = 0.0, **_ignored) -> NullBackend:
-    return NullBackend(n_ctx=n_ctx, reply_tokens=reply_tokens, delay_s=delay_s)
+def open_backend(n_ctx: int = 512, reply_tokens: int = 24, delay_s: float = 0.0, reply: str | None = None,
+                 **_ignored) -> NullBackend:
+    return NullBackend(n_ctx=n_ctx, reply_tokens=reply_tokens, delay_s=delay_s, reply=reply)

@@ -8,12 +8,17 @@ Refusals are gRPC statuses with a machine-readable reason in the trailing metada
 `quorum-reason` (REASON_KEY); the details carry the human message:
 
     QueueFull                 RESOURCE_EXHAUSTED  queue_full  (+ quorum-queue-depth)
-    ContextLengthExceeded     INVALID_ARGUMENT    context_length_exceeded
+    ContextLengthExceeded     INVALID_ARGUMENT    context_length_exceeded  (+ quorum-n-ctx, quorum-prompt-tokens,
+                                                                           quorum-max-tokens when asked)
     TemplateError             INVALID_ARGUMENT    template
     malformed request         INVALID_ARGUMENT    bad_request
     unknown (role, model)     UNAVAILABLE         not_served
     NotReady                  UNAVAILABLE         not_ready
     a bug in the shard        INTERNAL            internal
+
+Embed (context shards): no texts or too many -> INVALID_ARGUMENT bad_request; a shard that is not
+an encoder -> UNAVAILABLE not_served; QueueFull and NotReady as above. Vectors travel as bytes
+(little-endian float32).
 
 FetchModel: a name that is not a plain file name, or a bad sha256 -> INVALID_ARGUMENT bad_request;
 no such file -> NOT_FOUND not_found; not verified to the requested sha256 -> FAILED_PRECONDITION
@@ -33,9 +38,11 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from proto import mesh_pb2, mesh_pb2_grpc
+from shards.context import MAX_TEXTS, Embedded
 from shards.local import LocalShard
 from shards.model_files import ModelFileError, is_verified, model_path
 from shards.templates import TemplateError
+from shards.tools import MAX_GRAMMAR_CHARS
 from shards.types import (
     ContextLengthExceeded,
     Event,
@@ -44,6 +51,7 @@ from shards.types import (
     GenerateRequest,
     Message,
     NotReady,
+    Opened,
     Piece,
     QueueFull,
     Sampling,
@@ -96,6 +104,9 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 
 REASON_KEY = "quorum-reason"
 QUEUE_DEPTH_KEY = "quorum-queue-depth"
+N_CTX_KEY = "quorum-n-ctx"
+PROMPT_TOKENS_KEY = "quorum-prompt-tokens"
+MAX_TOKENS_KEY = "quorum-max-tokens"
 
 QUEUE_FULL = "queue_full"
 CONTEXT_LENGTH = "context_length_exceeded"
@@ -139,6 +150,8 @@ def request_to_proto(role: str, model: str, req: GenerateRequest) -> mesh_pb2.Ge
         sampling.max_tokens = min(s.max_tokens, INT64_MAX)
     if s.top_logprobs is not None:
         sampling.top_logprobs = s.top_logprobs
+    if s.grammar:
+        sampling.grammar = s.grammar
     return mesh_pb2.GenerateRequest(
         role=role, model=model, sampling=sampling, n=req.n,
         messages=[mesh_pb2.Message(role=m.role, content=m.content) for m in req.messages],
@@ -182,13 +195,26 @@ def _sampling_from_proto(s: mesh_pb2.Sampling) -> Sampling:
                          f"got {s.top_logprobs}")
     if len(s.stop) > MAX_STOP:
         raise BadRequest(f"at most {MAX_STOP} stop sequences; got {len(s.stop)}")
+    if len(s.grammar) > MAX_GRAMMAR_CHARS:
+        raise BadRequest(f"sampling.grammar may be at most {MAX_GRAMMAR_CHARS} characters; got {len(s.grammar)}")
     return Sampling(
         temperature=temperature, top_p=top_p,
         seed=s.seed if s.HasField("seed") else None,
         max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
         stop=tuple(x for x in s.stop if x),
         top_logprobs=s.top_logprobs if s.HasField("top_logprobs") else None,
-        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty)
+        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+        grammar=s.grammar if s.HasField("grammar") and s.grammar else None)
+
+
+def admitted_to_proto(opened: Opened) -> mesh_pb2.GenerateEvent:
+    return mesh_pb2.GenerateEvent(admitted=mesh_pb2.Admitted(
+        prompt_tokens=opened.prompt_tokens, choices=opened.choices, prompt_token_ids=list(opened.prompt_token_ids)))
+
+
+def admitted_from_proto(admitted: mesh_pb2.Admitted) -> tuple[int, int, tuple[int, ...]]:
+    """(prompt tokens, choices, prompt token ids) of an Admitted event."""
+    return admitted.prompt_tokens, admitted.choices, tuple(admitted.prompt_token_ids)
 
 
 def event_to_proto(index: int, event: Event) -> mesh_pb2.GenerateEvent:
@@ -251,9 +277,9 @@ def _parser(message_type: Any) -> Callable[[bytes], Any]:
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str, message: str,
-                 queue_depth: int | None = None) -> None:
+                 queue_depth: int | None = None, extra: tuple[tuple[str, str], ...] = ()) -> None:
     """Ends the call with `code`, the message as details and the reason in trailing metadata."""
-    metadata = [(REASON_KEY, reason)]
+    metadata = [(REASON_KEY, reason), *extra]
     if queue_depth is not None:
         metadata.append((QUEUE_DEPTH_KEY, str(queue_depth)))
     await context.abort(code, message, trailing_metadata=tuple(metadata))
@@ -279,6 +305,9 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
             "Health": grpc.unary_unary_rpc_method_handler(
                 self.Health, request_deserializer=_parser(mesh_pb2.HealthRequest),
                 response_serializer=mesh_pb2.HealthReply.SerializeToString),
+            "Embed": grpc.unary_unary_rpc_method_handler(
+                self.Embed, request_deserializer=_parser(mesh_pb2.EmbedRequest),
+                response_serializer=mesh_pb2.EmbedReply.SerializeToString),
         }),))
 
     async def Generate(self, request: mesh_pb2.GenerateRequest | Undecodable,
@@ -293,14 +322,13 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, BAD_REQUEST, str(exc))
             return
         shard = self._shards().get((request.role, request.model))
-        if shard is None:
+        if shard is None or not hasattr(shard, "open"):  # an encoder (context shard) does not generate
             await _abort(context, grpc.StatusCode.UNAVAILABLE, NOT_SERVED,
                          f"this node serves no {request.role!r} shard of {request.model!r}")
             return
         opened = await self._open(shard, req, context)
         try:
-            await context.write(mesh_pb2.GenerateEvent(
-                admitted=mesh_pb2.Admitted(prompt_tokens=opened.prompt_tokens, choices=opened.choices)))
+            await context.write(admitted_to_proto(opened))
             async for index, event in opened.events:
                 await context.write(event_to_proto(index, event))
         finally:
@@ -320,7 +348,7 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
         except QueueFull as exc:
             await _abort(context, code.RESOURCE_EXHAUSTED, QUEUE_FULL, str(exc), queue_depth=exc.depth)
         except ContextLengthExceeded as exc:
-            await _abort(context, code.INVALID_ARGUMENT, CONTEXT_LENGTH, str(exc))
+            await _abort(context, code.INVALID_ARGUMENT, CONTEXT_LENGTH, str(exc), extra=context_length_metadata(exc))
         except TemplateError as exc:
             await _abort(context, code.INVALID_ARGUMENT, TEMPLATE, str(exc))
         except NotReady as exc:
@@ -341,12 +369,70 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
                              waiting=shard.waiting, busy=shard.busy, n_ctx=shard.n_ctx)
         return reply
 
+    async def Embed(self, request: mesh_pb2.EmbedRequest | Undecodable,
+                    context: grpc.aio.ServicerContext) -> mesh_pb2.EmbedReply:
+        code = grpc.StatusCode
+        if isinstance(request, Undecodable):
+            await _abort(context, code.INVALID_ARGUMENT, BAD_REQUEST, f"undecodable EmbedRequest: {request.error}")
+        if not 0 < len(request.texts) <= MAX_TEXTS:
+            await _abort(context, code.INVALID_ARGUMENT, BAD_REQUEST,
+                         f"an EmbedRequest takes 1 to {MAX_TEXTS} texts; got {len(request.texts)}")
+        shard = self._shards().get((request.role, request.model))
+        if shard is None or not hasattr(shard, "embed"):
+            await _abort(context, code.UNAVAILABLE, NOT_SERVED,
+                         f"this node serves no encoder for {request.role!r} of {request.model!r}")
+        try:
+            return embedded_to_proto(await shard.embed(list(request.texts)))
+        except QueueFull as exc:
+            await _abort(context, code.RESOURCE_EXHAUSTED, QUEUE_FULL, str(exc), queue_depth=exc.depth)
+        except NotReady as exc:
+            await _abort(context, code.UNAVAILABLE, NOT_READY, str(exc) or "the shard is not ready")
+        except Exception as exc:  # a bug in the encoder: say so, keep serving
+            log.exception("%s/%s: embed failed", request.role, request.model)
+            await _abort(context, code.INTERNAL, INTERNAL, f"the encoder failed: {exc}")
+        raise AssertionError("context.abort returned")
 
-def context_length_error(message: str) -> ContextLengthExceeded:
-    """The ContextLengthExceeded a peer raised, rebuilt from its message (which is all it holds)."""
+
+def context_length_error(message: str, metadata: dict[str, str] | None = None) -> ContextLengthExceeded:
+    """The ContextLengthExceeded a peer raised, rebuilt from its message and the counts in its
+    trailing metadata (0 / None where a peer did not send them)."""
+    meta = metadata or {}
     exc = ContextLengthExceeded.__new__(ContextLengthExceeded)
     Exception.__init__(exc, message)
+    exc.n_ctx, exc.prompt = _int_or(meta.get(N_CTX_KEY), 0), _int_or(meta.get(PROMPT_TOKENS_KEY), 0)
+    exc.completion = _int_or(meta.get(MAX_TOKENS_KEY), None)
     return exc
+
+
+def context_length_metadata(exc: ContextLengthExceeded) -> tuple[tuple[str, str], ...]:
+    meta = ((N_CTX_KEY, str(exc.n_ctx)), (PROMPT_TOKENS_KEY, str(exc.prompt)))
+    return meta + (((MAX_TOKENS_KEY, str(exc.completion)),) if exc.completion is not None else ())
+
+
+def _int_or(value: str | None, default: int | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else default
+
+
+def embed_request_to_proto(role: str, model: str, texts: list[str]) -> mesh_pb2.EmbedRequest:
+    return mesh_pb2.EmbedRequest(role=role, model=model, texts=texts)
+
+
+def embedded_to_proto(e: Embedded) -> mesh_pb2.EmbedReply:
+    vectors = e.vectors.astype("<f4", copy=False)
+    return mesh_pb2.EmbedReply(dimensions=vectors.shape[1], vectors=vectors.tobytes(), tokens=list(e.tokens),
+                               n_ctx=e.n_ctx)
+
+
+def embedded_from_proto(reply: mesh_pb2.EmbedReply, texts: int) -> Embedded:
+    """The Embedded a peer sent for `texts` texts; ValueError if its shape does not match."""
+    import numpy as np
+
+    d = reply.dimensions
+    if d == 0 or len(reply.vectors) != texts * d * 4 or len(reply.tokens) != texts:
+        raise ValueError(f"an EmbedReply for {texts} texts had {len(reply.tokens)} token counts and "
+                         f"{len(reply.vectors)} bytes of {d}-dimensional vectors")
+    vectors = np.frombuffer(reply.vectors, dtype="<f4").reshape(texts, d).astype(np.float32)
+    return Embedded(vectors=vectors, tokens=tuple(reply.tokens), n_ctx=reply.n_ctx)
 
 
 # -- the node service: model files for peers ---------------------------------------------------

@@ -124,7 +124,7 @@ class LocalShard:
                 cancel()
 
         return Opened(prompt_tokens=sum(len(p) for p in prompts), choices=len(gens), events=events(),
-                      cancel=cancel)
+                      cancel=cancel, prompt_token_ids=tuple(t for p in prompts for t in p))
 
     def submit(self, work: list[tuple[list[int], Sampling]], stop_texts: tuple[str, ...] = (),
                forced: tuple[int, ...] = ()) -> list[Generation]:

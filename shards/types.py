@@ -22,6 +22,8 @@ class Sampling:
     top_logprobs: int | None = None  # None: no logprobs; 0..N: chosen token plus N alternatives
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # A llama.cpp GBNF grammar the output must follow (tool calls, JSON answers; see shards/tools.py).
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class QueueFull(ShardError):
 
 class ContextLengthExceeded(ShardError):
     def __init__(self, n_ctx: int, prompt: int, completion: int | None) -> None:
+        self.n_ctx, self.prompt, self.completion = n_ctx, prompt, completion  # for fitting (context role)
         asked = prompt + (completion or 0)
         detail = f"{prompt} in the prompt" + (f", {completion} in the completion" if completion else "")
         super().__init__(f"This model's maximum context length is {n_ctx} tokens. However, you "
@@ -107,8 +110,11 @@ class Opened:
     """A request a shard has admitted: its choices' events, in choice order, and a way to stop them.
 
     `events` yields (choice index, event): each choice's Pieces then its Finished (or Failed).
+    `prompt_token_ids` is the prompt as the shard tokenized it (a chat: the rendered conversation;
+    several raw prompts: one after the other); empty when unknown (a peer that predates it).
     """
     prompt_tokens: int
     choices: int
     events: AsyncIterator[tuple[int, "Event"]]
     cancel: Callable[[], None]
+    prompt_token_ids: tuple[int, ...] = ()

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 MESHD = [sys.executable, "-m", "mesh.meshd"]
 
 
-def free_ports(count: int = 3) -> int:
+def free_ports(count: int = 4) -> int:
     """A base port such that base .. base+count-1 are all free on 127.0.0.1."""
     for _ in range(200):
         with socket.socket() as s:
@@ -61,7 +61,7 @@ class Meshd:
         """`prefix` runs meshd under another command (e.g. `ip netns exec NS`); `host` is the
         address the test reaches it on; `listen`/`advertise` default to host:port and nothing."""
         self.data_dir = Path(data_dir)
-        self.port = port or free_ports(3)
+        self.port = port or free_ports(4)
         self.address = f"{host}:{self.port}"
         self.base_url = f"http://{self.address}"
         self.name = name or self.data_dir.name
@@ -103,16 +103,21 @@ class Meshd:
             raise RuntimeError(f"meshd init failed: {done.stderr}")
         return done.stdout
 
+    def admin_headers(self) -> dict[str, str]:
+        """The admin credential meshd keeps in the data dir (control API calls need it)."""
+        path = self.data_dir / "admin.token"
+        return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
+
     def post(self, path: str, body: dict | None = None, timeout: float = 60) -> httpx.Response:
-        return httpx.post(f"{self.base_url}{path}", json=body or {}, timeout=timeout)
+        return httpx.post(f"{self.base_url}{path}", json=body or {}, timeout=timeout, headers=self.admin_headers())
 
     def get_json(self, path: str) -> dict:
-        reply = httpx.get(f"{self.base_url}{path}", timeout=10)
+        reply = httpx.get(f"{self.base_url}{path}", timeout=10, headers=self.admin_headers())
         reply.raise_for_status()
         return reply.json()
 
     def status(self) -> dict:
-        return httpx.get(f"{self.base_url}/control/v1/status", timeout=5).json()
+        return httpx.get(f"{self.base_url}/control/v1/status", timeout=5, headers=self.admin_headers()).json()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -141,13 +146,13 @@ def join_token(node: Meshd, ttl_s: int = 3600) -> str:
 
 
 def ready_replicas(node: Meshd) -> list[str]:
-    """Names of the members holding a ready shard, as `node` sees it ([] while it is starting)."""
+    """Names of the members holding a ready reasoning shard, as `node` sees it ([] while it is starting)."""
     try:
         st = node.status()
     except httpx.HTTPError:
         return []
     names = {m["node_id"]: m["name"] for m in st["members"]}
-    return sorted(names[s["node_id"]] for s in st["shards"] if s["state"] == "ready")
+    return sorted(names[s["node_id"]] for s in st["shards"] if s["state"] == "ready" and s["role"] == "reasoning")
 
 
 def start_mesh(root: Path, names: list[str], replicas_on: list[str], **kw) -> dict[str, Meshd]:
@@ -173,9 +178,9 @@ def start_mesh(root: Path, names: list[str], replicas_on: list[str], **kw) -> di
 
 
 def serves(node: Meshd) -> bool:
-    """True once the node has loaded a shard itself (the log may still say "ready" from before a restart)."""
+    """True once the node has loaded a reasoning shard itself (the log may still say "ready" from before a restart)."""
     try:
-        return bool(node.status()["local_shards"])
+        return any(s["role"] == "reasoning" for s in node.status()["local_shards"])
     except httpx.HTTPError:
         return False
 

@@ -16,8 +16,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh.forward import FORWARDED
+from mesh.gateway.embeddings import create_embeddings
 from mesh.gateway.errors import ApiError, bad_request, too_large, unavailable
 from mesh.gateway.metrics import Metrics
+from mesh.gateway.openapi import openapi
 from mesh.gateway.service import Gateway, Run
 from mesh.gateway.validation import parse_chat, parse_completion, parse_json
 from mesh.sessions import check_session_id
@@ -38,7 +40,7 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
 
     async def read_json(request: Request) -> dict:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        if declared is not None and _declared_length(declared) > limits.max_body_bytes:
             raise too_large(limits.max_body_bytes)
         body = bytearray()
         try:
@@ -84,6 +86,9 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         finally:
             run.cancel()
 
+    async def embeddings(request: Request) -> Response:
+        return JSONResponse(await create_embeddings(gateway, await read_json(request)))
+
     async def list_models(request: Request) -> Response:
         created = int(time.time())
         data = [{"id": name, "object": "model", "created": created, "owned_by": "quorum"}
@@ -106,6 +111,9 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
     async def metrics(request: Request) -> Response:
         return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi(limits))
+
     async def api_error(request: Request, exc: ApiError) -> Response:
         return exc.response()
 
@@ -127,16 +135,18 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         *extra_routes,
     ]
     app = Starlette(routes=routes, exception_handlers={
         ApiError: api_error, ClientGone: client_gone, 404: not_found, 405: bad_method,
         Exception: internal_error})
-    return RequestLog(app, gateway.metrics)
+    return RequestLog(BodyLimit(app, limits.max_body_bytes), gateway.metrics)
 
 
 async def until_disconnect(request: Request, work: Awaitable[dict]) -> dict:
@@ -160,6 +170,42 @@ async def _disconnected(request: Request) -> None:
         if message["type"] == "http.disconnect":
             log.info("client disconnected from %s; its generation is cancelled", request.url.path)
             return
+
+
+def _declared_length(value: str) -> int:
+    """A Content-Length header's value; -1 when it is not a plain decimal number (no server in
+    front checked it: '²'.isdigit() is true but int('²') fails)."""
+    return int(value) if value.isascii() and value.isdigit() else -1
+
+
+class BodyLimit:
+    """ASGI middleware: no route reads more than `limit` bytes of body (the control API's routes
+    included), whatever Content-Length says or whether it is chunked: 413 instead."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k.lower() == b"content-length"), None)
+        if declared is not None and _declared_length(declared.decode("latin-1")) > self.limit:
+            await too_large(self.limit).response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise too_large(self.limit)  # raised inside the route's read: answered by its handler
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class RequestLog:
@@ -198,5 +244,6 @@ class RequestLog:
 
 
 def _endpoint(path: str) -> str:
-    known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/control/v1/status")
+    known = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
+             "/control/v1/status")
     return next((k for k in known if path == k or path.startswith(k + "/")), "other")

@@ -33,6 +33,8 @@ class Metrics:
         self.queue_depth = Gauge("quorum_queue_depth", "Requests waiting for a shard", ["role", "model"],
                                  registry=r)
         self.in_flight = Gauge("quorum_requests_in_flight", "Requests being answered", registry=r)
+        self.routed = Counter("quorum_routed", "Requests sent to a replica, by its role", ["role", "model"],
+                              registry=r)
 
     def watch_queue(self, role: str, model: str, depth: Callable[[], float]) -> None:
         self.queue_depth.labels(role, model).set_function(depth)

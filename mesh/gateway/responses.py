@@ -47,6 +47,7 @@ class ChoiceText:
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    message: dict | None = None  # the whole message when it is not plain text (tool calls)
 
     def add(self, piece: Piece) -> None:
         self.text += piece.text
@@ -68,7 +69,7 @@ class ChatFormat:
         return {
             **self._head("chat.completion"),
             "choices": [
-                {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                {"index": i, "message": c.message or {"role": "assistant", "content": c.text, "refusal": None},
                  "logprobs": chat_logprobs(c.logprobs) if self.logprobs else None,
                  "finish_reason": c.finish_reason}
                 for i, c in enumerate(choices)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable
 
 from mesh.config import MeshConfig
 from mesh.failover import ResumableRun
 from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
+from mesh.gateway.tools import ToolShaper
 from mesh.gateway.validation import ChatRequest, CompletionRequest
 from mesh.router import LocalPicker, NoReplica, Router
 from mesh.sessions import NotCommitted, SessionLog, TurnRecorder
@@ -25,6 +26,7 @@ from shards.types import (
     Failed,
     Finished,
     GenerateRequest,
+    Message,
     NotReady,
     Opened,
     Piece,
@@ -99,23 +101,24 @@ class Gateway:
             return await self._resume_chat(req)
         if req.session_id is None:
             return await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
-                                                               messages=req.messages))
+                                                               messages=_with_preamble(req, ())))
         if self.sessions is None:
             raise bad_request("Sessions need a mesh node (this gateway keeps no log).", "X-Session-Id")
         turn, history = self.sessions.history(req.session_id)
         run = await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
-                                                          messages=(*history, *req.messages)))
-        run.recorder = self.sessions.recorder(req.session_id, turn, req.messages, run.prompt_tokens)
+                                                          messages=_with_preamble(req, history)))
+        run.recorder = self.sessions.recorder(req.session_id, turn, req.messages, run.prompt_tokens,
+                                              run.resumable.prompt_token_ids)
         return run
 
     async def _resume_chat(self, req: ChatRequest) -> Run:
         """A stream the previous leader was answering, continued here (see mesh/stream_resume.py)."""
         state = req.resume
         self.check_model(req.model)
-        messages, turn = req.messages, None
+        messages, turn = _with_preamble(req, ()), None
         if req.session_id is not None and self.sessions is not None:
             turn, history = self.sessions.history(req.session_id)
-            messages = (*history, *req.messages)
+            messages = _with_preamble(req, history)
         request = GenerateRequest(sampling=req.sampling, n=req.n, messages=messages)
 
         def reopen(r: GenerateRequest, avoid: set[str]) -> Awaitable[tuple[str, Opened]]:
@@ -136,16 +139,27 @@ class Gateway:
     async def collect_chat(self, req: ChatRequest, run: Run) -> dict:
         fmt = ChatFormat(req.model, req.logprobs)
         choices = [ChoiceText() for _ in range(run.choices)]
+        shapers = [ToolShaper(req.tool_use) for _ in choices] if req.tool_use and req.tool_use.calls else None
         completion = 0
         async for index, event in self._events(run):
             if isinstance(event, Piece):
                 choices[index].add(event)
+                if shapers:
+                    shapers[index].feed(event.text)
             elif isinstance(event, Finished):
                 choices[index].finish_reason = event.reason
                 completion += event.completion_tokens
+                if shapers:
+                    shapers[index].finish()
+                    choices[index].message = shapers[index].message()
+                    choices[index].finish_reason = shapers[index].finish_reason(event.reason)
         return fmt.completion(choices, run.prompt_tokens, completion)
 
     async def stream_chat(self, req: ChatRequest, run: Run) -> AsyncIterator[bytes]:
+        if req.tool_use is not None and req.tool_use.calls:
+            async for data in self._stream_tool_calls(req, run):
+                yield data
+            return
         fmt = ChatFormat(req.model, req.logprobs)
         started: set[int] = set()
         completion = 0
@@ -174,6 +188,52 @@ class Gateway:
                     completion += event.completion_tokens
                     yield chunk(fmt.chunk(index, {}, finish_reason=event.reason, with_usage_field=req.include_usage),
                                 {"completion_tokens": event.completion_tokens})
+            if req.include_usage:
+                yield sse(fmt.usage_chunk(run.prompt_tokens, completion))
+            yield sse("[DONE]")
+        finally:
+            run.cancel()
+
+    async def _stream_tool_calls(self, req: ChatRequest, run: Run) -> AsyncIterator[bytes]:
+        """A chat stream whose answers may be tool calls: each choice's text goes through a
+        ToolShaper, which holds a call's header back until it is whole and then releases its
+        arguments as they come. The role rides on each choice's first delta; the tokens and
+        logprobs of text held back go out with the next chunk."""
+        fmt = ChatFormat(req.model, req.logprobs)
+        shapers: dict[int, ToolShaper] = {}
+        started: set[int] = set()
+        held: dict[int, tuple[list[int], list]] = {}  # per choice: tokens and logprobs not sent yet
+        completion = 0
+
+        def chunk(index: int, delta: dict, extra: dict | None = None, finish_reason: str | None = None) -> bytes:
+            if index not in started:
+                started.add(index)
+                delta = {"role": "assistant", "content": None, "refusal": None, **delta}
+            tokens, logprobs = held.pop(index, ([], []))
+            body = fmt.chunk(index, delta, finish_reason=finish_reason, logprobs=tuple(logprobs),
+                             with_usage_field=req.include_usage)
+            if req.relayed:  # a relaying member keeps the tokens to resume this stream if this leader dies
+                body[EXTRA] = {"index": index, "prompt_tokens": run.prompt_tokens, "tokens": tokens, **(extra or {})}
+            return sse(body)
+
+        try:
+            async for index, event in self._events(run, stream=True):
+                if isinstance(event, Failed):
+                    yield sse(_failure(event).body())
+                    return
+                shaper = shapers.setdefault(index, ToolShaper(req.tool_use))
+                if isinstance(event, Piece):
+                    tokens, logprobs = held.setdefault(index, ([], []))
+                    tokens.extend(event.tokens)
+                    logprobs.extend(event.logprobs)
+                    for delta in shaper.feed(event.text):
+                        yield chunk(index, delta)
+                elif isinstance(event, Finished):
+                    for delta in shaper.finish():
+                        yield chunk(index, delta)
+                    completion += event.completion_tokens
+                    yield chunk(index, {}, {"completion_tokens": event.completion_tokens},
+                                shaper.finish_reason(event.reason))
             if req.include_usage:
                 yield sse(fmt.usage_chunk(run.prompt_tokens, completion))
             yield sse("[DONE]")
@@ -233,7 +293,13 @@ class Gateway:
         """Admits a request on a replica of `model`, or raises the ApiError that says why not."""
         started = time.perf_counter()
         self.check_model(model)
-        node_id, opened = await self._admit(model, request, set())
+        try:
+            node_id, opened = await self._admit(model, request, set(), fit=bool(request.messages))
+        except ContextLengthExceeded as exc:  # a chat longer than the window: the context role shortens it
+            from mesh.gateway.context_window import fit_and_admit
+
+            request, node_id, opened = await fit_and_admit(
+                self, request, exc, lambda r: self._admit(model, r, set(), fit=True))
         self.metrics.prompt_tokens.labels(model).inc(opened.prompt_tokens)
 
         def reopen(req: GenerateRequest, avoid: set[str]) -> Awaitable[tuple[str, Opened]]:
@@ -244,13 +310,15 @@ class Gateway:
 
         return Run(model=model, resumable=ResumableRun(request, node_id, opened, reopen, counted), started=started)
 
-    async def _admit(self, model: str, request: GenerateRequest, avoid: set[str]) -> tuple[str, Opened]:
-        """Opens `request` on the least-loaded ready replica outside `avoid`; a replica that turns
+    async def _admit(self, model: str, request: GenerateRequest, avoid: set[str],
+                     fit: bool = False) -> tuple[str, Opened]:
+        """Opens `request` on the least-loaded ready replica outside `avoid` (with `fit`, a prompt
+        over the window raises ContextLengthExceeded instead of its 400); a replica that turns
         out to be unreachable is skipped for the next one."""
         retry_after = self.config.gateway.retry_after_s
         while True:
             try:
-                node_id, shard = self.picker.pick("reasoning", model, avoid)
+                node_id, shard = self._pick(model, request, avoid)
             except NoReplica:
                 raise unavailable(f"No replica of '{model}' is ready ({self.loading_detail}).", retry_after,
                                   code="loading" if not avoid else "no_replica") from None
@@ -259,12 +327,29 @@ class Gateway:
             except TemplateError as exc:
                 raise bad_request(str(exc), "messages") from None
             except ContextLengthExceeded as exc:
+                if fit:
+                    raise
                 raise bad_request(str(exc), "messages", "context_length_exceeded") from None
             except QueueFull as exc:
                 raise queue_full(str(exc), retry_after) from None
             except NotReady as exc:
                 log.warning("replica of %s on %s cannot take requests (%s); trying another", model, node_id, exc)
                 avoid = avoid | {node_id}
+
+    def _pick(self, model: str, request: GenerateRequest, avoid: set[str]) -> tuple[str, Any]:
+        """A grammar-constrained request (tool calls, JSON answers) goes to a tool-use replica of
+        the model when one is ready, else to a reasoning replica, which applies the same grammar."""
+        if request.sampling.grammar:
+            try:
+                picked = self.picker.pick("tool-use", model, avoid)
+            except NoReplica:
+                pass  # no tool-use replica (the default mesh has none): the reasoning one serves it
+            else:
+                self.metrics.routed.labels("tool-use", model).inc()
+                return picked
+        picked = self.picker.pick("reasoning", model, avoid)
+        self.metrics.routed.labels("reasoning", model).inc()
+        return picked
 
     async def _events(self, run: Run, stream: bool = False) -> AsyncIterator[tuple[int, Event]]:
         """Each choice's events in turn; records time to first token; a Failed event ends a
@@ -295,6 +380,14 @@ class Gateway:
             except NotCommitted as exc:
                 return Failed(str(exc), retryable=True)
         return event
+
+
+def _with_preamble(req: ChatRequest, history: tuple[Message, ...] | list[Message]) -> tuple[Message, ...]:
+    """The conversation a replica renders: what the tools or the JSON answer need the model to
+    know (a system message), the session's history, then this turn's messages."""
+    use = req.tool_use
+    preamble = (Message("system", use.preamble),) if use is not None and use.preamble else ()
+    return (*preamble, *history, *req.messages)
 
 
 def _failure(event: Failed) -> ApiError:

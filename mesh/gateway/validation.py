@@ -7,6 +7,7 @@ ignored, as llama.cpp's server and Ollama do, so newer clients keep working.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 from mesh.config import GatewayConfig
 from mesh.gateway.errors import bad_request
+from mesh.gateway.tools import ToolUse, lower_message, parse_tool_use
 from shards.templates import Message
 from shards.types import Sampling
 
@@ -33,6 +35,7 @@ class ChatRequest:
     session_id: str | None = None  # X-Session-Id: messages are this turn's; history comes from the log
     relayed: bool = False  # relayed by another member: chunks carry what it needs to resume the stream
     resume: Any = None  # a StreamState: continue a stream a previous leader was answering
+    tool_use: ToolUse | None = None  # tools the model may call, or a JSON answer (mesh/gateway/tools.py)
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,29 @@ def parse_json(raw: bytes) -> dict[str, Any]:
                           "object (see https://platform.openai.com/docs/api-reference).") from None
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    if _lone_surrogates(raw, body):
+        raise bad_request("The JSON body holds a lone UTF-16 surrogate (\\ud800-\\udfff, escaped or encoded); "
+                          "strings must be valid Unicode.")
     return body
+
+
+def _lone_surrogates(raw: bytes, body: dict) -> bool:
+    """json.loads takes '\\ud800' alone (and decodes bytes with 'surrogatepass'); such a str cannot be
+    encoded as UTF-8 later, in a tokenizer or in the error message that echoes it."""
+    if raw.isascii() and b"\\u" not in raw:
+        return False
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_chat(body: dict[str, Any], limits: GatewayConfig) -> ChatRequest:
     model = _model(body)
     messages = _messages(body, limits)
     _unsupported(body)
+    tool_use = parse_tool_use(body)
     logprobs = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, 0, limits.max_top_logprobs)
     if top is not None and not logprobs:
@@ -70,9 +89,13 @@ def parse_chat(body: dict[str, Any], limits: GatewayConfig) -> ChatRequest:
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", None, 1, None)
     sampling = _sampling(body, limits, max_tokens, (top or 0) if logprobs else None)
+    if tool_use is not None:
+        # Stop sequences could cut a call in the middle: a call ends when its grammar does.
+        sampling = dataclasses.replace(sampling, grammar=tool_use.grammar,
+                                       stop=() if tool_use.calls else sampling.stop)
     return ChatRequest(model=model, messages=messages, sampling=sampling,
                        n=_int(body, "n", 1, 1, limits.max_n), stream=stream,
-                       include_usage=include_usage, logprobs=logprobs)
+                       include_usage=include_usage, logprobs=logprobs, tool_use=tool_use)
 
 
 def parse_completion(body: dict[str, Any], limits: GatewayConfig) -> CompletionRequest:
@@ -88,6 +111,9 @@ def parse_completion(body: dict[str, Any], limits: GatewayConfig) -> CompletionR
         raise bad_request("'prompt' must be a string or a non-empty list of strings.", "prompt")
     if len(prompts) > limits.max_n:
         raise bad_request(f"At most {limits.max_n} prompts per request.", "prompt")
+    for key in ("tools", "tool_choice", "response_format"):
+        if body.get(key) is not None:
+            raise bad_request(f"'{key}' is only supported on /v1/chat/completions.", key)
     for key in ("suffix",):
         if body.get(key) not in (None, ""):
             raise bad_request(f"'{key}' is not supported.", key)
@@ -117,19 +143,30 @@ def _messages(body: dict, limits: GatewayConfig) -> tuple[Message, ...]:
         raise bad_request("'messages' is required and must be a non-empty array.", "messages")
     if len(raw) > limits.max_messages:
         raise bad_request(f"At most {limits.max_messages} messages per request.", "messages")
-    out = []
+    out: list[Message] = []
+    calls_by_id: dict[str, str] = {}  # tool call id -> function name, from assistant messages
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise bad_request(f"{where} must be an object with 'role' and 'content'.", where)
         role = m.get("role")
-        if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-            raise bad_request(f"{where}: tool messages and tool calls are not supported yet.", f"{where}.role")
-        if role not in _ROLES:
-            raise bad_request(f"{where}.role must be one of {', '.join(_ROLES)}; got {role!r}.", f"{where}.role")
+        if role == "function" or m.get("function_call") is not None:
+            raise bad_request(f"{where}: function messages are deprecated and not supported; use tool messages.",
+                              f"{where}.role")
+        if role not in (*_ROLES, "tool"):
+            raise bad_request(f"{where}.role must be one of {', '.join(_ROLES)}, tool; got {role!r}.",
+                              f"{where}.role")
         if "name" in m and not isinstance(m["name"], str):
             raise bad_request(f"{where}.name must be a string.", f"{where}.name")
-        out.append(Message(role, _content(m.get("content"), f"{where}.content")))
+        if m.get("tool_calls") is not None and role != "assistant":
+            raise bad_request(f"{where}: only assistant messages carry tool_calls.", f"{where}.tool_calls")
+        optional = role == "assistant" and m.get("tool_calls") is not None and m.get("content") is None
+        content = None if optional else _content(m.get("content"), f"{where}.content")
+        lowered = lower_message(m, where, content, calls_by_id)
+        if lowered is not None and role == "tool" and out and raw[i - 1].get("role") == "tool":
+            # Results of parallel calls: one turn, as the calls were one turn.
+            lowered = Message("user", f"{out.pop().content}\n\n{lowered.content}")
+        out.append(lowered or Message(role, content))
     return tuple(out)
 
 
@@ -148,19 +185,10 @@ def _content(content: Any, where: str) -> str:
 
 
 def _unsupported(body: dict) -> None:
-    if body.get("tools"):
-        raise bad_request("'tools' is not supported yet: tool calling arrives with the tool-use role.", "tools")
-    choice = body.get("tool_choice")
-    if choice not in (None, "none", "auto"):
-        raise bad_request("'tool_choice' names a tool but no 'tools' were given.", "tool_choice")
-    fmt = body.get("response_format")
-    if fmt is not None:
-        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-            raise bad_request("'response_format.type' must be 'text', 'json_object' or 'json_schema'.",
-                              "response_format")
-        if fmt["type"] != "text":
-            raise bad_request(f"response_format '{fmt['type']}' is not supported yet.", "response_format")
-    if body.get("logit_bias"):
+    bias = body.get("logit_bias")
+    if bias is not None and not isinstance(bias, dict):
+        raise bad_request("'logit_bias' must be an object mapping token ids to biases.", "logit_bias")
+    if bias:  # an empty map asks for no bias, as OpenAI reads it
         raise bad_request("'logit_bias' is not supported yet.", "logit_bias")
 
 

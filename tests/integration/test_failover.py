@@ -96,6 +96,11 @@ def test_named_session_survives_a_full_restart_of_every_member(mesh):
     logged = a.get_json("/control/v1/sessions/trip-42")
     assert [t["finish_reason"] for t in logged["turns"]] == ["length", "length"]
     assert logged["turns"][0]["answer_text"] == answer
+    # Each turn holds its prompt as the shard tokenized it (the second: with the first turn rendered in).
+    ids = logged["turns"][0]["prompt_token_ids"]
+    assert len(ids) == first.json()["usage"]["prompt_tokens"] == logged["turns"][0]["prompt_tokens"]
+    assert all(isinstance(t, int) and t >= 0 for t in ids) and len(set(ids)) > 3
+    assert len(logged["turns"][1]["prompt_token_ids"]) == logged["turns"][1]["prompt_tokens"] > len(ids) + 5
 
     for node in mesh.values():
         node.kill()  # kill -9: nothing flushed on the way out
@@ -111,7 +116,11 @@ def test_named_session_survives_a_full_restart_of_every_member(mesh):
     assert third.status_code == 200
     # The mesh supplied the history: the prompt holds all three turns, not just the new message.
     assert third.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"] + 20
-    assert len(mesh["a"].get_json("/control/v1/sessions/trip-42")["turns"]) == 3
+    turns = mesh["a"].get_json("/control/v1/sessions/trip-42")["turns"]
+    assert len(turns) == 3
+    assert len(turns[2]["prompt_token_ids"]) == third.json()["usage"]["prompt_tokens"]
+    assert turns[0]["prompt_token_ids"] == [] and turns[0]["prompt_tokens"] == len(ids), \
+        "the log keeps prompt ids on the last two turns only (raft/state.py PROMPT_IDS_TURNS)"
 
 
 def test_bad_session_ids_are_400(mesh):

@@ -95,6 +95,7 @@ def test_losing_the_leader_and_one_more_fails_no_request(tmp_path):
         def survivors_hold_two() -> bool:
             st = survivor.status()
             names = {m["node_id"]: m["name"] for m in st["members"]}
-            return len([s for s in st["shards"] if s["state"] == "ready" and names[s["node_id"]] not in victims]) == 2
+            return len([s for s in st["shards"] if s["state"] == "ready" and s["role"] == "reasoning"
+                        and names[s["node_id"]] not in victims]) == 2
         # After the grace period the lost members' shards are placed again on survivors.
         wait_until(survivors_hold_two, 180, "two ready replicas on the survivors")

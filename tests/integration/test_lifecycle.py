@@ -14,6 +14,11 @@ import pytest
 from tests.procs import REPO, Meshd
 
 
+def meshctl_cmd(node) -> list[str]:
+    """meshctl against `node`, with the admin credential from its data dir."""
+    return [sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "--data-dir", str(node.data_dir)]
+
+
 def test_first_run_creates_restart_resumes(tmp_path):
     data_dir = tmp_path / "node"
     with Meshd(data_dir) as first:
@@ -33,7 +38,7 @@ def test_first_run_creates_restart_resumes(tmp_path):
 
     assert before["mesh"]["id"] and before["raft"]["is_leader"]
     [member] = before["members"]
-    [shard] = before["shards"]
+    [shard] = [s for s in before["shards"] if s["role"] == "reasoning"]
     assert shard["role"] == "reasoning" and shard["state"] == "ready"
     assert shard["node_id"] == member["node_id"] == before["node"]["id"]
 
@@ -43,7 +48,7 @@ def test_first_run_creates_restart_resumes(tmp_path):
         assert after["mesh"]["id"] == before["mesh"]["id"], "a restart must resume the same mesh"
         assert [m["node_id"] for m in after["members"]] == [member["node_id"]]
         assert after["raft"]["commit_index"] > before["raft"]["commit_index"]
-        assert after["shards"][0]["state"] == "ready"
+        assert [s["state"] for s in after["shards"] if s["role"] == "reasoning"] == ["ready"]
         assert "assembling" not in second.log().split("starting in")[-1], "the model must not be rebuilt"
         assert second.interrupt() == 0
 
@@ -77,7 +82,7 @@ def test_gateway_with_required_api_keys(tmp_path):
     (data_dir / "mesh.toml").write_text('[gateway]\napi_keys = "required"\n')
     with Meshd(data_dir) as node:
         node.wait_ready()  # /health stays public
-        made = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "keys", "create",
+        made = subprocess.run([*meshctl_cmd(node), "keys", "create",
                                "--name", "laptop"], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert made.returncode == 0, made.stderr
         key = made.stdout.strip()
@@ -88,11 +93,11 @@ def test_gateway_with_required_api_keys(tmp_path):
         with pytest.raises(openai.AuthenticationError) as err:
             bad.models.list()
         assert err.value.status_code == 401 and err.value.body["type"] == "authentication_error"
-        listed = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "keys", "list"],
+        listed = subprocess.run([*meshctl_cmd(node), "keys", "list"],
                                 cwd=REPO, capture_output=True, text=True, timeout=60)
         assert "laptop" in listed.stdout and key.split(".")[2] not in listed.stdout
         key_id = key.split(".")[1]
-        revoked = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "keys", "revoke",
+        revoked = subprocess.run([*meshctl_cmd(node), "keys", "revoke",
                                   key_id], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert revoked.returncode == 0, revoked.stderr
         with pytest.raises(openai.AuthenticationError):

@@ -17,6 +17,11 @@ MODEL = "gemma-3-270m"
 HELLO = [{"role": "user", "content": "Name three colours."}]
 
 
+def meshctl_cmd(node) -> list[str]:
+    """meshctl against `node`, with the admin credential from its data dir."""
+    return [sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "--data-dir", str(node.data_dir)]
+
+
 def token(node: Meshd) -> str:
     reply = node.post("/control/v1/tokens", {"ttl_s": 3600})
     assert reply.status_code == 200, reply.text
@@ -24,12 +29,13 @@ def token(node: Meshd) -> str:
 
 
 def meshctl(node: Meshd, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, *args], cwd=REPO,
+    return subprocess.run([*meshctl_cmd(node), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
 def shards(node: Meshd, state: str | None = None) -> list[dict]:
-    return [s for s in node.status()["shards"] if state in (None, s["state"])]
+    """The reasoning shards (the context role's encoder is placed too, by default)."""
+    return [s for s in node.status()["shards"] if s["role"] == "reasoning" and state in (None, s["state"])]
 
 
 def names(node: Meshd) -> dict[str, str]:
@@ -113,10 +119,10 @@ def test_c_fetched_the_model_from_a_peer(mesh):
     wait_until(lambda: model_file.exists(), 60, "c to hold the model file")
     assert (c.data_dir / "models" / "gemma-3-270m-q4_k_m.gguf.verified").exists()
     log = c.log()
-    assert "assembling" not in log
+    assert "assembling gemma" not in log
     assert "fetch" in log.lower()
     models = meshctl(c, "models", "--json")
-    holders = json.loads(models.stdout)[0]["holders"]
+    holders = next(m for m in json.loads(models.stdout) if m["name"] == MODEL)["holders"]
     assert "c" in holders and len(holders) >= 2
 
 
@@ -131,12 +137,14 @@ def test_more_replicas_land_on_distinct_members(mesh):
 
 def test_bad_join_tokens_are_refused(mesh, tmp_path):
     a = mesh["a"]
-    for bad in ("nonsense", "qjt1.000000000000." + "A" * 43):
+    fp = token(a).rsplit(".", 1)[1]  # this mesh's CA: a made-up secret reaches the leader and is refused
+    for bad, says in (("nonsense", "malformed join token"), ("qjt1.000000000000." + "A" * 43 + "." + fp,
+                                                            "refused the join")):
         n = Meshd(tmp_path / "intruder", "--peer", a.address, "--token", bad, command="join", backend="null")
         n.start()
         try:
             assert n.proc.wait(timeout=60) == 1
-            assert "refused the join" in n.log()
+            assert says in n.log()
         finally:
             n.kill()
     assert len(a.status()["members"]) == 3

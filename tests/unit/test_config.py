@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from mesh.config import (
+    DEFAULT_ENCODER,
     DEFAULT_MODEL,
     ConfigError,
     GatewayConfig,
@@ -46,10 +47,11 @@ def test_repo_mesh_toml_equals_builtin_defaults():
 def test_load_config_none_gives_defaults():
     cfg = load_config(None)
     assert cfg == MeshConfig()
-    assert cfg.models == (DEFAULT_MODEL,)
+    assert cfg.models == (DEFAULT_MODEL, DEFAULT_ENCODER)
     assert cfg.model("gemma-3-270m") is DEFAULT_MODEL
     assert cfg.models_for("reasoning") == (DEFAULT_MODEL,)
-    assert cfg.models_for("context") == ()
+    assert cfg.models_for("context") == (DEFAULT_ENCODER,)
+    assert cfg.replicas == {"reasoning": 1, "context": 1}
 
 
 def test_empty_file_gives_defaults(tmp_path):
@@ -141,7 +143,7 @@ def test_bad_replica_count_is_error(tmp_path, count):
 
 
 def test_replicas_for_role_no_model_serves_is_error(tmp_path):
-    err = expect_error(tmp_path, "[replicas]\nreasoning = 1\ncontext = 2\n", "replicas.context")
+    err = expect_error(tmp_path, "[replicas]\nreasoning = 1\ntool-use = 2\n", "replicas.tool-use")
     assert "no model" in str(err)
 
 

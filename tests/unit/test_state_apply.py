@@ -33,6 +33,7 @@ from raft.commands import (
     SetReplicas,
     SetShardState,
     UnpinShard,
+    UpdateProfile,
     decode,
     encode,
 )
@@ -326,6 +327,7 @@ command_strategies = {
     SessionTurnEnd: st.builds(SessionTurnEnd, session_id=text, turn=ints, finish_reason=text, at=floats),
     CreateApiKey: st.builds(CreateApiKey, key_id=text, name=text, secret_sha256=text, created_at=floats),
     RevokeApiKey: st.builds(RevokeApiKey, key_id=text),
+    UpdateProfile: st.builds(UpdateProfile, node_id=text, profile=st.dictionaries(text, json_scalar, max_size=4)),
 }
 
 

@@ -1,0 +1,114 @@
+"""The HTTPS peer port: what members send each other over HTTP, inside TLS with mesh certificates.
+
+Two things travel here: joins (a new node, which has no certificate yet, sends its token secret and
+certificate request only after checking this port's certificate against the token's CA fingerprint)
+and requests a member relays to the leader (chat streams, completions, control calls), which carry
+the member's own certificate. Everything but a join needs a client certificate from the mesh CA whose
+node id is a live member; anything else is refused with 403 before the app sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable
+
+import httpx
+import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from mesh.gateway.errors import ApiError
+from mesh.pki import NodeIdentity
+from raft.state import MeshState
+
+log = logging.getLogger("quorum.peer")
+
+JOIN_PATH = "/control/v1/join"
+PEER_KEY = "quorum.peer_node"  # scope key: the node id in the client's verified certificate, or None
+
+
+class PeerProtocol(H11Protocol):
+    """uvicorn's h11 protocol that tells the app which member (if any) is on the other end."""
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        node_id = _common_name(ssl_object.getpeercert() if ssl_object is not None else None)
+        app = self.app
+
+        async def with_peer(scope: Scope, receive: Receive, send: Send) -> None:
+            scope[PEER_KEY] = node_id
+            await app(scope, receive, send)
+
+        self.app = with_peer
+
+
+def _common_name(cert: dict | None) -> str | None:
+    """The subject CN of a certificate the TLS layer verified against the mesh CA (getpeercert()
+    returns an empty dict or None when the client sent none)."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+class PeerGate:
+    """ASGI middleware for the peer port: joins pass; the rest needs a live member's certificate."""
+
+    def __init__(self, app: ASGIApp, state: Callable[[], MeshState]) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != JOIN_PATH:
+            node_id = scope.get(PEER_KEY)
+            member = self.state().members.get(node_id) if node_id else None
+            if member is None or member.state == "gone":
+                why = "no client certificate" if node_id is None else f"node {node_id} is not a member"
+                log.warning("peer request to %s refused: %s", scope["path"], why)
+                await ApiError(403, f"This port serves mesh members only ({why}).", type="permission_error",
+                               code="not_a_member").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class StripRelayHeaders:
+    """ASGI middleware for the public HTTP port: the headers members use to relay requests and resume
+    streams (x-quorum-*) are honoured only on the peer port, where a member's certificate vouches for
+    them; from a client they are dropped, so nobody can feed a shard forged resume state."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(k.startswith(b"x-quorum-") for k, _ in scope["headers"]):
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if not k.startswith(b"x-quorum-")]}
+        await self.app(scope, receive, send)
+
+
+def peer_server(app: ASGIApp, identity: NodeIdentity) -> uvicorn.Server:
+    """A uvicorn server for the peer port (serve it with `sockets=[bound socket]`)."""
+    config = uvicorn.Config(app, http=PeerProtocol, log_config=None, access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=3, timeout_keep_alive=30)
+    config.load()
+    config.ssl = identity.server_context()  # our own context: client certificates optional but verified
+    return _QuietServer(config)
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def peer_client(identity: NodeIdentity, timeout: httpx.Timeout | float = 30.0) -> httpx.AsyncClient:
+    """An HTTPS client to other members' peer ports, presenting this node's certificate."""
+    return httpx.AsyncClient(verify=identity.client_context(), timeout=timeout)
+
+
+def peer_url(address: str, path: str) -> str:
+    return f"https://{address}{path}"

@@ -1,0 +1,205 @@
+"""The mesh's certificate authority and each node's key and certificate.
+
+`meshd init` creates the CA (an EC P-256 key and a self-signed certificate) and the first node's key
+and certificate. A joining node makes its own key and sends a certificate request; the leader checks the
+join token and signs it. Every member keeps the CA key too (received over TLS when it joins), so whichever
+member leads can admit the next one: the CA key is as sensitive as the mesh secret, which every member
+also holds.
+
+A node certificate's common name is its node id; its one DNS name is NODE_DNS_NAME, which every client
+expects (members are found by Raft address, not by DNS), so the check that matters is the signature by
+this mesh's CA plus, where it matters, the node id against the replicated member list.
+
+Files (in the data dir; keys 0600): ca.pem, ca.key, node.pem, node.key.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+NODE_DNS_NAME = "quorum-node"
+CA_YEARS = 20
+NODE_YEARS = 10
+MAX_CSR_BYTES = 4096
+
+
+class PkiError(ValueError):
+    """A certificate, request or fingerprint that does not check out; the message says which."""
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What a node presents and trusts: its key and certificate, and the mesh CA (PEM bytes)."""
+    key_pem: bytes
+    cert_pem: bytes
+    ca_pem: bytes
+
+    @property
+    def node_id(self) -> str:
+        return common_name(self.cert_pem)
+
+    def server_context(self) -> ssl.SSLContext:
+        """TLS for a node's HTTPS peer port: this node's certificate; a client certificate is
+        verified against the mesh CA when one is sent (joining nodes have none yet)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        _load_chain(ctx, self.cert_pem, self.key_pem)
+        ctx.load_verify_locations(cadata=self.ca_pem.decode())
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """TLS to another member: its certificate must come from this mesh's CA; ours goes along."""
+        ctx = trusting(self.ca_pem)
+        _load_chain(ctx, self.cert_pem, self.key_pem)
+        return ctx
+
+
+def trusting(ca_pem: bytes) -> ssl.SSLContext:
+    """A client context that accepts exactly the certificates this CA signed (any member)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False  # members are named by address; the CA signature is what identifies them
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ca_pem.decode())
+    return ctx
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    # ssl only loads chains from files: write them to an unlinked-after-use private temp dir.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+        cert.write_bytes(cert_pem)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        ctx.load_cert_chain(cert, key)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def new_key() -> bytes:
+    return _key_pem(ec.generate_private_key(ec.SECP256R1()))
+
+
+def create_ca(mesh_name: str) -> tuple[bytes, bytes]:
+    """(CA certificate PEM, CA key PEM) for a new mesh."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quorum mesh"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"Quorum mesh CA {mesh_name}"[:64])])
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365 * CA_YEARS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def certificate_request(key_pem: bytes, node_id: str) -> bytes:
+    key = serialization.load_pem_private_key(key_pem, None)
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str) -> bytes:
+    """The node certificate for `node_id` from its request; the request must be self-consistent and
+    name that node id (so one joiner cannot obtain a certificate for another member's id)."""
+    if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
+        raise PkiError("certificate request missing or too large")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise PkiError("certificate request is not a PEM CSR") from None
+    if not csr.is_signature_valid:
+        raise PkiError("certificate request signature is invalid")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or names[0].value != node_id:
+        raise PkiError("certificate request does not name the joining node's id")
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+        raise PkiError("certificate request must carry an EC key")
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+    now = _now()
+    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca.subject)
+            .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=365 * NODE_YEARS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(NODE_DNS_NAME)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def issue_node_certificate(ca_pem: bytes, ca_key_pem: bytes, node_id: str) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) for a node whose key is made here (the mesh's first node)."""
+    key = new_key()
+    return key, sign_request(ca_pem, ca_key_pem, certificate_request(key, node_id), node_id)
+
+
+def fingerprint(ca_pem: bytes) -> str:
+    """sha256 of the CA certificate (DER), base64url without padding: 43 characters."""
+    try:
+        der = x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER)
+    except ValueError:
+        raise PkiError("not a PEM certificate") from None
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+def check_fingerprint(ca_pem: bytes, expected: str) -> None:
+    """Raises PkiError unless `ca_pem` is the CA the join token names."""
+    import hmac
+
+    if not hmac.compare_digest(fingerprint(ca_pem), expected):
+        raise PkiError("the peer's mesh CA does not match the token's fingerprint: it is not a member "
+                       "of the mesh this token was made for")
+
+
+def common_name(cert_pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+def signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
+    """Whether `cert_pem` was issued by the CA `ca_pem` (signature and validity period)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):  # another issuer, another key type, a forged signature
+        return False
+    now = _now()
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
