@@ -7,12 +7,17 @@ shutting down), the choice is opened again on another replica with those tokens 
 tokens one step each (see shards/backend_llama.py), so at temperature 0, or with a seed, the rest
 of the answer is what the lost replica would have produced. The replayed part comes back too and
 is dropped here by count (tokens, characters), so the client sees each token once.
+
+Each resume logs where its gap went (the failover benchmark reads these lines): from the last
+piece passed on to the loss being noticed, to the standby admitting the choice, to its first
+piece (prompt prefilled, first replayed token), to the first new piece (the rest replayed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import AsyncIterator, Awaitable, Callable
 
 from shards.types import Event, Failed, Finished, GenerateRequest, Opened, Piece
@@ -43,6 +48,8 @@ class ResumableRun:
         self._skip_chars = [0] * n
         self._sent_chars = [0] * n
         self._done_before = 0  # choices before this one were finished by a previous gateway
+        self._last_piece_at = time.perf_counter()  # when a piece was last passed on
+        self._resume: _ResumeTiming | None = None  # the resume in progress, until its first new piece
 
     @classmethod
     def resume(cls, request: GenerateRequest, choices: int, prompt_tokens: int,
@@ -76,11 +83,15 @@ class ResumableRun:
                     lost = (i, event.message)
                     break
                 if isinstance(event, Piece):
+                    if self._resume is not None and self._resume.first_piece is None:
+                        self._resume.first_piece = time.perf_counter()
                     event = self._new_part(i, event)
                     if event is None:
                         continue
+                    self._passed_on(i)
                 if isinstance(event, (Finished, Failed)):
                     next_choice = i + 1
+                    self._resume = None
                 yield i, event
             opened.cancel()
             if lost is None and next_choice >= self.choices:
@@ -91,6 +102,8 @@ class ResumableRun:
                 next_choice = lost[0]
                 log.warning("replica on %s lost during choice %d (%s); resuming after %d tokens",
                             self.node_id, next_choice, lost[1], len(self.tokens[next_choice]))
+                self._resume = _ResumeTiming(self._last_piece_at, time.perf_counter(),
+                                             len(self.tokens[next_choice]))
                 if self._on_failover is not None:
                     self._on_failover(self.node_id)
             try:
@@ -98,7 +111,19 @@ class ResumableRun:
             except Exception as exc:  # no replica left to resume on: the choice ends in an error
                 yield next_choice, Failed(f"the replica was lost and no other could resume: {exc}")
                 return
+            if self._resume is not None:
+                self._resume.admitted = time.perf_counter()
             self.opened, base = opened, next_choice
+
+    def _passed_on(self, i: int) -> None:
+        """A new piece of choice i goes to the client: the end of a resume's gap, if one is open."""
+        now, timing, self._resume = time.perf_counter(), self._resume, None
+        self._last_piece_at = now
+        if timing is not None:
+            ms = timing.milliseconds(now)
+            log.info("choice %d resumed on %s, %d tokens replayed: first new piece %.0f ms after the last one "
+                     "(loss noticed at %.0f ms, admitted at %.0f, first replayed piece at %.0f)",
+                     i, self.node_id, timing.replayed, ms["gap"], ms["noticed"], ms["admitted"], ms["first_piece"])
 
     def _single(self, i: int) -> GenerateRequest:
         """Choice i alone, resuming from what was passed on (all of it: none, for a fresh choice)."""
@@ -127,3 +152,19 @@ class ResumableRun:
         if not text and not logprobs:
             return None
         return Piece(text=text, tokens=tuple(tokens), logprobs=tuple(logprobs))
+
+
+@dataclasses.dataclass
+class _ResumeTiming:
+    """perf_counter() stamps of one resume, from the last piece passed on before the loss."""
+    last_piece: float
+    noticed: float
+    replayed: int
+    admitted: float | None = None
+    first_piece: float | None = None
+
+    def milliseconds(self, first_new: float) -> dict[str, float]:
+        def since(t: float | None) -> float:
+            return (t - self.last_piece) * 1000 if t is not None else float("nan")
+        return {"noticed": since(self.noticed), "admitted": since(self.admitted),
+                "first_piece": since(self.first_piece), "gap": since(first_new)}

@@ -59,7 +59,8 @@ class Reconciler:
         want = {(s.role, s.model) for s in state.shards_on(self.node_id)}
         for key in sorted(set(self.local) - want):
             await self._unload(key)
-        for key in sorted(want - set(self.local)):
+        # Reasoning first: a node is ready (and /health answers 200) once its chat shard is loaded.
+        for key in sorted(want - set(self.local), key=lambda k: (k[0] != "reasoning", k)):
             if time.monotonic() < self._failed.get(key, 0.0):
                 continue
             await self._load(key, state)

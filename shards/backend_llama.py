@@ -39,6 +39,7 @@ class LlamaBackend:
                                                                   ("p", np.float32)], align=True))
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self._one = llama_cpp.llama_token_data()
+        self.greedy_shortcut = True  # see _greedy_pick (tests turn it off to compare with the full pass)
         log.info("loaded %s (context %d, %d threads)", path, self.n_ctx, threads)
 
     def _special_text(self, token: int) -> str:
@@ -73,6 +74,13 @@ class LlamaBackend:
 
         With `sampling.grammar` every step samples only tokens the grammar allows, and the end
         of generation only once the grammar is complete; replayed tokens advance the grammar too.
+
+        At temperature 0 (no grammar, no logprobs) replay is cheaper and still exact: greedy
+        sampling has no random state, so a replayed step only feeds the token to the sampler chain
+        (its penalty history) and decodes it without computing logits (the output layer over a
+        262k vocabulary is over half of a step here), except the last one, whose logits the next
+        step samples from; the prompt is prefilled in the same batches, without logits either.
+        The KV cache is the same either way (checked: tests/integration/test_failover.py).
         """
         llm = self._llm
         llm.set_seed((seed % 0xFFFFFFFE) + 1)  # llama.cpp treats some seeds as "random": stay clear
@@ -88,16 +96,30 @@ class LlamaBackend:
             if sampling.grammar:
                 grammar = self._grammar(sampling.grammar)
             llm.reset()
-            llm.eval(prompt)
+            quick = sampling.temperature == 0 and grammar is None and want is None
+            if quick and forced:
+                self._decode_without_logits(prompt)  # the first step replays: nobody samples after the prompt
+            else:
+                llm.eval(prompt)
             for step in itertools.count():
                 if llm.n_tokens >= self.n_ctx:
                     return
                 replay = forced[step] if step < len(forced) else None
+                if replay is not None and quick:
+                    llama_cpp.llama_sampler_accept(llm._sampler.sampler, replay)
+                    yield TokenStep(replay)
+                    if step + 1 < len(forced):
+                        self._decode_without_logits([replay])
+                    else:
+                        llm.eval([replay])
+                    continue
                 if grammar is None:
                     sampled = llm.sample(temp=sampling.temperature, top_p=sampling.top_p)
                     token = sampled if replay is None else replay
                 else:
-                    token = self._sample_with(grammar, llm._sampler.sampler, replay)
+                    greedy = (sampling.temperature == 0 and not sampling.presence_penalty
+                              and not sampling.frequency_penalty)
+                    token = self._sample_with(grammar, llm._sampler.sampler, replay, greedy)
                 yield TokenStep(token) if want is None else self._with_logprobs(token, want)
                 llm.eval([token])
         finally:
@@ -105,19 +127,39 @@ class LlamaBackend:
             if grammar is not None:
                 llama_cpp.llama_sampler_free(grammar)
 
+    def _decode_without_logits(self, tokens: list[int]) -> None:
+        """llm.eval(tokens) (same batches of n_batch) with no logits computed, not even the last
+        token's (llama-cpp-python 0.3.36 internals, as eval uses them)."""
+        llm = self._llm
+        llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+        for i in range(0, len(tokens), llm.n_batch):
+            batch = tokens[i:i + llm.n_batch]
+            llm._batch.set_batch(batch=batch, n_past=llm.n_tokens, logits_all=False)
+            llm._batch.batch.logits[len(batch) - 1] = False
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[llm.n_tokens:llm.n_tokens + len(batch)] = batch
+            llm.n_tokens += len(batch)
+
     def _grammar(self, text: str) -> ctypes.c_void_p:
         grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, text.encode("utf-8"), b"root")
         if not grammar:
             raise ValueError("the grammar does not parse")
         return grammar
 
-    def _sample_with(self, grammar: ctypes.c_void_p, chain: ctypes.c_void_p, replay: int | None) -> int:
+    def _sample_with(self, grammar: ctypes.c_void_p, chain: ctypes.c_void_p, replay: int | None,
+                     greedy: bool = False) -> int:
         """One step of llama_sampler_sample under a grammar, the way llama.cpp's own sampler does
         it: the chain picks from every token; if the grammar does not allow that pick, the grammar
         rules out what it does not allow and the chain picks again from the rest (rejection
         sampling: same distribution, and one full grammar pass only when needed). The chosen
         token, or `replay`, is accepted by both. A replayed step takes the same path as the
-        original, so the chain's random state stays in step."""
+        original, so the chain's random state stays in step. Greedy steps take a shortcut that
+        picks the same token (_greedy_pick)."""
+        token = self._greedy_pick(grammar, replay) if greedy and self.greedy_shortcut else None
+        if token is not None:
+            llama_cpp.llama_sampler_accept(grammar, token)
+            llama_cpp.llama_sampler_accept(chain, token)
+            return token
         cur = self._candidates_array()
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(cur))
         choice = self._selected(cur)
@@ -134,6 +176,28 @@ class LlamaBackend:
         llama_cpp.llama_sampler_accept(grammar, token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
+
+    def _greedy_pick(self, grammar: ctypes.c_void_p, replay: int | None, top: int = 256) -> int | None:
+        """The greedy choice under the grammar without a grammar pass over the whole vocabulary
+        (262k tokens for Gemma: the cost that made constrained decoding slow). Greedy takes the
+        highest logit the grammar allows, lowest id first on ties; so the `top` highest logits are
+        tried in that order, one grammar check each. None when the answer is not certainly among
+        them (no allowed token there, or a tie at the cut): the caller takes the full pass."""
+        if replay is not None:  # greedy has no random state to keep in step: check and accept
+            if not self._allows(grammar, replay):
+                raise ValueError(f"replayed token {replay} is not allowed by the grammar")
+            return replay
+        raw = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        logits = np.ctypeslib.as_array(raw, shape=(self.n_vocab,))
+        best = np.argpartition(-logits, top)[:top]
+        order = best[np.lexsort((best, -logits[best]))]
+        floor = logits[order[-1]]
+        for token in order:
+            if logits[token] <= floor:
+                return None  # at the cut: an equal logit outside `best` might have a lower id
+            if self._allows(grammar, int(token)):
+                return int(token)
+        return None
 
     def _candidates_array(self) -> llama_cpp.llama_token_data_array:
         """Every token with its logit at the last position, as llama_sampler_sample builds them."""

@@ -10,6 +10,9 @@ import httpx
 import openai
 import pytest
 
+from mesh.config import MeshConfig
+from shards.templates import render
+from shards.types import Message, Sampling
 from tests.procs import Meshd, kill_all, ready_replicas, serves, start_mesh, wait_until
 
 MODEL = "gemma-3-270m"
@@ -41,6 +44,22 @@ def restart(mesh, name: str) -> None:
                f"{name} to serve again")
 
 
+def lead_from_a(mesh) -> None:
+    """a (no replica) leads, so the member interrupted is a replica and never the client's gateway
+    or the leader it relays to: a restarted member often takes the lead (pysyncobj has no pre-vote)
+    and is then moved on by restarting it. Freezing the leader itself is leader failover."""
+    def leader() -> str | None:
+        return next((m["name"] for m in mesh["a"].status()["members"] if m.get("leader")), None)
+
+    for _ in range(12):
+        name = wait_until(leader, 30, "a leader")
+        if name == "a":
+            return
+        mesh[name].kill()
+        restart(mesh, name)
+    raise AssertionError("a did not become the leader")
+
+
 def stream(client: openai.OpenAI, interrupt=None) -> tuple[str, list[str | None]]:
     text, finishes = "", []
     chunks = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=TOKENS, temperature=0,
@@ -56,6 +75,7 @@ def stream(client: openai.OpenAI, interrupt=None) -> tuple[str, list[str | None]
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_stream_survives_the_loss_of_its_replica(mesh, how):
     client = openai.OpenAI(base_url=f"{mesh['a'].base_url}/v1", api_key="x", max_retries=0, timeout=120)
+    lead_from_a(mesh)
     reference, ref_finish = stream(client)
     assert len(reference) > 40 and ref_finish == ["length"]
     victim: list[Meshd] = []
@@ -126,3 +146,32 @@ def test_named_session_survives_a_full_restart_of_every_member(mesh):
 def test_bad_session_ids_are_400(mesh):
     r = chat(mesh["a"], "no spaces allowed", "hi")
     assert r.status_code == 400 and r.json()["error"]["param"] == "X-Session-Id"
+
+
+@pytest.mark.parametrize("sampling", [Sampling(temperature=0.0), Sampling(temperature=0.8, seed=5)],
+                         ids=["greedy (replay without logits)", "seeded (replay sampling each step)"])
+def test_a_resumed_generation_continues_exactly_in_the_backend(mesh, sampling):
+    """The backend's replay, at the cut points a failover meets: the continuation after replaying
+    the first k tokens equals the uninterrupted generation (shards/backend_llama.py)."""
+    from shards.backend_llama import LlamaBackend
+
+    spec = MeshConfig().models[0]
+    path = next(p for n in mesh.values() if (p := n.data_dir / "models" / spec.file).exists())
+    backend = LlamaBackend(str(path), n_ctx=512, threads=1)
+    try:
+        rendered = render([Message(**m) for m in PROMPT], gguf_template=None, named=spec.chat_template,
+                          bos=backend.bos_text, eos=backend.eos_text)
+        prompt = backend.tokenize(rendered.text, add_bos=not rendered.has_bos)
+
+        def tokens(forced: tuple[int, ...] = (), n: int = 32) -> list[int]:
+            steps = backend.generate(prompt, sampling, 11, forced)
+            try:
+                return [next(steps).token for _ in range(n)]
+            finally:
+                steps.close()
+
+        reference = tokens()
+        for k in (1, 10, 23):
+            assert tokens(tuple(reference[:k])) == reference, f"resumed after {k} tokens"
+    finally:
+        backend.close()

@@ -320,3 +320,32 @@ def test_resumed_generation_replays_through_the_grammar(backend):
     stray = backend.tokenize("Hello", add_bos=False)[0]
     with pytest.raises(ValueError, match="not allowed by the grammar"):
         run(Sampling(temperature=0.0, grammar=grammar), (stray,))
+
+
+def test_the_greedy_shortcut_picks_what_the_full_grammar_pass_picks(backend):
+    """At temperature 0 the backend tries the highest logits one grammar check at a time instead of
+    masking the whole vocabulary: the tokens must be the ones the full pass gives."""
+    from shards.templates import render
+    from shards.tools import Tool, json_grammar, normalize_schema, tool_grammar, tools_preamble
+    from shards.types import Message, Sampling
+
+    params = WEATHER["function"]["parameters"]
+    tools = (Tool("get_weather", "", params, normalize_schema(params, require_object=True)),)
+    text = render([Message("system", tools_preamble(tools, "required")), Message(*ASK[0].values())],
+                  gguf_template=None, named="gemma").text
+    prompt = backend.tokenize(text, add_bos=True)
+
+    def run(grammar: str, shortcut: bool) -> list[int]:
+        backend.greedy_shortcut = shortcut
+        out = []
+        try:
+            for step in backend.generate(prompt, Sampling(temperature=0.0, grammar=grammar), 7, ()):
+                out.append(step.token)
+                if backend.is_end(step.token) or len(out) == 60:
+                    break
+        finally:
+            backend.greedy_shortcut = True
+        return out
+
+    for grammar in (tool_grammar(tools, "required"), json_grammar(None)):
+        assert run(grammar, True) == run(grammar, False)

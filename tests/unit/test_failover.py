@@ -86,3 +86,16 @@ def test_failovers_are_bounded():
     events = collect(run)
     assert len(calls) == 3 and calls[-1] == {"n1", "n2", "n3"}
     assert events == [(0, LOST)]
+
+
+def test_a_resume_logs_where_its_gap_went(caplog):
+    async def reopen(req, avoid):
+        return "n2", opened([(0, Piece("ab", (1, 2))), (0, Piece("c", (3,))), (0, Finished("stop", 5, 3))])
+
+    first = opened([(0, Piece("a", (1,))), (0, LOST)])
+    with caplog.at_level("INFO", logger="quorum.failover"):
+        events = collect(ResumableRun(GenerateRequest(Sampling(temperature=0.0)), "n1", first, reopen))
+    assert [e.text for _, e in events if isinstance(e, Piece)] == ["a", "b", "c"]
+    [line] = [r.getMessage() for r in caplog.records if "resumed on" in r.getMessage()]
+    assert line.startswith("choice 0 resumed on n2, 1 tokens replayed: first new piece ")
+    assert "loss noticed at" in line and "admitted at" in line and "nan" not in line
