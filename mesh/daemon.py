@@ -27,6 +27,7 @@ from mesh.forward import LeaderForwarder
 from mesh.gateway.app import create_app
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
+from mesh.http_guard import MAX_CONNECTIONS, GuardedH11Protocol
 from mesh.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
 from mesh.placer import Placer, battery_policy
 from mesh.profile_refresh import ProfileRefresher
@@ -132,8 +133,9 @@ class NodeDaemon:
         public = StripRelayHeaders(app)
         if enforce:
             log.info("the gateway requires API keys (gateway.api_keys = %s)", cfg.gateway.api_keys)
-        server = _Server(uvicorn.Config(public, log_config=None, access_log=False, lifespan="off",
-                                        timeout_graceful_shutdown=3, timeout_keep_alive=30))
+        server = _Server(uvicorn.Config(public, http=GuardedH11Protocol, log_config=None, access_log=False,
+                                        lifespan="off", timeout_graceful_shutdown=3, timeout_keep_alive=30,
+                                        limit_concurrency=MAX_CONNECTIONS))
         grpc_server = None
         try:
             async with asyncio.TaskGroup() as tasks:

@@ -16,9 +16,9 @@ from typing import Any, Callable
 import httpx
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mesh.gateway.errors import ApiError
+from mesh.http_guard import MAX_CONNECTIONS, GuardedH11Protocol
 from mesh.pki import NodeIdentity
 from raft.state import MeshState
 
@@ -28,8 +28,9 @@ JOIN_PATH = "/control/v1/join"
 PEER_KEY = "quorum.peer_node"  # scope key: the node id in the client's verified certificate, or None
 
 
-class PeerProtocol(H11Protocol):
-    """uvicorn's h11 protocol that tells the app which member (if any) is on the other end."""
+class PeerProtocol(GuardedH11Protocol):
+    """uvicorn's h11 protocol (with a header deadline) that tells the app which member (if any) is on
+    the other end."""
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -91,7 +92,7 @@ class StripRelayHeaders:
 def peer_server(app: ASGIApp, identity: NodeIdentity) -> uvicorn.Server:
     """A uvicorn server for the peer port (serve it with `sockets=[bound socket]`)."""
     config = uvicorn.Config(app, http=PeerProtocol, log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=3, timeout_keep_alive=30)
+                            timeout_graceful_shutdown=3, timeout_keep_alive=30, limit_concurrency=MAX_CONNECTIONS)
     config.load()
     config.ssl = identity.server_context()  # our own context: client certificates optional but verified
     return _QuietServer(config)
