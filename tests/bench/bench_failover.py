@@ -43,10 +43,11 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def stream_with_interrupt(base_url: str, interrupt, after: int = 10, tokens: int = 60) -> float:
-    """Streams an answer, calls interrupt() after `after` content chunks; returns the gap in seconds:
-    the longest pause between two chunks after the interruption (chunks already on their way when
-    it happened arrive without a pause, so the first one after it would understate the gap)."""
+def stream_with_interrupt(base_url: str, interrupt, after: int = 10, tokens: int = 60, prepare=None) -> float:
+    """Streams an answer, calls prepare() after 3 content chunks and interrupt() after `after`;
+    returns the gap in seconds: the longest pause between two chunks after the interruption
+    (chunks already on their way when it happened arrive without a pause, so the first one after
+    it would understate the gap)."""
     stamps: list[float] = []
     cut = None
     tail: list[str] = []
@@ -58,6 +59,8 @@ def stream_with_interrupt(base_url: str, interrupt, after: int = 10, tokens: int
             if '"content":"' not in line or '"content":""' in line:
                 continue
             stamps.append(time.perf_counter())
+            if len(stamps) == 3 and prepare is not None:
+                prepare()
             if len(stamps) == after:
                 cut = len(stamps) - 1
                 interrupt()
@@ -131,13 +134,14 @@ def bench_gap(args, root: Path) -> None:
                 logged_before = len(resume_lines(a))
                 victim = []
 
-                def interrupt() -> None:
-                    busy = next(n for n in ("b", "c")
-                                if any(s["busy"] for s in nodes[n].status()["local_shards"]))
-                    victim.append(busy)
-                    os.kill(nodes[busy].proc.pid, sig)
+                def find_victim() -> None:  # early, so the signal goes out as soon as chunk `after` arrives
+                    victim.append(next(n for n in ("b", "c")
+                                       if any(s["busy"] for s in nodes[n].status()["local_shards"])))
 
-                gaps.append(stream_with_interrupt(a.base_url, interrupt))
+                def interrupt() -> None:
+                    os.kill(nodes[victim[0]].proc.pid, sig)
+
+                gaps.append(stream_with_interrupt(a.base_url, interrupt, prepare=find_victim))
                 rows += resume_lines(a)[logged_before:]
                 if sig == signal.SIGSTOP:
                     os.kill(nodes[victim[0]].proc.pid, signal.SIGCONT)
