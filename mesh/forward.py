@@ -134,6 +134,7 @@ class LeaderForwarder:
         if scope["method"] != "GET" and not response.headers.get("content-type", "").startswith("text/event-stream"):
             # A plain answer is read whole before anything is sent on, so a leader that dies while
             # generating it costs the client nothing: the request goes to the next leader.
+            watch = asyncio.ensure_future(self._close_when_deposed(response))  # a frozen leader: see there
             try:
                 data = await response.aread()
             except httpx.HTTPError as exc:
@@ -141,6 +142,7 @@ class LeaderForwarder:
                             type(exc).__name__)
                 return None
             finally:
+                watch.cancel()
                 await response.aclose()
             return _Buffered(response, data)
         return response
@@ -173,8 +175,10 @@ class LeaderForwarder:
         state = StreamState() if scope["path"] == "/v1/chat/completions" and response.status_code == 200 else None
         buffer = bytearray()
         resumes = 0
+        watch: asyncio.Future | None = None
         try:
             while True:
+                watch = asyncio.ensure_future(self._close_when_deposed(response))
                 try:
                     async for raw in response.aiter_raw():
                         if state is None:
@@ -188,6 +192,7 @@ class LeaderForwarder:
                         break
                     raise httpx.RemoteProtocolError("the stream ended before [DONE]")
                 except httpx.HTTPError as exc:
+                    watch.cancel()
                     if state is None or state.done or resumes >= 2:
                         log.warning("leader stream broke off: %s", exc)
                         break
@@ -206,12 +211,35 @@ class LeaderForwarder:
                         break
                     response = outcome
         finally:
+            if watch is not None:
+                watch.cancel()
             await response.aclose()  # closing our side tells the leader to stop generating
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _close_when_deposed(self, response: httpx.Response, every_s: float = 0.1) -> None:
+        """Closes a relayed stream once the member answering it is no longer the leader.
+
+        A leader that is killed resets the connection, but a frozen one (SIGSTOP, a hung machine)
+        just goes quiet: the read would wait forever. The Raft group notices within an election
+        timeout and elects another leader; closing the stream here makes the read fail, so the
+        stream resumes on the new leader like any broken one."""
+        origin = response.request.url
+        while True:
+            await asyncio.sleep(every_s)
+            current = self.leader_http()
+            if self.is_leader() or (current is not None and not _same_origin(httpx.URL(current), origin)):
+                log.warning("the leader relaying stream %s was replaced; closing it to resume on the new one",
+                            response.request.url.path)
+                await response.aclose()
+                return
 
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+
+
+def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 class _Disconnected(Exception):

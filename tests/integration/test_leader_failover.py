@@ -99,3 +99,40 @@ def test_losing_the_leader_and_one_more_fails_no_request(tmp_path):
                         and names[s["node_id"]] not in victims]) == 2
         # After the grace period the lost members' shards are placed again on survivors.
         wait_until(survivors_hold_two, 180, "two ready replicas on the survivors")
+
+
+def test_a_stream_relayed_through_a_frozen_leader_resumes_on_the_next(tmp_path):
+    """SIGSTOP the leader while a follower relays a stream through it: nothing resets the connection,
+    so the follower must notice the election of a new leader, drop the frozen one and resume there."""
+    nodes = start_mesh(tmp_path, ["a", "b", "c"], replicas_on=["b", "c"])
+    frozen = None
+    try:
+        st = nodes["a"].status()
+        leader = next(m["name"] for m in st["members"] if m["leader"])
+        member = nodes[next(n for n in "bca" if n != leader)]
+        body = {"model": MODEL, "max_tokens": 32, "temperature": 0, "stream": True,
+                "messages": [{"role": "user", "content": "Count from one to twenty."}]}
+        with httpx.Client(base_url=member.base_url, timeout=120) as http:
+            reference = http.post("/v1/chat/completions", json={**body, "stream": False}).json()
+            text, finishes, done = "", 0, False
+            with http.stream("POST", "/v1/chat/completions", json=body) as reply:
+                assert reply.status_code == 200
+                for line in reply.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: "):
+                        chunk = json.loads(line[6:])
+                        assert "error" not in chunk, line
+                        for choice in chunk["choices"]:
+                            text += choice["delta"].get("content") or ""
+                            finishes += bool(choice["finish_reason"])
+                        if frozen is None and len(text) > 10:
+                            frozen = nodes[leader]
+                            os.kill(frozen.proc.pid, signal.SIGSTOP)
+        assert frozen is not None and done and finishes == 1
+        assert text == reference["choices"][0]["message"]["content"]
+        assert "was replaced; closing it" in member.log()
+    finally:
+        if frozen is not None:
+            os.kill(frozen.proc.pid, signal.SIGCONT)
+        kill_all(nodes)
