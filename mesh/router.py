@@ -38,6 +38,9 @@ class LocalPicker:
     def known_models(self) -> list[str]:
         return sorted({m for _, m in self.shards})
 
+    def model_roles(self, model: str) -> tuple[str, ...]:
+        return tuple(sorted({r for r, m in self.shards if m == model}))
+
     def pick(self, role: str, model: str, exclude: set[str] = frozenset()) -> tuple[str, Replica]:
         shard = self.shards.get((role, model))
         if shard is None or "local" in exclude:
@@ -57,6 +60,10 @@ class Router:
     def known_models(self) -> list[str]:
         """The mesh's model catalog (every member's additions, as the log has them)."""
         return sorted(self._state().models)
+
+    def model_roles(self, model: str) -> tuple[str, ...]:
+        entry = self._state().models.get(model)
+        return tuple(entry.roles) if entry is not None else ()
 
     def ready_models(self, role: str = "reasoning") -> list[str]:
         state = self._state()

@@ -91,8 +91,14 @@ class Gateway:
         return sorted({m.name for m in self.config.models} | set(self.picker.known_models()))
 
     def check_model(self, model: str) -> None:
+        """404 for a model the mesh does not know; 400 for one that cannot chat (an encoder)."""
         if model not in self.known_models():
             raise model_not_found(model)
+        spec = self.config.model(model)
+        roles = set(spec.roles if spec is not None else ()) | set(self.picker.model_roles(model))
+        if roles and not roles & {"reasoning", "tool-use"}:
+            raise bad_request(f"The model '{model}' makes embeddings and cannot generate text; use it with "
+                              f"/v1/embeddings.", "model", "model_not_generative")
 
     # -- chat --------------------------------------------------------------------------------
 

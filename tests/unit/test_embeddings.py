@@ -207,3 +207,20 @@ def test_dimensions_equal_to_the_models_is_accepted(shard):
 def test_an_encoder_not_loaded_yet_is_503_with_retry_after():
     r = post(None, body())
     assert r.status_code == 503 and "Retry-After" in r.headers
+
+
+def chat_with(shard: ContextShard, model: str) -> httpx.Response:
+    async def go() -> httpx.Response:
+        gateway = Gateway(MeshConfig(), Metrics())
+        gateway.attach(shard)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(gateway)),
+                                     base_url="http://test", timeout=30) as c:
+            return await c.post("/v1/chat/completions",
+                                json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    return asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_chat_with_the_encoder_is_a_400_not_a_503_forever(shard):
+    r = chat_with(shard, ENCODER)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "model_not_generative" and r.json()["error"]["param"] == "model"
