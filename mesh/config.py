@@ -93,6 +93,7 @@ class GatewayConfig:
     max_top_logprobs: int = 20
     max_messages: int = 1024
     api_keys: str = "auto"  # auto (required beyond loopback), required, off
+    kv_checkpoints: bool = True  # replicas ship a KV snapshot every 8 greedy tokens (fast stream failover)
 
 
 @dataclass(frozen=True)

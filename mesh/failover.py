@@ -8,6 +8,11 @@ tokens one step each (see shards/backend_llama.py), so at temperature 0, or with
 of the answer is what the lost replica would have produced. The replayed part comes back too and
 is dropped here by count (tokens, characters), so the client sees each token once.
 
+At temperature 0 the serving replica also ships a KV-cache checkpoint every few tokens, riding on
+a piece (Piece.kv). The latest one per choice is kept here, stripped from the piece passed on, and
+sent with the resume (`resume_kv`): the standby restores it instead of prefilling the prompt and
+replaying the tokens it covers, and replays only the few sent after it.
+
 Each resume logs where its gap went (the failover benchmark reads these lines): from the last
 piece passed on to the loss being noticed, to the standby admitting the choice, to its first
 piece (prompt prefilled, first replayed token), to the first new piece (the rest replayed).
@@ -47,6 +52,7 @@ class ResumableRun:
         self._skip_tokens = [0] * n  # replayed tokens still to drop, per choice
         self._skip_chars = [0] * n
         self._sent_chars = [0] * n
+        self.checkpoints: dict[int, tuple[bytes, int]] = {}  # per choice: latest (KV, tokens it covers)
         self._done_before = 0  # choices before this one were finished by a previous gateway
         self._last_piece_at = time.perf_counter()  # when a piece was last passed on
         self._resume: _ResumeTiming | None = None  # the resume in progress, until its first new piece
@@ -83,6 +89,9 @@ class ResumableRun:
                     lost = (i, event.message)
                     break
                 if isinstance(event, Piece):
+                    if event.kv:
+                        self.checkpoints[i] = (event.kv, event.kv_tokens)
+                        event = dataclasses.replace(event, kv=b"", kv_tokens=0)
                     if self._resume is not None and self._resume.first_piece is None:
                         self._resume.first_piece = time.perf_counter()
                     event = self._new_part(i, event)
@@ -91,6 +100,7 @@ class ResumableRun:
                     self._passed_on(i)
                 if isinstance(event, (Finished, Failed)):
                     next_choice = i + 1
+                    self.checkpoints.pop(i, None)  # the choice is over: its checkpoint (up to MBs) is not needed
                     self._resume = None
                 yield i, event
             opened.cancel()
@@ -103,7 +113,8 @@ class ResumableRun:
                 log.warning("replica on %s lost during choice %d (%s); resuming after %d tokens",
                             self.node_id, next_choice, lost[1], len(self.tokens[next_choice]))
                 self._resume = _ResumeTiming(self._last_piece_at, time.perf_counter(),
-                                             len(self.tokens[next_choice]))
+                                             len(self.tokens[next_choice]),
+                                             self.checkpoints.get(next_choice, (b"", 0))[1])
                 if self._on_failover is not None:
                     self._on_failover(self.node_id)
             try:
@@ -122,8 +133,9 @@ class ResumableRun:
         if timing is not None:
             ms = timing.milliseconds(now)
             log.info("choice %d resumed on %s, %d tokens replayed: first new piece %.0f ms after the last one "
-                     "(loss noticed at %.0f ms, admitted at %.0f, first replayed piece at %.0f)",
-                     i, self.node_id, timing.replayed, ms["gap"], ms["noticed"], ms["admitted"], ms["first_piece"])
+                     "(loss noticed at %.0f ms, admitted at %.0f, first replayed piece at %.0f)%s",
+                     i, self.node_id, timing.replayed, ms["gap"], ms["noticed"], ms["admitted"], ms["first_piece"],
+                     f"; sent a KV checkpoint of {timing.kv_tokens} tokens" if timing.kv_tokens else "")
 
     def _single(self, i: int) -> GenerateRequest:
         """Choice i alone, resuming from what was passed on (all of it: none, for a fresh choice)."""
@@ -131,8 +143,9 @@ class ResumableRun:
         self._skip_tokens[i] = len(self.tokens[i])
         self._skip_chars[i] = self._sent_chars[i]
         prompts = (req.prompts[i // req.n],) if req.prompts else ()
+        kv, kv_tokens = self.checkpoints.get(i, (b"", 0))
         return dataclasses.replace(req, n=1, prompts=prompts, first_choice=i % req.n,
-                                   resume_tokens=tuple(self.tokens[i]))
+                                   resume_tokens=tuple(self.tokens[i]), resume_kv=kv, resume_kv_tokens=kv_tokens)
 
     def _new_part(self, i: int, piece: Piece) -> Piece | None:
         """The part of a piece not passed on before (a resumed replica replays what was sent)."""
@@ -160,6 +173,7 @@ class _ResumeTiming:
     last_piece: float
     noticed: float
     replayed: int
+    kv_tokens: int = 0  # tokens (prompt + answer) the KV checkpoint sent with the resume covers
     admitted: float | None = None
     first_piece: float | None = None
 

@@ -37,7 +37,7 @@ class Message(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("role", "model", "sampling", "n", "messages", "prompts", "first_choice", "resume_tokens")
+    __slots__ = ("role", "model", "sampling", "n", "messages", "prompts", "first_choice", "resume_tokens", "resume_kv", "resume_kv_tokens", "kv_checkpoints")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,9 @@ class GenerateRequest(_message.Message):
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     FIRST_CHOICE_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_KV_FIELD_NUMBER: _ClassVar[int]
+    RESUME_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     sampling: Sampling
@@ -54,7 +57,10 @@ class GenerateRequest(_message.Message):
     prompts: _containers.RepeatedScalarFieldContainer[str]
     first_choice: int
     resume_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., prompts: _Optional[_Iterable[str]] = ..., first_choice: _Optional[int] = ..., resume_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    resume_kv: bytes
+    resume_kv_tokens: int
+    kv_checkpoints: bool
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., n: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., prompts: _Optional[_Iterable[str]] = ..., first_choice: _Optional[int] = ..., resume_tokens: _Optional[_Iterable[int]] = ..., resume_kv: _Optional[bytes] = ..., resume_kv_tokens: _Optional[int] = ..., kv_checkpoints: _Optional[bool] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("admitted", "piece", "finished", "failed")
@@ -101,16 +107,20 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[str] = ..., logprob: _Optional[float] = ..., bytes: _Optional[bytes] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Piece(_message.Message):
-    __slots__ = ("index", "text", "tokens", "logprobs")
+    __slots__ = ("index", "text", "tokens", "logprobs", "kv", "kv_tokens")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    KV_FIELD_NUMBER: _ClassVar[int]
+    KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ...) -> None: ...
+    kv: bytes
+    kv_tokens: int
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., kv: _Optional[bytes] = ..., kv_tokens: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("index", "reason", "prompt_tokens", "completion_tokens", "first_token_s", "decode_s")

@@ -30,13 +30,15 @@ class Backend(Protocol):
     def chat_template(self) -> str | None:
         """The model file's own Jinja chat template, if it carries one."""
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int,
-                 forced: tuple[int, ...] = ()) -> Iterator[TokenStep]:
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int, forced: tuple[int, ...] = (),
+                 resume_kv: bytes = b"", resume_kv_tokens: int = 0, checkpoints: bool = False) -> Iterator[TokenStep]:
         """Samples tokens after `prompt` until the caller stops iterating or the window is full.
 
         The first steps yield the `forced` tokens instead of what they sample (a resumed
         generation replaying what another replica already sent); sampling still runs at those
-        steps, so a deterministic request continues exactly as it would have.
+        steps, so a deterministic request continues exactly as it would have. A backend with a
+        KV cache may attach checkpoints to steps when `checkpoints` is asked for, and restore
+        `resume_kv` (covering `resume_kv_tokens` of prompt + forced) instead of replaying those.
         """
 
     def close(self) -> None:

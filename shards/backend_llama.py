@@ -21,6 +21,11 @@ from shards.types import Sampling, TokenStep
 
 log = logging.getLogger("quorum.llama")
 
+KV_EVERY = 8  # answer tokens between KV checkpoints (greedy path only)
+# A checkpoint larger than this is not taken: it must ride in a gRPC message (shards/grpc_service.py
+# caps them at 8 MiB) next to the piece or the resumed request. Gemma 3 270M: about 18 KB per token.
+MAX_KV_BYTES = 4 * 1024 * 1024
+
 
 class LlamaBackend:
     def __init__(self, path: str, n_ctx: int, threads: int) -> None:
@@ -62,8 +67,8 @@ class LlamaBackend:
     def chat_template(self) -> str | None:
         return self._template
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int,
-                 forced: tuple[int, ...] = ()) -> Iterator[TokenStep]:
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int, forced: tuple[int, ...] = (),
+                 resume_kv: bytes = b"", resume_kv_tokens: int = 0, checkpoints: bool = False) -> Iterator[TokenStep]:
         """Prefills `prompt` from an empty cache, then decodes one token per step.
 
         The same request always takes the same path through llama.cpp (no prefix-cache reuse,
@@ -81,6 +86,13 @@ class LlamaBackend:
         262k vocabulary is over half of a step here), except the last one, whose logits the next
         step samples from; the prompt is prefilled in the same batches, without logits either.
         The KV cache is the same either way (checked: tests/integration/test_failover.py).
+
+        On that greedy path without penalties, every KV_EVERY answer tokens a step carries a KV
+        checkpoint (TokenStep.kv): the cache of seq 0 before the step's token is decoded, so a
+        resume from it still decodes at least one token and gets logits. A resume given such a
+        checkpoint (`resume_kv`, covering `resume_kv_tokens` tokens of prompt + forced) restores it
+        instead of prefilling and replaying those tokens: the same cache, so the same continuation.
+        A checkpoint that does not fit or does not restore falls back to prefill and replay.
         """
         llm = self._llm
         llm.set_seed((seed % 0xFFFFFFFE) + 1)  # llama.cpp treats some seeds as "random": stay clear
@@ -97,7 +109,14 @@ class LlamaBackend:
                 grammar = self._grammar(sampling.grammar)
             llm.reset()
             quick = sampling.temperature == 0 and grammar is None and want is None
-            if quick and forced:
+            greedy_plain = quick and not sampling.presence_penalty and not sampling.frequency_penalty
+            checkpoints = checkpoints and greedy_plain  # asked for, and a resume could use them
+            restored = 0  # forced tokens already in the cache (restored from a checkpoint)
+            if greedy_plain and forced and resume_kv:
+                restored = self._restore(resume_kv, resume_kv_tokens, prompt, forced)
+            if restored:
+                pass  # the cache holds the prompt and the first `restored` forced tokens
+            elif quick and forced:
                 self._decode_without_logits(prompt)  # the first step replays: nobody samples after the prompt
             else:
                 llm.eval(prompt)
@@ -108,6 +127,8 @@ class LlamaBackend:
                 if replay is not None and quick:
                     llama_cpp.llama_sampler_accept(llm._sampler.sampler, replay)
                     yield TokenStep(replay)
+                    if step < restored:
+                        continue
                     if step + 1 < len(forced):
                         self._decode_without_logits([replay])
                     else:
@@ -120,12 +141,49 @@ class LlamaBackend:
                     greedy = (sampling.temperature == 0 and not sampling.presence_penalty
                               and not sampling.frequency_penalty)
                     token = self._sample_with(grammar, llm._sampler.sampler, replay, greedy)
-                yield TokenStep(token) if want is None else self._with_logprobs(token, want)
+                if checkpoints and (step + 1) % KV_EVERY == 0 and (kv := self._snapshot()):
+                    yield TokenStep(token, kv=kv, kv_tokens=llm.n_tokens)
+                else:
+                    yield TokenStep(token) if want is None else self._with_logprobs(token, want)
                 llm.eval([token])
         finally:
             llm._sampler = None
             if grammar is not None:
                 llama_cpp.llama_sampler_free(grammar)
+
+    def _snapshot(self) -> bytes:
+        """The KV cache of seq 0 as llama.cpp serializes it; empty when larger than MAX_KV_BYTES."""
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        if not 0 < size <= MAX_KV_BYTES:
+            return b""
+        buf = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0) != size:
+            return b""
+        return bytes(buf)
+
+    def _restore(self, kv: bytes, kv_tokens: int, prompt: list[int], forced: tuple[int, ...]) -> int:
+        """Restores a checkpoint covering the prompt and forced[:kv_tokens - len(prompt)], leaving
+        at least one forced token to decode (for logits). Returns how many forced tokens it covers;
+        0 when it does not fit this request or llama.cpp refuses it (the cache is then empty)."""
+        llm = self._llm
+        covered = kv_tokens - len(prompt)
+        if not 0 < covered < len(forced) or kv_tokens >= self.n_ctx:
+            log.warning("ignored a KV checkpoint of %d tokens for %d prompt + %d resumed tokens",
+                        kv_tokens, len(prompt), len(forced))
+            return 0
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        src = (ctypes.c_uint8 * len(kv)).from_buffer_copy(kv)
+        read = llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, src, len(kv), 0)
+        top = llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(llm._ctx.ctx), 0)
+        if read != len(kv) or top != kv_tokens - 1:
+            log.warning("a KV checkpoint did not restore (read %d of %d bytes, last position %d of %d); "
+                        "prefilling instead", read, len(kv), top, kv_tokens - 1)
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            return 0
+        llm.input_ids[:kv_tokens] = list(prompt) + list(forced[:covered])
+        llm.n_tokens = kv_tokens
+        return covered
 
     def _decode_without_logits(self, tokens: list[int]) -> None:
         """llm.eval(tokens) (same batches of n_batch) with no logits computed, not even the last

@@ -43,8 +43,9 @@ class NullBackend:
     def chat_template(self) -> str | None:
         return None
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int,
-                 forced: tuple[int, ...] = ()) -> Iterator[TokenStep]:
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int, forced: tuple[int, ...] = (),
+                 resume_kv: bytes = b"", resume_kv_tokens: int = 0, checkpoints: bool = False) -> Iterator[TokenStep]:
+        """(No KV cache here: checkpoints are never taken and a resume always replays.)"""
         rng = random.Random(f"{seed}:{len(prompt)}:{sum(prompt)}" if sampling.temperature > 0 else "greedy")
         text = self.reply.encode() if self.reply is not None else \
             " ".join(rng.choice(_WORDS) for _ in range(self.reply_tokens)).encode()

@@ -8,6 +8,7 @@ Setting `job.cancel` stops a generation at the next token (a client that went aw
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import random
@@ -31,6 +32,9 @@ class Job:
     stop_texts: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
     forced: tuple[int, ...] = ()  # tokens to replay first (a resumed generation)
+    resume_kv: bytes = field(default=b"", repr=False)  # a KV checkpoint covering part of them (GenerateRequest)
+    resume_kv_tokens: int = 0
+    kv_checkpoints: bool = False  # ask the backend for KV checkpoints (GenerateRequest.kv_checkpoints)
 
 
 class Engine:
@@ -121,7 +125,12 @@ class Engine:
         budget = self.backend.n_ctx - len(job.prompt)
         if s.max_tokens is not None:
             budget = min(budget, s.max_tokens)
-        steps = self.backend.generate(job.prompt, s, seed, job.forced)
+        # Only what a job asks for is passed (backends without KV checkpoints take no such arguments).
+        kv = {"resume_kv": job.resume_kv, "resume_kv_tokens": job.resume_kv_tokens} if job.resume_kv else {}
+        if job.kv_checkpoints:
+            kv["checkpoints"] = True
+        steps = self.backend.generate(job.prompt, s, seed, job.forced, **kv)
+        checkpoint: tuple[bytes, int] | None = None  # the latest, until a piece carries it
         try:
             while produced < budget:
                 if job.cancel.is_set():
@@ -136,8 +145,13 @@ class Engine:
                 if self.backend.is_end(step.token):
                     reason = "stop"
                     break
+                if step.kv:
+                    checkpoint = (step.kv, step.kv_tokens)
                 piece = stream.push(step)
                 if piece is not None:
+                    if checkpoint is not None:
+                        piece = dataclasses.replace(piece, kv=checkpoint[0], kv_tokens=checkpoint[1])
+                        checkpoint = None
                     job.emit(piece)
                 if stream.stopped:
                     reason = "stop"

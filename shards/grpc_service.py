@@ -155,7 +155,8 @@ def request_to_proto(role: str, model: str, req: GenerateRequest) -> mesh_pb2.Ge
     return mesh_pb2.GenerateRequest(
         role=role, model=model, sampling=sampling, n=req.n,
         messages=[mesh_pb2.Message(role=m.role, content=m.content) for m in req.messages],
-        prompts=list(req.prompts), first_choice=req.first_choice, resume_tokens=list(req.resume_tokens))
+        prompts=list(req.prompts), first_choice=req.first_choice, resume_tokens=list(req.resume_tokens),
+        resume_kv=req.resume_kv, resume_kv_tokens=req.resume_kv_tokens, kv_checkpoints=req.kv_checkpoints)
 
 
 def request_from_proto(msg: mesh_pb2.GenerateRequest) -> GenerateRequest:
@@ -173,7 +174,8 @@ def request_from_proto(msg: mesh_pb2.GenerateRequest) -> GenerateRequest:
     return GenerateRequest(
         sampling=_sampling_from_proto(msg.sampling) if msg.HasField("sampling") else Sampling(),
         n=msg.n, messages=tuple(Message(m.role, m.content) for m in msg.messages),
-        prompts=tuple(msg.prompts), first_choice=msg.first_choice, resume_tokens=tuple(msg.resume_tokens))
+        prompts=tuple(msg.prompts), first_choice=msg.first_choice, resume_tokens=tuple(msg.resume_tokens),
+        resume_kv=msg.resume_kv, resume_kv_tokens=msg.resume_kv_tokens, kv_checkpoints=msg.kv_checkpoints)
 
 
 def _sampling_from_proto(s: mesh_pb2.Sampling) -> Sampling:
@@ -224,7 +226,7 @@ def event_to_proto(index: int, event: Event) -> mesh_pb2.GenerateEvent:
             logprobs=[mesh_pb2.TokenLogprob(
                 token=lp.token, logprob=lp.logprob, bytes=bytes(lp.bytes),
                 top=[mesh_pb2.TopLogprob(token=t, logprob=p, bytes=bytes(b)) for t, p, b in lp.top])
-                for lp in event.logprobs]))
+                for lp in event.logprobs], kv=event.kv, kv_tokens=event.kv_tokens))
     if isinstance(event, Finished):
         finished = mesh_pb2.Finished(index=index, reason=event.reason, prompt_tokens=event.prompt_tokens,
                                      completion_tokens=event.completion_tokens, decode_s=event.decode_s)
@@ -246,7 +248,8 @@ def event_from_proto(msg: mesh_pb2.GenerateEvent) -> tuple[int, Event]:
             text=p.text, tokens=tuple(p.tokens),
             logprobs=tuple(TokenLogprob(token=lp.token, logprob=lp.logprob, bytes=tuple(lp.bytes),
                                         top=tuple((t.token, t.logprob, tuple(t.bytes)) for t in lp.top))
-                           for lp in p.logprobs))
+                           for lp in p.logprobs),
+            kv=p.kv, kv_tokens=p.kv_tokens)
     if kind == "finished":
         f = msg.finished
         return f.index, Finished(reason=f.reason, prompt_tokens=f.prompt_tokens,

@@ -109,7 +109,8 @@ class LocalShard:
             self.check_fits(len(prompt), req.sampling.max_tokens)
         work = [(prompt, choice_sampling(req.sampling, req.first_choice + i)) for prompt in prompts
                 for i in range(req.n)]
-        gens = self.submit(work, stop_texts, forced=req.resume_tokens)
+        gens = self.submit(work, stop_texts, forced=req.resume_tokens, resume_kv=req.resume_kv,
+                           resume_kv_tokens=req.resume_kv_tokens, kv_checkpoints=req.kv_checkpoints)
 
         def cancel() -> None:
             for g in gens:
@@ -127,17 +128,20 @@ class LocalShard:
                       cancel=cancel, prompt_token_ids=tuple(t for p in prompts for t in p))
 
     def submit(self, work: list[tuple[list[int], Sampling]], stop_texts: tuple[str, ...] = (),
-               forced: tuple[int, ...] = ()) -> list[Generation]:
+               forced: tuple[int, ...] = (), resume_kv: bytes = b"", resume_kv_tokens: int = 0,
+               kv_checkpoints: bool = False) -> list[Generation]:
         """Queues one generation per (prompt, sampling) pair, all or none; never blocks.
 
         A request's n choices (and its several prompts) go in one call; `forced` tokens are
-        replayed at the start of the first (a resumed choice). Raises QueueFull when the queue
+        replayed at the start of the first (a resumed choice), restoring the KV checkpoint
+        `resume_kv` for those it covers. Raises QueueFull when the queue
         cannot take them all.
         """
         loop = asyncio.get_running_loop()
         gens = [Generation(loop) for _ in work]
         jobs = [Job(prompt=prompt, sampling=s, emit=g.emit, stop_texts=stop_texts, cancel=g.cancelled,
-                    forced=forced if i == 0 else ())
+                    forced=forced if i == 0 else (), resume_kv=resume_kv if i == 0 else b"",
+                    resume_kv_tokens=resume_kv_tokens if i == 0 else 0, kv_checkpoints=kv_checkpoints)
                 for i, (g, (prompt, s)) in enumerate(zip(gens, work))]
         self._engine.submit(jobs)
         return gens

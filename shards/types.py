@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 
@@ -32,6 +32,10 @@ class TokenStep:
     token: int
     logprob: float | None = None
     top: tuple[tuple[int, float], ...] = ()
+    # A KV-cache checkpoint taken at this step (shards/backend_llama.py): the serialized KV of the
+    # prompt and the answer so far minus this token, covering `kv_tokens` tokens; empty when none.
+    kv: bytes = field(default=b"", repr=False)
+    kv_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class Piece:
     text: str
     tokens: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
+    # The replica's latest KV checkpoint, riding on the next piece after it was taken (see TokenStep);
+    # for the gateway's failover only (mesh/failover.py strips it), never for the client.
+    kv: bytes = field(default=b"", repr=False)
+    kv_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,13 @@ class GenerateRequest:
     # (seeds follow it) and the tokens already sent, replayed before sampling goes on.
     first_choice: int = 0
     resume_tokens: tuple[int, ...] = ()
+    # The lost replica's latest KV checkpoint (Piece.kv) covering the prompt and the first
+    # resume_kv_tokens - len(prompt) resume tokens: restored instead of prefilling and replaying them.
+    resume_kv: bytes = field(default=b"", repr=False)
+    resume_kv_tokens: int = 0
+    # Ask the replica to attach a KV checkpoint to a piece every few tokens (greedy only), so a
+    # resume restores it instead of re-prefilling: the gateway's gateway.kv_checkpoints.
+    kv_checkpoints: bool = False
 
 
 @dataclass

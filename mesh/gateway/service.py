@@ -3,6 +3,7 @@ fits, queue the generations, and turn their events into OpenAI answers or stream
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ class Gateway:
         if req.session_id is not None and self.sessions is not None:
             turn, history = self.sessions.history(req.session_id)
             messages = _with_preamble(req, history)
-        request = GenerateRequest(sampling=req.sampling, n=req.n, messages=messages)
+        request = GenerateRequest(sampling=req.sampling, n=req.n, messages=messages,
+                                  kv_checkpoints=self.config.gateway.kv_checkpoints)
 
         def reopen(r: GenerateRequest, avoid: set[str]) -> Awaitable[tuple[str, Opened]]:
             return self._admit(req.model, r, avoid)
@@ -298,6 +300,7 @@ class Gateway:
     async def _open(self, model: str, request: GenerateRequest) -> Run:
         """Admits a request on a replica of `model`, or raises the ApiError that says why not."""
         started = time.perf_counter()
+        request = dataclasses.replace(request, kv_checkpoints=self.config.gateway.kv_checkpoints)
         self.check_model(model)
         try:
             node_id, opened = await self._admit(model, request, set(), fit=bool(request.messages))

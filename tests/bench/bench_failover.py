@@ -70,12 +70,13 @@ def stream_with_interrupt(base_url: str, interrupt, after: int = 10, tokens: int
 
 
 RESUMED = re.compile(r"(\d+) tokens replayed: first new piece (\d+) ms after the last one \(loss noticed at (\d+) ms, "
-                     r"admitted at (\d+), first replayed piece at (\w+)\)")
+                     r"admitted at (\d+), first replayed piece at (\w+)\)(?:; sent a KV checkpoint of (\d+) tokens)?")
 
 
 def resume_lines(node: Meshd) -> list[tuple[float, ...]]:
-    """(replayed, first new piece, noticed, admitted, first replayed piece) of each resume the node logged."""
-    return [tuple(float(x) for x in m.groups()) for m in RESUMED.finditer(node.log())]
+    """(resent tokens, first new piece, noticed, admitted, first replayed piece, tokens the KV checkpoint
+    sent with it covers: 0 for none) of each resume the node logged."""
+    return [tuple(float(x or 0) for x in m.groups()) for m in RESUMED.finditer(node.log())]
 
 
 def breakdown(rows: list[tuple[float, ...]]) -> str:
@@ -83,8 +84,9 @@ def breakdown(rows: list[tuple[float, ...]]) -> str:
                                                                             "first"))}
     return (f"median {med['noticed']:.0f} ms to notice the loss, +{med['admitted'] - med['noticed']:.0f} ms to admit "
             f"the resume, +{med['first'] - med['admitted']:.0f} ms to its first piece (prompt prefill, first "
-            f"replayed token), +{med['gap'] - med['first']:.0f} ms to the first new piece (the rest of "
-            f"{med['replayed']:.0f} replayed tokens, one new); {med['gap']:.0f} ms in all at the gateway")
+            f"replayed token; or KV restore), +{med['gap'] - med['first']:.0f} ms to the first new piece (the rest "
+            f"of {med['replayed']:.0f} resent tokens, one new); {med['gap']:.0f} ms in all at the gateway; "
+            f"{sum(1 for r in rows if r[5])} of {len(rows)} resumes sent a KV checkpoint")
 
 
 def leader_name(nodes: dict[str, Meshd]) -> str:

@@ -175,3 +175,50 @@ def test_a_resumed_generation_continues_exactly_in_the_backend(mesh, sampling):
             assert tokens(tuple(reference[:k])) == reference, f"resumed after {k} tokens"
     finally:
         backend.close()
+
+
+def test_a_generation_resumed_from_a_kv_checkpoint_continues_exactly(mesh, caplog):
+    """A greedy run ships KV checkpoints (shards/backend_llama.py); resuming from one, at cut
+    points just after it and several tokens later, continues exactly as the uninterrupted run.
+    The checkpoint is really used: the tokens it covers are not replayed (garbage there changes
+    nothing). A checkpoint that cannot be used falls back to prefill and replay, still exact."""
+    from shards.backend_llama import KV_EVERY, LlamaBackend
+
+    spec = MeshConfig().models[0]
+    path = next(p for n in mesh.values() if (p := n.data_dir / "models" / spec.file).exists())
+    backend = LlamaBackend(str(path), n_ctx=512, threads=1)
+    greedy = Sampling(temperature=0.0)
+    try:
+        rendered = render([Message(**m) for m in PROMPT], gguf_template=None, named=spec.chat_template,
+                          bos=backend.bos_text, eos=backend.eos_text)
+        prompt = backend.tokenize(rendered.text, add_bos=not rendered.has_bos)
+
+        def steps(forced: tuple[int, ...] = (), kv: bytes = b"", kv_tokens: int = 0, n: int = 32):
+            it = backend.generate(prompt, greedy, 11, forced, kv, kv_tokens, checkpoints=True)
+            try:
+                return [next(it) for _ in range(n)]
+            finally:
+                it.close()
+
+        first = steps()
+        reference = [s.token for s in first]
+        checkpoints = {i: (s.kv, s.kv_tokens) for i, s in enumerate(first) if s.kv}
+        assert sorted(checkpoints) == [k * KV_EVERY - 1 for k in range(1, 5)]
+        assert all(kv_tokens == len(prompt) + i for i, (_, kv_tokens) in checkpoints.items())
+
+        with caplog.at_level("WARNING", logger="quorum.llama"):
+            for at, cut in ((7, 8), (15, 19), (23, 31)):
+                kv, kv_tokens = checkpoints[at]
+                assert [s.token for s in steps(tuple(reference[:cut]), kv, kv_tokens)] == reference, \
+                    f"resumed after {cut} tokens from the checkpoint of {at}"
+                covered_wrong = (0,) * at + tuple(reference[at:cut])
+                assert [s.token for s in steps(covered_wrong, kv, kv_tokens)][cut:] == reference[cut:], \
+                    "the checkpoint's cache stands in for the tokens it covers"
+            assert not caplog.records
+            kv, kv_tokens = checkpoints[15]
+            for bad in ((kv[: len(kv) // 2], kv_tokens), (kv, kv_tokens + 1), (checkpoints[23][0], kv_tokens)):
+                caplog.clear()
+                assert [s.token for s in steps(tuple(reference[:20]), *bad)] == reference
+                assert caplog.records, "an unusable checkpoint is refused, and the resume replays instead"
+    finally:
+        backend.close()

@@ -264,7 +264,7 @@ class Exploding(Backend):
         super().__init__()
         self.calls = 0
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int, forced=()) -> Iterator[TokenStep]:
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int, forced=(), **options) -> Iterator[TokenStep]:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError("GPU on fire")

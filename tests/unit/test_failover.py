@@ -99,3 +99,42 @@ def test_a_resume_logs_where_its_gap_went(caplog):
     [line] = [r.getMessage() for r in caplog.records if "resumed on" in r.getMessage()]
     assert line.startswith("choice 0 resumed on n2, 1 tokens replayed: first new piece ")
     assert "loss noticed at" in line and "admitted at" in line and "nan" not in line
+
+
+def test_the_latest_kv_checkpoint_is_kept_stripped_and_sent_on_resume():
+    asked = []
+
+    async def reopen(req, avoid):
+        asked.append(req)
+        return "n2", opened([(0, Piece("abcd", (1, 2, 3, 4))), (0, Piece("e", (5,))), (0, Finished("stop", 5, 5))])
+
+    first = opened([(0, Piece("ab", (1, 2), kv=b"old", kv_tokens=6)), (0, Piece("c", (3,))),
+                    (0, Piece("d", (4,), kv=b"new", kv_tokens=8)), (0, LOST)])
+    run = ResumableRun(GenerateRequest(Sampling(temperature=0.0)), "n1", first, reopen)
+    events = collect(run)
+    pieces = [e for _, e in events if isinstance(e, Piece)]
+    assert [p.text for p in pieces] == ["ab", "c", "d", "e"]
+    assert all(p.kv == b"" and p.kv_tokens == 0 for p in pieces), "the client never sees a checkpoint"
+    [req] = asked
+    assert req.resume_tokens == (1, 2, 3, 4)
+    assert (req.resume_kv, req.resume_kv_tokens) == (b"new", 8)
+    assert run.checkpoints == {}, "a finished choice's checkpoint is let go"
+
+
+def test_a_checkpoint_belongs_to_its_choice_and_a_resumed_replica_replaces_it():
+    asked = []
+
+    async def reopen(req, avoid):
+        asked.append(req)
+        if len(asked) == 1:  # choice 0 resumed: sends a newer checkpoint, then is lost again
+            return "n2", opened([(0, Piece("a", (1,))), (0, Piece("b", (2,), kv=b"n2", kv_tokens=7)), (0, LOST)])
+        if len(asked) == 2:
+            return "n3", opened([(0, Piece("ab", (1, 2))), (0, Finished("stop", 5, 2))])
+        return "n3", opened([(0, Piece("z", (9,))), (0, Finished("stop", 5, 1))])
+
+    first = opened([(0, Piece("a", (1,), kv=b"n1", kv_tokens=6)), (0, LOST)], choices=2)
+    run = ResumableRun(GenerateRequest(Sampling(temperature=0.0), n=2, prompts=("p",)), "n1", first, reopen)
+    events = collect(run)
+    assert [e.text for _, e in events if isinstance(e, Piece)] == ["a", "b", "z"]
+    assert [(r.first_choice, r.resume_tokens, r.resume_kv, r.resume_kv_tokens) for r in asked] == [
+        (0, (1,), b"n1", 6), (0, (1, 2), b"n2", 7), (1, (), b"", 0)]

@@ -41,7 +41,7 @@ class GatedBackend(Backend):
         self.started = threading.Event()
         self.gate = threading.Event()
 
-    def generate(self, prompt: list[int], sampling: Sampling, seed: int, forced=()) -> Iterator[TokenStep]:
+    def generate(self, prompt: list[int], sampling: Sampling, seed: int, forced=(), **options) -> Iterator[TokenStep]:
         self.started.set()
         self.gate.wait(WAIT_S)
         yield from super().generate(prompt, sampling, seed, forced)

@@ -101,7 +101,7 @@ class GatedBackend(NullBackend):
         super().__init__(**kwargs)
         self.gate = threading.Event()
 
-    def generate(self, prompt, sampling, seed, forced=()):
+    def generate(self, prompt, sampling, seed, forced=(), **options):
         self.gate.wait(WAIT_S)
         yield from super().generate(prompt, sampling, seed, forced)
 

@@ -365,7 +365,7 @@ class Backend(NullBackend):
 
     grammars: list
 
-    def generate(self, prompt, sampling, seed, forced=()):
+    def generate(self, prompt, sampling, seed, forced=(), **options):
         self.grammars = [*getattr(self, "grammars", []), sampling.grammar]
         yield from super().generate(prompt, sampling, seed, forced)
 
