@@ -106,10 +106,10 @@ class Control:
         if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= 1000:
             raise bad_request("'uses' must be a whole number of joins from 1 to 1000", "uses")
         try:
-            token = new_token(fingerprint(self.d.identity.ca_pem), float(ttl))
+            token = new_token(fingerprint(self.d.identity.ca_pem), float(ttl), uses=uses)
         except ValueError as exc:
             raise bad_request(str(exc), "ttl_s") from None
-        command = dataclasses.replace(token.command, uses=uses)
+        command = token.command
         await self._propose(command)
         log.info("join token %s created (expires in %.0f s, %d join%s)", command.token_id, ttl, uses,
                  "" if uses == 1 else "s")

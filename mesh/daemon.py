@@ -27,7 +27,7 @@ from mesh.forward import LeaderForwarder
 from mesh.gateway.app import create_app
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
-from mesh.http_guard import MAX_CONNECTIONS, GuardedH11Protocol
+from mesh.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
 from mesh.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
 from mesh.placer import Placer, battery_policy
 from mesh.profile_refresh import ProfileRefresher
@@ -63,13 +63,6 @@ class NodeOptions:
     backend: str = "llama"  # "null" serves without weights (tests of everything around the model)
     progress: bool = True
 
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the daemon decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
-        yield
 
 
 class _Changes:
@@ -133,7 +126,7 @@ class NodeDaemon:
         public = StripRelayHeaders(app)
         if enforce:
             log.info("the gateway requires API keys (gateway.api_keys = %s)", cfg.gateway.api_keys)
-        server = _Server(uvicorn.Config(public, http=GuardedH11Protocol, log_config=None, access_log=False,
+        server = QuietServer(uvicorn.Config(public, http=GuardedH11Protocol, log_config=None, access_log=False,
                                         lifespan="off", timeout_graceful_shutdown=3, timeout_keep_alive=30,
                                         limit_concurrency=MAX_CONNECTIONS))
         grpc_server = None

@@ -9,15 +9,25 @@ gets HEADER_TIMEOUT_S to deliver a complete request head, or it is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("quorum.http")
 
 HEADER_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 512  # uvicorn's limit_concurrency: beyond it, new requests get 503
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
 
 
 class GuardedH11Protocol(H11Protocol):

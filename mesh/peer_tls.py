@@ -9,7 +9,6 @@ node id is a live member; anything else is refused with 403 before the app sees 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Callable
 
@@ -18,7 +17,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.gateway.errors import ApiError
-from mesh.http_guard import MAX_CONNECTIONS, GuardedH11Protocol
+from mesh.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
 from mesh.pki import NodeIdentity
 from raft.state import MeshState
 
@@ -95,15 +94,7 @@ def peer_server(app: ASGIApp, identity: NodeIdentity) -> uvicorn.Server:
                             timeout_graceful_shutdown=3, timeout_keep_alive=30, limit_concurrency=MAX_CONNECTIONS)
     config.load()
     config.ssl = identity.server_context()  # our own context: client certificates optional but verified
-    return _QuietServer(config)
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the daemon decides when to stop."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
-        yield
+    return QuietServer(config)
 
 
 def peer_client(identity: NodeIdentity, timeout: httpx.Timeout | float = 30.0) -> httpx.AsyncClient:

@@ -30,14 +30,16 @@ class NewToken:
     command: CreateToken
 
 
-def new_token(ca_fingerprint: str, ttl_s: float = DEFAULT_TTL_S, now: float | None = None) -> NewToken:
+def new_token(ca_fingerprint: str, ttl_s: float = DEFAULT_TTL_S, now: float | None = None,
+              uses: int = 1) -> NewToken:
     if not 60 <= ttl_s <= 365 * 24 * 3600:
         raise ValueError("a token's lifetime must be between 60 s and 365 days")
     if not re.fullmatch(r"[A-Za-z0-9_-]{43}", ca_fingerprint):
         raise ValueError("a CA fingerprint is 43 base64url characters")
     now = time.time() if now is None else now
     cred = mint(PREFIX)
-    cmd = CreateToken(token_id=cred.id, secret_sha256=cred.digest, created_at=now, expires_at=now + ttl_s)
+    cmd = CreateToken(token_id=cred.id, secret_sha256=cred.digest, created_at=now, expires_at=now + ttl_s,
+                      uses=uses)
     return NewToken(text=f"{cred.text}.{ca_fingerprint}", command=cmd)
 
 

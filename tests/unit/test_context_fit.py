@@ -12,7 +12,6 @@ import logging
 import math
 import re
 
-import grpc
 import httpx
 import numpy as np
 import pytest
@@ -26,9 +25,9 @@ from mesh.remote_shard import RemoteShard
 from shards.backend_null import NullBackend
 from shards.backend_onnx import Encoder
 from shards.context import SUMMARY_HEADER, CannotFit, ContextShard, fit, fit_inputs, split_sentences
-from shards.grpc_service import SERVER_OPTIONS, ShardService
 from shards.local import LocalShard
 from shards.types import ContextLengthExceeded, GenerateRequest, Message, NotReady, Sampling
+from tests.grpc_serving import grpc_server, shard_service
 
 NEEDLE = "The password for the blue door is TANGERINE-47."
 QUESTION = "What is the password for the blue door?"
@@ -229,15 +228,8 @@ def test_a_newest_message_alone_over_the_window_stays_a_400(encoder):
 
 @contextlib.asynccontextmanager
 async def serving(*shards):
-    table = {(s.role, s.model): s for s in shards}
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    ShardService(lambda: table).add_to(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    async with grpc_server(shard_service(*shards)) as (_, address):
+        yield address
 
 
 def test_embed_over_grpc_equals_local_and_refusals_map(encoder):

@@ -43,6 +43,7 @@ from shards.types import (
     Sampling,
     TokenLogprob,
 )
+from tests.grpc_serving import grpc_server, shard_service
 
 ROLE, MODEL = "reasoning", "gemma-3-270m"
 WAIT_S = 10.0  # upper bound on any wait; tests normally finish far sooner
@@ -64,15 +65,8 @@ def local_shard(backend: NullBackend | None = None, queue_depth: int = 4, templa
 
 @contextlib.asynccontextmanager
 async def serving(*shards: LocalShard) -> AsyncIterator[tuple[grpc.aio.Server, str]]:
-    table = {(s.role, s.model): s for s in shards}
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    ShardService(lambda: table).add_to(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    async with grpc_server(shard_service(*shards)) as served:
+        yield served
 
 
 @contextlib.asynccontextmanager

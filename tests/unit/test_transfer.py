@@ -17,8 +17,9 @@ import pytest
 
 from mesh.transfer import fetch_model
 from proto import mesh_pb2
-from shards.grpc_service import CHUNK_BYTES, CLIENT_OPTIONS, REASON_KEY, SERVER_OPTIONS, NodeService
+from shards.grpc_service import CHUNK_BYTES, CLIENT_OPTIONS, REASON_KEY, NodeService
 from shards.model_files import ModelFileError, is_verified, verify
+from tests.grpc_serving import grpc_server
 
 WAIT_S = 10.0
 FILE = "tiny-model.gguf"
@@ -79,14 +80,8 @@ class _Tap:
 
 @contextlib.asynccontextmanager
 async def peer(service: NodeService) -> AsyncIterator[str]:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    service.add_to(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    async with grpc_server(service) as (_, address):
+        yield address
 
 
 def test_file_arrives_intact_and_stamped(tmp_path, source, content, caplog):
