@@ -3,6 +3,10 @@
 The node is a thin driver around the pure state in raft/state.py. pysyncobj runs replicated
 methods on its own tick thread; `propose` returns a concurrent Future that callers on an asyncio
 loop wrap with asyncio.wrap_future (never a blocking call from the loop or from the tick thread).
+
+Storage and network are ours, plugged into pysyncobj 0.3.17: the journal is raft/journal.py
+(`raft.wal`: CRC per record, fsynced before anything depending on it is sent) and the transport is
+raft/transport.py (frame cap, handshake deadline, per-address caps, EMFILE back-off).
 """
 
 from __future__ import annotations
@@ -15,10 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import pysyncobj.pickle as pso_pickle
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
+from raft import journal as raft_journal
 from raft.commands import BadCommand, Command, decode, encode
+from raft.journal import SYNC_BATCH, DurableJournal, JournalPath, migrate_stock_journal
 from raft.state import MeshState, Rejected, apply
+from raft.transport import BoundedTransport, TransportLimits
 
 log = logging.getLogger("quorum.raft")
 
@@ -27,6 +35,10 @@ _FAIL_NAMES = {getattr(FAIL_REASON, n): n.lower() for n in dir(FAIL_REASON) if n
 
 class ProposalFailed(RuntimeError):
     """The log did not take the command (no leader, queue full, dropped, not leader)."""
+
+
+class CommandTooLarge(ValueError):
+    """A command bigger than the transport carries (TransportLimits.max_command_bytes): never retryable."""
 
 
 @dataclass(frozen=True)
@@ -73,14 +85,40 @@ class _Log(SyncObjConsumer):
 class RaftNode:
     def __init__(self, self_address: str, partners: list[str], data_dir: Path, password: str,
                  timing: RaftTiming = RaftTiming(), auto_tick: bool = True,
-                 on_applied: Callable[[MeshState], None] | None = None) -> None:
+                 on_applied: Callable[[MeshState], None] | None = None,
+                 limits: TransportLimits = TransportLimits(), journal_sync: str = SYNC_BATCH) -> None:
+        """`journal_sync`: "batch" (one fsync per tick and before any send) or "add" (one per write)."""
         if not password:
             raise ValueError("a Raft password is required: without one pysyncobj unpickles anything")
         data_dir.mkdir(parents=True, exist_ok=True)
+        raft_journal.install()
         self._ready = threading.Event()
-        conf = SyncObjConf(
+        self._limits = limits
+        self.journal = DurableJournal(data_dir / "raft.wal", journal_sync)
+        try:
+            migrate_stock_journal(data_dir / "raft.journal", self.journal)
+            self._obj = self._start(self_address, partners, data_dir, password, timing, auto_tick, on_applied)
+        except BaseException:
+            self.journal._destroy()
+            raise
+        self._on_tick: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._obj.addOnTickCallback(self._run_on_tick)
+        log.info("raft node %s started (partners: %s)", self_address, ", ".join(partners) or "none")
+
+    def _start(self, self_address: str, partners: list[str], data_dir: Path, password: str, timing: RaftTiming,
+               auto_tick: bool, on_applied: Callable[[MeshState], None] | None) -> SyncObj:
+        batch = self.journal.sync_mode == SYNC_BATCH
+        transport = BoundedTransport.factory(limits=self._limits, barrier=self.journal.sync if batch else None,
+                                             defer_writes=batch)
+        conf = self._conf(data_dir, password, timing, auto_tick)
+        conf.journalFile = JournalPath(self.journal)
+        self._log = _Log(on_applied)
+        self.address = self_address
+        return SyncObj(self_address, partners, conf=conf, consumers=[self._log], transportClass=transport)
+
+    def _conf(self, data_dir: Path, password: str, timing: RaftTiming, auto_tick: bool) -> SyncObjConf:
+        return SyncObjConf(
             password=password,
-            journalFile=str(data_dir / "raft.journal"),
             fullDumpFile=str(data_dir / "raft.dump"),
             dynamicMembershipChange=True,
             useFork=False,
@@ -96,12 +134,6 @@ class RaftNode:
             onReady=self._ready.set,
             maxBindRetries=0,
         )
-        self._log = _Log(on_applied)
-        self.address = self_address
-        self._obj = SyncObj(self_address, partners, conf=conf, consumers=[self._log])
-        self._on_tick: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._obj.addOnTickCallback(self._run_on_tick)
-        log.info("raft node %s started (partners: %s)", self_address, ", ".join(partners) or "none")
 
     @property
     def state(self) -> MeshState:
@@ -148,7 +180,13 @@ class RaftNode:
             else:
                 future.set_result(result)
 
-        self._log.submit(encode(cmd), callback=done)
+        wire = encode(cmd)
+        size = len(pso_pickle.dumps(wire))
+        if size > self._limits.max_command_bytes:
+            future.set_exception(CommandTooLarge(f"{type(cmd).__name__} is {size} bytes pickled; the Raft transport "
+                                                 f"carries at most {self._limits.max_command_bytes}"))
+            return future
+        self._log.submit(wire, callback=done)
         return future
 
     def partners(self) -> dict[str, bool]:

@@ -182,20 +182,24 @@ def test_silent_connections_and_a_connection_flood_do_not_stop_the_group_or_leak
         close_all(nodes)
 
 
-def test_an_endless_frame_does_not_stop_the_group(tmp_path):
-    """A length prefix of 2 GiB and then a stream of bytes: the node buffers them (pysyncobj has no
-    frame limit) but keeps its place in the group; closing the connection frees it."""
+def test_a_2_gib_length_prefix_is_refused_at_once_and_the_group_goes_on(tmp_path):
+    """A length prefix of 2 GiB (pysyncobj 0.3.17 would buffer whatever follows, at quadratic cost):
+    raft/transport.py closes the connection on the prefix alone, before buffering anything."""
     nodes = three(tmp_path)
     try:
         commit(nodes, InitMesh("m", "endless", 1.0))
         target = nodes["n1"]
+        for prefix in (struct.pack("i", 2 ** 31 - 1), struct.pack("i", 4 * 1024 * 1024 + 1)):
+            with socket.create_connection(("127.0.0.1", port_of(target)), timeout=5) as s:
+                started = time.monotonic()
+                s.sendall(prefix)
+                assert closed_by_peer(s, 5.0), "the node kept a connection announcing an oversized frame"
+                assert time.monotonic() - started < 1.0
         with socket.create_connection(("127.0.0.1", port_of(target)), timeout=5) as s:
             s.sendall(struct.pack("i", 2 ** 31 - 1))
-            block = b"\0" * 65536
-            for i in range(64):  # 4 MiB
-                s.sendall(block)
-                if i % 16 == 0:
-                    commit(nodes, SetReplicas("reasoning", i % 5))
+            with pytest.raises(OSError):  # reset: the node does not read the 4 MiB behind the prefix
+                for _ in range(64):
+                    s.sendall(b"\0" * 65536)
         commit(nodes, SetReplicas("reasoning", 1))
         assert same_state(nodes)
     finally:
@@ -323,13 +327,15 @@ def test_replayed_captured_connection_is_refused_after_its_first_frame(tmp_path)
             while chunk := s.recv(65536):
                 answer += chunk
         replies = split_frames(bytes(answer))
-        # b took the first frame (a's random key: any old one decrypts) and answered with exactly one
-        # frame, its own fresh key wrapped with the replayed one; the next replayed frame carried the
-        # old connection's key and b closed the connection.
-        assert len(replies) == 1, replies
+        # b took the first frame (a's random key: any old one decrypts) and queued one frame, its own
+        # fresh key wrapped with the replayed one; the next replayed frame carried the old connection's
+        # key and b closed the connection. raft/transport.py writes queued frames on the poller's next
+        # WRITE event (after the journal's fsync), so the close usually comes first and nothing is sent.
+        assert len(replies) <= 1, replies
         replayed_key = pickle.loads(zlib.decompress(fernet.decrypt(frames[0])))
-        key, fresh = pickle.loads(zlib.decompress(fernet.decrypt(replies[0])))
-        assert key == replayed_key and isinstance(fresh, bytes) and len(fresh) == 32
+        for reply in replies:
+            key, fresh = pickle.loads(zlib.decompress(fernet.decrypt(reply)))
+            assert key == replayed_key and isinstance(fresh, bytes) and len(fresh) == 32
         assert (b.state, b.status()["commit_index"]) == before, "the replay changed b"
         commit(nodes, SetReplicas("reasoning", 4))
         assert nodes["a"].state == b.state
@@ -366,8 +372,6 @@ time.sleep(120)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="pysyncobj 0.3.17 TcpServer unbinds its listener on EMFILE from accept() "
-                                        "and never binds again; connections that never speak are never timed out")
 def test_listener_survives_a_silent_connection_flood_that_exhausts_file_descriptors():
     """A node limited to 40 files; 50 connections that never speak; then all closed again."""
     address = f"127.0.0.1:{free_ports(1)}"

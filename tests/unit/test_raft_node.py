@@ -119,7 +119,7 @@ def test_restart_on_same_data_dir_recovers_state_from_journal(tmp_path):
         expected = first.state
     finally:
         first.close()
-    assert (data_dir / "raft.journal").exists()
+    assert (data_dir / "raft.wal").exists()
 
     second = new_node(data_dir)
     try:
