@@ -88,11 +88,21 @@ class Encoder:
         """Tokens in each text as the model would see it uncut ([CLS] and [SEP] included)."""
         return [len(e.ids) for e in self._tokenizer.encode_batch(list(texts))]
 
-    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, list[int]]:
-        """(vectors [len(texts), dimensions] float32, untruncated token counts), in input order."""
-        encodings = self._tokenizer.encode_batch(list(texts))
-        counts = [len(e.ids) for e in encodings]
-        ids = [self._cut(e.ids) for e in encodings]
+    @property
+    def vocab_size(self) -> int:
+        """Token ids this encoder takes are 0 .. vocab_size - 1."""
+        return self._tokenizer.get_vocab_size()
+
+    def embed(self, texts: Sequence[str | Sequence[int]]) -> tuple[np.ndarray, list[int]]:
+        """(vectors [len(texts), dimensions] float32, untruncated token counts), in input order. An
+        input is a text or token ids of this vocabulary (checked by the caller), around which the
+        special tokens the tokenizer puts around a text ([CLS] ... [SEP]) are put."""
+        strings = [t for t in texts if isinstance(t, str)]
+        encoded = iter(self._tokenizer.encode_batch(strings) if strings else ())
+        around = self._tokenizer.encode("").ids  # the special tokens of an empty text: [CLS] [SEP]
+        full = [list(next(encoded).ids) if isinstance(t, str) else [*around[:1], *t, *around[1:]] for t in texts]
+        counts = [len(x) for x in full]
+        ids = [self._cut(x) for x in full]
         out = np.zeros((len(texts), self.dimensions), dtype=np.float32)
         order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), i))
         start = 0

@@ -1,12 +1,19 @@
 """POST /v1/embeddings: request validation, a context replica's encoder, the OpenAI answer.
 
-Accepted (OpenAI's fields): `input` a non-empty string or a list of 1..MAX_INPUTS non-empty
-strings; `model` a model of the context role; `encoding_format` "float" (default) or "base64"
-(little-endian float32, what the openai SDK asks for by default); `dimensions` only if it equals
-the model's (vectors cannot be shortened); `user` ignored. Token arrays (lists of integers) are
-refused with a 400 that says so: the ids of another vocabulary mean nothing to this encoder. An
-input longer than the model's window is a 400 naming its index, as OpenAI answers. Unknown
-fields are ignored, as everywhere in the gateway.
+Accepted (OpenAI's fields): `input` as OpenAI takes it: a non-empty string, a list of strings, a
+list of token ids, or a list of lists of token ids (lists of strings and of token ids may be
+mixed), 1..MAX_INPUTS inputs; token ids are ids of the encoder's own vocabulary (all-MiniLM's
+WordPiece for the default encoder: what its tokenizer.json gives for a text, without [CLS] and
+[SEP], which the encoder adds as it does around a text), and an id outside that vocabulary is a
+400 naming the input. `model` a model of the context role; `encoding_format` "float" (default)
+or "base64" (little-endian float32, what the openai SDK asks for by default); `dimensions` only
+if it equals the model's (vectors cannot be shortened); `user` ignored. Unknown fields are
+ignored, as everywhere in the gateway.
+
+Inputs longer than the encoder's window (256 tokens for the default, [CLS] and [SEP] included)
+are cut to it, as sentence-transformers does, and `usage` counts the tokens the encoder read.
+With `gateway.embeddings_truncate = false` in mesh.toml such an input is a 400 naming its index
+instead, as OpenAI answers.
 """
 
 from __future__ import annotations
@@ -18,20 +25,28 @@ from typing import Any
 
 from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
 from mesh.router import NoReplica
-from shards.types import NotReady, QueueFull
+from shards.types import NotReady, QueueFull, ShardError
 
 log = logging.getLogger("quorum.embeddings")
 
 MAX_INPUTS = 2048  # OpenAI's limit for one request
+MAX_TOKEN_IDS = 300_000  # token ids in one request, all inputs together (OpenAI's limit)
+MAX_TOKEN_ID = 2**31 - 1  # beyond any vocabulary; the encoder checks against its own
 FORMATS = ("float", "base64")
+
+Input = str | tuple[int, ...]  # a text, or token ids of the encoder's vocabulary
 
 
 @dataclass(frozen=True)
 class EmbeddingsRequest:
     model: str
-    texts: tuple[str, ...]
+    inputs: tuple[Input, ...]
     base64: bool
     dimensions: int | None
+
+    @property
+    def texts(self) -> tuple[Input, ...]:
+        return self.inputs
 
 
 def parse_embeddings(body: dict[str, Any]) -> EmbeddingsRequest:
@@ -50,30 +65,44 @@ def parse_embeddings(body: dict[str, Any]) -> EmbeddingsRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise bad_request("'user' must be a string.", "user")
-    return EmbeddingsRequest(model=model, texts=_texts(body), base64=fmt == "base64", dimensions=dimensions)
+    return EmbeddingsRequest(model=model, inputs=_inputs(body), base64=fmt == "base64", dimensions=dimensions)
 
 
-def _texts(body: dict[str, Any]) -> tuple[str, ...]:
+def _inputs(body: dict[str, Any]) -> tuple[Input, ...]:
+    form = "a string, a list of strings, a list of token ids or a list of lists of token ids"
     if "input" not in body or body["input"] is None:
-        raise bad_request("'input' is required: a string or a list of strings.", "input")
+        raise bad_request(f"'input' is required: {form}.", "input")
     raw = body["input"]
-    if isinstance(raw, str):
+    if isinstance(raw, str) or _token_array(raw):
         raw = [raw]
     elif not isinstance(raw, list):
-        raise bad_request("'input' must be a string or a list of strings.", "input")
+        raise bad_request(f"'input' must be {form}.", "input")
     if not raw:
         raise bad_request("'input' must not be an empty list.", "input")
     if len(raw) > MAX_INPUTS:
         raise bad_request(f"'input' may hold at most {MAX_INPUTS} items; got {len(raw)}.", "input")
-    if _token_array(raw) or any(_token_array(item) for item in raw):
-        raise bad_request("'input' as token arrays is not supported by this server: token ids of another "
-                          "vocabulary mean nothing to its encoder. Send the text instead.", "input")
+    out: list[Input] = []
+    ids = 0
     for i, item in enumerate(raw):
-        if not isinstance(item, str):
-            raise bad_request(f"'input[{i}]' must be a string; got {type(item).__name__}.", "input")
-        if not item:
-            raise bad_request(f"'input[{i}]' must not be empty.", "input")
-    return tuple(raw)
+        if isinstance(item, str):
+            if not item:
+                raise bad_request(f"'input[{i}]' must not be empty.", "input")
+            out.append(item)
+        elif _token_array(item):
+            bad = next((x for x in item if not 0 <= x <= MAX_TOKEN_ID), None)
+            if bad is not None:
+                raise bad_request(f"'input[{i}]' holds the token id {bad}; token ids are between 0 and the "
+                                  f"encoder's vocabulary size.", "input")
+            ids += len(item)
+            out.append(tuple(item))
+        elif isinstance(item, list) and not item:
+            raise bad_request(f"'input[{i}]' must not be an empty list of token ids.", "input")
+        else:
+            raise bad_request(f"'input[{i}]' must be a string or a list of token ids (integers); "
+                              f"got {_kind(item)}.", "input")
+    if ids > MAX_TOKEN_IDS:
+        raise bad_request(f"'input' may hold at most {MAX_TOKEN_IDS} token ids in all; got {ids}.", "input")
+    return tuple(out)
 
 
 def _token_array(value: Any) -> bool:
@@ -81,23 +110,36 @@ def _token_array(value: Any) -> bool:
                                                            for x in value)
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list that is not all integers"
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def truncates(gateway) -> bool:
+    """Whether inputs over the window are cut (True) or refused (see the module doc)."""
+    return gateway.config.gateway.embeddings_truncate
+
+
 async def create_embeddings(gateway, body: dict[str, Any]) -> dict:
     """The answer to one /v1/embeddings body, or the ApiError that says why not."""
     req = parse_embeddings(body)
     _check_model(gateway, req.model)
-    embedded = await embed(gateway, req.model, list(req.texts))
+    embedded = await embed(gateway, req.model, list(req.inputs))
     dims = int(embedded.vectors.shape[1])
     if req.dimensions is not None and req.dimensions != dims:
         raise bad_request(f"Model '{req.model}' makes {dims}-dimensional vectors and cannot shorten them; "
                           f"'dimensions' must be {dims} or left out.", "dimensions")
-    for i, count in enumerate(embedded.tokens):
-        if count > embedded.n_ctx:
-            raise bad_request(f"This model's maximum context length is {embedded.n_ctx} tokens, however "
-                              f"input[{i}] has {count} tokens. Please shorten it.", "input",
-                              "context_length_exceeded")
+    if not truncates(gateway):
+        for i, count in enumerate(embedded.tokens):
+            if count > embedded.n_ctx:
+                raise bad_request(f"This model's maximum context length is {embedded.n_ctx} tokens, however "
+                                  f"input[{i}] has {count} tokens. Please shorten it.", "input",
+                                  "context_length_exceeded")
     data = [{"object": "embedding", "index": i, "embedding": _encode(vector, req.base64)}
             for i, vector in enumerate(embedded.vectors)]
-    tokens = sum(embedded.tokens)
+    tokens = sum(min(count, embedded.n_ctx) for count in embedded.tokens)  # what the encoder read
     return {"object": "list", "data": data, "model": req.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
@@ -124,8 +166,8 @@ def _check_model(gateway, model: str) -> None:
     raise model_not_found(model)
 
 
-async def embed(gateway, model: str, texts: list[str]):
-    """Embeds `texts` on the least-loaded ready replica of the context `model`, trying the next one
+async def embed(gateway, model: str, texts: list[Input]):
+    """Embeds `texts` (texts or token ids) on the least-loaded ready replica of the context `model`, trying the next one
     when a replica turns out to be unreachable. Raises ApiError (429, 503) when none can."""
     retry_after = gateway.config.gateway.retry_after_s
     avoid: set[str] = set()
@@ -142,5 +184,9 @@ async def embed(gateway, model: str, texts: list[str]):
         except NotReady as exc:
             log.warning("context replica of %s on %s cannot take requests (%s); trying another", model, node_id, exc)
             avoid = avoid | {node_id}
-        except ValueError as exc:  # the replica refused the texts: our own validation missed something
+        except ValueError as exc:  # the replica refused the inputs (a token id outside its vocabulary)
             raise ApiError(400, str(exc), param="input") from None
+        except ShardError as exc:
+            if getattr(exc, "reason", None) == "bad_request":  # the same refusal, from a peer over gRPC
+                raise ApiError(400, str(exc).removeprefix("INVALID_ARGUMENT: "), param="input") from None
+            raise

@@ -4,6 +4,21 @@ Request fields (`tools`, `tool_choice`, `parallel_tool_calls`, `response_format`
 and assistant `tool_calls`) are checked here into a ToolUse: the grammar the replica decodes with
 (shards/tools.py builds it) and the preamble that shows the model the functions. On the way back,
 ToolShaper turns the model's text into OpenAI's `tool_calls`, in whole messages or stream deltas.
+
+Schemas. A schema that is not JSON Schema (its draft's metaschema says so), or that no value can
+satisfy, or that is over the size limits, is a 400 naming the parameter. Any other schema is
+accepted: the grammar enforces what a grammar can (types, required properties, enums and
+constants, integer ranges, string lengths, formats date/time/date-time/uuid/email, patterns that
+translate, item counts, unions, references including recursive ones), and the answer is then
+validated against the schema as sent (`jsonschema`, formats included) for the rest (`multipleOf`,
+number ranges, `uniqueItems`, `not`, patterns that do not translate, ...).
+
+A violation is reported, never hidden: the choice's message gets a `refusal` string that says what
+is wrong and where (a JSON pointer), e.g. "The arguments of get_weather do not match its
+parameters schema: 40 is greater than the maximum of 31 (at /day)"; the text or the tool calls
+stay as generated and `finish_reason` keeps its usual value. In a stream, the refusal comes as a
+`{"refusal": ...}` delta just before the chunk with the finish_reason. The openai SDK's
+`chat.completions.parse` then leaves `parsed` as None instead of raising.
 """
 
 from __future__ import annotations
@@ -14,16 +29,18 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.gateway.errors import bad_request, unavailable
+from mesh.gateway.errors import bad_request
 from shards.tools import (
     NAME_RE,
     ArgsOut,
     CallParser,
     CallStart,
+    SchemaCheck,
     SchemaError,
     TextOut,
     Tool,
     call_text,
+    check_schema,
     json_grammar,
     json_preamble,
     normalize_schema,
@@ -49,6 +66,8 @@ class ToolUse:
     schema: Any = None  # response_format's schema as sent (shown to the model)
     grammar: str | None = None
     preamble: str | None = None  # a system message telling the model about the tools or the JSON
+    checks: tuple[tuple[str, Any], ...] = ()  # (function name, SchemaCheck of its parameters)
+    content_check: Any = None  # SchemaCheck of response_format's schema
 
     @property
     def calls(self) -> bool:
@@ -76,7 +95,7 @@ def parse_tool_use(body: dict) -> ToolUse | None:
         parallel = False
     if not isinstance(parallel, bool):
         raise bad_request("'parallel_tool_calls' must be a boolean.", "parallel_tool_calls")
-    fmt, schema, normalized = _response_format(body.get("response_format"))
+    fmt, schema, normalized, content_check = _response_format(body.get("response_format"))
     if choice == "none":
         tools = ()  # the model is not told about tools it may not call
     if not tools and fmt == "text":
@@ -92,11 +111,9 @@ def parse_tool_use(body: dict) -> ToolUse | None:
             grammar, preamble = json_grammar(normalized), json_preamble(schema)
     except SchemaError as exc:
         raise bad_request(str(exc), "tools" if tools else "response_format") from None
-    except ImportError:
-        raise unavailable("Tool calls and JSON answers need llama-cpp-python on the gateway's node.", 1,
-                          code="no_grammar") from None
+    checks = tuple((t.name, check) for t in tools if (check := _checker(t.parameters)) is not None)
     return ToolUse(tools=tools, choice=choice, parallel=parallel, format=fmt, schema=schema, grammar=grammar,
-                   preamble=preamble)
+                   preamble=preamble, checks=checks, content_check=content_check)
 
 
 def _tools(raw: Any) -> tuple[Tool, ...]:
@@ -146,11 +163,27 @@ def _schema(schema: Any, param: str, require_object: bool = False) -> dict:
     if size > MAX_SCHEMA_BYTES:
         raise bad_request(f"'{param}' is {size} bytes of JSON; the limit is {MAX_SCHEMA_BYTES}.", param)
     try:
-        return normalize_schema(schema, require_object=require_object)
+        check_schema(schema)
     except SchemaError as exc:
-        raise bad_request(f"'{param}' cannot be enforced: {exc}", param) from None
+        raise bad_request(f"'{param}' is {exc}", param) from None
+    except ImportError:  # no jsonschema on this node: what the grammar builder refuses is still refused
+        pass
     except RecursionError:
         raise bad_request(f"'{param}' is nested too deeply.", param) from None
+    try:
+        return normalize_schema(schema, require_object=require_object)
+    except SchemaError as exc:
+        raise bad_request(f"'{param}' cannot be used: {exc}", param) from None
+    except RecursionError:
+        raise bad_request(f"'{param}' is nested too deeply.", param) from None
+
+
+def _checker(schema: Any) -> SchemaCheck | None:
+    """The check after generation for `schema`; None without jsonschema (the grammar alone then)."""
+    try:
+        return SchemaCheck(schema)
+    except ImportError:
+        return None
 
 
 def _choice(raw: Any, tools: tuple[Tool, ...]) -> str:
@@ -174,16 +207,16 @@ def _choice(raw: Any, tools: tuple[Tool, ...]) -> str:
                       "{\"type\": \"function\", \"function\": {\"name\": ...}}.", "tool_choice")
 
 
-def _response_format(raw: Any) -> tuple[str, Any, dict | None]:
-    """(type, schema as sent, normalized schema)."""
+def _response_format(raw: Any) -> tuple[str, Any, dict | None, SchemaCheck | None]:
+    """(type, schema as sent, normalized schema, its check after generation)."""
     if raw is None:
-        return "text", None, None
+        return "text", None, None, None
     if not isinstance(raw, dict) or raw.get("type") not in ("text", "json_object", "json_schema"):
         raise bad_request("'response_format.type' must be 'text', 'json_object' or 'json_schema'.",
                           "response_format")
     kind = raw["type"]
     if kind != "json_schema":
-        return kind, None, None
+        return kind, None, None, None
     spec = raw.get("json_schema")
     if not isinstance(spec, dict):
         raise bad_request("'response_format.json_schema' must be an object with 'name' and 'schema'.",
@@ -199,7 +232,16 @@ def _response_format(raw: Any) -> tuple[str, Any, dict | None]:
     param = "response_format.json_schema.schema"
     if schema is None:
         raise bad_request(f"'{param}' is required.", param)
-    return kind, schema, _schema(schema, param)
+    return kind, schema, _schema(schema, param), _checker(schema)
+
+
+def content_violation(use: ToolUse | None, text: str) -> str | None:
+    """What is wrong with a JSON answer to a response_format json_schema request (the refusal
+    text, see the module doc), or None when it is valid or there is no schema to check."""
+    if use is None or use.content_check is None:
+        return None
+    problem = use.content_check.text_violation(text)
+    return None if problem is None else f"The answer does not match the response_format schema: {problem}"
 
 
 # -- messages -------------------------------------------------------------------------------------
@@ -251,6 +293,7 @@ class ToolShaper:
     use: ToolUse
     parser: CallParser = field(init=False)
     ids: list[str] = field(default_factory=list)
+    violation: str | None = None  # set by finish(): what is wrong with the answer, see the module doc
 
     def __post_init__(self) -> None:
         self.parser = CallParser(tuple(t.name for t in self.use.tools),
@@ -261,7 +304,23 @@ class ToolShaper:
         return self._deltas(self.parser.feed(text))
 
     def finish(self) -> list[dict]:
-        return self._deltas(self.parser.finish())
+        """The last deltas: text held back, then a refusal if the answer breaks its schema."""
+        deltas = self._deltas(self.parser.finish())
+        self.violation = self._violation()
+        return deltas + ([{"refusal": self.violation}] if self.violation else [])
+
+    def _violation(self) -> str | None:
+        if not self.parser.calls:
+            return content_violation(self.use, self.parser.text) if self.parser.text.strip() else None
+        if not self.parser.complete:
+            return None  # cut short (finish_reason says so): nothing whole to check
+        checks = dict(self.use.checks)
+        for name, arguments in self.parser.calls:
+            check = checks.get(name)
+            problem = check.text_violation(arguments) if check is not None else None
+            if problem is not None:
+                return f"The arguments of {name} do not match its parameters schema: {problem}"
+        return None
 
     def finish_reason(self, reason: str) -> str:
         """'tool_calls' when the output is whole calls and ended as the grammar allowed it."""
@@ -285,11 +344,11 @@ class ToolShaper:
     def message(self) -> dict:
         """The whole answer as a chat.completion message."""
         if not self.parser.calls:
-            return {"role": "assistant", "content": self.parser.text, "refusal": None}
+            return {"role": "assistant", "content": self.parser.text, "refusal": self.violation}
         calls = [{"id": self.ids[i] if i < len(self.ids) else new_call_id(), "type": "function",
                   "function": {"name": name, "arguments": args}}
                  for i, (name, args) in enumerate(self.parser.calls)]
-        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
+        return {"role": "assistant", "content": None, "refusal": self.violation, "tool_calls": calls}
 
 
 def _show(value: Any) -> str:

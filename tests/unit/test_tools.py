@@ -72,12 +72,12 @@ def bad(body: dict, param: str) -> str:
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
      "tools[0].function.parameters"),
     ([{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}}}}], "tools[0].function.parameters"),
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": "3"}}}}}], "tools[0].function.parameters"),
     ([{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"s": {"type": "string", "pattern": "^a+$"}}}}}],
+        "type": "object", "properties": {"s": {"type": "string", "pattern": 7}}}}}],
      "tools[0].function.parameters"),
     ([{"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {}, "required": ["ghost"]}}}], "tools[0].function.parameters"),
+        "type": "object", "properties": {}, "required": "ghost"}}}], "tools[0].function.parameters"),
     ([{"type": "function", "function": {"name": "f", "description": 3}}], "tools[0].function.description"),
     ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], "tools[0].function.strict"),
     ([WEATHER] * 129, "tools"),
@@ -86,7 +86,7 @@ def test_bad_tools_are_400_naming_the_param(tools, param):
     bad(chat(tools=tools), param)
 
 
-def test_schemas_too_deep_large_or_recursive_are_400():
+def test_schemas_too_deep_or_large_are_400_and_recursive_ones_work():
     deep: dict = {"type": "string"}
     for _ in range(40):
         deep = {"type": "object", "properties": {"x": deep}}
@@ -98,8 +98,8 @@ def test_schemas_too_deep_large_or_recursive_are_400():
         "tools[0].function.parameters")
     loop = {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}},
             "$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}}}}}
-    assert "recursive" in bad(chat(tools=[{"type": "function", "function": {"name": "f", "parameters": loop}}]),
-                              "tools[0].function.parameters")
+    use = parse_tool_use(chat(tools=[{"type": "function", "function": {"name": "f", "parameters": loop}}]))
+    assert "call-arguments-node ::= " in use.grammar and "call-arguments-next-kv" in use.grammar
 
 
 @pytest.mark.parametrize("choice, tools, param", [
@@ -120,7 +120,7 @@ def test_bad_tool_choice_is_400(choice, tools, param):
     ({"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "response_format.json_schema.name"),
     ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}, "response_format.json_schema.name"),
     ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "maximum": 4}}},
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "maximum": "4"}}},
      "response_format.json_schema.schema"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": 1}},
      "response_format.json_schema.strict"),
@@ -267,24 +267,41 @@ def test_normalizing_twice_changes_nothing(schema):
     assert normalize_schema(once) == once
 
 
-def test_refs_are_inlined_and_annotations_dropped():
+def test_refs_become_definitions_and_annotations_are_dropped():
     schema = {"type": "object", "title": "T", "properties": {"home": {"$ref": "#/$defs/Address"},
                                                              "work": {"allOf": [{"$ref": "#/$defs/Address"}]}},
               "$defs": {"Address": {"type": "object", "description": "where",
                                     "properties": {"street": {"type": "string", "format": "email"}}}}}
     out = normalize_schema(schema)
-    street = {"type": "object", "properties": {"street": {"type": "string"}}}
-    assert out == {"type": "object", "properties": {"home": street, "work": street}}
+    street = {"type": "object", "properties": {"street": {"type": "string", "format": "email"}}}
+    assert out == {"type": "object", "properties": {"home": {"$ref": "#/$defs/Address"}, "work": street},
+                   "$defs": {"Address": street}}
+    assert normalize_schema(out) == out
+
+
+@pytest.mark.parametrize("schema, grammar_schema", [
+    ({"type": "object", "minProperties": 1}, {"type": "object"}),
+    ({"type": "array", "items": [{"type": "string"}]},
+     {"type": "array", "prefixItems": [{"type": "string"}], "items": {}, "minItems": 0, "maxItems": 0}),
+    ({"type": "array", "uniqueItems": True}, {"type": "array", "items": {}, "minItems": 0}),
+    ({"not": {"type": "string"}}, {}),
+    ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, {"type": "string", "maxLength": 3}),
+    ({"type": "string", "maxLength": 100000}, {"type": "string"}),
+    ({"type": "number", "multipleOf": 2}, {"type": "number"}),
+    ({"type": "integer", "exclusiveMinimum": 0, "maximum": 9.5}, {"type": "integer", "minimum": 1, "maximum": 9}),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "anyOf": [{"required": ["a"]}, {"required": ["b"]}]},
+     {"anyOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                {"type": "object", "properties": {"a": {"type": "string"}, "b": {}}, "required": ["b"]}]}),
+])
+def test_what_a_grammar_cannot_say_is_left_to_the_check_after(schema, grammar_schema):
+    assert normalize_schema(schema) == grammar_schema
 
 
 @pytest.mark.parametrize("schema", [
-    {"type": "object", "minProperties": 1}, {"type": "array", "items": [{"type": "string"}]},
-    {"type": "array", "uniqueItems": True}, {"not": {"type": "string"}}, {"type": "tuple"},
-    {"allOf": [{"type": "string"}, {"maxLength": 3}]}, {"$ref": "https://example.com/s.json"},
-    {"type": "string", "maxLength": 100000}, {"type": "number", "multipleOf": 2},
-    {"anyOf": [{"type": "string"}], "properties": {}}, {"enum": []}, {"const": float("nan")},
+    {"$ref": "https://example.com/s.json"}, {"enum": []}, {"const": float("nan")},
+    {"type": "integer", "minimum": 3, "maximum": 2}, {"type": "tuple"},
 ])
-def test_unenforceable_schemas_are_refused(schema):
+def test_unusable_schemas_are_refused(schema):
     with pytest.raises(SchemaError):
         normalize_schema(schema)
 
@@ -454,7 +471,7 @@ def test_sdk_sees_400_for_a_bad_schema():
             await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "hi"}],
                 tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-                    "n": {"type": "integer", "exclusiveMinimum": 0}}}}}])
+                    "n": {"type": "integer", "exclusiveMinimum": "0"}}}}}])
         assert err.value.body["param"] == "tools[0].function.parameters"
     run(with_sdk(CALL, work))
 
