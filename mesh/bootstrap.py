@@ -11,7 +11,7 @@ import uuid
 import httpx
 
 from mesh.config import MeshConfig
-from mesh.daemon import StartupError, bind, raft_timing, until
+from mesh.daemon import StartupError, bind, raft_limits, raft_timing, until
 from mesh.datadir import DataDir, NodeRecord
 from mesh.peer_tls import JOIN_PATH
 from mesh.pki import (
@@ -46,7 +46,8 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
     bind(host, int(port)).close()  # a clear error now, rather than pysyncobj retrying its bind forever
     ca_pem, ca_key = create_ca(record.name)
     key, cert = issue_node_certificate(ca_pem, ca_key, record.node_id)
-    raft = RaftNode(node.raft_address, [], dd.raft_dir, dd.secret(), raft_timing(cfg))
+    raft = RaftNode(node.raft_address, [], dd.raft_dir, dd.secret(), raft_timing(cfg), limits=raft_limits(cfg),
+                    journal_sync=cfg.raft.journal_sync)
     try:
         await until(lambda: raft.is_leader() and raft.is_ready(), "Raft leadership of the new mesh", 30)
         mesh_id = uuid.uuid4().hex

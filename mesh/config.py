@@ -80,6 +80,10 @@ class RaftConfig:
     connection_retry_ms: int = 500
     leader_fallback_ms: int = 600
     compaction_min_entries: int = 5000
+    max_frame_kib: int = 4096  # Raft frame cap (raft/transport.py); a command may be half of it
+    handshake_timeout_ms: int = 5000  # a Raft connection that has not authenticated by then is closed
+    max_connections_per_address: int = 8  # Raft connections from one IP address
+    journal_sync: str = "batch"  # fsync the journal once per tick before sending ("batch"), or per entry ("add")
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class GatewayConfig:
     max_messages: int = 1024
     api_keys: str = "auto"  # auto (required beyond loopback), required, off
     kv_checkpoints: bool = True  # replicas ship a KV snapshot every 8 greedy tokens (fast stream failover)
+    embeddings_truncate: bool = True  # inputs over the encoder's window are cut (true) or a 400 (false)
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,10 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
         raise ConfigError("raft.leader_fallback_ms: must be more than raft.heartbeat_ms")
     if raft.compaction_min_entries < 2:
         raise ConfigError("raft.compaction_min_entries: must be at least 2")
+    if raft.max_frame_kib > 2_097_151:
+        raise ConfigError(f"raft.max_frame_kib: at most 2097151 (2 GiB), got {raft.max_frame_kib}")
+    if raft.journal_sync not in ("batch", "add"):
+        raise ConfigError(f"raft.journal_sync: one of batch, add; got {raft.journal_sync!r}")
     gateway = _section(GatewayConfig, raw.get("gateway", {}), "gateway")
     if gateway.api_keys not in ("auto", "required", "off"):
         raise ConfigError(f"gateway.api_keys: one of auto, required, off; got {gateway.api_keys!r}")

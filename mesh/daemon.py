@@ -38,6 +38,7 @@ from nodes.profile import local_profile
 from raft.commands import AddMember, Command, RegisterModel, SetMemberState
 from raft.node import RaftNode, RaftTiming
 from raft.state import MeshState
+from raft.transport import TransportLimits
 
 log = logging.getLogger("quorum.node")
 
@@ -110,7 +111,8 @@ class NodeDaemon:
         changes = _Changes(asyncio.get_running_loop(), 3)
         log.info("node %s (%s) starting in %s", record.name, record.node_id, self.dd.path)
         self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, self.dd.secret(),
-                                    raft_timing(cfg), on_applied=changes.notify)
+                                    raft_timing(cfg), on_applied=changes.notify, limits=raft_limits(cfg),
+                                    journal_sync=cfg.raft.journal_sync)
         placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20,
                         battery=battery_policy(cfg.placement))
         router = Router(record.node_id, lambda: raft.state, self._local_shards, self._remote_shard)
@@ -184,13 +186,14 @@ class NodeDaemon:
 
         from mesh.grpc_tls import MemberOnly, channel_credentials, server_credentials
         from mesh.reconciler import Reconciler
+        from mesh.shard_process import run_dir
         from mesh.transfer import fetch_model
         from shards.grpc_service import SERVER_OPTIONS, NodeService, ShardService
 
         self.reconciler = Reconciler(self.record.node_id, self.raft, self.dd.models_dir, self.cfg,
                                      self.opts.backend, self.metrics,
                                      functools.partial(fetch_model, credentials=channel_credentials(self.identity)),
-                                     self.opts.progress)
+                                     self.opts.progress, run_dir(self.dd.path))
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MemberOnly(self._live_member)])
         ShardService(self._local_shards).add_to(server)
         NodeService(self.dd.models_dir).add_to(server)
@@ -341,10 +344,24 @@ class NodeDaemon:
             "replicas": dict(state.replicas),
             "pins": [dataclasses.asdict(p) for p in state.pins.values()],
             "unplaced": [dataclasses.asdict(u) for u in state.unplaced],
-            "local_shards": [{"role": role, "model": model, "busy": shard.busy, "waiting": shard.waiting}
-                             for (role, model), shard in sorted(self._local_shards().items())],
+            "local_shards": self._local_shard_status(),
             "health": {"ready": ready, "detail": "ok" if ready else "no reasoning replica is ready"},
         }
+
+
+    def _local_shard_status(self) -> list[dict[str, Any]]:
+        """This node's shard processes: serving ones, and those that crash-looped here."""
+        rec = self.reconciler
+        if rec is None:
+            return []
+        out = [{"role": role, "model": model, "state": "ready", "pid": shard.pid, "rss_bytes": shard.rss(),
+                "busy": shard.busy, "waiting": shard.waiting, "restarts": rec.restarts[(role, model)],
+                "detail": f"last crash at {rec.last_crash[(role, model)]}" if (role, model) in rec.last_crash else ""}
+               for (role, model), shard in sorted(rec.local.items())]
+        out += [{"role": role, "model": model, "state": "crashed", "pid": None, "rss_bytes": 0, "busy": False,
+                 "waiting": 0, "restarts": rec.restarts[(role, model)], "detail": reason}
+                for (role, model), reason in sorted(rec.given_up.items())]
+        return out
 
 
 def raft_timing(cfg: MeshConfig) -> RaftTiming:
@@ -353,6 +370,12 @@ def raft_timing(cfg: MeshConfig) -> RaftTiming:
                       election_max_s=r.election_max_ms / 1000, connection_retry_s=r.connection_retry_ms / 1000,
                       leader_fallback_s=r.leader_fallback_ms / 1000,
                       compaction_min_entries=r.compaction_min_entries)
+
+
+def raft_limits(cfg: MeshConfig) -> TransportLimits:
+    r = cfg.raft
+    return TransportLimits(max_frame_bytes=r.max_frame_kib * 1024, handshake_timeout_s=r.handshake_timeout_ms / 1000,
+                           max_connections_per_address=r.max_connections_per_address)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -87,6 +87,12 @@ def render_status(st: dict) -> str:
     out.append(table(["ROLE", "MODEL", "NODE", "STATE", "DETAIL"], shards))
     out.append("")
     out.append(table(["ROLE", "DESIRED", "READY", "ON"], replica_rows(st, names)))
+    processes = [[p["role"], p["model"], p["state"], p["pid"] or "-", _size(p["rss_bytes"]), p["restarts"],
+                  p["detail"]] for p in st.get("local_shards", [])]
+    if processes:
+        out.append("")
+        out.append(f"shard processes on {st['node']['name']}:")
+        out.append(table(["ROLE", "MODEL", "STATE", "PID", "RSS", "RESTARTS", "DETAIL"], processes))
     return "\n".join(out)
 
 

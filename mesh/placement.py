@@ -16,6 +16,10 @@ requires charging) or whose charge is low is "battery-limited" for the BATTERY_R
 A limited node's current reasoning shard is not kept in step 2; in step 3 limited nodes come after
 every other node that fits, the ones that held the role before first. So a phone's replica moves
 only when another node can take it, and a phone alone (or with no room elsewhere) keeps serving.
+Crash loops: `avoid` lists shards whose process crash-looped on their node (state "crashed"). Such
+a shard is not kept (step 2), and its node is not chosen for that role and model again (step 3),
+so it moves to another node that can hold it; pins still win.
+
 Hysteresis, so a charge hovering at the threshold does not move replicas back and forth: a phone
 that holds the role is limited below `min_percent`, one that does not only below `resume_percent`
 (higher). Pins are never moved for battery reasons. A node with no battery facts is never limited.
@@ -97,13 +101,14 @@ class Plan:
 
 def place(nodes: Iterable[NodeInfo], models: Sequence[ModelInfo], replicas: Mapping[str, int],
           pins: Iterable[Assignment], current: Iterable[Assignment],
-          battery: BatteryPolicy = BatteryPolicy()) -> Plan:
+          battery: BatteryPolicy = BatteryPolicy(), avoid: Iterable[Assignment] = ()) -> Plan:
     """The plan for this mesh. Raises ValueError only for inputs config validation already refuses
     (duplicate node ids or model names, unknown roles or negative counts in `replicas`, NaN speeds).
     `battery` decides which phones are battery-limited; the default is mesh.toml's [placement]."""
-    current = set(current)
+    avoid = frozenset(avoid)
+    current = set(current) - avoid
     ledger = _Ledger(_index(nodes, "node_id"), _index(models, "name"), battery,
-                     {(s.role, s.node_id) for s in current if s.role in BATTERY_ROLES})
+                     {(s.role, s.node_id) for s in current if s.role in BATTERY_ROLES}, avoid)
     if any(math.isnan(n.speed) for n in ledger.nodes.values()):
         raise ValueError("placement: a node's speed is NaN; speeds must be comparable")
     desired = _desired(replicas)
@@ -160,8 +165,9 @@ class _Ledger:
     """What has been placed so far: memory used per node and the nodes holding each role."""
 
     def __init__(self, nodes: dict[str, NodeInfo], models: dict[str, ModelInfo], battery: BatteryPolicy,
-                 held: set[tuple[str, str]]) -> None:
+                 held: set[tuple[str, str]], avoid: frozenset[Assignment] = frozenset()) -> None:
         self.nodes = dict(sorted(nodes.items()))
+        self.avoid = avoid  # (role, model, node) that crash-looped there
         self.models = models
         self.battery = battery
         self.held = held  # (role, node_id) of current shards in BATTERY_ROLES
@@ -216,7 +222,8 @@ class _Ledger:
 
     def best_node(self, role: str, model: str) -> str | None:
         need = self.models[model].memory_bytes
-        fits = [n for n in self._open(role) if self.free(n.node_id) >= need]
+        fits = [n for n in self._open(role) if self.free(n.node_id) >= need
+                and Assignment(role, model, n.node_id) not in self.avoid]
         if not fits:
             return None
 
@@ -238,6 +245,10 @@ class _Ledger:
         open_nodes = self._open(role)
         if not open_nodes:
             return f"too few distinct nodes: all {len(eligible)} eligible nodes already hold a {role} replica"
+        crashed = sorted(n.node_id for n in open_nodes if Assignment(role, model, n.node_id) in self.avoid)
+        open_nodes = [n for n in open_nodes if n.node_id not in crashed]
+        if not open_nodes:
+            return f"its process crash-looped on {', '.join(crashed)}, and no other node is free to hold it"
         roomiest = min(open_nodes, key=lambda n: (-self.free(n.node_id), n.node_id))
         return (f"needs {_size(self.models[model].memory_bytes)}; "
                 f"largest free is {_size(self.free(roomiest.node_id))} on {roomiest.node_id}")

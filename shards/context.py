@@ -1,8 +1,10 @@
 """The context role: a sentence encoder shard (embed) and the pure algorithm that fits a long
 conversation into the reasoning model's window.
 
-ContextShard serves `embed(texts)` for /v1/embeddings and for fitting, locally or over gRPC (the
-Embed RPC). The encoder runs on one worker thread; requests beyond the queue depth get QueueFull.
+ContextShard serves `embed(inputs)` for /v1/embeddings and for fitting, locally or over gRPC (the
+Embed RPC). An input is a text or a sequence of token ids of the encoder's vocabulary (OpenAI's
+token-array input; the encoder adds its [CLS]/[SEP] around them as around a text's tokens). The
+encoder runs on one worker thread; requests beyond the queue depth get QueueFull.
 
 Fitting (`fit`) is deterministic: the same conversation, budget, cost function and vectors always
 give the same result (ties are broken by position). It works on *exchanges*: a user message and
@@ -40,7 +42,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from shards.types import Message, NotReady, QueueFull
+from shards.types import Message, NotReady, QueueFull, ShardKind
 
 log = logging.getLogger("quorum.context")
 
@@ -56,6 +58,8 @@ class Embedded:
 
 class ContextShard:
     """A context replica on this node: an encoder behind an async `embed`."""
+    kind = ShardKind.ENCODER
+    ready = True
 
     def __init__(self, role: str, model: str, encoder, queue_depth: int) -> None:
         self.role = role
@@ -76,10 +80,12 @@ class ContextShard:
     def waiting(self) -> int:
         return max(0, self._in_flight - 1)
 
-    async def embed(self, texts: Sequence[str]) -> Embedded:
-        """Vectors for `texts` in order. Raises ValueError for a bad request, QueueFull, NotReady."""
-        if not texts or len(texts) > MAX_TEXTS or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"embed takes 1 to {MAX_TEXTS} strings; got {len(texts)} items")
+    async def embed(self, texts: Sequence[str | Sequence[int]]) -> Embedded:
+        """Vectors for `texts` (texts or token ids) in order. Raises ValueError for a bad request
+        (a token id outside the vocabulary names its input), QueueFull, NotReady."""
+        if not texts or len(texts) > MAX_TEXTS:
+            raise ValueError(f"embed takes 1 to {MAX_TEXTS} inputs; got {len(texts)}")
+        texts = [t if isinstance(t, str) else check_token_ids(t, i, self.encoder) for i, t in enumerate(texts)]
         if self._closed:
             raise NotReady(f"the {self.role} shard of {self.model} has stopped")
         if self.busy and self.waiting >= self.queue_depth:
@@ -96,6 +102,21 @@ class ContextShard:
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.encoder.close()
+
+
+def check_token_ids(ids: Sequence[int], index: int, encoder) -> tuple[int, ...]:
+    """`ids` as a tuple if they are token ids of `encoder`'s vocabulary (`encoder.vocab_size`);
+    ValueError naming input `index` otherwise."""
+    vocab = getattr(encoder, "vocab_size", None)
+    if vocab is None:
+        raise ValueError(f"input[{index}]: this encoder takes text only, not token ids")
+    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"input[{index}] must be a string or a non-empty list of token ids")
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"input[{index}] holds the token id {bad}, outside this encoder's vocabulary "
+                         f"(ids 0 to {vocab - 1})")
+    return tuple(ids)
 
 
 # -- fitting a conversation into a window ---------------------------------------------------------

@@ -125,11 +125,8 @@ class Engine:
         budget = self.backend.n_ctx - len(job.prompt)
         if s.max_tokens is not None:
             budget = min(budget, s.max_tokens)
-        # Only what a job asks for is passed (backends without KV checkpoints take no such arguments).
-        kv = {"resume_kv": job.resume_kv, "resume_kv_tokens": job.resume_kv_tokens} if job.resume_kv else {}
-        if job.kv_checkpoints:
-            kv["checkpoints"] = True
-        steps = self.backend.generate(job.prompt, s, seed, job.forced, **kv)
+        steps = self.backend.generate(job.prompt, s, seed, job.forced, resume_kv=job.resume_kv,
+                                      resume_kv_tokens=job.resume_kv_tokens, checkpoints=job.kv_checkpoints)
         checkpoint: tuple[bytes, int] | None = None  # the latest, until a piece carries it
         try:
             while produced < budget:

@@ -39,7 +39,6 @@ from google.protobuf.message import DecodeError
 
 from proto import mesh_pb2, mesh_pb2_grpc
 from shards.context import MAX_TEXTS, Embedded
-from shards.local import LocalShard
 from shards.model_files import ModelFileError, is_verified, model_path
 from shards.templates import TemplateError
 from shards.tools import MAX_GRAMMAR_CHARS
@@ -49,12 +48,15 @@ from shards.types import (
     Failed,
     Finished,
     GenerateRequest,
+    GeneratorReplica,
     Message,
     NotReady,
     Opened,
     Piece,
     QueueFull,
+    Replica,
     Sampling,
+    ShardKind,
     TokenLogprob,
 )
 
@@ -297,7 +299,7 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
     then gRPC itself answers undecodable requests, with UNKNOWN instead of INVALID_ARGUMENT.
     """
 
-    def __init__(self, shards: Callable[[], dict[tuple[str, str], LocalShard]]) -> None:
+    def __init__(self, shards: Callable[[], dict[tuple[str, str], Replica]]) -> None:
         self._shards = shards
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -325,7 +327,7 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, BAD_REQUEST, str(exc))
             return
         shard = self._shards().get((request.role, request.model))
-        if shard is None or not hasattr(shard, "open"):  # an encoder (context shard) does not generate
+        if shard is None or shard.kind is not ShardKind.GENERATOR:  # an encoder does not generate
             await _abort(context, grpc.StatusCode.UNAVAILABLE, NOT_SERVED,
                          f"this node serves no {request.role!r} shard of {request.model!r}")
             return
@@ -343,7 +345,7 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
             if aclose is not None:
                 await aclose()
 
-    async def _open(self, shard: LocalShard, req: GenerateRequest, context: grpc.aio.ServicerContext):
+    async def _open(self, shard: GeneratorReplica, req: GenerateRequest, context: grpc.aio.ServicerContext):
         """shard.open(req), with its refusals turned into statuses (context.abort raises)."""
         code = grpc.StatusCode
         try:
@@ -368,7 +370,7 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
                          f"undecodable HealthRequest: {request.error}")
         reply = mesh_pb2.HealthReply()
         for (role, model), shard in sorted(self._shards().items()):
-            reply.shards.add(role=role, model=model, ready=bool(getattr(shard, "ready", True)),
+            reply.shards.add(role=role, model=model, ready=shard.ready,
                              waiting=shard.waiting, busy=shard.busy, n_ctx=shard.n_ctx)
         return reply
 
@@ -377,15 +379,18 @@ class ShardService(mesh_pb2_grpc.ShardServicer):
         code = grpc.StatusCode
         if isinstance(request, Undecodable):
             await _abort(context, code.INVALID_ARGUMENT, BAD_REQUEST, f"undecodable EmbedRequest: {request.error}")
-        if not 0 < len(request.texts) <= MAX_TEXTS:
+        inputs = embed_inputs_from_proto(request)
+        if not 0 < len(inputs) <= MAX_TEXTS:
             await _abort(context, code.INVALID_ARGUMENT, BAD_REQUEST,
-                         f"an EmbedRequest takes 1 to {MAX_TEXTS} texts; got {len(request.texts)}")
+                         f"an EmbedRequest takes 1 to {MAX_TEXTS} inputs; got {len(inputs)}")
         shard = self._shards().get((request.role, request.model))
-        if shard is None or not hasattr(shard, "embed"):
+        if shard is None or shard.kind is not ShardKind.ENCODER:
             await _abort(context, code.UNAVAILABLE, NOT_SERVED,
                          f"this node serves no encoder for {request.role!r} of {request.model!r}")
         try:
-            return embedded_to_proto(await shard.embed(list(request.texts)))
+            return embedded_to_proto(await shard.embed(inputs))
+        except ValueError as exc:  # a token id outside the vocabulary: the client's mistake
+            await _abort(context, code.INVALID_ARGUMENT, BAD_REQUEST, str(exc))
         except QueueFull as exc:
             await _abort(context, code.RESOURCE_EXHAUSTED, QUEUE_FULL, str(exc), queue_depth=exc.depth)
         except NotReady as exc:
@@ -416,8 +421,21 @@ def _int_or(value: str | None, default: int | None) -> int | None:
     return int(value) if value is not None and value.isdigit() else default
 
 
-def embed_request_to_proto(role: str, model: str, texts: list[str]) -> mesh_pb2.EmbedRequest:
-    return mesh_pb2.EmbedRequest(role=role, model=model, texts=texts)
+def embed_request_to_proto(role: str, model: str, texts: list) -> mesh_pb2.EmbedRequest:
+    """Texts go in `texts` (as before: nodes that predate `inputs` read them); a request with token
+    ids sends every input in `inputs`."""
+    if all(isinstance(t, str) for t in texts):
+        return mesh_pb2.EmbedRequest(role=role, model=model, texts=texts)
+    inputs = [mesh_pb2.EmbedInput(text=t) if isinstance(t, str)
+              else mesh_pb2.EmbedInput(tokens=mesh_pb2.TokenIds(ids=list(t))) for t in texts]
+    return mesh_pb2.EmbedRequest(role=role, model=model, inputs=inputs)
+
+
+def embed_inputs_from_proto(request: mesh_pb2.EmbedRequest) -> list:
+    """The inputs of an EmbedRequest: texts (str) and token ids (tuples of int), in order."""
+    if not request.inputs:
+        return list(request.texts)
+    return [i.text if i.WhichOneof("input") == "text" else tuple(i.tokens.ids) for i in request.inputs]
 
 
 def embedded_to_proto(e: Embedded) -> mesh_pb2.EmbedReply:

@@ -23,6 +23,7 @@ from shards.types import (
     GenerateRequest,
     Opened,
     Sampling,
+    ShardKind,
 )
 
 log = logging.getLogger("quorum.shard")
@@ -60,6 +61,9 @@ class Generation:
 
 
 class LocalShard:
+    kind = ShardKind.GENERATOR
+    ready = True
+
     def __init__(self, role: str, model: str, backend: Backend, queue_depth: int,
                  named_template: str | None, on_finish: Callable[[Finished], None] | None = None) -> None:
         self.role = role

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Protocol
+
+if TYPE_CHECKING:
+    from shards.context import Embedded
 
 
 @dataclass(frozen=True)
@@ -133,3 +137,40 @@ class Opened:
     events: AsyncIterator[tuple[int, "Event"]]
     cancel: Callable[[], None]
     prompt_token_ids: tuple[int, ...] = ()
+
+
+class ShardKind(enum.Enum):
+    """What a shard's model does: which of the two replica interfaces below it serves."""
+    GENERATOR = "generator"  # a GGUF through llama.cpp (or the null backend): open() streams tokens
+    ENCODER = "encoder"  # a sentence encoder (ONNX): embed() returns vectors
+
+    @classmethod
+    def of_file(cls, file: str) -> "ShardKind":
+        """A model file's kind, by its format (.onnx files are encoders, GGUF files generate)."""
+        return cls.ENCODER if file.endswith(".onnx") else cls.GENERATOR
+
+
+class Replica(Protocol):
+    """One shard replica as the gateway and the gRPC service use it, wherever it runs: in a child
+    process of this node (mesh/shard_process.py), on another member (mesh/remote_shard.py), or in
+    this process (LocalShard, ContextShard: inside the shard process, and in tests)."""
+    role: str
+    model: str
+    kind: ShardKind
+    n_ctx: int
+
+    @property
+    def waiting(self) -> int: ...
+
+    @property
+    def busy(self) -> bool: ...
+
+
+class GeneratorReplica(Replica, Protocol):
+    async def open(self, req: GenerateRequest) -> Opened:
+        """Admits a request (or raises QueueFull, ContextLengthExceeded, TemplateError, NotReady)."""
+
+
+class EncoderReplica(Replica, Protocol):
+    async def embed(self, texts: list[str]) -> "Embedded":
+        """Vectors for texts (or raises ValueError, QueueFull, NotReady)."""

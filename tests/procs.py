@@ -1,5 +1,6 @@
 """Real meshd processes for tests and benchmarks: free loopback ports, readiness by polling
-/health (bounded), and every process killed by its pid when done."""
+/health (bounded), and every process killed by its pid when done, or by the kernel when the test
+process dies first (guarded(): PR_SET_PDEATHSIG; meshd's own shard processes die with it)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 MESHD = [sys.executable, "-m", "mesh.meshd"]
+
+
+def guarded(args: list[str]) -> list[str]:
+    """`args` run so that the process gets SIGKILL when this (test) process dies, even by kill -9
+    (tests/pdeathsig.py). Wrap every long-lived process a test starts in it."""
+    return [sys.executable, "-m", "tests.pdeathsig", str(os.getpid()), *args]
 
 
 def free_ports(count: int = 4) -> int:
@@ -77,7 +84,7 @@ class Meshd:
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(guarded(self.args), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         return self
 
@@ -118,6 +125,14 @@ class Meshd:
 
     def status(self) -> dict:
         return httpx.get(f"{self.base_url}/control/v1/status", timeout=5, headers=self.admin_headers()).json()
+
+    def meshctl(self, *args: str) -> str:
+        """`meshctl ARGS` against this node with its admin credential; its output (fails on an error)."""
+        done = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", self.address, "--data-dir",
+                               str(self.data_dir), *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"meshctl {' '.join(args)} failed: {done.stderr}")
+        return done.stdout
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -180,7 +195,7 @@ def start_mesh(root: Path, names: list[str], replicas_on: list[str], **kw) -> di
 def serves(node: Meshd) -> bool:
     """True once the node has loaded a reasoning shard itself (the log may still say "ready" from before a restart)."""
     try:
-        return any(s["role"] == "reasoning" for s in node.status()["local_shards"])
+        return any(s["role"] == "reasoning" and s["state"] == "ready" for s in node.status()["local_shards"])
     except httpx.HTTPError:
         return False
 

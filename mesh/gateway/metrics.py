@@ -35,9 +35,24 @@ class Metrics:
         self.in_flight = Gauge("quorum_requests_in_flight", "Requests being answered", registry=r)
         self.routed = Counter("quorum_routed", "Requests sent to a replica, by its role", ["role", "model"],
                               registry=r)
+        self.shard_rss = Gauge("quorum_shard_rss_bytes", "Resident memory of each shard process on this node",
+                               ["role", "model"], registry=r)
+        self.shard_crashes = Counter("quorum_shard_crashes", "Shard processes on this node that died on "
+                                     "their own (crash, OOM kill)", ["role", "model"], registry=r)
 
     def watch_queue(self, role: str, model: str, depth: Callable[[], float]) -> None:
         self.queue_depth.labels(role, model).set_function(depth)
+
+    def watch_shard(self, role: str, model: str, depth: Callable[[], float], rss: Callable[[], float]) -> None:
+        self.watch_queue(role, model, depth)
+        self.shard_rss.labels(role, model).set_function(rss)
+
+    def unwatch_shard(self, role: str, model: str) -> None:
+        for gauge in (self.queue_depth, self.shard_rss):
+            try:
+                gauge.remove(role, model)
+            except KeyError:  # never watched (it failed before it was serving)
+                pass
 
     def record_generation(self, model: str, finished: Finished) -> None:
         """Called on a shard's worker thread (prometheus_client is thread-safe)."""

@@ -3,6 +3,7 @@ fits, queue the generations, and turn their events into OpenAI answers or stream
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -14,7 +15,7 @@ from mesh.failover import ResumableRun
 from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
 from mesh.gateway.metrics import Metrics
 from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
-from mesh.gateway.tools import ToolShaper
+from mesh.gateway.tools import ToolShaper, content_violation
 from mesh.gateway.validation import ChatRequest, CompletionRequest
 from mesh.router import LocalPicker, NoReplica, Router
 from mesh.sessions import NotCommitted, SessionLog, TurnRecorder
@@ -35,6 +36,11 @@ from shards.types import (
 )
 
 log = logging.getLogger("quorum.gateway")
+
+# A resumed choice whose replicas are all lost waits this long for one to come back (a crashed shard
+# process is restarted within a second or two) before the stream ends in an error.
+RESUME_WAIT_S = 30.0
+RESUME_POLL_S = 0.05
 
 
 @dataclass
@@ -161,6 +167,9 @@ class Gateway:
                     shapers[index].finish()
                     choices[index].message = shapers[index].message()
                     choices[index].finish_reason = shapers[index].finish_reason(event.reason)
+                elif (problem := content_violation(req.tool_use, choices[index].text)) is not None:
+                    # A JSON answer the grammar could not hold to the whole schema: said, not hidden.
+                    choices[index].message = {"role": "assistant", "content": choices[index].text, "refusal": problem}
         return fmt.completion(choices, run.prompt_tokens, completion)
 
     async def stream_chat(self, req: ChatRequest, run: Run) -> AsyncIterator[bytes]:
@@ -170,11 +179,13 @@ class Gateway:
             return
         fmt = ChatFormat(req.model, req.logprobs)
         started: set[int] = set()
+        texts: dict[int, str] = {}  # each choice's text, for the response_format schema check at its end
         completion = 0
         if req.resume is not None:  # same stream, same id: what was sent stays sent
             fmt.id, fmt.created = req.resume.id, req.resume.created
             started = {i for i, c in req.resume.choices.items() if c.started}
             completion = sum(c.completion_tokens for c in req.resume.choices.values() if c.finished)
+        unchecked = set(started)  # choices begun by a previous leader: their whole text is not here
 
         def chunk(body: dict, extra: dict) -> bytes:
             # A relaying member needs the token ids to resume this stream if this leader dies.
@@ -190,10 +201,14 @@ class Gateway:
                     yield chunk(fmt.chunk(index, {"role": "assistant", "content": "", "refusal": None},
                                           with_usage_field=req.include_usage), {"prompt_tokens": run.prompt_tokens})
                 if isinstance(event, Piece):
+                    texts[index] = texts.get(index, "") + event.text
                     yield chunk(fmt.chunk(index, {"content": event.text}, logprobs=event.logprobs,
                                           with_usage_field=req.include_usage), {"tokens": list(event.tokens)})
                 elif isinstance(event, Finished):
                     completion += event.completion_tokens
+                    problem = None if index in unchecked else content_violation(req.tool_use, texts.get(index, ""))
+                    if problem is not None:
+                        yield chunk(fmt.chunk(index, {"refusal": problem}, with_usage_field=req.include_usage), {})
                     yield chunk(fmt.chunk(index, {}, finish_reason=event.reason, with_usage_field=req.include_usage),
                                 {"completion_tokens": event.completion_tokens})
             if req.include_usage:
@@ -323,12 +338,21 @@ class Gateway:
                      fit: bool = False) -> tuple[str, Opened]:
         """Opens `request` on the least-loaded ready replica outside `avoid` (with `fit`, a prompt
         over the window raises ContextLengthExceeded instead of its 400); a replica that turns
-        out to be unreachable is skipped for the next one."""
+        out to be unreachable is skipped for the next one.
+
+        A resume (`avoid` names the lost replicas) with no other replica waits up to RESUME_WAIT_S for
+        any replica to be ready again, the lost ones included: a shard process that crashed is
+        restarted on its node, and the choice resumes there."""
         retry_after = self.config.gateway.retry_after_s
+        deadline = time.monotonic() + RESUME_WAIT_S if avoid else 0.0
         while True:
             try:
                 node_id, shard = self._pick(model, request, avoid)
             except NoReplica:
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(RESUME_POLL_S)
+                    avoid = set()
+                    continue
                 raise unavailable(f"No replica of '{model}' is ready ({self.loading_detail}).", retry_after,
                                   code="loading" if not avoid else "no_replica") from None
             try:

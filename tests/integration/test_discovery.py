@@ -23,7 +23,7 @@ import pytest
 
 from mesh.config import MeshConfig, NodeConfig
 from mesh.discovery import advertise, browse
-from tests.procs import REPO, Meshd, join_token, kill_all, wait_until
+from tests.procs import REPO, Meshd, guarded, join_token, kill_all, wait_until
 
 MDNS_GROUP = "224.0.0.251"
 
@@ -101,7 +101,8 @@ def test_join_discover_finds_a_member_and_joins_without_its_address(tmp_path):
         assert str(a.port) not in " ".join(b.args), "the joiner must not be told the member's address"
         wait_until(lambda: live_names(a) == ["a", "b"], 120, "b to become a member")
         wait_until(lambda: running(b), 60, "b to run")
-        assert b.status()["mesh"]["id"] == mesh_id
+        # b serves its status as soon as it runs; its copy of the log may still be catching up.
+        wait_until(lambda: b.status()["mesh"]["id"] == mesh_id, 60, "b's log to hold the mesh")
         assert f"through {a.address}" in b.log()
         # The new member advertises too, under the same mesh id.
         wait_until(lambda: sorted(c.address for c in found(service, mesh_id=mesh_id)) == sorted([a.address, b.address]),
@@ -185,9 +186,9 @@ def test_node_runs_when_the_mdns_port_is_taken(tmp_path, netns):
     """Another program holds UDP 5353 exclusively (in a namespace of the test's own): the node logs one
     line and serves as usual."""
     exec_in = ("ip", "netns", "exec", netns)
-    holder = subprocess.Popen([*exec_in, sys.executable, "-c",
+    holder = subprocess.Popen(guarded([*exec_in, sys.executable, "-c",
                                "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-                               "s.bind(('0.0.0.0', 5353)); print('held', flush=True); sys.stdin.read()"],
+                               "s.bind(('0.0.0.0', 5353)); print('held', flush=True); sys.stdin.read()"]),
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     node = Meshd(node_dir(tmp_path, "a", service_type()), command="start", backend="null", port=7300, prefix=exec_in)
     try:

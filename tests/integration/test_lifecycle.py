@@ -33,7 +33,7 @@ def test_first_run_creates_restart_resumes(tmp_path):
     # What the first run made: a private secret, the journal, the verified model file.
     secret = data_dir / "mesh.secret"
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
-    assert (data_dir / "raft" / "raft.journal").exists()
+    assert (data_dir / "raft" / "raft.wal").exists()
     assert (data_dir / "models" / "gemma-3-270m-q4_k_m.gguf.verified").exists()
 
     assert before["mesh"]["id"] and before["raft"]["is_leader"]

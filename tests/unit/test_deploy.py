@@ -23,6 +23,7 @@ from mesh.meshctl import build_parser as meshctl_parser
 from mesh.meshd import build_parser
 from mesh.placement import ModelInfo, NodeInfo, place
 from nodes.memory import available_for_models
+from tests.procs import guarded
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -208,7 +209,7 @@ def test_termux_service_runs_meshd_start(tmp_path):
 
 def test_termux_service_waits_quietly_until_joined(tmp_path):
     env = _termux_home(tmp_path, joined=False)
-    proc = subprocess.Popen(["sh", str(TERMUX_RUN)], stdout=subprocess.PIPE, text=True, env=env,
+    proc = subprocess.Popen(guarded(["sh", str(TERMUX_RUN)]), stdout=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
         line = proc.stdout.readline()
