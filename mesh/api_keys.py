@@ -1,4 +1,4 @@
-"""Gateway API keys: `qk1.<id>.<secret>`, sent as `Authorization: Bearer <key>`.
+"""Gateway API keys: `qk1.<id>.<secret>`, sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
 
 The mesh log keeps each key's id, name and the sha256 of its secret; a key is shown once, when
 it is created. Policy (`gateway.api_keys` in mesh.toml): "auto" requires a key when the gateway
@@ -58,7 +58,9 @@ def required(policy: str, listen_host: str) -> bool:
 
 
 class ApiKeyCheck:
-    """ASGI middleware: /v1/* requests need a valid key when the policy says so (401 otherwise)."""
+    """ASGI middleware: /v1/* and Ollama's /api/* requests need a valid key when the policy says so
+    (401 otherwise, in the error shape of the API asked). The key comes as `Authorization: Bearer`
+    or, as Anthropic's clients send it, `x-api-key`."""
 
     def __init__(self, app: ASGIApp, state: Callable[[], MeshState], enforce: bool) -> None:
         self.app = app
@@ -66,14 +68,30 @@ class ApiKeyCheck:
         self.enforce = enforce
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.enforce and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        if self.enforce and scope["type"] == "http" and path.startswith(("/v1/", "/api/")):
             headers = dict(scope["headers"])
             auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, presented = auth.partition(" ")
-            if scheme.lower() != "bearer" or not valid_key(self.state(), presented.strip()):
-                message = ("You didn't provide an API key: send it as 'Authorization: Bearer KEY' (meshctl keys "
-                           "create makes one)." if not auth else "Incorrect API key provided.")
-                await ApiError(401, message, type="authentication_error", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"}).response()(scope, receive, send)
+            scheme, _, bearer = auth.partition(" ")
+            presented = [k.strip() for k in (bearer if scheme.lower() == "bearer" else "",
+                                             headers.get(b"x-api-key", b"").decode("latin-1")) if k.strip()]
+            if not any(valid_key(self.state(), key) for key in presented):
+                message = ("You didn't provide an API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+                           "(meshctl keys create makes one)." if not auth and not presented
+                           else "Incorrect API key provided.")
+                error = ApiError(401, message, type="authentication_error", code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                await _shaped(path, error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _shaped(path: str, error: ApiError) -> ASGIApp:
+    """The 401 in the error shape of the API at `path` (OpenAI's, Anthropic's or Ollama's)."""
+    if path.startswith("/api/"):
+        from mesh.gateway.ollama import error_response
+        return error_response(error)
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        from mesh.gateway.anthropic import error_response
+        return error_response(error)
+    return error.response()

@@ -32,8 +32,8 @@ _HOP_BY_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-e
 
 
 def must_forward(path: str) -> bool:
-    """Paths answered by the leader only."""
-    return path.startswith("/v1/") or path == "/control/v1/remove"
+    """Paths answered by the leader only: OpenAI's and Anthropic's /v1/*, Ollama's /api/*."""
+    return path.startswith(("/v1/", "/api/")) or path == "/control/v1/remove"
 
 
 class LeaderForwarder:

@@ -16,9 +16,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh.forward import FORWARDED
+from mesh.gateway.anthropic import anthropic_routes
 from mesh.gateway.embeddings import create_embeddings
 from mesh.gateway.errors import ApiError, bad_request, too_large, unavailable
 from mesh.gateway.metrics import Metrics
+from mesh.gateway.ollama import ollama_routes
 from mesh.gateway.openapi import openapi
 from mesh.gateway.service import Gateway, Run
 from mesh.gateway.validation import parse_chat, parse_completion, parse_json
@@ -141,6 +143,8 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
+        *ollama_routes(gateway, read_json),
+        *anthropic_routes(gateway, read_json),
         *extra_routes,
     ]
     app = Starlette(routes=routes, exception_handlers={
@@ -245,5 +249,5 @@ class RequestLog:
 
 def _endpoint(path: str) -> str:
     known = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
-             "/control/v1/status")
+             "/control/v1/status", "/v1/messages", "/api/chat", "/api/generate", "/api/embed")
     return next((k for k in known if path == k or path.startswith(k + "/")), "other")

@@ -1,0 +1,296 @@
+"""Anthropic's Messages API (POST /v1/messages) on the gateway, for Claude-style agents and the
+`anthropic` SDKs.
+
+Nothing here generates: a request is translated into the gateway's ChatRequest, so admission
+(429), routing, failover, sessions (X-Session-Id) and validation are the chat API's, and the answer
+or the stream is translated back. Accepted: `model`, `max_tokens` (required), `system` (a string or
+text blocks), `messages` whose content is a string or blocks (`text`; `tool_use` in assistant turns;
+`tool_result` in user turns, its content a string or text blocks), `stop_sequences`, `temperature`,
+`top_p`, `tools` (`name`, `description`, `input_schema`), `tool_choice` (auto, any, tool, none),
+`stream`. `top_k`, `metadata`, `thinking` and `service_tier` are accepted and ignored; image and
+document blocks are a 400 (the mesh's models read text only).
+
+Streams are Anthropic's server-sent events, each with its `event:` line: message_start,
+content_block_start / content_block_delta (text_delta, input_json_delta) / content_block_stop per
+block, message_delta (stop_reason, usage), message_stop; an error inside a stream is an `error`
+event. Errors are {"type": "error", "error": {"type", "message"}} with the gateway's status. The
+key is taken from `x-api-key` as well as `Authorization: Bearer` (mesh/api_keys.py);
+`anthropic-version` is accepted whatever its value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import secrets
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from mesh.gateway.errors import ApiError, bad_request
+from mesh.gateway.validation import parse_chat
+from mesh.sessions import check_session_id
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                503: "overloaded_error", 529: "overloaded_error"}
+_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """An ApiError in Anthropic's shape, same status and headers."""
+    return JSONResponse(error_body(exc.status, exc.message), status_code=exc.status, headers=exc.headers)
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def anthropic_routes(gateway, read_json: Callable[[Request], Awaitable[dict]]) -> list[Route]:
+    """POST /v1/messages over `gateway`; `read_json` is the app's bounded body reader."""
+
+    async def messages(request: Request) -> Response:
+        try:
+            return await _messages(request)
+        except ApiError as exc:
+            return error_response(exc)
+
+    async def _messages(request: Request) -> Response:
+        body = await read_json(request)
+        req = parse_chat(chat_body(body), gateway.config.gateway)
+        session = request.headers.get("x-session-id")
+        if session is not None:
+            req = dataclasses.replace(req, session_id=check_session_id(session))
+        run = await gateway.start_chat(req)  # admission: a 429 comes before any byte of a stream
+        headers = {"X-Session-Id": session} if session is not None else {}
+        if req.stream:
+            events = _stream(gateway.stream_chat(req, run), req.model, run.prompt_tokens)
+            return StreamingResponse(events, media_type="text/event-stream", headers={**_STREAM_HEADERS, **headers})
+        from mesh.gateway.app import until_disconnect  # app imports this module
+        try:
+            whole = await until_disconnect(request, gateway.collect_chat(req, run))
+        finally:
+            run.cancel()
+        return JSONResponse(_message(whole, req.model), headers=headers)
+
+    return [Route("/v1/messages", messages, methods=["POST"])]
+
+
+# -- requests ---------------------------------------------------------------------------------------
+
+def chat_body(body: dict) -> dict:
+    """An Anthropic Messages body as an OpenAI chat body (parse_chat checks the rest)."""
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        raise bad_request("max_tokens: Field required", "max_tokens")
+    out: dict[str, Any] = {"model": body.get("model"), "max_tokens": max_tokens}
+    for key in ("temperature", "top_p", "stream"):
+        if body.get(key) is not None:
+            out[key] = body[key]
+    if body.get("stream") is True:
+        out["stream_options"] = {"include_usage": True}  # the usage that message_delta reports
+    if body.get("stop_sequences") is not None:
+        out["stop"] = body["stop_sequences"]
+    if not isinstance(out.get("stop", []), list):
+        raise bad_request("stop_sequences: must be an array of strings.", "stop_sequences")
+    system = _text(body.get("system"), "system") if body.get("system") is not None else ""
+    out["messages"] = ([{"role": "system", "content": system}] if system else []) + _messages(body.get("messages"))
+    if body.get("tools"):
+        out["tools"] = _tools(body["tools"])
+    choice = body.get("tool_choice")
+    if choice is not None:
+        out["tool_choice"], parallel = _choice(choice)
+        if parallel is not None:
+            out["parallel_tool_calls"] = parallel
+    return out
+
+
+def _text(content: Any, where: str) -> str:
+    """A string, or text blocks joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, block in enumerate(content):
+            if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
+                raise bad_request(f"{where}.{j}: only text blocks ({{\"type\": \"text\", \"text\": ...}}) are "
+                                  f"supported here.", f"{where}.{j}")
+            parts.append(block["text"])
+        return "\n".join(parts)
+    raise bad_request(f"{where}: must be a string or an array of text blocks.", where)
+
+
+def _messages(raw: Any) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise bad_request("messages: must be a non-empty array.", "messages")
+    out: list[dict] = []
+    for i, m in enumerate(raw):
+        where = f"messages.{i}"
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise bad_request(f"{where}.role: must be 'user' or 'assistant'.", f"{where}.role")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise bad_request(f"{where}.content: must be a string or an array of content blocks.", f"{where}.content")
+        texts: list[str] = []
+        calls: list[dict] = []
+        for j, block in enumerate(content):
+            at = f"{where}.content.{j}"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text" and isinstance(block.get("text"), str):
+                texts.append(block["text"])
+            elif kind == "tool_use" and m["role"] == "assistant":
+                calls.append(_call(block, at))
+            elif kind == "tool_result" and m["role"] == "user":
+                out.append(_result(block, at))
+            elif kind in ("thinking", "redacted_thinking") and m["role"] == "assistant":
+                continue  # the model's own reasoning from an earlier turn: not shown to it again
+            else:
+                raise bad_request(f"{at}: a {json.dumps(kind)} block is not supported in a {m['role']} message "
+                                  f"(text, tool_use in assistant turns, tool_result in user turns).", at)
+        if calls:
+            out.append({"role": "assistant", "content": "\n".join(texts) or None, "tool_calls": calls})
+        elif texts or not any(r.get("role") == "tool" for r in out[-1:]):
+            out.append({"role": m["role"], "content": "\n".join(texts)})
+    return out
+
+
+def _call(block: dict, at: str) -> dict:
+    if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
+        raise bad_request(f"{at}: a tool_use block needs 'id' and 'name' strings.", at)
+    arguments = block.get("input", {})
+    if not isinstance(arguments, dict):
+        raise bad_request(f"{at}.input: must be an object.", f"{at}.input")
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def _result(block: dict, at: str) -> dict:
+    if not isinstance(block.get("tool_use_id"), str) or not block["tool_use_id"]:
+        raise bad_request(f"{at}.tool_use_id: required for a tool_result block.", f"{at}.tool_use_id")
+    content = block.get("content", "")
+    text = _text(content if content is not None else "", f"{at}.content")
+    if block.get("is_error"):
+        text = f"Error: {text}"
+    return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
+
+
+def _tools(raw: Any) -> list[dict]:
+    if not isinstance(raw, list):
+        raise bad_request("tools: must be an array.", "tools")
+    out = []
+    for i, tool in enumerate(raw):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise bad_request(f"tools.{i}: must be an object with 'name' and 'input_schema'.", f"tools.{i}")
+        if tool.get("type") not in (None, "custom"):
+            raise bad_request(f"tools.{i}.type: server tools ({tool['type']}) are not supported; "
+                              f"describe the tool with 'name' and 'input_schema'.", f"tools.{i}.type")
+        function = {"name": tool["name"], "parameters": tool.get("input_schema", {"type": "object"})}
+        if tool.get("description") is not None:
+            function["description"] = tool["description"]
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def _choice(raw: Any) -> tuple[Any, bool | None]:
+    if not isinstance(raw, dict) or raw.get("type") not in ("auto", "any", "tool", "none"):
+        raise bad_request("tool_choice: must be {\"type\": \"auto\" | \"any\" | \"tool\" | \"none\"}.", "tool_choice")
+    disable = raw.get("disable_parallel_tool_use")
+    parallel = None if disable is None else not disable
+    kind = raw["type"]
+    if kind == "tool":
+        if not isinstance(raw.get("name"), str):
+            raise bad_request("tool_choice.name: required when type is 'tool'.", "tool_choice.name")
+        return {"type": "function", "function": {"name": raw["name"]}}, parallel
+    return {"auto": "auto", "any": "required", "none": "none"}[kind], parallel
+
+
+# -- answers ----------------------------------------------------------------------------------------
+
+def _input(arguments: str) -> dict:
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except ValueError:  # a call cut short by max_tokens (stop_reason says so)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _message(whole: dict, model: str) -> dict:
+    """An OpenAI chat.completion as an Anthropic message."""
+    choice = whole["choices"][0]
+    message = choice["message"]
+    content: list[dict] = []
+    if message.get("content"):
+        content.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or ():
+        content.append({"type": "tool_use", "id": "toolu_" + call["id"].removeprefix("call_"),
+                        "name": call["function"]["name"], "input": _input(call["function"]["arguments"])})
+    return {"id": _id("msg"), "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": _STOP.get(choice["finish_reason"], "end_turn"), "stop_sequence": None,
+            "usage": {"input_tokens": whole["usage"]["prompt_tokens"],
+                      "output_tokens": whole["usage"]["completion_tokens"]}}
+
+
+def _event(kind: str, data: dict) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, separators=(',', ':'))}\n\n".encode()
+
+
+async def _stream(events: AsyncIterator[bytes], model: str, prompt_tokens: int) -> AsyncIterator[bytes]:
+    """The gateway's OpenAI SSE stream (one event per item) as Anthropic's event sequence."""
+    yield _event("message_start", {"message": {
+        "id": _id("msg"), "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
+    block, kind = -1, None  # the open content block's index and type
+    reason, completion = None, 0
+    async with contextlib.aclosing(events):
+        async for event in events:
+            data = event.decode().removeprefix("data: ").strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                status = 503 if chunk["error"].get("type") == "service_unavailable" else 500
+                yield _event("error", {"error": error_body(status, chunk["error"]["message"])["error"]})
+                return
+            if chunk.get("usage"):
+                completion = chunk["usage"]["completion_tokens"]
+            if not chunk.get("choices") or chunk["choices"][0]["index"] != 0:
+                continue
+            choice = chunk["choices"][0]
+            delta = choice["delta"]
+            if delta.get("content"):
+                if kind != "text":
+                    if kind is not None:
+                        yield _event("content_block_stop", {"index": block})
+                    block, kind = block + 1, "text"
+                    yield _event("content_block_start", {"index": block, "content_block": {"type": "text", "text": ""}})
+                yield _event("content_block_delta", {"index": block, "delta": {"type": "text_delta",
+                                                                               "text": delta["content"]}})
+            for piece in delta.get("tool_calls") or ():
+                fn = piece.get("function") or {}
+                if piece.get("id"):
+                    if kind is not None:
+                        yield _event("content_block_stop", {"index": block})
+                    block, kind = block + 1, "tool_use"
+                    yield _event("content_block_start", {"index": block, "content_block": {
+                        "type": "tool_use", "id": "toolu_" + piece["id"].removeprefix("call_"),
+                        "name": fn.get("name") or "", "input": {}}})
+                if fn.get("arguments"):
+                    yield _event("content_block_delta", {"index": block, "delta": {
+                        "type": "input_json_delta", "partial_json": fn["arguments"]}})
+            reason = choice.get("finish_reason") or reason
+    if kind is not None:
+        yield _event("content_block_stop", {"index": block})
+    yield _event("message_delta", {"delta": {"stop_reason": _STOP.get(reason, "end_turn"), "stop_sequence": None},
+                                   "usage": {"output_tokens": completion}})
+    yield _event("message_stop", {})
