@@ -34,7 +34,7 @@ class NodeConfig:
     grpc_port: int = 0  # 0: listen port + 1
     raft_port: int = 0  # 0: listen port + 2
     peer_port: int = 0  # 0: listen port + 3 (HTTPS between members: joins and relayed requests)
-    threads: int = 0  # 0: half the cores
+    threads: int = 0  # 0: the physical cores
 
     @property
     def host(self) -> str:
@@ -69,7 +69,13 @@ class NodeConfig:
         return f"{self.public_host}:{self.peer_port or self.port + 3}"
 
     def resolved_threads(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 2) // 2)
+        """llama.cpp threads per generating shard: the physical cores unless set. Not half the logical
+        cores: Pis, phones and many VMs have no SMT, and half their cores halves decoding speed."""
+        return self.threads or physical_cores()
+
+    def encoder_threads(self) -> int:
+        """onnxruntime threads for a sentence encoder: half of the generators' (its calls are short)."""
+        return max(1, self.resolved_threads() // 2)
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,12 @@ class MeshConfig:
                 raise ConfigError(f"--threads: must be 0 (auto) or a positive integer, got {threads}")
             node = dataclasses.replace(node, threads=threads)
         return dataclasses.replace(self, node=node)
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def split_host_port(value: str, key: str) -> tuple[str, int]:

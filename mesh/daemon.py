@@ -243,7 +243,7 @@ class NodeDaemon:
         catalog models this node can provide (assembling packaged ones into the data dir)."""
         raft, record, node = self.raft, self.record, self.cfg.node
         await until(lambda: raft.is_ready() and raft.leader() is not None, "the Raft log to catch up", 300)
-        profile = await asyncio.to_thread(local_profile)
+        profile = {**await asyncio.to_thread(local_profile), "threads": self.cfg.node.resolved_threads()}
         await self.propose(AddMember(node_id=record.node_id, name=record.name, http_address=node.http_address,
                                      raft_address=node.raft_address, grpc_address=node.grpc_address,
                                      profile=profile, joined_at=time.time(), witness=record.witness,
@@ -388,8 +388,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.listen(256)
-    sock.set_inheritable(True)
-    return sock
+    return sock  # not inheritable (PEP 446): shard processes must not hold meshd's ports
 
 
 async def until(condition, what: str, timeout: float = 60.0, every: float = 0.02) -> None:

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", type=Path, default=None,
                         help="mesh.toml to read (default: $MESH_CONFIG, else DATA_DIR/mesh.toml, else built-in)")
     common.add_argument("--name", default=None, help="this node's name (default: the host name)")
-    common.add_argument("--threads", type=int, default=None, help="llama.cpp threads per shard (0: half the cores)")
+    common.add_argument("--threads", type=int, default=None, help="llama.cpp threads per shard (0: the physical cores)")
     common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     common.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and services)")
     common.add_argument("--backend", default="llama", choices=["llama", "null"], help=argparse.SUPPRESS)

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from mesh.config import MeshConfig
 from mesh.gateway.metrics import Metrics
-from mesh.shard_process import Exit, ShardProcess, ShardStartError, shard_process
+from mesh.shard_process import Exit, ShardProcess, shard_process
 from raft.commands import Command, HaveModelFile, SetShardState
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Model, Rejected
@@ -104,8 +104,8 @@ class Reconciler:
             await self._report(SetShardState(role, model_name, self.node_id, "loading", "loading the model"))
             shard = shard_process(self._spec(role, model, path), self.metrics, self._exited)
             await shard.start(LOAD_TIMEOUT_S)
-        except (ShardStartError, ModelFileError, OSError) as exc:
-            # A shard that cannot load is reported and retried later, never fatal to the node.
+        except Exception as exc:  # a shard that cannot load (no file, a fetch or a start that failed,
+            # ShardStartError) is reported and retried later, never fatal to the node
             log.warning("%s/%s failed to load: %s", role, model_name, exc)
             self._failed[key] = time.monotonic() + RETRY_AFTER_FAILURE_S
             await self._report(SetShardState(role, model_name, self.node_id, "failed", str(exc)[:300]))
@@ -126,7 +126,8 @@ class Reconciler:
             socket = self.run_dir / f"{name}.sock"
         socket.unlink(missing_ok=True)  # left by a process that crashed
         return HostSpec(role=role, model=model.name, kind=kind, path=str(path), n_ctx=model.context_length,
-                        threads=self.cfg.node.resolved_threads(), queue_depth=self.cfg.gateway.queue_depth,
+                        threads=self.cfg.node.encoder_threads() if kind == "onnx" else self.cfg.node.resolved_threads(),
+                        queue_depth=self.cfg.gateway.queue_depth,
                         socket=str(socket), parent=os.getpid(), chat_template=model.chat_template)
 
     async def _exited(self, shard: ShardProcess, exit_: Exit) -> None:

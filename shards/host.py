@@ -85,7 +85,7 @@ def open_shard(spec: HostSpec):
     return LocalShard(spec.role, spec.model, backend, spec.queue_depth, spec.chat_template)
 
 
-async def serve(spec: HostSpec) -> None:
+async def serve(spec: HostSpec, ready_fd: int) -> None:
     import grpc
 
     from shards.grpc_service import SERVER_OPTIONS, ShardService
@@ -100,7 +100,8 @@ async def serve(spec: HostSpec) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    print(json.dumps({"ready": True, "n_ctx": shard.n_ctx, "pid": os.getpid()}), flush=True)
+    with os.fdopen(ready_fd, "w") as ready:
+        ready.write(json.dumps({"ready": True, "n_ctx": shard.n_ctx, "pid": os.getpid()}) + "\n")
     log.info("serving %s/%s on %s", spec.role, spec.model, spec.socket)
     await stop.wait()
     await server.stop(1.0)
@@ -113,6 +114,10 @@ def main() -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     die_with_parent(spec.parent)
     offer_to_oom_killer()
+    # The parent reads one line on stdout: keep that pipe for it alone, and send whatever else writes to
+    # stdout (a C library's printf) to stderr, which the parent logs and keeps draining.
+    ready_fd = os.dup(1)
+    os.dup2(2, 1)
     import faulthandler
 
     faulthandler.enable()  # a native crash prints the Python stack to stderr: the parent keeps the tail
@@ -120,7 +125,7 @@ def main() -> None:
         import uvloop
     except ImportError:  # optional, as in meshd: asyncio's own loop works too
         uvloop = None
-    (uvloop.run if uvloop is not None else asyncio.run)(serve(spec))
+    (uvloop.run if uvloop is not None else asyncio.run)(serve(spec, ready_fd))
 
 
 if __name__ == "__main__":

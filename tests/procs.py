@@ -193,7 +193,10 @@ def start_mesh(root: Path, names: list[str], replicas_on: list[str], **kw) -> di
 
 
 def serves(node: Meshd) -> bool:
-    """True once the node has loaded a reasoning shard itself (the log may still say "ready" from before a restart)."""
+    """True once the node has loaded a reasoning shard itself (the log may still say "ready" from before a restart).
+    Raises if its process has exited (a wait on it would otherwise run out its whole timeout)."""
+    if node.proc is not None and node.proc.poll() is not None:
+        raise RuntimeError(f"meshd {node.name} exited with {node.proc.returncode}:\n{node.log()[-3000:]}")
     try:
         return any(s["role"] == "reasoning" and s["state"] == "ready" for s in node.status()["local_shards"])
     except httpx.HTTPError:
@@ -203,3 +206,18 @@ def serves(node: Meshd) -> bool:
 def kill_all(nodes: dict[str, Meshd]) -> None:
     for node in nodes.values():
         node.kill()
+
+
+def stream_chat(client, model: str, messages: list[dict], max_tokens: int, interrupt=None,
+                at: int = 12) -> tuple[str, list[str]]:
+    """A greedy chat stream through the openai SDK: its text and its finish reasons. `interrupt()`
+    runs after chunk `at` (a replica killed mid-stream, in the failover tests)."""
+    text, finishes = "", []
+    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                            stream=True)
+    for i, chunk in enumerate(chunks):
+        text += chunk.choices[0].delta.content or ""
+        finishes.append(chunk.choices[0].finish_reason)
+        if i == at and interrupt is not None:
+            interrupt()
+    return text, [f for f in finishes if f]

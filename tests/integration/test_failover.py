@@ -13,7 +13,7 @@ import pytest
 from mesh.config import MeshConfig
 from shards.templates import render
 from shards.types import Message, Sampling
-from tests.procs import Meshd, kill_all, ready_replicas, serves, start_mesh, wait_until
+from tests.procs import Meshd, kill_all, ready_replicas, serves, start_mesh, stream_chat, wait_until
 
 MODEL = "gemma-3-270m"
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -61,15 +61,7 @@ def lead_from_a(mesh) -> None:
 
 
 def stream(client: openai.OpenAI, interrupt=None) -> tuple[str, list[str | None]]:
-    text, finishes = "", []
-    chunks = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=TOKENS, temperature=0,
-                                            stream=True)
-    for i, chunk in enumerate(chunks):
-        text += chunk.choices[0].delta.content or ""
-        finishes.append(chunk.choices[0].finish_reason)
-        if i == 12 and interrupt is not None:
-            interrupt()
-    return text, [f for f in finishes if f]
+    return stream_chat(client, MODEL, PROMPT, TOKENS, interrupt, at=12)
 
 
 @pytest.mark.parametrize("how", ["kill", "stop"])

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.procs import Meshd, wait_until
+from tests.procs import Meshd, stream_chat, wait_until
 
 MODEL = "gemma-3-270m"
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
@@ -29,16 +29,8 @@ def shard_pid(node: Meshd) -> int | None:
     return ready[0] if ready else None
 
 
-def stream(client: openai.OpenAI, interrupt=None) -> tuple[str, list[str]]:
-    text, finishes = "", []
-    chunks = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=TOKENS, temperature=0,
-                                            stream=True)
-    for i, chunk in enumerate(chunks):
-        text += chunk.choices[0].delta.content or ""
-        finishes.append(chunk.choices[0].finish_reason)
-        if i == 10 and interrupt is not None:
-            interrupt()
-    return text, [f for f in finishes if f]
+def stream(client: openai.OpenAI, interrupt=None) -> tuple[str, list[str | None]]:
+    return stream_chat(client, MODEL, PROMPT, TOKENS, interrupt, at=10)
 
 
 @pytest.fixture(scope="module")

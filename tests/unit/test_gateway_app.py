@@ -377,7 +377,8 @@ def test_invalid_field_is_400_naming_param():
     async def main():
         async with mesh() as m:
             assert_error(await m.client.post(CHAT, json=body(n=0)), 400, "invalid_value", "n")
-            assert_error(await m.client.post(CHAT, json=body(tools=[{"type": "function"}])), 400, None, "tools[0].function")
+            assert_error(await m.client.post(CHAT, json=body(tools=[{"type": "function"}])), 400, None,
+                         "tools[0].function")
             await assert_still_serves(m.client)
     run(main())
 

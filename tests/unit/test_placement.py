@@ -107,13 +107,15 @@ def test_shard_that_fits_nowhere_is_reported_with_largest_free_memory_and_where(
     huge = ModelInfo("huge", ("reasoning",), 12000 * MIB)
     plan = place(MESH, (huge,), {"reasoning": 1}, [], [])
     assert plan.assignments == ()
-    assert plan.unplaced == (Unplaced("reasoning", "huge", 1, "needs 12000 MiB; largest free is 8000 MiB on desktop-1"),)
+    assert plan.unplaced == (
+        Unplaced("reasoning", "huge", 1, "needs 12000 MiB; largest free is 8000 MiB on desktop-1"),)
 
 
 def test_no_eligible_node_is_reported_as_such():
     plan = place([ROUTER, WITNESS, sick(DESKTOP)], CATALOG, {"context": 1}, [], [])
     assert plan.assignments == ()
-    assert plan.unplaced == (Unplaced("context", "minilm", 1, "no eligible node: every node is a witness, a router or unhealthy"),)
+    assert plan.unplaced == (
+        Unplaced("context", "minilm", 1, "no eligible node: every node is a witness, a router or unhealthy"),)
 
 
 def test_role_no_model_serves_is_reported_with_an_empty_model():
