@@ -72,6 +72,7 @@ class Control:
             Route("/control/v1/replicas", self.replicas, methods=["POST"]),
             Route("/control/v1/drain", self.drain, methods=["POST"]),
             Route("/control/v1/remove", self.remove, methods=["POST"]),
+            Route("/control/v1/transfer", self.transfer, methods=["POST"]),
             Route("/control/v1/leave", self.leave, methods=["POST"]),
         ]
 
@@ -244,6 +245,21 @@ class Control:
                                       f"retry", 1, code="membership_change") from None
         log.info("%s removed from the mesh", member.name)
         return JSONResponse({"removed": member.name})
+
+    async def transfer(self, request: Request) -> Response:
+        """Leader only: hands Raft leadership to a caught-up member ("to": name or id). What pysyncobj's admin
+        tool did over the Raft port, which no longer takes utility commands (raft/transport.py)."""
+        body = await _body(request)
+        raft = self.d.raft
+        member = self._member(raft.state, _str(body, "to"))
+        if not raft.is_leader():
+            raise unavailable("This member is not the leader; ask the leader.", 1, code="not_leader")
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(raft.transfer_leadership(member.raft_address)), 10.0)
+        except (ProposalFailed, TimeoutError) as exc:  # REQUEST_DENIED: the member is not caught up yet
+            raise unavailable(f"Leadership did not move to {member.name} ({exc or 'timeout'}); retry.", 1,
+                              code="transfer_refused") from None
+        return JSONResponse({"transferring_to": member.name})
 
     async def leave(self, request: Request) -> Response:
         """This node drains its shards, asks the leader to remove it, then stops."""

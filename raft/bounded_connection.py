@@ -3,9 +3,11 @@ journal barrier before every write.
 
 pysyncobj's TcpConnection buffers with `bytes +=` (quadratic), reads a frame of any announced length and times
 a connection out only when it has an event (the handshake deadline for a silent one is enforced by
-raft/transport.py from the tick). The wire format is kept byte for byte (a 4-byte native int length, then
-Fernet(zlib(pickle(message))), the per-connection random keys of TCPTransport), so members running the stock
-transport still interoperate.
+raft/transport.py from the tick). The framing is pysyncobj's (a 4-byte native int length, then
+Fernet(zlib(message)), the per-connection random keys of TCPTransport) but a message is raft/codec.py's typed
+encoding, not a pickle: a frame that decrypts is decoded into None/bool/int/float/str/bytes/list/tuple/dict
+only, and anything else closes the connection. Members running pysyncobj's stock transport (pickle) cannot
+talk to these: every member of a mesh runs the same transport.
 
 BoundedConnection re-implements TcpConnection's public interface instead of subclassing it (its internals are
 name-mangled, so subclassing would mean reaching into them). With a barrier (the journal's sync, batch mode)
@@ -21,11 +23,11 @@ import struct
 import zlib
 from typing import Callable
 
-import pysyncobj.pickle as pso_pickle
 from pysyncobj.monotonic import monotonic
 from pysyncobj.poller import POLL_EVENT_TYPE
 from pysyncobj.tcp_connection import CONNECTION_STATE, _getAddrType, set_keepalive
 
+from raft import codec
 from raft.journal import JournalFailed
 from raft.transport_limits import TransportLimits, throttled
 
@@ -140,7 +142,12 @@ class BoundedConnection:
             return
         if self.sendRandKey:
             message = (self.sendRandKey, message)
-        data = zlib.compress(pso_pickle.dumps(message), 3)
+        try:
+            data = zlib.compress(codec.dumps(message), 3)
+        except codec.CodecError as exc:  # a bug on this side, not the peer's: report it, keep the connection
+            throttled.warning("send-codec", "raft transport: could not encode an outgoing %s: %s",
+                               type(message).__name__, exc)
+            return
         if self.encryptor:
             data = self.encryptor.encrypt_at_time(data, int(monotonic()))
         if len(data) > self._limits.max_frame_bytes:
@@ -315,8 +322,10 @@ class BoundedConnection:
             raw = inflate.decompress(data, self._limits.max_message_bytes)
             if inflate.unconsumed_tail:
                 raise ValueError(f"message inflates beyond {self._limits.max_message_bytes} bytes")
-            message = pso_pickle.loads(raw)
+            message = codec.loads(raw)
             if self.recvRandKey:
+                if type(message) is not tuple or len(message) != 2:
+                    raise ValueError("a message without its connection key")
                 rand_key, message = message
                 if rand_key != self.recvRandKey:
                     raise ValueError("wrong connection key")

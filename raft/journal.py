@@ -9,6 +9,10 @@ through `JournalPath` (see `install`).
 
 Files, next to each other:
 - `<path>`: MAGIC, then records `<u32 n><u32 crc32(n bytes + payload)><payload: u64 idx, u64 term, command>`.
+  A command is pysyncobj's type byte and raft/codec.py's encoding of its body (raft/wire.py puts the codec
+  where pysyncobj pickled). A journal of the previous format (LEGACY_MAGIC: pickled bodies) is converted once
+  when it is opened, reading each body with an unpickler that allows only pysyncobj's TCPNode; the old file is
+  kept as `<path>.pre-codec`.
   Appends are one pwrite each; deleting from the end is an ftruncate; deleting from the start (after a
   full dump) writes a new file, fsyncs it and renames it over the old one.
 - `<path>.meta`: current term and vote, replaced atomically (tmp, fsync, rename, fsync dir) before
@@ -36,10 +40,15 @@ import pysyncobj.serializer as pso_serializer
 import pysyncobj.syncobj as pso_syncobj
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
+from raft import codec
+from raft import wire as raft_wire
+from raft.wire import NO_OP, check_command
+
 log = logging.getLogger("quorum.raft.journal")
 
 PINNED_PYSYNCOBJ = "0.3.17"  # the hooks below replace module globals of exactly this version
-MAGIC = b"QRMWAL01"
+MAGIC = b"QRMWAL02"  # command bodies in raft/codec.py's encoding
+LEGACY_MAGIC = b"QRMWAL01"  # command bodies pickled (before raft/codec.py): converted once at open
 _RECORD = struct.Struct("<II")  # payload length, crc32 over the length bytes and the payload
 _ENTRY = struct.Struct("<QQ")  # idx, term
 _META = struct.Struct("<I")  # crc32 of the JSON that follows
@@ -132,6 +141,19 @@ def scan(data: bytes) -> tuple[list[tuple[bytes, int, int]], list[int], int, str
     return entries, offsets, pos, None
 
 
+def convert_legacy_command(command: bytes) -> bytes:
+    """One pysyncobj command of an earlier version (type byte + pickle) in this format (type byte + codec)."""
+    command = bytes(command)
+    if command[:1] == bytes([NO_OP]):
+        return command
+    if command[1:2] != b"\x80":
+        raise ValueError(f"not a pickled command (starts {command[:4]!r})")
+    body = codec.legacy_loads(command[1:], codec.LEGACY_NODE_CLASSES)
+    new = command[:1] + codec.dumps(body, codec.NODES)
+    check_command(new)
+    return new
+
+
 class DurableJournal(pso_journal.Journal):
     def __init__(self, path: str | os.PathLike, sync_mode: str = SYNC_BATCH) -> None:
         if sync_mode not in (SYNC_EACH_ADD, SYNC_BATCH):
@@ -150,6 +172,7 @@ class DurableJournal(pso_journal.Journal):
     # ---- opening -----------------------------------------------------------------------------------
 
     def _open(self) -> None:
+        self._convert_legacy()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             data = _read_all(fd)
@@ -175,6 +198,31 @@ class DurableJournal(pso_journal.Journal):
         self._entries = entries
         self._offsets = offsets
         self._end = end
+
+    def _convert_legacy(self) -> None:
+        """Rewrites a journal of pickled command bodies (LEGACY_MAGIC) in this format; keeps the old file."""
+        try:
+            with open(self.path, "rb") as f:
+                if f.read(len(LEGACY_MAGIC)) != LEGACY_MAGIC:
+                    return
+                data = LEGACY_MAGIC + f.read()
+        except FileNotFoundError:
+            return
+        entries, _offsets, end, why = scan(data)
+        try:
+            converted = [(convert_legacy_command(command), idx, term) for command, idx, term in entries]
+        except Exception as exc:  # whatever an old or damaged pickle raises
+            raise JournalCorrupt(f"{self.path}: an old (pickled) journal entry cannot be converted: {exc!r}; move "
+                                 "the file away to let this member fetch the log from its peers") from exc
+        new = MAGIC + b"".join(encode_record(*entry) for entry in converted)
+        backup = self.path + ".pre-codec"
+        with open(backup, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        write_durably(self.path, new)
+        log.warning("journal %s: converted %d entries from the old pickle format%s; the old file is %s", self.path,
+                    len(converted), f" (cut a bad tail at {end}: {why})" if why else "", backup)
 
     def _load_meta(self) -> tuple[int, str | None]:
         try:
@@ -368,10 +416,12 @@ def migrate_stock_journal(stock_path: str | os.PathLike, journal: DurableJournal
     stock_path = os.fspath(stock_path)
     if len(journal) or not os.path.exists(stock_path):
         return False
+    raft_wire.install()  # FileJournal reads its term/vote file with pysyncobj.journal.loads: restricted there
     old = pso_journal.FileJournal(stock_path)
     try:
         for i in range(len(old)):
-            journal.add(*old[i])
+            command, idx, term = old[i]
+            journal.add(convert_legacy_command(command), idx, term)
         journal.sync()
         journal.setCurrentTerm(old.getCurrentTerm(), old.getVotedForNodeId())
         journal.setRaftCommitIndex(old.getRaftCommitIndex())

@@ -6,7 +6,12 @@ loop wrap with asyncio.wrap_future (never a blocking call from the loop or from 
 
 Storage and network are ours, plugged into pysyncobj 0.3.17: the journal is raft/journal.py
 (`raft.wal`: CRC per record, fsynced before anything depending on it is sent) and the transport is
-raft/transport.py (frame cap, handshake deadline, per-address caps, EMFILE back-off).
+raft/transport.py (frame cap, handshake deadline, per-address caps, EMFILE back-off). Nothing from the
+network or the disk is unpickled: frames, log entries and the full dump (`raft.dump`, raft/snapshot.py) are
+raft/codec.py's typed encoding (raft/wire.py replaces pysyncobj's pickle calls), every message is checked
+against what pysyncobj sends, and pysyncobj's utility commands (status, add, remove, set_version, transfer)
+and read-only peers are refused on the Raft port: membership changes are this class's methods, called on
+the member itself.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import pysyncobj.pickle as pso_pickle
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 
+from raft import codec, snapshot
 from raft import journal as raft_journal
+from raft import wire as raft_wire
 from raft.commands import BadCommand, Command, decode, encode
 from raft.journal import SYNC_BATCH, DurableJournal, JournalPath, migrate_stock_journal
 from raft.state import MeshState, Rejected, apply
@@ -52,18 +58,21 @@ class RaftTiming:
 
 
 class _Log(SyncObjConsumer):
-    """The replicated object: only `state` is serialised into pysyncobj's dumps."""
+    """The replicated object. Its `state` goes into the full dump through `write_dump`/`read_dump`
+    (SyncObjConf.serializer/deserializer, raft/snapshot.py), never through pysyncobj's pickle."""
 
     def __init__(self, on_applied: Callable[[MeshState], None] | None) -> None:
         super().__init__()
         self.state = MeshState()
         self._on_applied_hook = on_applied
 
-    def _serialize(self) -> dict:
-        return {"state": self.state}
+    def write_dump(self, path: str, data: tuple) -> None:
+        snapshot.write_dump(path, self.state, data)
 
-    def _deserialize(self, data: dict) -> None:
-        self.state = data["state"]
+    def read_dump(self, path: str) -> tuple:
+        state, last, prev, cluster = snapshot.read_dump(path)
+        self.state = state
+        return last, prev, cluster
 
     @replicated
     def submit(self, wire: dict) -> dict:
@@ -92,11 +101,13 @@ class RaftNode:
             raise ValueError("a Raft password is required: without one pysyncobj unpickles anything")
         data_dir.mkdir(parents=True, exist_ok=True)
         raft_journal.install()
+        raft_wire.install()
         self._ready = threading.Event()
         self._limits = limits
         self.journal = DurableJournal(data_dir / "raft.wal", journal_sync)
         try:
             migrate_stock_journal(data_dir / "raft.journal", self.journal)
+            snapshot.migrate_legacy_dump(data_dir / "raft.dump")
             self._obj = self._start(self_address, partners, data_dir, password, timing, auto_tick, on_applied)
         except BaseException:
             self.journal._destroy()
@@ -110,9 +121,11 @@ class RaftNode:
         batch = self.journal.sync_mode == SYNC_BATCH
         transport = BoundedTransport.factory(limits=self._limits, barrier=self.journal.sync if batch else None,
                                              defer_writes=batch)
+        self._log = _Log(on_applied)
         conf = self._conf(data_dir, password, timing, auto_tick)
         conf.journalFile = JournalPath(self.journal)
-        self._log = _Log(on_applied)
+        conf.serializer = self._log.write_dump
+        conf.deserializer = self._log.read_dump
         self.address = self_address
         return SyncObj(self_address, partners, conf=conf, consumers=[self._log], transportClass=transport)
 
@@ -181,9 +194,13 @@ class RaftNode:
                 future.set_result(result)
 
         wire = encode(cmd)
-        size = len(pso_pickle.dumps(wire))
+        try:
+            size = len(codec.dumps(wire))
+        except codec.CodecError as exc:  # a field of a type the log does not carry (a bug of the caller)
+            future.set_exception(Rejected(f"{type(cmd).__name__} cannot be logged: {exc}"))
+            return future
         if size > self._limits.max_command_bytes:
-            future.set_exception(CommandTooLarge(f"{type(cmd).__name__} is {size} bytes pickled; the Raft transport "
+            future.set_exception(CommandTooLarge(f"{type(cmd).__name__} is {size} bytes encoded; the Raft transport "
                                                  f"carries at most {self._limits.max_command_bytes}"))
             return future
         self._log.submit(wire, callback=done)

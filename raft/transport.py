@@ -15,6 +15,12 @@ journal barrier); it subclasses TCPTransport and overrides the methods that cons
 server (`addNode`, `_createServer`) and the handshake callbacks. Re-check all of this when the pysyncobj pin
 moves (tests/unit/test_raft_transport.py asserts it).
 
+What a connection may carry (raft/wire.py): on a fresh incoming connection the peer's 32-byte key, then the
+address of a voting member that dials this one (the higher address dials the lower); pysyncobj's utility
+commands and read-only peers are refused. After that every message must match the schema of what pysyncobj
+sends, its log entries must decode (raft/codec.py) into pysyncobj's command shapes, a peer may only forward
+replicated calls (never membership or version changes), and entries or snapshots sent in pieces are bounded.
+
 The barrier: with the journal in batch mode (raft/journal.py), `barrier()` (the journal's sync) runs before
 any byte leaves through a socket and once a tick, and writes wait for the poller's next WRITE event, so every
 entry appended during a tick shares one fsync and nothing is acknowledged before it is on disk.
@@ -32,10 +38,12 @@ from pysyncobj.tcp_connection import CONNECTION_STATE
 from pysyncobj.transport import TCPTransport
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
+from raft import codec
 from raft.bounded_connection import BoundedConnection
 from raft.bounded_server import BoundedServer
 from raft.journal import JournalFailed
 from raft.transport_limits import TransportLimits, throttled
+from raft.wire import KEY_BYTES, MessageRefused, check_entry, check_message
 
 __all__ = ["BoundedConnection", "BoundedServer", "BoundedTransport", "TransportLimits", "PINNED_PYSYNCOBJ"]
 
@@ -57,6 +65,7 @@ class BoundedTransport(TCPTransport):
         self._defer_writes = defer_writes
         self._clock = clock
         self.refused = 0  # connections closed by the caps or the deadline (tests, metrics)
+        self._pieces: dict = {}  # node -> an entry's pieces so far (bytearray) or a snapshot's size so far (int)
         super().__init__(syncObj, selfNode, otherNodes)
 
     @classmethod
@@ -114,6 +123,24 @@ class BoundedTransport(TCPTransport):
         super()._onNewIncomingConnection(conn)
 
     def _onIncomingMessageReceived(self, conn, message):
+        # pysyncobj takes, on a fresh connection, the peer's random key, then either a member's address,
+        # 'readonly' (a non-voting reader of the whole log) or a utility command list (status, add, remove,
+        # set_version, transfer: TCPTransport._onUtilityMessage). Only the first two steps of a voting member are
+        # accepted here: membership changes go through RaftNode's own methods, on the member itself.
+        if self._syncObj.encryptor and not conn.sendRandKey:
+            if type(message) is not bytes or len(message) != KEY_BYTES:
+                self._refuse(conn, f"handshake: expected a {KEY_BYTES}-byte key, got {type(message).__name__}")
+                return
+        elif type(message) is not str or message not in self._nodeAddrToNode:
+            what = "utility command" if isinstance(message, list) else \
+                "read-only peer" if message == "readonly" else f"unknown member {str(message)[:80]!r}"
+            self._refuse(conn, f"handshake: refused {what}")
+            return
+        elif self._shouldConnect(self._nodeAddrToNode[message]):
+            # pysyncobj: the higher address dials the lower. A claim to be a member this side dials itself would
+            # take over the map entry of that outgoing connection (and orphan it): never a real member.
+            self._refuse(conn, f"handshake: {message[:80]} is dialled by this member, it does not dial here")
+            return
         before = {node: c for node, c in self._connections.items()}
         try:
             super()._onIncomingMessageReceived(conn, message)
@@ -131,16 +158,49 @@ class BoundedTransport(TCPTransport):
                 old.disconnect()
 
     def _onMessageReceived(self, node, message):
-        # SyncObj indexes message['type'] and friends: a member whose frames decrypt but are not Raft messages
-        # would raise out of the poller (skipping every other event of that poll). Drop its connection instead.
+        # Every message is checked against what pysyncobj sends (raft/wire.py) before SyncObj sees it: SyncObj
+        # indexes message['type'] and friends, applies what entries carry and retries a failing entry forever.
+        # A member whose frames decrypt but are not such messages loses its connection instead.
         try:
-            if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-                raise TypeError(f"not a Raft message: {type(message).__name__}")
+            check_message(message, self._syncObj._idToMethod)
+            self._check_pieces(node, message)
             super()._onMessageReceived(node, message)
         except (TypeError, ValueError, KeyError, IndexError) as exc:
+            self._pieces.pop(node, None)
             conn = self._connections.get(node)
             if conn is not None:
                 self._refuse(conn, f"malformed message from {node}: {exc!r}")
+
+    def _check_pieces(self, node, message) -> None:
+        """Bounds what SyncObj accumulates from pieces: an entry sent in 'transmission' pieces (rebuilt here
+        and checked like any entry before SyncObj decodes it) and a snapshot sent in 'serialized' pieces."""
+        if message["type"] != "append_entries":
+            return
+        transmission = message.get("transmission")
+        if transmission is not None:
+            if transmission == "start":
+                self._pieces[node] = bytearray()
+            elif not isinstance(self._pieces.get(node), bytearray):
+                raise MessageRefused(f"transmission {transmission!r} without a start")
+            buf = self._pieces[node]
+            buf += message["data"]
+            if len(buf) > self._limits.max_message_bytes:
+                raise MessageRefused(f"an entry sent in pieces beyond {self._limits.max_message_bytes} bytes")
+            if transmission == "finish":
+                del self._pieces[node]
+                try:
+                    entry = codec.loads(bytes(buf), codec.NODES)
+                except codec.CodecError as exc:
+                    raise MessageRefused(f"an entry sent in pieces: {exc}") from None
+                check_entry(entry, self._syncObj._idToMethod)
+            return
+        serialized = message.get("serialized")
+        if type(serialized) is tuple:
+            data, first, _last = serialized
+            total = len(data) + (0 if first or not isinstance(self._pieces.get(node), int) else self._pieces[node])
+            if total > self._limits.max_snapshot_bytes:
+                raise MessageRefused(f"a snapshot beyond {self._limits.max_snapshot_bytes} bytes")
+            self._pieces[node] = total
 
     def _onOutgoingConnected(self, conn):
         super()._onOutgoingConnected(conn)
@@ -148,6 +208,9 @@ class BoundedTransport(TCPTransport):
             conn.handshake_done = True
 
     def _onOutgoingMessageReceived(self, conn, message):
+        if not conn.sendRandKey and (type(message) is not bytes or len(message) != KEY_BYTES):
+            self._refuse(conn, f"handshake: expected a {KEY_BYTES}-byte key, got {type(message).__name__}")
+            return
         super()._onOutgoingMessageReceived(conn, message)
         conn.handshake_done = True
 

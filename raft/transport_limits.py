@@ -39,6 +39,9 @@ class TransportLimits:
     accept_backoff_max_s: float = 1.0
     # Connections taken per poll event on the listener.
     accepts_per_event: int = 16
+    # A snapshot (full dump) received from the leader in pieces may not exceed this; beyond it the connection
+    # is closed (the pieces go to a file, so this bounds the disk a member can make another one fill).
+    max_snapshot_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_frame_bytes < 2 ** 31:

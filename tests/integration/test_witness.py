@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from pysyncobj.syncobj_admin import executeAdminCommand
 
 from tests.base_install import heavy_attempts, mapped_heavy_libraries, witness
 from tests.procs import Meshd, join_token, kill_all, ready_replicas, wait_until
@@ -79,19 +78,17 @@ def test_the_witness_relays_chat_to_the_leader_without_grpc(mesh):
 
 
 def test_a_witness_made_leader_hands_leadership_back_while_requests_wait(mesh):
-    """pysyncobj's own admin tool (Raft port, mesh secret) moves leadership to the witness; the
-    witness hands it to a model node, and requests sent meanwhile, to it or to b, are answered."""
-    a, b, w = mesh["a"], mesh["b"], mesh["w"]
-    secret = (a.data_dir / "mesh.secret").read_text().strip()
-    raft = {m["name"]: m["raft_address"] for m in w.status()["members"]}
+    """The leader's control API (/control/v1/transfer) moves leadership to the witness; the witness hands
+    it to a model node, and requests sent meanwhile, to it or to b, are answered."""
+    b, w = mesh["b"], mesh["w"]
 
     def to_witness() -> bool:
         if HANDED_OVER in w.log():
             return True
         leader = _leader_name(w)
         if leader in ("a", "b"):
-            reply = executeAdminCommand(["-conn", raft[leader], "-pass", secret, "-transfer", raft["w"]])
-            assert reply.split()[0] in ("SUCCESS", "FAIL"), reply  # FAIL: w not caught up yet; ask again
+            reply = mesh[leader].post("/control/v1/transfer", {"to": "w"}, timeout=15)
+            assert reply.status_code in (200, 503), reply.text  # 503: w not caught up yet; ask again
         return False
 
     with ThreadPoolExecutor(4) as pool:

@@ -1,7 +1,8 @@
 """Hostile bytes on the Raft port: real RaftNodes (pysyncobj with a password, so Fernet) in this
 process, on loopback, their tick threads running.
 
-pysyncobj's frame is a 4-byte native int length, then Fernet(zlib(pickle(message))). After the
+pysyncobj's frame is a 4-byte native int length, then Fernet(zlib(message)), the message in raft/codec.py's
+typed encoding (raft/bounded_connection.py; never a pickle). After the
 first message each side wraps every message with a 32-byte random key the peer chose for this
 connection; the receiver drops the connection on any frame that fails the HMAC, carries an older
 Fernet timestamp than the previous frame, or lacks the key. Fernet's TTL is not used.
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 from pysyncobj.encryptor import getEncryptor
 
+from raft import codec
 from raft.commands import InitMesh, RevokeApiKey, RevokeToken, SetMemberState, SetReplicas
 from raft.node import RaftNode, RaftTiming
 from raft.state import Rejected
@@ -332,9 +334,9 @@ def test_replayed_captured_connection_is_refused_after_its_first_frame(tmp_path)
         # key and b closed the connection. raft/transport.py writes queued frames on the poller's next
         # WRITE event (after the journal's fsync), so the close usually comes first and nothing is sent.
         assert len(replies) <= 1, replies
-        replayed_key = pickle.loads(zlib.decompress(fernet.decrypt(frames[0])))
+        replayed_key = codec.loads(zlib.decompress(fernet.decrypt(frames[0])))
         for reply in replies:
-            key, fresh = pickle.loads(zlib.decompress(fernet.decrypt(reply)))
+            key, fresh = codec.loads(zlib.decompress(fernet.decrypt(reply)))
             assert key == replayed_key and isinstance(fresh, bytes) and len(fresh) == 32
         assert (b.state, b.status()["commit_index"]) == before, "the replay changed b"
         commit(nodes, SetReplicas("reasoning", 4))

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pysyncobj.journal as pso_journal
+import pysyncobj.pickle as pso_pickle
 import pysyncobj.serializer as pso_serializer
 import pysyncobj.syncobj as pso_syncobj
 import pytest
@@ -276,9 +277,25 @@ def test_a_corrupt_commit_index_file_reads_as_one(tmp_path):
     j._destroy()
 
 
+def legacy_entries(n: int) -> tuple[list, list]:
+    """Entries as an earlier version logged them (type byte + pysyncobj's pickle of the replicated call, a
+    no-op, a membership change), and as raft/journal.py converts them (type byte + raft/codec.py)."""
+    from pysyncobj.node import TCPNode
+
+    from raft import codec
+    bodies = [(0, ({"kind": "set_replicas", "role": "reasoning", "count": i},)) for i in range(n - 2)]
+    bodies.append(["add", "h:2", TCPNode("h:2")])
+    old = [(b"\x01", 1, 1)] + [(bytes([2 if isinstance(b, list) else 0]) + pso_pickle.dumps(b), i + 2, 1)
+                               for i, b in enumerate(bodies)]
+    new = [(b"\x01", 1, 1)] + [(bytes([2 if isinstance(b, list) else 0]) + codec.dumps(b, codec.NODES), i + 2, 1)
+                               for i, b in enumerate(bodies)]
+    return old, new
+
+
 def test_a_pysyncobj_file_journal_is_migrated_once(tmp_path):
     stock = pso_journal.FileJournal(str(tmp_path / "raft.journal"))
-    for e in entries(5):
+    old, new = legacy_entries(5)
+    for e in old:
         stock.add(*e)
     stock.setCurrentTerm(3, "h:1")
     stock.setRaftCommitIndex(4)
@@ -286,7 +303,7 @@ def test_a_pysyncobj_file_journal_is_migrated_once(tmp_path):
     stock._destroy()
     j = DurableJournal(tmp_path / "raft.wal")
     assert rj.migrate_stock_journal(tmp_path / "raft.journal", j)
-    assert contents(j) == entries(5) and (j.getCurrentTerm(), j.getVotedForNodeId()) == (3, "h:1")
+    assert contents(j) == new and (j.getCurrentTerm(), j.getVotedForNodeId()) == (3, "h:1")
     assert j.getRaftCommitIndex() == 4
     assert not (tmp_path / "raft.journal").exists() and (tmp_path / "raft.journal.pre-wal").exists()
     assert not rj.migrate_stock_journal(tmp_path / "raft.journal", j)
