@@ -110,8 +110,9 @@ def crash_gaps(root: Path, spec, args) -> list[float]:
                 node = Meshd(root / "node", command=None, threads=args.threads, port=node.port if node else None)
                 node.start().wait_ready()
             client = openai.OpenAI(base_url=f"{node.base_url}/v1", api_key="x", max_retries=0, timeout=120)
-            pid = wait_until(lambda: next((p["pid"] for p in node.status()["local_shards"] if p["state"] == "ready"),
-                                          None), 60, "a ready shard process")
+            pid = wait_until(lambda: next((p["pid"] for p in node.status()["local_shards"]
+                                           if p["role"] == "reasoning" and p["state"] == "ready"), None),
+                             60, "a ready reasoning shard process")
             stamps = []
             for j, chunk in enumerate(client.chat.completions.create(
                     model=spec.name, messages=[{"role": "user", "content": PROMPT[0].content}], max_tokens=40,
