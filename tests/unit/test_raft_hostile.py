@@ -29,7 +29,7 @@ from raft import codec
 from raft.commands import InitMesh, RevokeApiKey, RevokeToken, SetMemberState, SetReplicas
 from raft.node import RaftNode, RaftTiming
 from raft.state import Rejected
-from tests.procs import free_ports, wait_until
+from tests.procs import REPO, free_ports, guarded, wait_until
 
 PASSWORD = "hostile-test-secret"
 TIMING = RaftTiming(heartbeat_s=0.02, election_min_s=0.15, election_max_s=0.3, connection_retry_s=0.1,
@@ -378,7 +378,7 @@ def test_listener_survives_a_silent_connection_flood_that_exhausts_file_descript
     """A node limited to 40 files; 50 connections that never speak; then all closed again."""
     address = f"127.0.0.1:{free_ports(1)}"
     host, port = address.split(":")
-    child = subprocess.Popen([sys.executable, "-c", EMFILE_CHILD, str(Path(__file__).resolve().parents[2]), address])
+    child = subprocess.Popen(guarded([sys.executable, "-c", EMFILE_CHILD, str(REPO), address]))
     silent: list[socket.socket] = []
     try:
         def accepts() -> bool:

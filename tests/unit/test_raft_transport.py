@@ -31,7 +31,7 @@ from raft import codec
 from raft.commands import InitMesh, SetReplicas
 from raft.node import CommandTooLarge, ProposalFailed, RaftNode, RaftTiming
 from raft.transport import BoundedConnection, BoundedServer, BoundedTransport, TransportLimits
-from tests.procs import free_ports, wait_until
+from tests.procs import REPO, free_ports, guarded, wait_until
 
 PASSWORD = "transport-test-secret"
 TIMING = RaftTiming(heartbeat_s=0.02, election_min_s=0.15, election_max_s=0.3, connection_retry_s=0.1,
@@ -294,7 +294,7 @@ def test_listener_survives_descriptor_exhaustion_without_the_caps():
     clients are gone it accepts again (pysyncobj 0.3.17 unbinds for good)."""
     address = f"127.0.0.1:{free_ports(1)}"
     host, port = address.split(":")
-    child = subprocess.Popen([sys.executable, "-c", EMFILE_CHILD, str(Path(__file__).resolve().parents[2]), address],
+    child = subprocess.Popen(guarded([sys.executable, "-c", EMFILE_CHILD, str(REPO), address]),
                              stdout=subprocess.PIPE, text=True)
     silent: list[socket.socket] = []
     try:
