@@ -5,14 +5,21 @@ it is created. Policy (`gateway.api_keys` in mesh.toml): "auto" requires a key w
 listens beyond loopback and checks nothing on loopback (the openai SDK always sends some key);
 "required" always checks; "off" never does. /health and /metrics stay public; the control API is
 not covered by these keys.
+
+When no key is checked, the same middleware guards /v1/* and /api/* against web pages in the
+user's browser: the `Host` must be a loopback address, `localhost`, the address the connection came
+in on or a configured name of the node (403 otherwise: DNS rebinding, as in Ollama's
+CVE-2024-28224). (Their POST bodies must also be `application/json`: mesh/gateway/app.py, 415.)
+The key a request was admitted with owns the sessions it starts (`caller_key_id`, mesh/sessions.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -38,12 +45,46 @@ def new_key(name: str, now: float | None = None) -> NewKey:
     return NewKey(text=cred.text, command=cmd)
 
 
-def valid_key(state: MeshState, presented: str) -> bool:
+# The id of the API key the request being handled was admitted with; None when keys are not checked.
+_CALLER: ContextVar[str | None] = ContextVar("quorum_api_key_id", default=None)
+
+
+def caller_key_id() -> str | None:
+    """The API key id of the request this code runs for (set by ApiKeyCheck), or None."""
+    return _CALLER.get()
+
+
+def key_id(state: MeshState, presented: str) -> str | None:
+    """The id of `presented` if it is a valid, unrevoked key of this mesh."""
     parsed = parse(PREFIX, presented)
     if parsed is None:
-        return False
+        return None
     key = state.api_keys.get(parsed[0])
-    return key is not None and not key.revoked and matches(key.secret_sha256, parsed[1])
+    return key.key_id if key is not None and not key.revoked and matches(key.secret_sha256, parsed[1]) else None
+
+
+def valid_key(state: MeshState, presented: str) -> bool:
+    return key_id(state, presented) is not None
+
+
+def host_name(host_header: str) -> str:
+    """The host part of a Host header, lower case, without port, brackets or a trailing dot."""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.rpartition(":")[0]
+    return host.rstrip(".")
+
+
+def local_host(host: str, own: Iterable[str] = ()) -> bool:
+    """True for a loopback address, localhost, or one of `own` (the node's names and addresses)."""
+    if host == "localhost" or host in own:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def required(policy: str, listen_host: str) -> bool:
@@ -60,22 +101,41 @@ def required(policy: str, listen_host: str) -> bool:
 class ApiKeyCheck:
     """ASGI middleware: /v1/* and Ollama's /api/* requests need a valid key when the policy says so
     (401 otherwise, in the error shape of the API asked). The key comes as `Authorization: Bearer`
-    or, as Anthropic's clients send it, `x-api-key`."""
+    or, as Anthropic's clients send it, `x-api-key`. Without keys, their `Host` must be local (403).
+    `hosts`: names the node is reached by besides loopback and the address a connection arrived on
+    (its listen and advertised hosts)."""
 
-    def __init__(self, app: ASGIApp, state: Callable[[], MeshState], enforce: bool) -> None:
+    def __init__(self, app: ASGIApp, state: Callable[[], MeshState], enforce: bool,
+                 hosts: Iterable[str] = ()) -> None:
         self.app = app
         self.state = state
         self.enforce = enforce
+        self.hosts = frozenset(host_name(h) for h in hosts if h)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if self.enforce and scope["type"] == "http" and path.startswith(("/v1/", "/api/")):
-            headers = dict(scope["headers"])
+        if scope["type"] != "http" or not path.startswith(("/v1/", "/api/")):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        caller = None
+        if not self.enforce and scope.get("scheme") == "http" and not self._host_allowed(scope, headers):
+            # Over the HTTPS peer port only members and joiners talk (a browser would not trust its
+            # certificate for a rebound name anyway): the check is for the plain gateway port.
+            error = ApiError(403, "This gateway answers only requests addressed to localhost, a loopback address or "
+                                  "its own host name (Host header refused: DNS rebinding?). Use one of those, or "
+                                  "turn on API keys (gateway.api_keys = \"required\").",
+                             type="permission_error", code="host_not_allowed")
+            await _shaped(path, error)(scope, receive, send)
+            return
+        if self.enforce:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, bearer = auth.partition(" ")
             presented = [k.strip() for k in (bearer if scheme.lower() == "bearer" else "",
                                              headers.get(b"x-api-key", b"").decode("latin-1")) if k.strip()]
-            if not any(valid_key(self.state(), key) for key in presented):
+            state = self.state()
+            caller = next((kid for kid in (key_id(state, key) for key in presented) if kid is not None), None)
+            if caller is None:
                 message = ("You didn't provide an API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
                            "(meshctl keys create makes one)." if not auth and not presented
                            else "Incorrect API key provided.")
@@ -83,11 +143,23 @@ class ApiKeyCheck:
                                  headers={"WWW-Authenticate": "Bearer"})
                 await _shaped(path, error)(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        token = _CALLER.set(caller)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _CALLER.reset(token)
+
+    def _host_allowed(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
+        host = headers.get(b"host")
+        if host is None:  # HTTP/1.0 without Host: not a browser
+            return True
+        server = scope.get("server")
+        own = self.hosts | ({host_name(str(server[0]))} if server else set())
+        return local_host(host_name(host.decode("latin-1")), own)
 
 
 def _shaped(path: str, error: ApiError) -> ASGIApp:
-    """The 401 in the error shape of the API at `path` (OpenAI's, Anthropic's or Ollama's)."""
+    """The refusal in the error shape of the API at `path` (OpenAI's, Anthropic's or Ollama's)."""
     if path.startswith("/api/"):
         from mesh.gateway.ollama import error_response
         return error_response(error)

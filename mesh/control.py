@@ -32,6 +32,7 @@ from raft.commands import (
     RevokeToken,
     SetMemberState,
     SetReplicas,
+    SpendToken,
     UnpinShard,
 )
 from raft.node import ProposalFailed
@@ -93,7 +94,7 @@ class Control:
         session = self.d.raft.state.sessions.get(sid)
         if session is None:
             raise not_found(f"No session {sid!r} in the log.")
-        return JSONResponse({"session_id": sid, "last_used": session.last_used,
+        return JSONResponse({"session_id": sid, "last_used": session.last_used, "api_key_id": session.owner or None,
                              "turns": [dataclasses.asdict(t) for t in session.turns]})
 
     # -- writes ------------------------------------------------------------------------------
@@ -192,6 +193,8 @@ class Control:
                                  "leader_peer": leader}, status_code=421)
         body = await _body(request)
         node_id, raft_address = _str(body, "node_id"), _str(body, "raft_address")
+        name, http_address, grpc_address, peer_address = (_str(body, k) for k in (
+            "name", "http_address", "grpc_address", "peer_address"))
         async with self._membership:
             await self._settle_pending()
             state = raft.state
@@ -201,18 +204,35 @@ class Control:
             except BadToken as exc:
                 log.warning("join of %s refused: %s", body.get("name"), exc)
                 raise ApiError(403, f"Join refused: {exc}.", type="permission_error", code="bad_token") from None
+            known = state.members.get(node_id)
+            if known is not None:
+                # Node ids are public (certificate CN, /control/v1/ca): a join naming a known one,
+                # live or gone, would take that member's place. Refused, and the token use is spent so
+                # that probing costs a use like a join does.
+                log.warning("join of %s refused: node id %s is already %s's (%s)", body.get("name"), node_id,
+                            known.name, known.state)
+                await self._spend(token_id, now)
+                raise ApiError(409, f"Join refused: node id {node_id} already belongs to a member of this mesh; "
+                                    f"a joining node needs a new id. The token use is spent.",
+                               type="invalid_request_error", param="node_id", code="node_id_taken")
             csr = body.get("csr")
             try:
                 certificate = sign_request(self.d.identity.ca_pem, self.d.dd.ca_key(),
                                            csr.encode() if isinstance(csr, str) else b"", node_id)
             except PkiError as exc:
+                await self._spend(token_id, now)
                 raise bad_request(f"Join refused: {exc}.", "csr") from None
-            cmd = AddMember(node_id=node_id, name=_str(body, "name"), http_address=_str(body, "http_address"),
-                            raft_address=raft_address, grpc_address=_str(body, "grpc_address"),
+            cmd = AddMember(node_id=node_id, name=name, http_address=http_address,
+                            raft_address=raft_address, grpc_address=grpc_address,
                             profile=body.get("profile") if isinstance(body.get("profile"), dict) else {},
                             joined_at=now, witness=bool(body.get("witness")), token_id=token_id,
-                            peer_address=_str(body, "peer_address"))
-            await self._propose(cmd)
+                            peer_address=peer_address)
+            try:
+                await self._propose(cmd)
+            except ApiError as exc:
+                if exc.code == "rejected":  # refused by the state (a name or address in use): spent too
+                    await self._spend(token_id, now)
+                raise
             if raft_address not in raft.partners() and raft_address != raft.address:
                 self._pending = asyncio.wrap_future(raft.add_partner(raft_address))
             log.info("%s (%s) joined from %s", cmd.name, node_id, raft_address)
@@ -281,6 +301,13 @@ class Control:
         except (ProposalFailed, TimeoutError) as exc:
             raise unavailable(f"The mesh could not commit the change ({exc or 'timeout'}): no majority "
                               f"reachable?", 1, code="no_quorum") from None
+
+    async def _spend(self, token_id: str, now: float) -> None:
+        """Spends one use of a join token whose join was refused after the token was checked."""
+        try:
+            await self._propose(SpendToken(token_id, now))
+        except ApiError as exc:  # the refusal stands either way; only the use may not be recorded
+            log.warning("could not spend a use of join token %s: %s", token_id, exc.message)
 
     async def _settle_pending(self) -> None:
         """pysyncobj takes one membership change at a time: wait (bounded) for the previous one."""

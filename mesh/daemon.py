@@ -123,7 +123,8 @@ class NodeDaemon:
                                     cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s,
                                     client=lambda: peer_client(self.identity, httpx.Timeout(10.0, read=None)))
         enforce = api_keys_required(cfg.gateway.api_keys, node.host)
-        app = ApiKeyCheck(AdminCheck(forwarder, self.admin_token), lambda: raft.state, enforce)
+        app = ApiKeyCheck(AdminCheck(forwarder, self.admin_token), lambda: raft.state, enforce,
+                          hosts=(node.host, node.public_host))
         peers = peer_server(PeerGate(app, lambda: raft.state), self.identity)
         public = StripRelayHeaders(app)
         if enforce:

@@ -6,6 +6,10 @@ without waiting so decoding never waits on Raft), and its end go through the log
 committed on a majority before the answer's last chunk leaves the gateway: a client that saw a
 turn finish can continue it by id after any minority loss or a full restart. Retention is fixed
 in raft/state.py (idle TTL, session count, turns per session, prompt ids on the last two turns).
+
+With API keys on, a session belongs to the key that started it (its id is in the log with the
+session): another key is answered 404, as if the session did not exist. Without keys (owner "")
+any caller continues any session, as before.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 import time
 from concurrent.futures import Future
 
-from mesh.gateway.errors import bad_request
+from mesh.gateway.errors import ApiError, bad_request
 from raft.commands import SessionAppend, SessionTurnEnd, SessionTurnStart
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MAX_PROMPT_IDS, Rejected
@@ -42,17 +46,24 @@ class SessionLog:
         self.checkpoint_tokens = checkpoint_tokens
         self.checkpoint_s = checkpoint_ms / 1000
 
-    def history(self, session_id: str) -> tuple[int, list[Message]]:
-        """(index of the next turn, the conversation so far) for a session; (0, []) if it is new."""
+    def history(self, session_id: str, owner: str = "") -> tuple[int, list[Message]]:
+        """(index of the next turn, the conversation so far) for a session; (0, []) if it is new;
+        404 if it belongs to another API key than `owner` ("" without keys)."""
         session = self.raft.state.sessions.get(session_id)
         if session is None:
             return 0, []
+        if session.owner != owner:
+            raise session_not_found(session_id)
         finished = [t for t in session.turns if t.finish_reason is not None]
         return len(finished), [Message(role, content) for role, content in session.history()]
 
     def recorder(self, session_id: str, turn: int, messages: tuple[Message, ...], prompt_tokens: int,
-                 prompt_token_ids: tuple[int, ...] = ()) -> TurnRecorder:
-        return TurnRecorder(self, session_id, turn, messages, prompt_tokens, prompt_token_ids)
+                 prompt_token_ids: tuple[int, ...] = (), owner: str = "") -> TurnRecorder:
+        return TurnRecorder(self, session_id, turn, messages, prompt_tokens, prompt_token_ids, owner)
+
+
+def session_not_found(session_id: str) -> ApiError:
+    return ApiError(404, f"No session {session_id!r}.", param="X-Session-Id", code="session_not_found")
 
 
 class TurnRecorder:
@@ -61,13 +72,14 @@ class TurnRecorder:
     would drop the ids anyway; leaving them out keeps the entry small)."""
 
     def __init__(self, log: SessionLog, session_id: str, turn: int, messages: tuple[Message, ...],
-                 prompt_tokens: int, prompt_token_ids: tuple[int, ...] = ()) -> None:
+                 prompt_tokens: int, prompt_token_ids: tuple[int, ...] = (), owner: str = "") -> None:
         self.log = log
         self.session_id = session_id
         self.turn = turn
         ids = tuple(prompt_token_ids) if len(prompt_token_ids) <= MAX_PROMPT_IDS else ()
         self._pending: list[Future] = [log.raft.propose(SessionTurnStart(
-            session_id, turn, tuple((m.role, m.content) for m in messages), prompt_tokens, time.time(), ids))]
+            session_id, turn, tuple((m.role, m.content) for m in messages), prompt_tokens, time.time(), ids,
+            owner))]
         self._tokens: list[int] = []
         self._text = ""
         self._last = time.monotonic()

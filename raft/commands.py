@@ -36,7 +36,9 @@ class AddMember(Command):
     """A node joins (or a known node re-announces its addresses after a restart).
 
     A new node must present a join token (its id; the leader has checked the secret) that is
-    valid at `joined_at`, except the mesh's first member.
+    valid at `joined_at`, except the mesh's first member. A command carrying a token never names
+    a node id the mesh already has (live or gone): only a member's own re-announce, without a
+    token, refreshes its addresses.
     """
     kind: ClassVar[str] = "add_member"
     node_id: str
@@ -94,6 +96,15 @@ class CreateToken(Command):
 class RevokeToken(Command):
     kind: ClassVar[str] = "revoke_token"
     token_id: str
+
+
+@dataclass(frozen=True)
+class SpendToken(Command):
+    """A join the leader refused after checking its token (it named a node id the mesh already
+    knows): the use is spent anyway, so probing with a token costs a use like joining does."""
+    kind: ClassVar[str] = "spend_token"
+    token_id: str
+    at: float
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,9 @@ class SessionTurnStart(Command):
     prompt_tokens: int
     at: float
     prompt_token_ids: tuple[int, ...] = ()
+    # The id of the API key that started the session ("" when the gateway checks no keys, and in
+    # older logs): every later turn must come with the same key.
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -211,7 +225,7 @@ COMMANDS: dict[str, type[Command]] = {
     cls.kind: cls
     for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
                 RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile, SessionTurnStart,
-                SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey, UpdateProfile)
+                SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey, UpdateProfile, SpendToken)
 }
 
 
@@ -219,8 +233,16 @@ class BadCommand(ValueError):
     """A log entry that is not a well-formed command (never applied)."""
 
 
+# Fields added later that stay out of an entry while they hold their default, so that a member running
+# the version before them still reads the entry (decode fills the default back in).
+_OMITTED_AT_DEFAULT = {("session_turn_start", "owner"): ""}
+
+
 def encode(cmd: Command) -> dict[str, Any]:
     body = {f.name: getattr(cmd, f.name) for f in dataclasses.fields(cmd)}
+    for (kind, name), default in _OMITTED_AT_DEFAULT.items():
+        if kind == cmd.kind and body.get(name) == default:
+            del body[name]
     for key, value in body.items():
         if isinstance(value, tuple):
             body[key] = [list(v) if isinstance(v, tuple) else v for v in value]

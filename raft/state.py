@@ -32,6 +32,7 @@ from raft.commands import (
     SetMemberState,
     SetReplicas,
     SetShardState,
+    SpendToken,
     UnpinShard,
     UpdateProfile,
 )
@@ -151,6 +152,7 @@ class Turn:
 class Session:
     turns: tuple[Turn, ...]
     last_used: float
+    owner: str = ""  # the API key id that started it; "" without keys (and in older logs and dumps)
 
     def history(self) -> list[tuple[str, str]]:
         """The conversation so far, as (role, content): each finished turn's messages and answer."""
@@ -220,6 +222,11 @@ def _init_mesh(state: MeshState, cmd: InitMesh) -> MeshState:
 
 def _add_member(state: MeshState, cmd: AddMember) -> MeshState:
     old = state.members.get(cmd.node_id)
+    if old is not None and cmd.token_id is not None:
+        # A join (it carries a token) may never take over an id the mesh knows, live or gone: the
+        # id is public, and taking it would redirect what members send to that member.
+        raise Rejected(f"node id {cmd.node_id} already belongs to a member ({old.name}, {old.state}); "
+                       f"a join cannot take over an existing id")
     clash = [m for m in state.members.values()
              if m.name == cmd.name and m.state != "gone" and m.node_id != cmd.node_id]
     if clash:
@@ -322,6 +329,16 @@ def _create_token(state: MeshState, cmd: CreateToken) -> MeshState:
     return dataclasses.replace(state, tokens={**state.tokens, cmd.token_id: token})
 
 
+def _spend_token(state: MeshState, cmd: SpendToken) -> MeshState:
+    token = state.tokens.get(cmd.token_id)
+    if token is None:
+        raise Rejected(f"unknown token {cmd.token_id}")
+    if not token.valid_at(cmd.at):
+        raise Rejected(f"token {cmd.token_id} is expired, revoked or used up")
+    return dataclasses.replace(state, tokens={**state.tokens, cmd.token_id: dataclasses.replace(
+        token, used=token.used + 1)})
+
+
 def _revoke_token(state: MeshState, cmd: RevokeToken) -> MeshState:
     token = state.tokens.get(cmd.token_id)
     if token is None:
@@ -385,6 +402,8 @@ def _have_model_file(state: MeshState, cmd: HaveModelFile) -> MeshState:
 def _session_turn_start(state: MeshState, cmd: SessionTurnStart) -> MeshState:
     sessions = {k: v for k, v in state.sessions.items() if cmd.at - v.last_used <= SESSION_TTL_S}
     old = sessions.get(cmd.session_id)
+    if old is not None and old.owner != cmd.owner:
+        raise Rejected(f"unknown session {cmd.session_id}")  # another key's: as if it did not exist
     turns = old.turns if old is not None else ()
     if turns and turns[-1].finish_reason is None:
         turns = turns[:-1]  # an unfinished turn (its answer was never completed) is replaced
@@ -397,7 +416,7 @@ def _session_turn_start(state: MeshState, cmd: SessionTurnStart) -> MeshState:
     keep_from = len(turns) - PROMPT_IDS_TURNS
     turns = tuple(dataclasses.replace(t, prompt_token_ids=()) if i < keep_from and t.prompt_token_ids else t
                   for i, t in enumerate(turns))
-    sessions[cmd.session_id] = Session(turns=turns, last_used=cmd.at)
+    sessions[cmd.session_id] = Session(turns=turns, last_used=cmd.at, owner=cmd.owner)
     if len(sessions) > MAX_SESSIONS:
         keep = sorted(sessions, key=lambda k: (sessions[k].last_used, k))[-MAX_SESSIONS:]
         sessions = {k: sessions[k] for k in keep}
@@ -425,7 +444,7 @@ def _session_append(state: MeshState, cmd: SessionAppend) -> MeshState:
 def _session_turn_end(state: MeshState, cmd: SessionTurnEnd) -> MeshState:
     session, turn = _open_turn(state, cmd.session_id, cmd.turn)
     turn = dataclasses.replace(turn, finish_reason=cmd.finish_reason)
-    session = Session(turns=(*session.turns[:-1], turn), last_used=cmd.at)
+    session = dataclasses.replace(session, turns=(*session.turns[:-1], turn), last_used=cmd.at)
     return dataclasses.replace(state, sessions={**state.sessions, cmd.session_id: session})
 
 
@@ -453,6 +472,7 @@ _HANDLERS = {
     SetShardState: _set_shard_state,
     CreateToken: _create_token,
     RevokeToken: _revoke_token,
+    SpendToken: _spend_token,
     SetReplicas: _set_replicas,
     PinShard: _pin_shard,
     UnpinShard: _unpin_shard,

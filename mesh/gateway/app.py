@@ -44,6 +44,11 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         declared = request.headers.get("content-length")
         if declared is not None and _declared_length(declared) > limits.max_body_bytes:
             raise too_large(limits.max_body_bytes)
+        if not _json_type(request.headers.get("content-type", "")):
+            # A web page may POST text/plain or a form to any origin without a CORS preflight;
+            # application/json needs one, which this gateway never grants.
+            raise ApiError(415, "Request bodies must be JSON, sent with 'Content-Type: application/json'.",
+                           param="Content-Type", code="unsupported_media_type")
         body = bytearray()
         try:
             async for chunk in request.stream():
@@ -174,6 +179,10 @@ async def _disconnected(request: Request) -> None:
         if message["type"] == "http.disconnect":
             log.info("client disconnected from %s; its generation is cancelled", request.url.path)
             return
+
+
+def _json_type(content_type: str) -> bool:
+    return content_type.partition(";")[0].strip().lower() == "application/json"
 
 
 def _declared_length(value: str) -> int:

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable
 
+from mesh.api_keys import caller_key_id
 from mesh.config import MeshConfig
 from mesh.failover import ResumableRun
 from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
@@ -117,20 +118,21 @@ class Gateway:
                                                                messages=_with_preamble(req, ())))
         if self.sessions is None:
             raise bad_request("Sessions need a mesh node (this gateway keeps no log).", "X-Session-Id")
-        turn, history = self.sessions.history(req.session_id)
+        owner = caller_key_id() or ""  # with API keys on, the session is the key's (404 for another)
+        turn, history = self.sessions.history(req.session_id, owner)
         run = await self._open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
                                                           messages=_with_preamble(req, history)))
         run.recorder = self.sessions.recorder(req.session_id, turn, req.messages, run.prompt_tokens,
-                                              run.resumable.prompt_token_ids)
+                                              run.resumable.prompt_token_ids, owner)
         return run
 
     async def _resume_chat(self, req: ChatRequest) -> Run:
         """A stream the previous leader was answering, continued here (see mesh/stream_resume.py)."""
         state = req.resume
         self.check_model(req.model)
-        messages, turn = _with_preamble(req, ()), None
+        messages, turn, owner = _with_preamble(req, ()), None, caller_key_id() or ""
         if req.session_id is not None and self.sessions is not None:
-            turn, history = self.sessions.history(req.session_id)
+            turn, history = self.sessions.history(req.session_id, owner)
             messages = _with_preamble(req, history)
         request = GenerateRequest(sampling=req.sampling, n=req.n, messages=messages,
                                   kv_checkpoints=self.config.gateway.kv_checkpoints)
@@ -143,7 +145,8 @@ class Gateway:
                                         state.first_unfinished(req.n), reopen)
         run = Run(model=req.model, resumable=resumable, started=time.perf_counter())
         if turn is not None:
-            run.recorder = self.sessions.recorder(req.session_id, turn, req.messages, state.prompt_tokens)
+            run.recorder = self.sessions.recorder(req.session_id, turn, req.messages, state.prompt_tokens,
+                                                  owner=owner)
             done = state.choices.get(0)
             if done is not None:
                 run.recorder.add(Piece(text=done.text, tokens=tuple(done.tokens)))

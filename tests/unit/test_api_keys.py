@@ -73,3 +73,59 @@ def test_health_is_public_and_off_means_off():
     state = state_with()
     assert call(state, "/health", None).status_code == 200
     assert call(state, "/v1/models", None, enforce=False).status_code == 200
+
+
+# -- browsers: the Host header (DNS rebinding) when no key is checked -----------------------------
+
+def request(state: MeshState, method: str, path: str, headers: dict[str, str], enforce: bool = False,
+            hosts: tuple[str, ...] = (), body: bytes = b"{}") -> httpx.Response:
+    from mesh.api_keys import caller_key_id
+
+    async def echo(request):
+        return PlainTextResponse(f"ok {caller_key_id()}")
+
+    app = Starlette(routes=[Route(p, echo, methods=["GET", "POST"])
+                            for p in ("/v1/models", "/v1/chat/completions", "/v1/messages", "/api/chat",
+                                      "/api/tags", "/health", "/control/v1/ca")])
+
+    async def main():
+        transport = httpx.ASGITransport(app=ApiKeyCheck(app, lambda: state, enforce, hosts))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client:
+            return await client.request(method, path, headers=headers, content=body if method == "POST" else None)
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8080", "127.9.8.7", "localhost:8080", "LOCALHOST.", "[::1]:8080",
+                                  "[::1]", "pi.local:8080", "192.168.1.20:8080"])
+def test_without_keys_a_local_or_own_host_is_served(host):
+    reply = request(state_with(), "GET", "/v1/models", {"Host": host}, hosts=("pi.local", "192.168.1.20"))
+    assert reply.status_code == 200 and reply.text == "ok None"
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8080", "localhost.attacker.example",
+                                  "127.0.0.1.nip.io:8080", "192.168.1.99:8080", "[::2]:8080"])
+def test_without_keys_a_foreign_host_is_403_in_each_apis_shape(host):
+    state = state_with()
+    openai_reply = request(state, "GET", "/v1/models", {"Host": host})
+    assert openai_reply.status_code == 403
+    assert openai_reply.json()["error"]["code"] == "host_not_allowed"
+    assert openai_reply.json()["error"]["type"] == "permission_error"
+    post = request(state, "POST", "/v1/chat/completions", {"Host": host, "Content-Type": "application/json"})
+    assert post.status_code == 403
+    anthropic_reply = request(state, "POST", "/v1/messages", {"Host": host, "Content-Type": "application/json"})
+    assert anthropic_reply.status_code == 403 and anthropic_reply.json()["type"] == "error"
+    ollama_reply = request(state, "POST", "/api/chat", {"Host": host, "Content-Type": "application/json"})
+    assert ollama_reply.status_code == 403 and isinstance(ollama_reply.json()["error"], str)
+    # Outside the model APIs nothing changes (the control API has its own credential).
+    assert request(state, "GET", "/health", {"Host": host}).status_code == 200
+    assert request(state, "GET", "/control/v1/ca", {"Host": host}).status_code == 200
+
+
+def test_with_keys_the_host_is_not_checked_and_the_caller_is_known():
+    key = new_key("laptop")
+    state = state_with(key)
+    reply = request(state, "GET", "/v1/models", {"Host": "gateway.example", "Authorization": f"Bearer {key.text}"},
+                    enforce=True)
+    assert reply.status_code == 200 and reply.text == f"ok {key.command.key_id}"
+    reply = request(state, "GET", "/v1/models", {"Host": "gateway.example", "x-api-key": key.text}, enforce=True)
+    assert reply.text == f"ok {key.command.key_id}"

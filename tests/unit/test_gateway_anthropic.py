@@ -121,7 +121,8 @@ def test_bad_input_is_an_anthropic_error_never_a_5xx(payload, status, kind):
     async def go():
         async with client() as (c, _):
             assert_error(await c.post("/v1/messages", json=payload), status, kind)
-            assert_error(await c.post("/v1/messages", content=b"{nope"), 400, "invalid_request_error")
+            broken = await c.post("/v1/messages", content=b"{nope", headers={"content-type": "application/json"})
+            assert_error(broken, 400, "invalid_request_error")
     run(go())
 
 

@@ -497,3 +497,65 @@ def test_huge_integer_parameter_is_400_not_500():
             reply = await m.client.post(CHAT, content=raw, headers={"content-type": "application/json"})
             assert_error(reply, 400, None, "temperature")
     run(main())
+
+
+# -- JSON bodies only (a web page cannot POST application/json cross-origin without a preflight) ----
+
+def test_a_post_body_not_declared_json_is_415_in_each_apis_shape():
+    async def main():
+        async with mesh() as m:
+            raw = json.dumps(body(max_tokens=2)).encode()
+            for content_type in (None, "text/plain", "application/x-www-form-urlencoded",
+                                 "multipart/form-data; boundary=x", "application/jsonx", "text/json"):
+                headers = {"content-type": content_type} if content_type else {}
+                reply = await m.client.post(CHAT, content=raw, headers=headers)
+                assert_error(reply, 415, "unsupported_media_type", "Content-Type")
+                anthropic = await m.client.post("/v1/messages", content=raw, headers=headers)
+                assert anthropic.status_code == 415 and anthropic.json()["type"] == "error"
+                ollama = await m.client.post("/api/chat", content=raw, headers=headers)
+                assert ollama.status_code == 415 and isinstance(ollama.json()["error"], str)
+                embed = await m.client.post("/v1/embeddings", content=raw, headers=headers)
+                assert embed.status_code == 415
+            for content_type in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+                reply = await m.client.post(CHAT, content=raw, headers={"content-type": content_type})
+                assert reply.status_code == 200, reply.text
+            # A body over the limit is still a 413, whatever its type.
+            big = await m.client.post(CHAT, content=b"x" * (GatewayConfig().max_body_bytes + 1),
+                                      headers={"content-type": "text/plain"})
+            assert_error(big, 413, "request_too_large")
+    run(main())
+
+
+def test_the_sdks_send_json():
+    """The clients the gateway serves declare their JSON bodies (other POST bodies get the 415)."""
+    import anthropic
+    import ollama
+    import openai
+    import pytest
+
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("content-type", ""))
+        return httpx.Response(500, json={"error": "stop"})
+
+    transport = httpx.MockTransport(handler)
+    with pytest.raises(Exception):
+        openai.OpenAI(api_key="x", base_url="http://h/v1", max_retries=0,
+                      http_client=httpx.Client(transport=transport)).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}])
+    # This anthropic SDK takes only clients of its own fork of httpx (httpx2); older ones take httpx's.
+    http2 = getattr(anthropic._base_client, "httpx2", httpx)
+
+    def handler2(request) -> object:
+        seen.append(request.headers.get("content-type", ""))
+        return http2.Response(500, json={"error": "stop"})
+
+    with pytest.raises(Exception):
+        anthropic.Anthropic(api_key="x", base_url="http://h", max_retries=0,
+                            http_client=http2.Client(transport=http2.MockTransport(handler2))).messages.create(
+            model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(Exception):
+        ollama.Client(host="http://h", transport=transport).chat(model="m", messages=[{"role": "user",
+                                                                                      "content": "hi"}])
+    assert len(seen) == 3 and all(ct.startswith("application/json") for ct in seen), seen

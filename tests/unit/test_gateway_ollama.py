@@ -244,7 +244,7 @@ def test_bad_input_is_an_ollama_error_never_a_5xx(path, payload, status):
     async def go():
         async with client() as (c, _):
             assert_error(await c.post(path, json=payload), status)
-            assert_error(await c.post(path, content=b"{not json"), 400)
+            assert_error(await c.post(path, content=b"{not json", headers={"content-type": "application/json"}), 400)
     run(go())
 
 

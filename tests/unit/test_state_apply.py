@@ -32,6 +32,7 @@ from raft.commands import (
     SetMemberState,
     SetReplicas,
     SetShardState,
+    SpendToken,
     UnpinShard,
     UpdateProfile,
     decode,
@@ -200,11 +201,11 @@ def test_name_of_gone_member_can_be_reused():
     assert state.members["n2"].state == "active"
 
 
-def test_readding_gone_member_makes_it_active_with_new_joined_at():
+def test_a_join_cannot_bring_back_a_gone_members_id():
     state = apply(setup(), SetMemberState("n1", "gone"))
-    state = apply(state, add(joined_at=7000.0))
-    assert state.members["n1"].state == "active"
-    assert state.members["n1"].joined_at == 7000.0
+    with pytest.raises(Rejected, match="existing id"):
+        apply(state, add(joined_at=7000.0))
+    assert state.members["n1"].state == "gone"
 
 
 def test_readding_live_member_cannot_take_another_members_name():
@@ -274,8 +275,8 @@ def test_rejected_command_leaves_state_unchanged():
 def test_apply_never_mutates_its_input():
     cmds = [init(), TOKEN, add(), add("n2", "beta", port=9000), register(), AssignShard("reasoning", "gemma", "n1"),
             AssignShard("reasoning", "gemma", "n2"), SetShardState("reasoning", "gemma", "n1", "ready"),
-            add("n1", "alpha", port=7000), SetMemberState("n2", "gone"), register(sha256=SHA_A),
-            SetMemberState("n1", "draining")]
+            dataclasses.replace(add("n1", "alpha", port=7000), token_id=None), SetMemberState("n2", "gone"),
+            register(sha256=SHA_A), SetMemberState("n1", "draining")]
     state = MeshState()
     for cmd in cmds:
         before = copy.deepcopy(state)
@@ -328,6 +329,7 @@ command_strategies = {
     CreateApiKey: st.builds(CreateApiKey, key_id=text, name=text, secret_sha256=text, created_at=floats),
     RevokeApiKey: st.builds(RevokeApiKey, key_id=text),
     UpdateProfile: st.builds(UpdateProfile, node_id=text, profile=st.dictionaries(text, json_scalar, max_size=4)),
+    SpendToken: st.builds(SpendToken, token_id=text, at=floats),
 }
 
 
@@ -439,6 +441,59 @@ def test_a_known_member_rejoins_without_a_token():
     state = run(init(), TOKEN, add("n1", "alpha"), add("n2", "beta", port=9000))
     state = apply(state, AddMember("n2", "beta", "h:7", "h:9", {}, 9999999.0))
     assert state.members["n2"].http_address == "h:7"
+
+
+def _two_members(uses: int = 3) -> MeshState:
+    token = dataclasses.replace(TOKEN, uses=uses)
+    return run(init(), token, AddMember("n1", "alpha", "h:1", "h:3", {}, 1001.0),
+               AddMember("n2", "beta", "h:4", "h:6", {}, 1002.0, token_id="t1"))
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_a_token_join_naming_an_existing_id_is_rejected(gone):
+    state = _two_members()
+    if gone:
+        state = apply(state, SetMemberState("n2", "gone"))
+    before = state.members["n2"]
+    for target in ("n1", "n2"):  # the first member (the leader here) and the second, live or gone
+        with pytest.raises(Rejected, match="existing id"):
+            apply(state, AddMember(target, "mallory", "evil:1", "evil:3", {}, 2000.0, token_id="t1",
+                                   grpc_address="evil:2", peer_address="evil:4"))
+    assert state.members["n2"] == before
+    assert state.tokens["t1"].used == 1, "a rejected command leaves the state (and the token) as it was"
+
+
+def test_a_token_is_not_reusable_to_take_an_existing_id():
+    """Every use of a token goes to a new id: spending the refused probes (as the leader does) leaves
+    nothing, and an id taken by a join cannot be joined again with the same token."""
+    state = _two_members(uses=3)
+    state = apply(state, SpendToken("t1", 2000.0))  # the leader spends the refused probe's use
+    assert state.tokens["t1"].used == 2
+    state = apply(state, AddMember("n3", "gamma", "h:7", "h:9", {}, 2001.0, token_id="t1"))
+    assert state.tokens["t1"].used == 3
+    with pytest.raises(Rejected, match="existing id"):
+        apply(state, AddMember("n3", "gamma", "h:10", "h:12", {}, 2002.0, token_id="t1"))
+    with pytest.raises(Rejected, match="used up"):
+        apply(state, SpendToken("t1", 2003.0))
+    with pytest.raises(Rejected, match="join token"):
+        apply(state, AddMember("n4", "delta", "h:13", "h:15", {}, 2004.0, token_id="t1"))
+
+
+def test_spending_an_unknown_expired_or_revoked_token_is_rejected():
+    state = _two_members()
+    with pytest.raises(Rejected, match="unknown token"):
+        apply(state, SpendToken("nope", 2000.0))
+    with pytest.raises(Rejected, match="expired"):
+        apply(state, SpendToken("t1", 1_000_000.0))
+    with pytest.raises(Rejected, match="revoked"):
+        apply(apply(state, RevokeToken("t1")), SpendToken("t1", 2000.0))
+
+
+def test_a_members_own_reannounce_still_refreshes_its_addresses():
+    state = _two_members()
+    state = apply(state, AddMember("n1", "alpha", "h:21", "h:23", {}, 5000.0, peer_address="h:24"))
+    assert (state.members["n1"].http_address, state.members["n1"].peer_address) == ("h:21", "h:24")
+    assert state.members["n1"].joined_at == 1001.0
 
 
 def test_two_members_cannot_share_a_raft_address():
