@@ -5,6 +5,7 @@ process dies first (guarded(): PR_SET_PDEATHSIG; meshd's own shard processes die
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,13 +26,15 @@ def guarded(args: list[str]) -> list[str]:
 
 
 def free_ports(count: int = 4) -> int:
-    """A base port such that base .. base+count-1 are all free on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count >= 65534:
-            continue
+    """A base port such that base .. base+count-1 are all free on 127.0.0.1.
+
+    Drawn below the kernel's ephemeral range: a port from that range can be taken by any outgoing
+    connection (a test's HTTP client, a member's Raft or gRPC dial) between this check and meshd's
+    bind, which made a member fail to start now and then ("Address already in use")."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(10000, max(10001, low - count))
         socks = []
         try:
             for p in range(base, base + count):
@@ -45,6 +48,13 @@ def free_ports(count: int = 4) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no run of free ports found")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA dynamic range starts here
+        return 49152
 
 
 def wait_until(condition, timeout: float, what: str, every: float = 0.05):
