@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from mesh.gateway.errors import ApiError, bad_request
+from mesh.gateway.responses import sse_chunks
 from mesh.gateway.validation import parse_chat
 from mesh.sessions import check_session_id
 
@@ -252,12 +253,8 @@ async def _stream(events: AsyncIterator[bytes], model: str, prompt_tokens: int) 
         "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
     block, kind = -1, None  # the open content block's index and type
     reason, completion = None, 0
-    async with contextlib.aclosing(events):
-        async for event in events:
-            data = event.decode().removeprefix("data: ").strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+    async with contextlib.aclosing(sse_chunks(events)) as chunks:
+        async for chunk in chunks:
             if "error" in chunk:
                 status = 503 if chunk["error"].get("type") == "service_unavailable" else 500
                 yield _event("error", {"error": error_body(status, chunk["error"]["message"])["error"]})

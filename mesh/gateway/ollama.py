@@ -34,6 +34,7 @@ from starlette.routing import Route
 from mesh.gateway.embeddings import _check_model as check_encoder
 from mesh.gateway.embeddings import embed, parse_embeddings
 from mesh.gateway.errors import ApiError, bad_request
+from mesh.gateway.responses import sse_chunks
 from mesh.gateway.validation import parse_chat, parse_completion
 
 VERSION = "0.12.0"  # the Ollama API version this surface follows (clients check for a recent one)
@@ -376,12 +377,8 @@ async def _ndjson(events: AsyncIterator[bytes], model: str, started_ns: int,
     piece of text, the tool calls whole once they are, then the `done` line with the counts."""
     calls: dict[int, dict] = {}
     reason, prompt, completion = None, 0, 0
-    async with contextlib.aclosing(events):
-        async for event in events:
-            data = event.decode().removeprefix("data: ").strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+    async with contextlib.aclosing(sse_chunks(events)) as chunks:
+        async for chunk in chunks:
             if "error" in chunk:
                 yield _line({"error": chunk["error"]["message"]})
                 return

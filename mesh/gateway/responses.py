@@ -7,10 +7,12 @@ only when the client asked, and `data: [DONE]` last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from shards.types import Piece, TokenLogprob
 
@@ -24,6 +26,17 @@ def new_id(prefix: str) -> str:
 def sse(obj: dict | str) -> bytes:
     data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
     return f"data: {data}\n\n".encode()
+
+
+async def sse_chunks(events: AsyncIterator[bytes]) -> AsyncIterator[dict]:
+    """The JSON objects of a stream of sse() events, up to [DONE] (for the surfaces that translate the
+    chat stream: mesh/gateway/anthropic.py, ollama.py); `events` is closed when this is."""
+    async with contextlib.aclosing(events):
+        async for event in events:
+            data = event.decode().removeprefix("data: ").strip()
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
 
 
 def usage(prompt: int, completion: int) -> dict:
