@@ -1,1 +1,4 @@
-"""The daemon, gateway, control API and CLIs: the top layer of Quorum."""
+"""The top layer of Quorum, in floors; each imports only from floors below it (see ARCHITECTURE.md).
+
+core < security < cluster < replicas < gateway < node < cli
+"""

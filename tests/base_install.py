@@ -74,14 +74,14 @@ class BaseInstallOnly(MetaPathFinder):
 ALLOWED = frozenset(ALLOWED)
 sys.meta_path.insert(0, BaseInstallOnly())
 sys.argv[0] = "meshd"
-from mesh.meshd import main
+from mesh.cli.meshd import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def base_install(node: Meshd) -> Meshd:
     """Makes `node` (not started yet) run meshd under the launcher: same arguments, same log."""
-    at = node.args.index("mesh.meshd")
+    at = node.args.index("mesh.cli.meshd")
     node.args = [*node.args[:at - 2], sys.executable, "-c", launcher(), *node.args[at + 1:]]
     return node
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-MESHD = [sys.executable, "-m", "mesh.meshd"]
+MESHD = [sys.executable, "-m", "mesh.cli.meshd"]
 
 
 def guarded(args: list[str]) -> list[str]:
@@ -138,7 +138,7 @@ class Meshd:
 
     def meshctl(self, *args: str) -> str:
         """`meshctl ARGS` against this node with its admin credential; its output (fails on an error)."""
-        done = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", self.address, "--data-dir",
+        done = subprocess.run([sys.executable, "-m", "mesh.cli.meshctl", "--mesh", self.address, "--data-dir",
                                str(self.data_dir), *args], cwd=REPO, capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
             raise RuntimeError(f"meshctl {' '.join(args)} failed: {done.stderr}")

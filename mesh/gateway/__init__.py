@@ -1,1 +1,1 @@
-"""The OpenAI-compatible HTTP gateway."""
+"""Floor 4: the HTTP gateway (OpenAI, Anthropic and Ollama APIs) and the relay to the leader."""

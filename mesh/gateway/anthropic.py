@@ -14,7 +14,7 @@ Streams are Anthropic's server-sent events, each with its `event:` line: message
 content_block_start / content_block_delta (text_delta, input_json_delta) / content_block_stop per
 block, message_delta (stop_reason, usage), message_stop; an error inside a stream is an `error`
 event. Errors are {"type": "error", "error": {"type", "message"}} with the gateway's status. The
-key is taken from `x-api-key` as well as `Authorization: Bearer` (mesh/api_keys.py);
+key is taken from `x-api-key` as well as `Authorization: Bearer` (mesh/security/api_keys.py);
 `anthropic-version` is accepted whatever its value.
 """
 
@@ -30,25 +30,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mesh.gateway.errors import ApiError, bad_request
+from mesh.cluster.sessions import check_session_id
+from mesh.core.error_shapes import anthropic_error as error_response
+from mesh.core.error_shapes import anthropic_error_body as error_body
+from mesh.core.errors import ApiError, bad_request
+from mesh.gateway.disconnect import until_disconnect
 from mesh.gateway.responses import sse_chunks
 from mesh.gateway.validation import parse_chat
-from mesh.sessions import check_session_id
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-                503: "overloaded_error", 529: "overloaded_error"}
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-
-def error_body(status: int, message: str) -> dict:
-    return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
-
-
-def error_response(exc: ApiError) -> JSONResponse:
-    """An ApiError in Anthropic's shape, same status and headers."""
-    return JSONResponse(error_body(exc.status, exc.message), status_code=exc.status, headers=exc.headers)
 
 
 def _id(prefix: str) -> str:
@@ -75,7 +67,6 @@ def anthropic_routes(gateway, read_json: Callable[[Request], Awaitable[dict]]) -
         if req.stream:
             events = _stream(gateway.stream_chat(req, run), req.model, run.prompt_tokens)
             return StreamingResponse(events, media_type="text/event-stream", headers={**_STREAM_HEADERS, **headers})
-        from mesh.gateway.app import until_disconnect  # app imports this module
         try:
             whole = await until_disconnect(request, gateway.collect_chat(req, run))
         finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
@@ -15,25 +14,23 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mesh.forward import FORWARDED
+from mesh.cluster.sessions import check_session_id
+from mesh.core.errors import ApiError, bad_request, too_large, unavailable
+from mesh.core.json_body import parse_json
+from mesh.core.metrics import Metrics
 from mesh.gateway.anthropic import anthropic_routes
+from mesh.gateway.disconnect import ClientGone, until_disconnect
 from mesh.gateway.embeddings import create_embeddings
-from mesh.gateway.errors import ApiError, bad_request, too_large, unavailable
-from mesh.gateway.metrics import Metrics
+from mesh.gateway.forward import FORWARDED
 from mesh.gateway.ollama import ollama_routes
 from mesh.gateway.openapi import openapi
 from mesh.gateway.service import Gateway, Run
-from mesh.gateway.validation import parse_chat, parse_completion, parse_json
-from mesh.sessions import check_session_id
-from mesh.stream_resume import RESUME_HEADER, BadResume, StreamState
+from mesh.gateway.stream_resume import RESUME_HEADER, BadResume, StreamState
+from mesh.gateway.validation import parse_chat, parse_completion
 
 log = logging.getLogger("quorum.http")
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready."""
 
 
 def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
@@ -156,29 +153,6 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         ApiError: api_error, ClientGone: client_gone, 404: not_found, 405: bad_method,
         Exception: internal_error})
     return RequestLog(BodyLimit(app, limits.max_body_bytes), gateway.metrics)
-
-
-async def until_disconnect(request: Request, work: Awaitable[dict]) -> dict:
-    """Awaits `work` unless the client disconnects first, in which case `work` is cancelled."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        raise ClientGone()
-    finally:
-        for t in (task, watcher):
-            t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            log.info("client disconnected from %s; its generation is cancelled", request.url.path)
-            return
 
 
 def _json_type(content_type: str) -> bool:

@@ -31,8 +31,8 @@ import math
 import re
 from typing import Awaitable, Callable
 
+from mesh.core.errors import ApiError, bad_request
 from mesh.gateway.embeddings import embed
-from mesh.gateway.errors import ApiError, bad_request
 from shards.context import MESSAGE_OVERHEAD, CannotFit, fit, fit_inputs
 from shards.types import ContextLengthExceeded, GenerateRequest, Opened
 

@@ -23,8 +23,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
-from mesh.router import NoReplica
+from mesh.core.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
+from mesh.replicas.router import NoReplica
 from shards.types import NotReady, QueueFull, ShardError
 
 log = logging.getLogger("quorum.embeddings")

@@ -31,9 +31,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from mesh.core.error_shapes import ollama_error as error_response
+from mesh.core.errors import ApiError, bad_request
+from mesh.gateway.disconnect import until_disconnect
 from mesh.gateway.embeddings import _check_model as check_encoder
 from mesh.gateway.embeddings import embed, parse_embeddings
-from mesh.gateway.errors import ApiError, bad_request
 from mesh.gateway.responses import sse_chunks
 from mesh.gateway.validation import parse_chat, parse_completion
 
@@ -45,10 +47,6 @@ _NDJSON = "application/x-ndjson"
 _OPTION_MAP = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 
-
-def error_response(exc: ApiError) -> JSONResponse:
-    """An ApiError in Ollama's shape: {"error": "message"}, same status and headers."""
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
 
 def now() -> str:
@@ -126,7 +124,6 @@ def ollama_routes(gateway, read_json: Callable[[Request], Awaitable[dict]]) -> l
         if req.stream:
             lines = _ndjson(stream(req, run), req.model, started, shape)
             return StreamingResponse(lines, media_type=_NDJSON)
-        from mesh.gateway.app import until_disconnect  # app imports this module
         try:
             whole = await until_disconnect(request, collect(req, run))
         finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.config import GatewayConfig
+from mesh.core.config import GatewayConfig
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"],

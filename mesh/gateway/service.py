@@ -10,17 +10,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable
 
-from mesh.api_keys import caller_key_id
-from mesh.config import MeshConfig
-from mesh.failover import ResumableRun
-from mesh.gateway.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
-from mesh.gateway.metrics import Metrics
+from mesh.cluster.sessions import NotCommitted, SessionLog, TurnRecorder
+from mesh.core.config import MeshConfig
+from mesh.core.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
+from mesh.core.metrics import Metrics
 from mesh.gateway.responses import ChatFormat, ChoiceText, CompletionFormat, sse
+from mesh.gateway.stream_resume import EXTRA
 from mesh.gateway.tools import ToolShaper, content_violation
 from mesh.gateway.validation import ChatRequest, CompletionRequest
-from mesh.router import LocalPicker, NoReplica, Router
-from mesh.sessions import NotCommitted, SessionLog, TurnRecorder
-from mesh.stream_resume import EXTRA
+from mesh.replicas.failover import ResumableRun
+from mesh.replicas.router import LocalPicker, NoReplica, Router
+from mesh.security.api_keys import caller_key_id
 from shards.local import LocalShard
 from shards.templates import TemplateError
 from shards.types import (
@@ -127,7 +127,7 @@ class Gateway:
         return run
 
     async def _resume_chat(self, req: ChatRequest) -> Run:
-        """A stream the previous leader was answering, continued here (see mesh/stream_resume.py)."""
+        """A stream the previous leader was answering, continued here (see mesh/gateway/stream_resume.py)."""
         state = req.resume
         self.check_model(req.model)
         messages, turn, owner = _with_preamble(req, ()), None, caller_key_id() or ""

@@ -29,7 +29,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.gateway.errors import bad_request
+from mesh.core.errors import bad_request
 from shards.tools import (
     NAME_RE,
     ArgsOut,

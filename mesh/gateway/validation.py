@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.config import GatewayConfig
-from mesh.gateway.errors import bad_request
+from mesh.core.config import GatewayConfig
+from mesh.core.errors import bad_request
 from mesh.gateway.tools import ToolUse, lower_message, parse_tool_use
 from shards.templates import Message
 from shards.types import Sampling
@@ -48,31 +48,6 @@ class CompletionRequest:
     include_usage: bool
     echo: bool
 
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise bad_request("We could not parse the JSON body of your request. The body must be a JSON "
-                          "object (see https://platform.openai.com/docs/api-reference).") from None
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.")
-    if _lone_surrogates(raw, body):
-        raise bad_request("The JSON body holds a lone UTF-16 surrogate (\\ud800-\\udfff, escaped or encoded); "
-                          "strings must be valid Unicode.")
-    return body
-
-
-def _lone_surrogates(raw: bytes, body: dict) -> bool:
-    """json.loads takes '\\ud800' alone (and decodes bytes with 'surrogatepass'); such a str cannot be
-    encoded as UTF-8 later, in a tokenizer or in the error message that echoes it."""
-    if raw.isascii() and b"\\u" not in raw:
-        return False
-    try:
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def parse_chat(body: dict[str, Any], limits: GatewayConfig) -> ChatRequest:

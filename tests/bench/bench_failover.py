@@ -3,7 +3,7 @@
 1. failover gap: a streamed answer (temperature 0) whose serving member is killed (kill -9) or
    frozen (SIGSTOP) after a few tokens; the gap is the time from the last chunk before the
    interruption to the first chunk after it (targets: kill -9 p50 <= 300 ms, SIGSTOP p50 <= 1.5 s);
-   The gateway's log says where each gap went (mesh/failover.py): loss noticed, resume admitted
+   The gateway's log says where each gap went (mesh/replicas/failover.py): loss noticed, resume admitted
    on the other replica, its first (replayed) piece, its first new piece; medians are printed.
 2. leader election time in a 3-member Raft group with meshd's settings, after the leader stops
    (target p50 <= 1 s), and, in the same groups, the commit latency of session-log entries: a
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from mesh.config import MeshConfig
-from mesh.daemon import raft_timing
+from mesh.core.config import MeshConfig
+from mesh.node.daemon import raft_timing
 from raft.commands import InitMesh, SessionAppend, SessionTurnEnd, SessionTurnStart
 from raft.node import RaftNode
 from tests.procs import Meshd, free_ports, kill_all, ready_replicas, serves, start_mesh, wait_until

@@ -22,7 +22,7 @@ from pathlib import Path
 import llama_cpp
 import openai
 
-from mesh.config import MeshConfig
+from mesh.core.config import MeshConfig
 from shards.model_files import ensure_model
 from shards.templates import Message, render
 from tests.procs import Meshd

@@ -20,8 +20,8 @@ from pathlib import Path
 import llama_cpp
 import openai
 
-from mesh.config import MeshConfig
-from mesh.daemon import raft_timing
+from mesh.core.config import MeshConfig
+from mesh.node.daemon import raft_timing
 from raft.commands import InitMesh, SetReplicas
 from raft.node import RaftNode
 from shards.model_files import ensure_model

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import openai
 
-from mesh.config import MeshConfig
-from mesh.gateway.metrics import Metrics
-from mesh.shard_process import run_dir, shard_process
+from mesh.core.config import MeshConfig
+from mesh.core.metrics import Metrics
+from mesh.replicas.shard_process import run_dir, shard_process
 from shards.backend import load_backend
 from shards.host import HostSpec
 from shards.local import LocalShard

@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 
-from mesh.config import DEFAULT_ENCODER, DEFAULT_MODEL
+from mesh.core.config import DEFAULT_ENCODER, DEFAULT_MODEL
 from tests.procs import Meshd, kill_all, start_mesh, wait_until
 
 ENCODER = DEFAULT_ENCODER.name

@@ -21,8 +21,8 @@ import sys
 import httpx
 import pytest
 
-from mesh.config import MeshConfig, NodeConfig
-from mesh.discovery import advertise, browse
+from mesh.cluster.discovery import advertise, browse
+from mesh.core.config import MeshConfig, NodeConfig
 from tests.procs import REPO, Meshd, guarded, join_token, kill_all, wait_until
 
 MDNS_GROUP = "224.0.0.251"

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from mesh.config import MeshConfig
+from mesh.core.config import MeshConfig
 from shards.templates import render
 from shards.types import Message, Sampling
 from tests.procs import Meshd, kill_all, ready_replicas, serves, start_mesh, stream_chat, wait_until

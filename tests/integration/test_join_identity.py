@@ -1,5 +1,5 @@
 """A join can never take over an existing member's node id (issue 14, item 1), against a real meshd
-(null backend): the join is sent the way `meshd join` sends it (mesh/bootstrap.py), but its body
+(null backend): the join is sent the way `meshd join` sends it (mesh/node/bootstrap.py), but its body
 names the leader's own id.
 
 Hostile input tried here: a join with a valid token whose body (and certificate request) names the
@@ -13,10 +13,10 @@ import asyncio
 import httpx
 import pytest
 
-from mesh.bootstrap import _join_through
-from mesh.daemon import StartupError
-from mesh.pki import certificate_request, new_key
-from mesh.tokens import split_token
+from mesh.node.bootstrap import _join_through
+from mesh.node.daemon import StartupError
+from mesh.security.pki import certificate_request, new_key
+from mesh.security.tokens import split_token
 from tests.procs import Meshd, wait_until
 
 

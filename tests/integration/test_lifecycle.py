@@ -16,7 +16,7 @@ from tests.procs import REPO, Meshd
 
 def meshctl_cmd(node) -> list[str]:
     """meshctl against `node`, with the admin credential from its data dir."""
-    return [sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "--data-dir", str(node.data_dir)]
+    return [sys.executable, "-m", "mesh.cli.meshctl", "--mesh", node.address, "--data-dir", str(node.data_dir)]
 
 
 def test_first_run_creates_restart_resumes(tmp_path):

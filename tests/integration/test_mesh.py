@@ -19,7 +19,7 @@ HELLO = [{"role": "user", "content": "Name three colours."}]
 
 def meshctl_cmd(node) -> list[str]:
     """meshctl against `node`, with the admin credential from its data dir."""
-    return [sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "--data-dir", str(node.data_dir)]
+    return [sys.executable, "-m", "mesh.cli.meshctl", "--mesh", node.address, "--data-dir", str(node.data_dir)]
 
 
 def token(node: Meshd) -> str:
@@ -154,7 +154,7 @@ def test_meshctl_errors_are_clear(mesh, tmp_path):
     a = mesh["a"]
     unknown = meshctl(a, "drain", "no-such-node")
     assert unknown.returncode == 1 and "No member named 'no-such-node'" in unknown.stderr
-    dead = subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", "127.0.0.1:1", "status"], cwd=REPO,
+    dead = subprocess.run([sys.executable, "-m", "mesh.cli.meshctl", "--mesh", "127.0.0.1:1", "status"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert dead.returncode == 1 and "cannot reach the mesh" in dead.stderr
 
@@ -171,7 +171,7 @@ def test_a_fourth_member_leaves_and_a_dead_one_is_removed(mesh, tmp_path):
         five = [n.status() for n in (*mesh.values(), d, e)]
         assert all(len(v["members"]) == 5 and v["raft"]["has_quorum"] for v in five), "a 5-member mesh"
         assert {v["raft"]["leader"] for v in five} == {five[0]["raft"]["leader"]}
-        left = subprocess.run([sys.executable, "-m", "mesh.meshd", "leave", *d.common], cwd=REPO,
+        left = subprocess.run([sys.executable, "-m", "mesh.cli.meshd", "leave", *d.common], cwd=REPO,
                               capture_output=True, text=True, timeout=240)
         assert left.returncode == 0, left.stderr + d.log()
         assert d.proc.wait(timeout=60) == 0

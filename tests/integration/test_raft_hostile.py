@@ -46,7 +46,7 @@ def control(node: Meshd, path: str, content: bytes, **headers) -> httpx.Response
 
 
 def meshctl(node: Meshd, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mesh.meshctl", "--mesh", node.address, "--data-dir",
+    return subprocess.run([sys.executable, "-m", "mesh.cli.meshctl", "--mesh", node.address, "--data-dir",
                            str(node.data_dir), *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 

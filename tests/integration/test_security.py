@@ -22,8 +22,8 @@ import httpx
 import openai
 import pytest
 
-from mesh.grpc_tls import TARGET_NAME_OPTION
-from mesh.pki import create_ca, fingerprint, issue_node_certificate, trusting
+from mesh.security.grpc_tls import TARGET_NAME_OPTION
+from mesh.security.pki import create_ca, fingerprint, issue_node_certificate, trusting
 from proto import mesh_pb2
 from tests.procs import Meshd, kill_all, start_mesh, wait_until
 

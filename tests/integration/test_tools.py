@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.config import MeshConfig
+from mesh.core.config import MeshConfig
 from tests.procs import Meshd, wait_until
 
 pytestmark = pytest.mark.model

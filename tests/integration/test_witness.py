@@ -74,7 +74,7 @@ def test_the_witness_relays_chat_to_the_leader_without_grpc(mesh):
     assert chat(w) == chat(mesh["a"])
     assert chat(w, stream=True)
     assert MODEL in [m["id"] for m in httpx.get(f"{w.base_url}/v1/models", timeout=10).json()["data"]]
-    assert_base_install_only(w)  # the relay path (mesh/forward.py) is plain HTTP
+    assert_base_install_only(w)  # the relay path (mesh/gateway/forward.py) is plain HTTP
 
 
 def test_a_witness_made_leader_hands_leadership_back_while_requests_wait(mesh):

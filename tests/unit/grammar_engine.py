@@ -16,7 +16,7 @@ import math
 import struct
 from pathlib import Path
 
-from mesh.config import MeshConfig
+from mesh.core.config import MeshConfig
 
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar types
 _STRING, _ARRAY = 8, 9

@@ -1,4 +1,4 @@
-"""mesh/api_keys.py: the gateway's API keys and when they are required."""
+"""mesh/security/api_keys.py: the gateway's API keys and when they are required."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from mesh.api_keys import ApiKeyCheck, new_key, required, valid_key
+from mesh.security.api_keys import ApiKeyCheck, new_key, required, valid_key
 from raft.commands import InitMesh, RevokeApiKey
 from raft.state import MeshState, apply
 
@@ -79,7 +79,7 @@ def test_health_is_public_and_off_means_off():
 
 def request(state: MeshState, method: str, path: str, headers: dict[str, str], enforce: bool = False,
             hosts: tuple[str, ...] = (), body: bytes = b"{}") -> httpx.Response:
-    from mesh.api_keys import caller_key_id
+    from mesh.security.api_keys import caller_key_id
 
     async def echo(request):
         return PlainTextResponse(f"ok {caller_key_id()}")

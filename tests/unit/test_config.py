@@ -1,4 +1,4 @@
-"""mesh/config.py: the repository's mesh.toml is the defaults; every bad value is a ConfigError naming its key."""
+"""mesh/core/config.py: the repository's mesh.toml is the defaults; every bad value is a ConfigError naming its key."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from mesh.config import (
+from mesh.core.config import (
     DEFAULT_ENCODER,
     DEFAULT_MODEL,
     ConfigError,

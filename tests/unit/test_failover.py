@@ -1,10 +1,10 @@
-"""mesh/failover.py: a lost replica's choice resumes elsewhere and the client sees each token once."""
+"""mesh/replicas/failover.py: a lost replica's choice resumes elsewhere and the client sees each token once."""
 
 from __future__ import annotations
 
 import asyncio
 
-from mesh.failover import ResumableRun
+from mesh.replicas.failover import ResumableRun
 from shards.types import Failed, Finished, GenerateRequest, Opened, Piece, Sampling
 
 

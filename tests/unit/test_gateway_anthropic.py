@@ -10,8 +10,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from mesh.api_keys import ApiKeyCheck, new_key
 from mesh.gateway.app import create_app
+from mesh.security.api_keys import ApiKeyCheck, new_key
 from raft.commands import InitMesh
 from raft.state import MeshState, apply
 from tests.unit.test_gateway_ollama import CALL, EVAL, MODEL, REPLY, client, close, make_gateway, run, served

@@ -12,9 +12,9 @@ from typing import AsyncIterator, Iterator
 
 import httpx
 
-from mesh.config import GatewayConfig, MeshConfig
+from mesh.core.config import GatewayConfig, MeshConfig
+from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
-from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
 from shards.backend_null import NullBackend
 from shards.local import LocalShard

@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.config import MeshConfig
+from mesh.core.config import MeshConfig
+from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
-from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
 from shards.local import LocalShard
 from tests.unit.test_gateway_app import MODEL, Backend

@@ -14,11 +14,11 @@ import httpx
 import numpy as np
 import pytest
 
-from mesh.api_keys import ApiKeyCheck, new_key
-from mesh.config import MeshConfig
+from mesh.core.config import MeshConfig
+from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
-from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
+from mesh.security.api_keys import ApiKeyCheck, new_key
 from raft.commands import InitMesh
 from raft.state import MeshState, apply
 from shards.backend_null import NullBackend

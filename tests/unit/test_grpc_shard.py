@@ -1,4 +1,4 @@
-"""shards/grpc_service.py ShardService and mesh/remote_shard.py RemoteShard over real loopback gRPC:
+"""shards/grpc_service.py ShardService and mesh/replicas/remote_shard.py RemoteShard over real loopback gRPC:
 the remote stream equals the local one, refusals surface as the local exceptions, cancelling
 stops the generation on the server, a lost or frozen peer ends the stream with Failed, and
 malformed requests are refused with INVALID_ARGUMENT while the server keeps serving."""
@@ -16,7 +16,7 @@ from typing import AsyncIterator, Iterator
 import grpc
 import pytest
 
-from mesh.remote_shard import RemoteError, RemoteShard
+from mesh.replicas.remote_shard import RemoteError, RemoteShard
 from proto import mesh_pb2, mesh_pb2_grpc
 from shards.backend_null import NullBackend
 from shards.grpc_service import (

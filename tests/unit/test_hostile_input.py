@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 
-from mesh.config import ConfigError, load_config
-from mesh.control import Control
+from mesh.cluster.control import Control
+from mesh.core.config import ConfigError, load_config
 from mesh.gateway.app import create_app
 from shards.model_files import ModelFileError, assemble_from_package, ensure_model, is_verified, model_path, verify
 from tests.unit.test_gateway_app import MODEL

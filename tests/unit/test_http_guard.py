@@ -1,4 +1,4 @@
-"""mesh/http_guard.py: a connection that does not deliver a request head in time is closed; one that
+"""mesh/security/http_guard.py: a connection that does not deliver a request head in time is closed; one that
 does is served, and a kept-alive connection gets the same deadline for its next request."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import socket
 
 import uvicorn
 
-from mesh.http_guard import GuardedH11Protocol
+from mesh.security.http_guard import GuardedH11Protocol
 
 HANDS_OFF = 10.0  # the most a test waits for the server to close (a hang bound, not a timing check)
 

@@ -20,8 +20,8 @@ from uuid import UUID
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, conlist, constr
 
-from mesh.config import GatewayConfig, MeshConfig
-from mesh.gateway.errors import ApiError
+from mesh.core.config import GatewayConfig, MeshConfig
+from mesh.core.errors import ApiError
 from mesh.gateway.tools import ToolShaper, content_violation, parse_tool_use
 from mesh.gateway.validation import parse_chat
 from shards.json_schema import (

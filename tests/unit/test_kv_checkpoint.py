@@ -101,9 +101,9 @@ def test_the_gateway_asks_for_checkpoints_as_configured():
     import asyncio
     import dataclasses
 
-    from mesh.config import MeshConfig
-    from mesh.gateway.errors import ApiError
-    from mesh.gateway.metrics import Metrics
+    from mesh.core.config import MeshConfig
+    from mesh.core.errors import ApiError
+    from mesh.core.metrics import Metrics
     from mesh.gateway.service import Gateway
     from mesh.gateway.validation import parse_chat
 

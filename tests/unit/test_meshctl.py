@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mesh.meshctl import admin_token, build_parser, render_status
+from mesh.cli.meshctl import admin_token, build_parser, render_status
 
 STATUS = {
     "mesh": {"id": "f" * 32, "name": "home"},

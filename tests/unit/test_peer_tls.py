@@ -1,12 +1,12 @@
-"""mesh/peer_tls.py and mesh/admin.py as ASGI middleware: who gets through to the app."""
+"""mesh/security/peer_tls.py and mesh/security/admin.py as ASGI middleware: who gets through to the app."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-from mesh.admin import AdminCheck
-from mesh.peer_tls import PEER_KEY, PeerGate, StripRelayHeaders
+from mesh.security.admin import AdminCheck
+from mesh.security.peer_tls import PEER_KEY, PeerGate, StripRelayHeaders
 from raft.commands import AddMember, InitMesh, SetMemberState
 from raft.state import MeshState, apply
 

@@ -1,4 +1,4 @@
-"""mesh/pki.py: the mesh CA signs node certificates; fingerprints identify the CA; requests that
+"""mesh/security/pki.py: the mesh CA signs node certificates; fingerprints identify the CA; requests that
 name another node, or come from another mesh, are refused."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import ssl
 
 import pytest
 
-from mesh.pki import (
+from mesh.security.pki import (
     PkiError,
     certificate_request,
     check_fingerprint,
@@ -62,7 +62,7 @@ def test_fingerprints_identify_the_ca(ca):
 
 
 def test_tls_contexts_load_and_require_the_mesh_ca(ca, tmp_path):
-    from mesh.pki import NodeIdentity
+    from mesh.security.pki import NodeIdentity
 
     key, cert = issue_node_certificate(ca[0], ca[1], "n1")
     identity = NodeIdentity(key, cert, ca[0])

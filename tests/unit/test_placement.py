@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.placement import (
+from mesh.cluster.placement import (
     MODEL_ROLES,
     Assignment,
     ModelInfo,

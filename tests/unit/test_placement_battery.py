@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.config import ConfigError, PlacementConfig, parse_config
-from mesh.placement import Assignment, BatteryPolicy, ModelInfo, NodeInfo, moves, place
-from mesh.placer import battery_policy, keep_until_replaced, node_infos
+from mesh.cluster.placement import Assignment, BatteryPolicy, ModelInfo, NodeInfo, moves, place
+from mesh.cluster.placer import battery_policy, keep_until_replaced, node_infos
+from mesh.core.config import ConfigError, PlacementConfig, parse_config
 from raft.commands import AddMember, ApplyPlacement, CreateToken, InitMesh, RegisterModel, SetShardState
 from raft.state import MeshState, apply
 from tests.unit.test_placement import PROPS, _valid_pins, meshes

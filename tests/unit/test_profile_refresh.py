@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.placer import Placer
-from mesh.profile_refresh import ProfileRefresher, changed_facts, live_facts
+from mesh.cluster.placer import Placer
+from mesh.cluster.profile_refresh import ProfileRefresher, changed_facts, live_facts
 from nodes.profile import probe
 from raft.commands import (
     AddMember,

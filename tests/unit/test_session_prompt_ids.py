@@ -9,7 +9,7 @@ import pickle
 
 import grpc
 
-from mesh.remote_shard import RemoteShard
+from mesh.replicas.remote_shard import RemoteShard
 from raft.commands import InitMesh, SessionAppend, SessionTurnEnd, SessionTurnStart, decode, encode
 from raft.state import MAX_PROMPT_IDS, PROMPT_IDS_TURNS, MeshState, Turn, apply
 from shards.backend_null import BOS, NullBackend
@@ -39,7 +39,7 @@ def test_a_turn_keeps_the_prompt_ids_it_started_with():
     turn = state.sessions["s"].turns[0]
     assert turn.prompt_token_ids == (2, 106, 1645, 108) and turn.prompt_tokens == 4
     assert turn.answer_tokens == (7, 8)
-    # What GET /control/v1/sessions/{id} serialises (mesh/control.py: dataclasses.asdict per turn).
+    # What GET /control/v1/sessions/{id} serialises (mesh/cluster/control.py: dataclasses.asdict per turn).
     assert dataclasses.asdict(turn)["prompt_token_ids"] == (2, 106, 1645, 108)
 
 

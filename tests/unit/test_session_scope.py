@@ -11,12 +11,12 @@ from concurrent.futures import Future
 import httpx
 import pytest
 
-from mesh.api_keys import ApiKeyCheck, new_key
-from mesh.config import MeshConfig
+from mesh.cluster.sessions import SessionLog
+from mesh.core.config import MeshConfig
+from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
-from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
-from mesh.sessions import SessionLog
+from mesh.security.api_keys import ApiKeyCheck, new_key
 from raft.commands import InitMesh, SessionTurnEnd, SessionTurnStart, decode, encode
 from raft.state import MeshState, Rejected, apply
 from shards.local import LocalShard

@@ -3,8 +3,8 @@ can hold it, and stays recorded where it crashed while no other node can (so it 
 
 from __future__ import annotations
 
-from mesh.placement import Assignment, ModelInfo, NodeInfo, Plan, Unplaced, place
-from mesh.placer import keep_crashed_until_replaced
+from mesh.cluster.placement import Assignment, ModelInfo, NodeInfo, Plan, Unplaced, place
+from mesh.cluster.placer import keep_crashed_until_replaced
 
 MIB = 1 << 20
 FAST = NodeInfo("desktop-1", "desktop", 8000 * MIB, speed=10.0)

@@ -1,4 +1,4 @@
-"""mesh/shard_process.py with real child processes (the null backend: no weights): a shard serves from
+"""mesh/replicas/shard_process.py with real child processes (the null backend: no weights): a shard serves from
 its own process over a Unix socket, a process that dies is reported with how it died and its last log
 lines, and stop() leaves nothing running."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.gateway.metrics import Metrics
-from mesh.shard_process import Exit, ShardStartError, run_dir, shard_process
+from mesh.core.metrics import Metrics
+from mesh.replicas.shard_process import Exit, ShardStartError, run_dir, shard_process
 from shards.host import HostSpec
 from shards.types import Failed, Finished, GenerateRequest, Piece, Sampling, ShardKind
 

@@ -1,4 +1,4 @@
-"""mesh/stream_resume.py: what a relaying member keeps of a chat stream, and the resume header."""
+"""mesh/gateway/stream_resume.py: what a relaying member keeps of a chat stream, and the resume header."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mesh.stream_resume import EXTRA, BadResume, StreamState, split_events
+from mesh.gateway.stream_resume import EXTRA, BadResume, StreamState, split_events
 
 
 def event(obj) -> bytes:

@@ -1,4 +1,4 @@
-"""mesh/tokens.py: join tokens are checked against the log (secret, lifetime, uses) and carry the
+"""mesh/security/tokens.py: join tokens are checked against the log (secret, lifetime, uses) and carry the
 mesh CA's fingerprint."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from mesh.tokens import BadToken, check_token, new_token, split_token
+from mesh.security.tokens import BadToken, check_token, new_token, split_token
 from raft.commands import AddMember, InitMesh, RevokeToken
 from raft.state import MeshState, Rejected, apply
 

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh.config import GatewayConfig, MeshConfig
+from mesh.core.config import GatewayConfig, MeshConfig
+from mesh.core.errors import ApiError
+from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
-from mesh.gateway.errors import ApiError
-from mesh.gateway.metrics import Metrics
 from mesh.gateway.service import Gateway
 from mesh.gateway.tools import ToolShaper, parse_tool_use
 from mesh.gateway.validation import parse_chat

@@ -1,4 +1,4 @@
-"""mesh/transfer.py fetch_model against shards/grpc_service.py NodeService over loopback gRPC: files
+"""mesh/replicas/transfer.py fetch_model against shards/grpc_service.py NodeService over loopback gRPC: files
 arrive intact, interrupted fetches resume, corrupt data is caught by sha256, peers without a
 verified copy are skipped, and names that could leave the models directory are refused."""
 
@@ -15,7 +15,7 @@ from typing import AsyncIterator
 import grpc
 import pytest
 
-from mesh.transfer import fetch_model
+from mesh.replicas.transfer import fetch_model
 from proto import mesh_pb2
 from shards.grpc_service import CHUNK_BYTES, CLIENT_OPTIONS, REASON_KEY, NodeService
 from shards.model_files import ModelFileError, is_verified, verify

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from mesh.config import GatewayConfig
-from mesh.gateway.errors import ApiError
-from mesh.gateway.validation import ChatRequest, parse_chat, parse_completion, parse_json
+from mesh.core.config import GatewayConfig
+from mesh.core.errors import ApiError
+from mesh.core.json_body import parse_json
+from mesh.gateway.validation import ChatRequest, parse_chat, parse_completion
 from shards.templates import Message
 from shards.types import Sampling
 

@@ -1,4 +1,4 @@
-"""mesh/witness.py: a witness elected leader hands leadership to a model node (three real Raft
+"""mesh/cluster/witness.py: a witness elected leader hands leadership to a model node (three real Raft
 nodes in this process, on loopback), and routers join as witnesses by default."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from mesh.witness import LeadershipHandoff, joins_as_witness
+from mesh.cluster.witness import LeadershipHandoff, joins_as_witness
 from raft.commands import AddMember, CreateToken, InitMesh
 from raft.node import ProposalFailed, RaftNode, RaftTiming
 from tests.procs import free_ports, wait_until

@@ -111,7 +111,7 @@ class GatewayConfig:
 class PlacementConfig:
     grace_s: int = 10  # a member unreachable this long loses its shards to the others
     reserve_mib: int = 256  # memory a node keeps for itself beyond what its shards need
-    # Phones on battery (mesh/placement.py BatteryPolicy); 0 turns a percentage rule off.
+    # Phones on battery (mesh/cluster/placement.py BatteryPolicy); 0 turns a percentage rule off.
     battery_min_percent: int = field(default=30, metadata={"zero_ok": True})
     battery_resume_percent: int = field(default=40, metadata={"zero_ok": True})
     battery_require_charging: bool = True

@@ -10,7 +10,7 @@ When no key is checked, the same middleware guards /v1/* and /api/* against web 
 user's browser: the `Host` must be a loopback address, `localhost`, the address the connection came
 in on or a configured name of the node (403 otherwise: DNS rebinding, as in Ollama's
 CVE-2024-28224). (Their POST bodies must also be `application/json`: mesh/gateway/app.py, 415.)
-The key a request was admitted with owns the sessions it starts (`caller_key_id`, mesh/sessions.py).
+The key a request was admitted with owns the sessions it starts (`caller_key_id`, mesh/cluster/sessions.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from typing import Callable, Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mesh.credentials import matches, mint, parse
-from mesh.gateway.errors import ApiError
+from mesh.core.error_shapes import shaped_for
+from mesh.core.errors import ApiError
+from mesh.security.credentials import matches, mint, parse
 from raft.commands import CreateApiKey
 from raft.state import MeshState
 
@@ -126,7 +127,7 @@ class ApiKeyCheck:
                                   "its own host name (Host header refused: DNS rebinding?). Use one of those, or "
                                   "turn on API keys (gateway.api_keys = \"required\").",
                              type="permission_error", code="host_not_allowed")
-            await _shaped(path, error)(scope, receive, send)
+            await shaped_for(path, error)(scope, receive, send)
             return
         if self.enforce:
             auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -141,7 +142,7 @@ class ApiKeyCheck:
                            else "Incorrect API key provided.")
                 error = ApiError(401, message, type="authentication_error", code="invalid_api_key",
                                  headers={"WWW-Authenticate": "Bearer"})
-                await _shaped(path, error)(scope, receive, send)
+                await shaped_for(path, error)(scope, receive, send)
                 return
         token = _CALLER.set(caller)
         try:
@@ -156,14 +157,3 @@ class ApiKeyCheck:
         server = scope.get("server")
         own = self.hosts | ({host_name(str(server[0]))} if server else set())
         return local_host(host_name(host.decode("latin-1")), own)
-
-
-def _shaped(path: str, error: ApiError) -> ASGIApp:
-    """The refusal in the error shape of the API at `path` (OpenAI's, Anthropic's or Ollama's)."""
-    if path.startswith("/api/"):
-        from mesh.gateway.ollama import error_response
-        return error_response(error)
-    if path == "/v1/messages" or path.startswith("/v1/messages/"):
-        from mesh.gateway.anthropic import error_response
-        return error_response(error)
-    return error.response()

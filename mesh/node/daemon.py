@@ -17,23 +17,24 @@ from typing import Any
 import httpx
 import uvicorn
 
-from mesh.admin import AdminCheck
-from mesh.api_keys import ApiKeyCheck
-from mesh.api_keys import required as api_keys_required
-from mesh.config import MeshConfig
-from mesh.control import Control
-from mesh.datadir import DataDir, NodeRecord
-from mesh.forward import LeaderForwarder
+from mesh.cluster.control import Control, ControlPlane
+from mesh.cluster.placer import Placer, battery_policy
+from mesh.cluster.profile_refresh import ProfileRefresher
+from mesh.cluster.sessions import SessionLog
+from mesh.cluster.witness import LeadershipHandoff, heavy_modules_loaded
+from mesh.core.config import MeshConfig
+from mesh.core.errors import StartupError
+from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
-from mesh.gateway.metrics import Metrics
+from mesh.gateway.forward import LeaderForwarder
 from mesh.gateway.service import Gateway
-from mesh.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
-from mesh.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
-from mesh.placer import Placer, battery_policy
-from mesh.profile_refresh import ProfileRefresher
-from mesh.router import Router
-from mesh.sessions import SessionLog
-from mesh.witness import LeadershipHandoff, heavy_modules_loaded
+from mesh.replicas.router import Router
+from mesh.security.admin import AdminCheck
+from mesh.security.api_keys import ApiKeyCheck
+from mesh.security.api_keys import required as api_keys_required
+from mesh.security.datadir import DataDir, NodeRecord
+from mesh.security.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
+from mesh.security.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
 from nodes.profile import local_profile
 from raft.commands import AddMember, Command, RegisterModel, SetMemberState
 from raft.node import RaftNode, RaftTiming
@@ -51,10 +52,6 @@ LEAVE_TIMEOUT_S = 120.0
 def model_memory_bytes(file_size: int, context_length: int) -> int:
     """What one shard of a model needs: its file, the KV cache for its context, runtime overhead."""
     return file_size + context_length * KV_BYTES_PER_TOKEN + RUNTIME_OVERHEAD
-
-
-class StartupError(RuntimeError):
-    """The node cannot start (port taken, not initialised, ...); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,9 @@ class NodeDaemon:
         router = Router(record.node_id, lambda: raft.state, self._local_shards, self._remote_shard)
         gateway = Gateway(cfg, self.metrics, router,
                           SessionLog(raft, cfg.sessions.checkpoint_tokens, cfg.sessions.checkpoint_ms))
-        control = Control(self)
+        control = Control(ControlPlane(raft=raft, ca_pem=self.identity.ca_pem, ca_key=self.dd.ca_key,
+                                       secret=self.dd.secret, status=self.status, leader_peer=self.leader_peer,
+                                       leave=self.leave))
         forwarder = LeaderForwarder(create_app(gateway, control.routes()), self._gateway_here, self._leader_url,
                                     cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s,
                                     client=lambda: peer_client(self.identity, httpx.Timeout(10.0, read=None)))
@@ -148,7 +147,7 @@ class NodeDaemon:
                     # node can give to shards, not what is left once they are loaded.
                     loops.append(tasks.create_task(_after(announced, self.reconciler.run(changes.events[1])),
                                                    name="reconciler"))
-                else:  # a witness that is elected hands leadership to a model node (mesh/witness.py)
+                else:  # a witness that is elected hands leadership to a model node (mesh/cluster/witness.py)
                     loops.append(tasks.create_task(LeadershipHandoff(raft).run(), name="handoff"))
                 loops.append(tasks.create_task(placer.run(changes.events[0]), name="placer"))
                 refresher = ProfileRefresher(record.node_id, lambda: raft.state, self.propose, self._local_shards)
@@ -156,8 +155,8 @@ class NodeDaemon:
                                                name="profile-refresh"))
                 loops.append(tasks.create_task(self._remember_partners(changes.events[2]), name="partners"))
                 if cfg.discovery.advertise:  # mDNS for `meshd join --discover`; never fails the node
-                    from mesh.discovery import advertise
-                    from mesh.pki import fingerprint
+                    from mesh.cluster.discovery import advertise
+                    from mesh.security.pki import fingerprint
 
                     ca = fingerprint(self.identity.ca_pem)
                     loops.append(tasks.create_task(advertise(cfg, record.mesh_id, record.node_id, record.name, ca),
@@ -185,10 +184,10 @@ class NodeDaemon:
         """The gRPC server (shards, model transfer) and the reconciler that fills it: model nodes only."""
         import grpc
 
-        from mesh.grpc_tls import MemberOnly, channel_credentials, server_credentials
-        from mesh.reconciler import Reconciler
-        from mesh.shard_process import run_dir
-        from mesh.transfer import fetch_model
+        from mesh.replicas.reconciler import Reconciler
+        from mesh.replicas.shard_process import run_dir
+        from mesh.replicas.transfer import fetch_model
+        from mesh.security.grpc_tls import MemberOnly, channel_credentials, server_credentials
         from shards.grpc_service import SERVER_OPTIONS, NodeService, ShardService
 
         self.reconciler = Reconciler(self.record.node_id, self.raft, self.dd.models_dir, self.cfg,
@@ -207,8 +206,8 @@ class NodeDaemon:
         return server
 
     def _remote_shard(self, address: str, role: str, model: str, node_id: str):
-        from mesh.grpc_tls import channel_credentials
-        from mesh.remote_shard import RemoteShard
+        from mesh.replicas.remote_shard import RemoteShard
+        from mesh.security.grpc_tls import channel_credentials
 
         return RemoteShard(address, role, model, node_id, credentials=channel_credentials(self.identity))
 

@@ -2,7 +2,7 @@
 
 For each shard assigned here: get the model file (assemble it from its PyPI package when this
 node's catalog names one, else fetch it from a member that holds it), start its shard process
-(mesh/shard_process.py: the model library never runs in meshd), and report the shard's state
+(mesh/replicas/shard_process.py: the model library never runs in meshd), and report the shard's state
 through Raft. Shards no longer assigned here are stopped. A shard that fails to load is reported
 "failed" and retried after a back-off, not in a tight loop.
 
@@ -11,7 +11,7 @@ with how it died and its last log lines, and restarted: at once the first time, 
 RESTART_BACKOFF_S doubling. Its streams resume on another replica or on the restarted one (the
 gateway's failover). CRASH_LIMIT crashes within CRASH_WINDOW_S is a crash loop: the shard is
 reported "crashed" with the reason and not started again by this meshd; the placer then moves it
-to another member if one can hold it (mesh/placer.py). Restarting meshd gives it a fresh chance.
+to another member if one can hold it (mesh/cluster/placer.py). Restarting meshd gives it a fresh chance.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mesh.config import MeshConfig
-from mesh.gateway.metrics import Metrics
-from mesh.shard_process import Exit, ShardProcess, shard_process
+from mesh.core.config import MeshConfig
+from mesh.core.metrics import Metrics
+from mesh.replicas.shard_process import Exit, ShardProcess, shard_process
 from raft.commands import Command, HaveModelFile, SetShardState
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Model, Rejected

@@ -19,7 +19,7 @@ import re
 import time
 from concurrent.futures import Future
 
-from mesh.gateway.errors import ApiError, bad_request
+from mesh.core.errors import ApiError, bad_request
 from raft.commands import SessionAppend, SessionTurnEnd, SessionTurnStart
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MAX_PROMPT_IDS, Rejected

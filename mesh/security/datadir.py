@@ -2,7 +2,7 @@
 
     mesh.secret      the mesh secret (0600): Raft's password; never leaves the machine in clear
     admin.token      the admin credential meshctl sends to the control API (0600; derived from the secret)
-    ca.pem, ca.key   the mesh CA's certificate and key (key 0600; see mesh/pki.py)
+    ca.pem, ca.key   the mesh CA's certificate and key (key 0600; see mesh/security/pki.py)
     node.pem, node.key  this node's certificate (signed by the mesh CA) and key (0600)
     node.json        this node's id, name, mesh, addresses and last known Raft partners
     mesh.toml        optional configuration (else the built-in defaults)
@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh.pki import NodeIdentity
+from mesh.security.pki import NodeIdentity
 
 ADMIN_PREFIX = "qadm1"
 _IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "ca.key")

@@ -10,11 +10,12 @@ import uuid
 
 import httpx
 
-from mesh.config import MeshConfig
-from mesh.daemon import StartupError, bind, raft_limits, raft_timing, until
-from mesh.datadir import DataDir, NodeRecord
-from mesh.peer_tls import JOIN_PATH
-from mesh.pki import (
+from mesh.core.config import MeshConfig
+from mesh.core.errors import StartupError
+from mesh.node.daemon import bind, raft_limits, raft_timing, until
+from mesh.security.datadir import DataDir, NodeRecord
+from mesh.security.peer_tls import JOIN_PATH
+from mesh.security.pki import (
     PkiError,
     certificate_request,
     check_fingerprint,
@@ -26,7 +27,7 @@ from mesh.pki import (
     signed_by,
     trusting,
 )
-from mesh.tokens import BadToken, new_token, split_token
+from mesh.security.tokens import BadToken, new_token, split_token
 from nodes.profile import local_profile
 from raft.commands import AddMember, InitMesh, SetReplicas
 from raft.node import RaftNode

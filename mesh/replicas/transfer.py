@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable, Sequence
 import grpc
 from tqdm import tqdm
 
-from mesh.grpc_tls import TARGET_NAME_OPTION
+from mesh.security.grpc_tls import TARGET_NAME_OPTION
 from proto import mesh_pb2
 from shards.grpc_service import TRANSFER_OPTIONS
 from shards.model_files import ModelFileError, is_verified, model_path

@@ -7,7 +7,7 @@ it as node.heavy_modules). What that means for the roles a witness can play:
 - It votes and may be elected, but the gateway runs on the leader and routes over gRPC, which a
   witness has not got. So a witness that finds itself leading hands leadership to a healthy model
   node (`LeadershipHandoff`), usually within one heartbeat or two.
-- Its HTTP port answers like any follower's: /v1/* is relayed to the leader (mesh/forward.py: httpx
+- Its HTTP port answers like any follower's: /v1/* is relayed to the leader (mesh/gateway/forward.py: httpx
   to the leader's HTTPS peer port, no gRPC). While the witness itself leads, a request waits
   (bounded) for the handoff and then goes to the new leader; a relayed request reaching a witness
   leader gets 503 `no_leader` + Retry-After, which the relaying member takes as "try the next one".

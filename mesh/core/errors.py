@@ -49,3 +49,8 @@ def queue_full(message: str, retry_after: int) -> ApiError:
 def unavailable(message: str, retry_after: int, code: str = "no_replica") -> ApiError:
     return ApiError(503, message, type="service_unavailable", code=code,
                     headers={"Retry-After": str(retry_after)})
+
+
+class StartupError(RuntimeError):
+    """A member cannot start, join or leave (port taken, not initialised, no quorum...); the message says
+    why. Not an API error: meshd prints it and exits, the control API turns it into a 503."""

@@ -2,7 +2,7 @@
 
 The mesh log keeps only the id, the sha256 of the secret and the expiry; the secret itself is
 shown once, to whoever created the token. The fingerprint (sha256 of the mesh CA certificate) lets
-the joining node check the member it talks to before it sends the secret (see mesh/bootstrap.py);
+the joining node check the member it talks to before it sends the secret (see mesh/node/bootstrap.py);
 the leader checks the presented secret against the log.
 """
 
@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from mesh.credentials import matches, mint, parse
+from mesh.security.credentials import matches, mint, parse
 from raft.commands import CreateToken
 from raft.state import MeshState
 

@@ -13,8 +13,8 @@ import logging
 import time
 from typing import Callable
 
-from mesh.config import PlacementConfig
-from mesh.placement import BATTERY_ROLES, Assignment, BatteryPolicy, ModelInfo, NodeInfo, Plan, place
+from mesh.cluster.placement import BATTERY_ROLES, Assignment, BatteryPolicy, ModelInfo, NodeInfo, Plan, place
+from mesh.core.config import PlacementConfig
 from raft.commands import ApplyPlacement
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Rejected

@@ -26,7 +26,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from mesh.grpc_tls import TARGET_NAME_OPTION
+from mesh.security.grpc_tls import TARGET_NAME_OPTION
 from proto import mesh_pb2
 from shards.grpc_service import (
     CLIENT_OPTIONS,

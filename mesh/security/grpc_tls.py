@@ -1,6 +1,6 @@
 """Mutual TLS for the gRPC data plane (shards, model transfer).
 
-Both ends present a certificate from the mesh CA (mesh/pki.py); a peer from another mesh fails the
+Both ends present a certificate from the mesh CA (mesh/security/pki.py); a peer from another mesh fails the
 handshake. The server also checks, on every call, that the certificate's node id belongs to a live
 member of the replicated member list, so a removed member's certificate, still validly signed, is
 refused with PERMISSION_DENIED.
@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from mesh.pki import NODE_DNS_NAME, NodeIdentity
+from mesh.security.pki import NODE_DNS_NAME, NodeIdentity
 
 log = logging.getLogger("quorum.grpc")
 

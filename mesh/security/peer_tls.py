@@ -16,9 +16,9 @@ import httpx
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mesh.gateway.errors import ApiError
-from mesh.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
-from mesh.pki import NodeIdentity
+from mesh.core.errors import ApiError
+from mesh.security.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
+from mesh.security.pki import NodeIdentity
 from raft.state import MeshState
 
 log = logging.getLogger("quorum.peer")

@@ -27,8 +27,8 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from mesh.gateway.metrics import Metrics
-from mesh.remote_shard import RemoteShard
+from mesh.core.metrics import Metrics
+from mesh.replicas.remote_shard import RemoteShard
 from shards.host import HostSpec
 from shards.types import Event, Failed, Finished, GenerateRequest, NotReady, Opened, Piece, ShardKind
 

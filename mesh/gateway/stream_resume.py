@@ -5,7 +5,7 @@ choice, the tokens (the leader adds them to each chunk of a relayed stream, in a
 field the relaying member strips), the characters, whether its role chunk and its finish were
 sent. If the leader dies mid-stream, the member sends the same request to the next leader with
 that state in an `X-Quorum-Resume` header; the new leader resumes each unfinished choice exactly
-as it would after losing a replica (mesh/failover.py) and continues the stream under the same id.
+as it would after losing a replica (mesh/replicas/failover.py) and continues the stream under the same id.
 """
 
 from __future__ import annotations

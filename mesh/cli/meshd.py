@@ -15,9 +15,9 @@ import signal
 import sys
 from pathlib import Path
 
-from mesh.config import ConfigError, MeshConfig, load_config
-from mesh.datadir import DataDir, default_data_dir
-from mesh.logs import setup_logging
+from mesh.core.config import ConfigError, MeshConfig, load_config
+from mesh.core.logs import setup_logging
+from mesh.security.datadir import DataDir, default_data_dir
 
 log = logging.getLogger("quorum.meshd")
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshd: {exc}", file=sys.stderr)
         return 2
-    from mesh.daemon import StartupError
+    from mesh.node.daemon import StartupError
 
     failed = False
     try:
@@ -102,8 +102,8 @@ def _config(args, dd: DataDir, record) -> MeshConfig:
 
 
 async def _main(args, dd: DataDir, config: MeshConfig) -> None:
-    from mesh.bootstrap import init_mesh, join_mesh
-    from mesh.daemon import NodeDaemon, NodeOptions, StartupError
+    from mesh.node.bootstrap import init_mesh, join_mesh
+    from mesh.node.daemon import NodeDaemon, NodeOptions, StartupError
 
     dd.prepare()
     if args.command == "init":
@@ -134,10 +134,10 @@ async def _join_discovered(args, dd: DataDir, config: MeshConfig) -> None:
     """`meshd join --discover`: browse the LAN, then join through the members found, in order, exactly
     as --peer would, until one accepts the token. Only members advertising the CA fingerprint the token
     carries are candidates (and the join checks the CA certificate itself before sending the token)."""
-    from mesh.bootstrap import join_mesh
-    from mesh.daemon import StartupError
-    from mesh.discovery import DiscoveryError, browse, join_first
-    from mesh.tokens import BadToken, split_token
+    from mesh.cluster.discovery import DiscoveryError, browse, join_first
+    from mesh.node.bootstrap import join_mesh
+    from mesh.node.daemon import StartupError
+    from mesh.security.tokens import BadToken, split_token
 
     service = config.discovery.service
     try:
@@ -158,7 +158,7 @@ async def _join_discovered(args, dd: DataDir, config: MeshConfig) -> None:
 
 def _witness(flag: bool) -> bool:
     """--witness, or the default for router-class devices (they never hold a model shard)."""
-    from mesh.witness import ROUTER_CLASS, joins_as_witness
+    from mesh.cluster.witness import ROUTER_CLASS, joins_as_witness
 
     if not flag and joins_as_witness(False):
         log.info("this device is a router (%s): joining as a witness", ROUTER_CLASS)

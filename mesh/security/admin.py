@@ -1,6 +1,6 @@
 """The admin credential: what the control API (/control/v1/*, meshctl's API) asks for.
 
-It is derived from the mesh secret (mesh/datadir.py admin_token_for), so every member checks it
+It is derived from the mesh secret (mesh/security/datadir.py admin_token_for), so every member checks it
 without a lookup and `meshd init` / `meshd join` / `meshd start` write it to the data dir
 (admin.token, 0600), where meshctl on the same machine finds it. It is sent as
 `Authorization: Bearer qadm1.…`. Two routes stay open: /control/v1/ca (the CA certificate is
@@ -14,7 +14,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mesh.gateway.errors import ApiError
+from mesh.core.errors import ApiError
 
 PUBLIC = frozenset({"/control/v1/ca", "/control/v1/join"})
 

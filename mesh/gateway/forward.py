@@ -21,8 +21,9 @@ from typing import Callable
 import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mesh.gateway.errors import ApiError, too_large, unavailable
-from mesh.stream_resume import RESUME_HEADER, StreamState, split_events
+from mesh.core.errors import ApiError, too_large, unavailable
+from mesh.gateway.disconnect import ClientGone, race_disconnect
+from mesh.gateway.stream_resume import RESUME_HEADER, StreamState, split_events
 
 log = logging.getLogger("quorum.forward")
 
@@ -68,18 +69,11 @@ class LeaderForwarder:
             return
         except _Disconnected:
             return
-        finding = asyncio.ensure_future(self._find_leader_and_send(scope, headers, body))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            await asyncio.wait({finding, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (finding, watcher):
-                task.cancel()
-            await asyncio.gather(finding, watcher, return_exceptions=True)
-        if not finding.done() or finding.cancelled():
+            outcome = await race_disconnect(receive, self._find_leader_and_send(scope, headers, body))
+        except ClientGone:
             log.info("client left a relayed %s before the leader answered", scope["path"])
             return
-        outcome = finding.result()
         if outcome is _LOCAL:  # this member was elected while the request waited: answer it here
             await self.app(scope, _replay(body, receive), send)
         elif outcome is None:
@@ -154,18 +148,10 @@ class LeaderForwarder:
                         "headers": _headers(response.headers)})
             await send({"type": "http.response.body", "body": response.body, "more_body": False})
             return
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        relay = asyncio.ensure_future(self._stream_back(scope, response, send, headers, body))
         try:
-            done, _ = await asyncio.wait({watcher, relay}, return_when=asyncio.FIRST_COMPLETED)
-            if relay in done:
-                relay.result()
-            else:
-                log.info("client left a relayed %s; closing the leader's stream", scope["path"])
-        finally:
-            for task in (watcher, relay):
-                task.cancel()
-            await asyncio.gather(watcher, relay, return_exceptions=True)
+            await race_disconnect(receive, self._stream_back(scope, response, send, headers, body))
+        except ClientGone:
+            log.info("client left a relayed %s; closing the leader's stream", scope["path"])
 
     async def _stream_back(self, scope: Scope, response: httpx.Response, send: Send, headers: dict[str, str],
                            body: bytes) -> None:
@@ -316,7 +302,3 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
         if not message.get("more_body"):
             return bytes(body)
 
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from mesh.config import MeshConfig, NodeConfig
+from mesh.core.config import MeshConfig, NodeConfig
 
 log = logging.getLogger("quorum.discovery")
 

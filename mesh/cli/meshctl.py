@@ -167,7 +167,7 @@ def admin_token(args: argparse.Namespace) -> str | None:
         return args.admin_token.strip()
     from pathlib import Path
 
-    from mesh.datadir import default_data_dir
+    from mesh.security.datadir import default_data_dir
 
     path = (Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()) / "admin.token"
     try:

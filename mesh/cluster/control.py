@@ -3,7 +3,7 @@
 Reads answer from this member's copy of the state. Writes become Raft commands, which pysyncobj
 carries to the leader from any member. Removals change Raft membership, which only the leader can
 do: the forwarder relays them there. Every route but /ca and /join needs the admin credential
-(mesh/admin.py). Joins arrive only on the leader's HTTPS peer port (mesh/peer_tls.py): the joining
+(mesh/security/admin.py). Joins arrive only on the leader's HTTPS peer port (mesh/security/peer_tls.py): the joining
 node checked that port's certificate against its token's CA fingerprint before sending the token.
 """
 
@@ -13,17 +13,18 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mesh.api_keys import new_key
-from mesh.gateway.errors import ApiError, bad_request, unavailable
-from mesh.gateway.validation import parse_json
-from mesh.pki import PkiError, fingerprint, sign_request
-from mesh.tokens import BadToken, check_token, new_token
+from mesh.core.errors import ApiError, StartupError, bad_request, unavailable
+from mesh.core.json_body import parse_json
+from mesh.security.api_keys import new_key
+from mesh.security.pki import PkiError, fingerprint, sign_request
+from mesh.security.tokens import BadToken, check_token, new_token
 from raft.commands import (
     AddMember,
     Command,
@@ -35,11 +36,8 @@ from raft.commands import (
     SpendToken,
     UnpinShard,
 )
-from raft.node import ProposalFailed
+from raft.node import ProposalFailed, RaftNode
 from raft.state import Member, MeshState, Rejected
-
-if TYPE_CHECKING:
-    from mesh.daemon import NodeDaemon
 
 log = logging.getLogger("quorum.control")
 
@@ -50,9 +48,21 @@ def not_found(what: str) -> ApiError:
     return ApiError(404, what, code="not_found")
 
 
+@dataclass(frozen=True)
+class ControlPlane:
+    """What the control API may touch on this member, and nothing more."""
+    raft: RaftNode
+    ca_pem: bytes
+    ca_key: Callable[[], bytes]  # read from the data dir when a join is signed
+    secret: Callable[[], str]
+    status: Callable[[], dict]  # meshctl status's view of this member and the mesh
+    leader_peer: Callable[[], str | None]  # the leader's HTTPS peer address, if known
+    leave: Callable[[], Awaitable[dict]]  # drain, be removed, stop; StartupError if a step times out
+
+
 class Control:
-    def __init__(self, daemon: NodeDaemon) -> None:
-        self.d = daemon
+    def __init__(self, plane: ControlPlane | None) -> None:
+        self.d = plane
         self._membership = asyncio.Lock()
         self._pending: asyncio.Future | None = None  # the last membership change, until committed
 
@@ -108,7 +118,7 @@ class Control:
         if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= 1000:
             raise bad_request("'uses' must be a whole number of joins from 1 to 1000", "uses")
         try:
-            token = new_token(fingerprint(self.d.identity.ca_pem), float(ttl), uses=uses)
+            token = new_token(fingerprint(self.d.ca_pem), float(ttl), uses=uses)
         except ValueError as exc:
             raise bad_request(str(exc), "ttl_s") from None
         command = token.command
@@ -175,7 +185,7 @@ class Control:
     async def ca(self, request: Request) -> Response:
         """Public: the mesh CA certificate (a joining node checks it against its token's fingerprint)
         and where the leader takes joins."""
-        ca_pem = self.d.identity.ca_pem
+        ca_pem = self.d.ca_pem
         return JSONResponse({"mesh_id": self.d.raft.state.mesh_id, "ca": ca_pem.decode(),
                              "fingerprint": fingerprint(ca_pem), "leader_peer": self.d.leader_peer()})
 
@@ -217,7 +227,7 @@ class Control:
                                type="invalid_request_error", param="node_id", code="node_id_taken")
             csr = body.get("csr")
             try:
-                certificate = sign_request(self.d.identity.ca_pem, self.d.dd.ca_key(),
+                certificate = sign_request(self.d.ca_pem, self.d.ca_key(),
                                            csr.encode() if isinstance(csr, str) else b"", node_id)
             except PkiError as exc:
                 await self._spend(token_id, now)
@@ -238,8 +248,8 @@ class Control:
             log.info("%s (%s) joined from %s", cmd.name, node_id, raft_address)
         state = raft.state
         return JSONResponse({
-            "mesh_id": state.mesh_id, "mesh_name": state.name, "secret": self.d.dd.secret(),
-            "certificate": certificate.decode(), "ca_key": self.d.dd.ca_key().decode(),
+            "mesh_id": state.mesh_id, "mesh_name": state.name, "secret": self.d.secret(),
+            "certificate": certificate.decode(), "ca_key": self.d.ca_key().decode(),
             "partners": sorted(m.raft_address for m in state.live_members() if m.node_id != node_id),
         })
 
@@ -283,8 +293,6 @@ class Control:
 
     async def leave(self, request: Request) -> Response:
         """This node drains its shards, asks the leader to remove it, then stops."""
-        from mesh.daemon import StartupError  # here, not at the top: mesh.daemon imports this module
-
         try:
             result = await self.d.leave()
         except StartupError as exc:  # a step timed out (no quorum, nowhere to move the shards)
