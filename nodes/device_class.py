@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 
 from nodes import markers
@@ -34,14 +35,25 @@ from nodes.battery import default_sensors, from_psutil
 from nodes.cpu import logical_cores
 from nodes.probe import is_live
 
-DEVICE_CLASSES = ("raspberry-pi", "termux-phone", "openwrt-router", "desktop", "server")
+
+class DeviceClass(StrEnum):
+    """Equal to its string: profiles in the Raft log carry the plain string."""
+    RASPBERRY_PI = "raspberry-pi"
+    TERMUX_PHONE = "termux-phone"
+    OPENWRT_ROUTER = "openwrt-router"
+    DESKTOP = "desktop"
+    SERVER = "server"
+
+
+DEVICE_CLASSES = tuple(DeviceClass)
+NO_MODEL_CLASSES = frozenset({DeviceClass.OPENWRT_ROUTER})  # never hold a model: witnesses only
 SERVER_CHASSIS = frozenset({17, 23, 25, 28, 29})
 PERSONAL_CHASSIS = frozenset({3, 4, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 30, 31, 32, 33, 34, 35, 36})
 SERVER_MIN_CORES = 16
 
 
 def device_class(root: Path = Path("/"), environ: Mapping[str, str] | None = None, *,
-                 cores: int | None = None, has_battery: bool | None = None, system: str | None = None) -> str:
+                 cores: int | None = None, has_battery: bool | None = None, system: str | None = None) -> DeviceClass:
     """This machine's class (or, with `root`, a captured machine's) by the rules in the docstring.
 
     `cores`, `has_battery` and `system` default to what this machine says for the real root, and
@@ -50,24 +62,24 @@ def device_class(root: Path = Path("/"), environ: Mapping[str, str] | None = Non
     env = os.environ if environ is None else environ
     root = Path(root)
     if markers.is_openwrt(root):
-        return "openwrt-router"
+        return DeviceClass.OPENWRT_ROUTER
     if markers.is_termux(root, env):
-        return "termux-phone"
+        return DeviceClass.TERMUX_PHONE
     if markers.is_raspberry_pi(root):
-        return "raspberry-pi"
+        return DeviceClass.RASPBERRY_PI
     if has_battery is None:
         has_battery = from_psutil(default_sensors(root)) is not None
     if has_battery:
-        return "desktop"
+        return DeviceClass.DESKTOP
     chassis = markers.chassis_type(root)
     if chassis in SERVER_CHASSIS:
-        return "server"
+        return DeviceClass.SERVER
     if chassis in PERSONAL_CHASSIS:
-        return "desktop"
+        return DeviceClass.DESKTOP
     if system is None:
         system = platform.system() if is_live(root) else "Linux"
     if system == "Darwin":
-        return "desktop"
+        return DeviceClass.DESKTOP
     cores = logical_cores(root) if cores is None else cores
-    return "server" if cores >= SERVER_MIN_CORES else "desktop"
+    return DeviceClass.SERVER if cores >= SERVER_MIN_CORES else DeviceClass.DESKTOP
 

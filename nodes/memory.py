@@ -14,12 +14,12 @@ from pathlib import Path
 
 import psutil
 
+from nodes.device_class import NO_MODEL_CLASSES
 from nodes.probe import is_live, read_text
 
 MiB = 1 << 20
 RESERVE_MIN_BYTES = 256 * MiB
 RESERVE_FRACTION = 0.10
-NO_MODEL_CLASSES = frozenset({"openwrt-router"})
 
 
 def parse_meminfo(text: str) -> tuple[int, int]:

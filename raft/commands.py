@@ -11,10 +11,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-MEMBER_STATES = ("joining", "active", "draining", "gone")
-# "failed": did not load, or its process died (restarting); "crashed": its process crash-looped on
-# that node, which will not start it again (the placer moves it elsewhere).
-SHARD_STATES = ("assigned", "loading", "ready", "failed", "crashed")
+from raft.vocab import MemberState, ShardState
+
+MEMBER_STATES = tuple(MemberState)
+SHARD_STATES = tuple(ShardState)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from raft.vocab import MemberState, ShardState
+
 DEFAULT_MESH = "127.0.0.1:8080"
 
 
@@ -102,9 +104,9 @@ def replica_rows(st: dict, names: dict[str, str]) -> list[list[Any]]:
     roles = sorted({*st.get("replicas", {}), *(s["role"] for s in st["shards"])} - {"witness"})
     for role in roles:
         ready = [names.get(s["node_id"], s["node_id"]) for s in st["shards"]
-                 if s["role"] == role and s["state"] == "ready"]
+                 if s["role"] == role and s["state"] == ShardState.READY]
         rows.append([role, st.get("replicas", {}).get(role, 0), len(ready), ", ".join(sorted(ready)) or "-"])
-    witnesses = sorted(m["name"] for m in st["members"] if m.get("witness") and m["state"] != "gone")
+    witnesses = sorted(m["name"] for m in st["members"] if m.get("witness") and m["state"] != MemberState.GONE)
     rows.append(["witness", "-", len(witnesses), ", ".join(witnesses) or "-"])
     return rows
 

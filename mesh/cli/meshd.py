@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"meshd: {exc}", file=sys.stderr)
         return 2
-    from mesh.node.daemon import StartupError
+    from mesh.core.errors import StartupError
 
     failed = False
     try:
@@ -102,8 +102,9 @@ def _config(args, dd: DataDir, record) -> MeshConfig:
 
 
 async def _main(args, dd: DataDir, config: MeshConfig) -> None:
+    from mesh.core.errors import StartupError
     from mesh.node.bootstrap import init_mesh, join_mesh
-    from mesh.node.daemon import NodeDaemon, NodeOptions, StartupError
+    from mesh.node.daemon import NodeDaemon, NodeOptions
 
     dd.prepare()
     if args.command == "init":
@@ -135,8 +136,8 @@ async def _join_discovered(args, dd: DataDir, config: MeshConfig) -> None:
     as --peer would, until one accepts the token. Only members advertising the CA fingerprint the token
     carries are candidates (and the join checks the CA certificate itself before sending the token)."""
     from mesh.cluster.discovery import DiscoveryError, browse, join_first
+    from mesh.core.errors import StartupError
     from mesh.node.bootstrap import join_mesh
-    from mesh.node.daemon import StartupError
     from mesh.security.tokens import BadToken, split_token
 
     service = config.discovery.service

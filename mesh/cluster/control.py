@@ -38,6 +38,7 @@ from raft.commands import (
 )
 from raft.node import ProposalFailed, RaftNode
 from raft.state import Member, MeshState, Rejected
+from raft.vocab import MemberState
 
 log = logging.getLogger("quorum.control")
 
@@ -179,7 +180,7 @@ class Control:
     async def drain(self, request: Request) -> Response:
         body = await _body(request)
         member = self._member(self.d.raft.state, _str(body, "node"))
-        await self._propose(SetMemberState(member.node_id, "draining"))
+        await self._propose(SetMemberState(member.node_id, MemberState.DRAINING))
         return JSONResponse({"draining": member.name})
 
     async def ca(self, request: Request) -> Response:
@@ -265,7 +266,7 @@ class Control:
                               code="leader_moved")
         async with self._membership:
             await self._settle_pending()
-            await self._propose(SetMemberState(member.node_id, "gone"))
+            await self._propose(SetMemberState(member.node_id, MemberState.GONE))
             if member.raft_address in raft.partners():
                 try:
                     await asyncio.wait_for(asyncio.wrap_future(raft.remove_partner(member.raft_address)),
@@ -330,7 +331,7 @@ class Control:
     @staticmethod
     def _member(state: MeshState, name_or_id: str) -> Member:
         member = state.members.get(name_or_id)
-        if member is None or member.state == "gone":
+        if member is None or member.state == MemberState.GONE:
             member = state.member_by_name(name_or_id)
         if member is None:
             names = ", ".join(m.name for m in state.live_members()) or "none"

@@ -33,10 +33,11 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-MODEL_ROLES = ("reasoning", "tool-use", "context")  # roles that hold a model, in placement order
-NO_MODEL_CLASSES = frozenset({"openwrt-router"})  # device classes that never hold a model
-BATTERY_CLASSES = frozenset({"termux-phone"})  # device classes whose battery limits what they hold
-BATTERY_ROLES = frozenset({"reasoning"})  # roles kept off battery-limited nodes when others can hold them
+from nodes.device_class import NO_MODEL_CLASSES, DeviceClass
+from raft.vocab import MODEL_ROLES, Role
+
+BATTERY_CLASSES = frozenset({DeviceClass.TERMUX_PHONE})  # device classes whose battery limits what they hold
+BATTERY_ROLES = frozenset({Role.REASONING})  # roles kept off battery-limited nodes when others can hold them
 _MIB = 1 << 20
 
 
@@ -231,7 +232,7 @@ class _Ledger:
             limited = self.limited(role, n.node_id)
             return limited, limited and (role, n.node_id) not in self.held
 
-        if role == "reasoning":
+        if role == Role.REASONING:
             return min(fits, key=lambda n: (*last_resort(n), -n.speed, n.node_id)).node_id
         return min(fits, key=lambda n: (*last_resort(n), -self.free(n.node_id), n.node_id)).node_id
 
@@ -276,7 +277,7 @@ def _index(items: Iterable, key: str) -> dict:
 
 def _desired(replicas: Mapping[str, int]) -> dict[str, int]:
     for role, count in replicas.items():
-        if role not in MODEL_ROLES and role != "witness":  # witnesses are members, not shards
+        if role not in MODEL_ROLES and role != Role.WITNESS:  # witnesses are members, not shards
             raise ValueError(f"placement: replicas for unknown role {role!r}")
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"placement: replicas.{role} must be a count of 0 or more, got {count!r}")

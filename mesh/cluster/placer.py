@@ -18,6 +18,7 @@ from mesh.core.config import PlacementConfig
 from raft.commands import ApplyPlacement
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Rejected
+from raft.vocab import MemberState, ShardState
 
 log = logging.getLogger("quorum.placer")
 
@@ -38,7 +39,7 @@ class Placer:
         now = self.clock()
         out = {}
         for member in state.members.values():
-            if member.state != "active":
+            if member.state != MemberState.ACTIVE:
                 out[member.node_id] = False
                 continue
             if member.raft_address == self.raft.address or connected.get(member.raft_address, False):
@@ -56,7 +57,8 @@ class Placer:
                   for m in state.models.values()]
         pins = [Assignment(p.role, p.model, p.node_id) for p in state.pins.values()]
         current = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()]
-        crashed = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values() if s.state == "crashed"]
+        crashed = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()
+                   if s.state == ShardState.CRASHED]
         plan = place(nodes, models, state.replicas, pins, current, self.battery, avoid=crashed)
         limited = {n.node_id for n in nodes if n.healthy and self.battery.limited(n, True)}
         return keep_crashed_until_replaced(keep_until_replaced(plan, state, limited), crashed)
@@ -118,7 +120,7 @@ def node_infos(state: MeshState, health: dict[str, bool], reserve: int) -> list[
     """What placement needs to know of each live member, from its replicated profile."""
     out = []
     for m in state.members.values():
-        if m.state == "gone":
+        if m.state == MemberState.GONE:
             continue
         percent, charging = _battery(m.profile.get("battery"))
         out.append(NodeInfo(node_id=m.node_id, device_class=str(m.profile.get("device_class", "desktop")),
@@ -138,7 +140,7 @@ def keep_until_replaced(plan: Plan, state: MeshState, limited: set[str]) -> Plan
     gaining = {a.node_id for a in planned if (a.role, a.model, a.node_id) not in state.shards}
     kept = []
     for key, shard in sorted(state.shards.items()):
-        if shard.role not in BATTERY_ROLES or shard.state != "ready" or Assignment(*key) in planned:
+        if shard.role not in BATTERY_ROLES or shard.state != ShardState.READY or Assignment(*key) in planned:
             continue
         if shard.node_id not in limited or shard.node_id in gaining:
             continue
@@ -153,7 +155,7 @@ def keep_until_replaced(plan: Plan, state: MeshState, limited: set[str]) -> Plan
 
 def _ready(state: MeshState, a: Assignment) -> bool:
     shard = state.shards.get((a.role, a.model, a.node_id))
-    return shard is not None and shard.state == "ready"
+    return shard is not None and shard.state == ShardState.READY
 
 
 def _battery(value: object) -> tuple[float | None, bool | None]:

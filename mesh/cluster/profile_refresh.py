@@ -26,6 +26,7 @@ from nodes.probe import Runner, run_command
 from raft.commands import Command, UpdateProfile
 from raft.node import ProposalFailed
 from raft.state import MeshState, Rejected
+from raft.vocab import MemberState
 
 log = logging.getLogger("quorum.profile")
 
@@ -84,7 +85,7 @@ class ProfileRefresher:
         """One round: the fields committed ({} when nothing moved or the commit failed)."""
         state = self.state()
         member = state.members.get(self.node_id)
-        if member is None or member.state == "gone":
+        if member is None or member.state == MemberState.GONE:
             return {}
         live = await asyncio.to_thread(self.read, str(member.profile.get("device_class", "desktop")))
         holds = bool(state.shards_on(self.node_id)) or bool(self.local_shards())

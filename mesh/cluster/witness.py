@@ -23,12 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from nodes.device_class import DeviceClass
 from raft.node import ProposalFailed, RaftNode
+from raft.vocab import MemberState, ShardState
 
 log = logging.getLogger("quorum.witness")
 
 HEAVY_MODULES = ("grpc", "numpy", "llama_cpp", "onnxruntime")
-ROUTER_CLASS = "openwrt-router"
+ROUTER_CLASS = DeviceClass.OPENWRT_ROUTER
 HANDOFF_WAIT_S = 2.0  # after a transfer was sent: how long to wait for it before trying again
 
 
@@ -58,9 +60,9 @@ class LeadershipHandoff:
         """Raft addresses of the members that could lead instead, best first: active, connected
         model nodes; those holding a ready shard before the others."""
         state, connected = self.raft.state, self.raft.partners()
-        serving = {s.node_id for s in state.shards.values() if s.state == "ready"}
+        serving = {s.node_id for s in state.shards.values() if s.state == ShardState.READY}
         members = [m for m in state.members.values()
-                   if m.state == "active" and not m.witness and connected.get(m.raft_address)]
+                   if m.state == MemberState.ACTIVE and not m.witness and connected.get(m.raft_address)]
         members.sort(key=lambda m: (m.node_id not in serving, m.name))
         return [m.raft_address for m in members]
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raft.vocab import Role
 from shards.templates import NAMED as TEMPLATES
 
-ROLES = ("reasoning", "context", "tool-use", "witness")
+ROLES = tuple(Role)  # reasoning, context, tool-use, witness
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -275,7 +276,7 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
         if dupes:
             raise ConfigError(f"models: duplicate model {key} {dupes[0]!r}")
     for role, count in replicas.items():
-        if count and role != "witness" and not any(role in m.roles for m in models):
+        if count and role != Role.WITNESS and not any(role in m.roles for m in models):
             raise ConfigError(f"replicas.{role}: no model in the catalog serves role {role!r}")
     return MeshConfig(node=node, raft=raft, gateway=gateway, placement=placement, sessions=sessions,
                       discovery=discovery, replicas=replicas, models=models)
@@ -335,7 +336,7 @@ def _model(raw: Any, key: str) -> ModelSpec:
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise ConfigError(f"{key}.sha256: expected 64 lowercase hex digits")
     roles = raw["roles"]
-    if not isinstance(roles, list) or not roles or any(r not in ROLES or r == "witness" for r in roles):
+    if not isinstance(roles, list) or not roles or any(r not in ROLES or r == Role.WITNESS for r in roles):
         raise ConfigError(f"{key}.roles: a non-empty list of {', '.join(ROLES[:3])}")
     ctx = raw["context_length"]
     if isinstance(ctx, bool) or not isinstance(ctx, int) or not 64 <= ctx <= 1 << 20:

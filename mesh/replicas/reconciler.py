@@ -32,6 +32,7 @@ from mesh.replicas.shard_process import Exit, ShardProcess, shard_process
 from raft.commands import Command, HaveModelFile, SetShardState
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Model, Rejected
+from raft.vocab import MemberState, Role, ShardState
 from shards.host import HostSpec
 from shards.model_files import ModelFileError, ensure_model, is_verified, model_path
 from shards.types import ShardKind
@@ -86,7 +87,7 @@ class Reconciler:
         for key in sorted(set(self.local) - want):
             await self._unload(key)
         # Reasoning first: a node is ready (and /health answers 200) once its chat shard is loaded.
-        for key in sorted(want - set(self.local), key=lambda k: (k[0] != "reasoning", k)):
+        for key in sorted(want - set(self.local), key=lambda k: (k[0] != Role.REASONING, k)):
             if time.monotonic() < self._failed.get(key, 0.0):
                 continue
             await self._load(key, state)
@@ -97,23 +98,24 @@ class Reconciler:
         if model is None:
             return
         try:
-            await self._report(SetShardState(role, model_name, self.node_id, "loading", "preparing the model file"))
+            await self._report(SetShardState(role, model_name, self.node_id, ShardState.LOADING,
+                                             "preparing the model file"))
             path = await self._model_file(role, model, state)
             if self.node_id not in state.model_files.get(model_name, ()):
                 await self._report(HaveModelFile(self.node_id, model_name))
-            await self._report(SetShardState(role, model_name, self.node_id, "loading", "loading the model"))
+            await self._report(SetShardState(role, model_name, self.node_id, ShardState.LOADING, "loading the model"))
             shard = shard_process(self._spec(role, model, path), self.metrics, self._exited)
             await shard.start(LOAD_TIMEOUT_S)
         except Exception as exc:  # a shard that cannot load (no file, a fetch or a start that failed,
             # ShardStartError) is reported and retried later, never fatal to the node
             log.warning("%s/%s failed to load: %s", role, model_name, exc)
             self._failed[key] = time.monotonic() + RETRY_AFTER_FAILURE_S
-            await self._report(SetShardState(role, model_name, self.node_id, "failed", str(exc)[:300]))
+            await self._report(SetShardState(role, model_name, self.node_id, ShardState.FAILED, str(exc)[:300]))
             return
         self.local[key] = shard
         self.metrics.watch_shard(role, model_name, lambda: shard.waiting, shard.rss)
         self._failed.pop(key, None)
-        await self._report(SetShardState(role, model_name, self.node_id, "ready"))
+        await self._report(SetShardState(role, model_name, self.node_id, ShardState.READY))
         log.info("ready: %s shard of %s", role, model_name)
 
     def _spec(self, role: str, model: Model, path: Path) -> HostSpec:
@@ -148,13 +150,13 @@ class Reconciler:
                       f"last {exit_.describe()}")
             self.given_up[key] = reason
             log.error("%s/%s: %s", *key, reason)
-            await self._report(SetShardState(*key, self.node_id, "crashed", reason[:300]))
+            await self._report(SetShardState(*key, self.node_id, ShardState.CRASHED, reason[:300]))
         else:
             delay = 0.0 if len(crashes) == 1 else min(RESTART_BACKOFF_S * 2 ** (len(crashes) - 2),
                                                       RESTART_BACKOFF_MAX_S)
             self._failed[key] = now + delay
             self.restarts[key] += 1
-            await self._report(SetShardState(*key, self.node_id, "failed",
+            await self._report(SetShardState(*key, self.node_id, ShardState.FAILED,
                                              f"{exit_.describe()}; restarting in {delay:.0f} s"[:300]))
         self._wake.set()
 
@@ -168,17 +170,17 @@ class Reconciler:
         if is_verified(path, model.sha256):
             return path
         peers = [state.members[n].grpc_address for n in sorted(state.model_files.get(model.name, ()))
-                 if n != self.node_id and n in state.members and state.members[n].state != "gone"]
+                 if n != self.node_id and n in state.members and state.members[n].state != MemberState.GONE]
         if not peers:
             raise ModelFileError(f"no member holds {model.file} yet and this node cannot assemble it")
-        await self._report(SetShardState(role, model.name, self.node_id, "loading",
+        await self._report(SetShardState(role, model.name, self.node_id, ShardState.LOADING,
                                          f"fetching {model.file} from a peer"))
         names = {m.grpc_address: m.name for m in state.members.values()}
 
         def on_progress(peer: str, done: int, total: int) -> None:
             # Every ~10%: the shard's detail in the log shows the transfer in `meshctl status`.
             detail = f"fetching {model.file} from {names.get(peer, peer)}: {done * 100 // max(total, 1)}%"
-            self._report_later(SetShardState(role, model.name, self.node_id, "loading", detail))
+            self._report_later(SetShardState(role, model.name, self.node_id, ShardState.LOADING, detail))
 
         return await self.fetch(peers, model.file, model.sha256, self.models_dir, progress=self.progress,
                                 on_progress=on_progress)

@@ -10,6 +10,7 @@ import logging
 from typing import Any, Callable, Protocol
 
 from raft.state import MeshState
+from raft.vocab import MemberState, ShardState
 from shards.types import GenerateRequest, Opened
 
 log = logging.getLogger("quorum.router")
@@ -86,7 +87,8 @@ class Router:
 
     def _usable(self, state: MeshState, shard) -> bool:
         member = state.members.get(shard.node_id)
-        if shard.state != "ready" or member is None or member.state not in ("active", "draining"):
+        if shard.state != ShardState.READY or member is None \
+                or member.state not in (MemberState.ACTIVE, MemberState.DRAINING):
             return False
         return shard.node_id != self.node_id or (shard.role, shard.model) in self._local()
 

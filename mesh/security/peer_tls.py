@@ -20,6 +20,7 @@ from mesh.core.errors import ApiError
 from mesh.security.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
 from mesh.security.pki import NodeIdentity
 from raft.state import MeshState
+from raft.vocab import MemberState
 
 log = logging.getLogger("quorum.peer")
 
@@ -65,7 +66,7 @@ class PeerGate:
         if scope["type"] == "http" and scope["path"] != JOIN_PATH:
             node_id = scope.get(PEER_KEY)
             member = self.state().members.get(node_id) if node_id else None
-            if member is None or member.state == "gone":
+            if member is None or member.state == MemberState.GONE:
                 why = "no client certificate" if node_id is None else f"node {node_id} is not a member"
                 log.warning("peer request to %s refused: %s", scope["path"], why)
                 await ApiError(403, f"This port serves mesh members only ({why}).", type="permission_error",

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from mesh.core.config import MeshConfig
-from mesh.node.daemon import raft_timing
+from mesh.node.startup import raft_timing
 from raft.commands import InitMesh, SessionAppend, SessionTurnEnd, SessionTurnStart
 from raft.node import RaftNode
 from tests.procs import Meshd, free_ports, kill_all, ready_replicas, serves, start_mesh, wait_until

@@ -21,7 +21,7 @@ import llama_cpp
 import openai
 
 from mesh.core.config import MeshConfig
-from mesh.node.daemon import raft_timing
+from mesh.node.startup import raft_timing
 from raft.commands import InitMesh, SetReplicas
 from raft.node import RaftNode
 from shards.model_files import ensure_model

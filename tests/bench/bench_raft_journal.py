@@ -25,7 +25,7 @@ from pathlib import Path
 from pysyncobj import SyncObj
 
 from mesh.core.config import MeshConfig
-from mesh.node.daemon import raft_timing
+from mesh.node.startup import raft_timing
 from raft.commands import InitMesh, SessionAppend, SessionTurnStart, SetReplicas
 from raft.journal import SYNC_BATCH, SYNC_EACH_ADD
 from raft.node import RaftNode, _Log

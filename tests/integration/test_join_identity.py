@@ -13,8 +13,8 @@ import asyncio
 import httpx
 import pytest
 
+from mesh.core.errors import StartupError
 from mesh.node.bootstrap import _join_through
-from mesh.node.daemon import StartupError
 from mesh.security.pki import certificate_request, new_key
 from mesh.security.tokens import split_token
 from tests.procs import Meshd, wait_until

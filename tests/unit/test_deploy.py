@@ -19,9 +19,9 @@ import pytest
 
 from mesh.cli.meshctl import build_parser as meshctl_parser
 from mesh.cli.meshd import build_parser
+from mesh.cluster.catalog import KV_BYTES_PER_TOKEN, model_memory_bytes
 from mesh.cluster.placement import ModelInfo, NodeInfo, place
 from mesh.core.config import load_config
-from mesh.node.daemon import KV_BYTES_PER_TOKEN, model_memory_bytes
 from nodes.memory import available_for_models
 from tests.procs import guarded
 

