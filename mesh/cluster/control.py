@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -191,8 +192,9 @@ class Control:
                              "fingerprint": fingerprint(ca_pem), "leader_peer": self.d.leader_peer()})
 
     async def join(self, request: Request) -> Response:
-        """Leader only, HTTPS peer port only: checks the token, signs the node's certificate request,
-        records the member and adds it to Raft; answers with what a member keeps (secret, CA key)."""
+        """Leader only, HTTPS peer port only: checks the token, assigns the node its id, signs its
+        certificate for that id, records the member and adds it to Raft; answers with what a member
+        keeps (its id, certificate, secret, CA key)."""
         if request.url.scheme != "https":
             raise bad_request("Joins go to a member's HTTPS peer port after checking its certificate; "
                               "use `meshd join --peer HOST:PORT --token TOKEN`.")
@@ -203,7 +205,8 @@ class Control:
                                            "type": "invalid_request_error", "param": None, "code": "not_leader"},
                                  "leader_peer": leader}, status_code=421)
         body = await _body(request)
-        node_id, raft_address = _str(body, "node_id"), _str(body, "raft_address")
+        raft_address = _str(body, "raft_address")
+        claimed = body.get("node_id")  # sent by meshd before ids were assigned here: never taken
         name, http_address, grpc_address, peer_address = (_str(body, k) for k in (
             "name", "http_address", "grpc_address", "peer_address"))
         async with self._membership:
@@ -215,17 +218,18 @@ class Control:
             except BadToken as exc:
                 log.warning("join of %s refused: %s", body.get("name"), exc)
                 raise ApiError(403, f"Join refused: {exc}.", type="permission_error", code="bad_token") from None
-            known = state.members.get(node_id)
+            known = state.members.get(claimed) if isinstance(claimed, str) else None
             if known is not None:
                 # Node ids are public (certificate CN, /control/v1/ca): a join naming a known one,
                 # live or gone, would take that member's place. Refused, and the token use is spent so
                 # that probing costs a use like a join does.
-                log.warning("join of %s refused: node id %s is already %s's (%s)", body.get("name"), node_id,
+                log.warning("join of %s refused: node id %s is already %s's (%s)", body.get("name"), claimed,
                             known.name, known.state)
                 await self._spend(token_id, now)
-                raise ApiError(409, f"Join refused: node id {node_id} already belongs to a member of this mesh; "
-                                    f"a joining node needs a new id. The token use is spent.",
+                raise ApiError(409, f"Join refused: node id {claimed} already belongs to a member of this mesh; "
+                                    f"the leader assigns a joining node its id. The token use is spent.",
                                type="invalid_request_error", param="node_id", code="node_id_taken")
+            node_id = new_node_id(state)
             csr = body.get("csr")
             try:
                 certificate = sign_request(self.d.ca_pem, self.d.ca_key(),
@@ -249,7 +253,7 @@ class Control:
             log.info("%s (%s) joined from %s", cmd.name, node_id, raft_address)
         state = raft.state
         return JSONResponse({
-            "mesh_id": state.mesh_id, "mesh_name": state.name, "secret": self.d.secret(),
+            "mesh_id": state.mesh_id, "mesh_name": state.name, "node_id": node_id, "secret": self.d.secret(),
             "certificate": certificate.decode(), "ca_key": self.d.ca_key().decode(),
             "partners": sorted(m.raft_address for m in state.live_members() if m.node_id != node_id),
         })
@@ -337,6 +341,14 @@ class Control:
             names = ", ".join(m.name for m in state.live_members()) or "none"
             raise not_found(f"No member named {name_or_id!r} (members: {names}).")
         return member
+
+
+def new_node_id(state: MeshState) -> str:
+    """A node id no member, live or gone, has had: the leader's choice, never the joiner's."""
+    while True:
+        node_id = uuid.uuid4().hex[:12]
+        if node_id not in state.members:
+            return node_id
 
 
 def _model_for(state: MeshState, role: str) -> str:

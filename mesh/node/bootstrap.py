@@ -95,20 +95,21 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
         raise StartupError(f"cannot join: {exc}") from None
     node = cfg.node
     key = new_key()
-    body = {"token": token.strip(), "node_id": record.node_id, "name": record.name,
+    body = {"token": token.strip(), "name": record.name,
             "http_address": node.http_address, "grpc_address": node.grpc_address,
             "raft_address": node.raft_address, "peer_address": node.peer_address, "witness": witness,
             "profile": await asyncio.to_thread(local_profile),
-            "csr": certificate_request(key, record.node_id).decode()}
+            "csr": certificate_request(key, "joining").decode()}  # the leader names the certificate
     answer, ca_pem = await _join_through(peer, ca_fingerprint, body)
+    node_id = answer.get("node_id")
     cert = answer.get("certificate", "").encode()
-    if not signed_by(cert, ca_pem) or common_name(cert) != record.node_id:
-        raise StartupError("the leader answered the join with a certificate that is not this node's")
+    if not isinstance(node_id, str) or not node_id or not signed_by(cert, ca_pem) or common_name(cert) != node_id:
+        raise StartupError("the leader answered the join without a certificate for the id it assigned")
     dd.write_secret(answer["secret"])
     dd.write_identity(key, cert, ca_pem, answer["ca_key"].encode())
     dd.admin_token()
-    record = dataclasses.replace(record, mesh_id=answer["mesh_id"], listen=node.listen, advertise=node.advertise,
-                                 witness=witness, partners=tuple(answer["partners"]))
+    record = dataclasses.replace(record, node_id=node_id, mesh_id=answer["mesh_id"], listen=node.listen,
+                                 advertise=node.advertise, witness=witness, partners=tuple(answer["partners"]))
     dd.save(record)
     log.info("joined mesh %s (%s) through %s", answer.get("mesh_name"), answer["mesh_id"][:12], peer)
     return record

@@ -132,8 +132,8 @@ def certificate_request(key_pem: bytes, node_id: str) -> bytes:
 
 
 def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str) -> bytes:
-    """The node certificate for `node_id` from its request; the request must be self-consistent and
-    name that node id (so one joiner cannot obtain a certificate for another member's id)."""
+    """The node certificate for `node_id`, the id the leader assigned, for the key of a self-consistent
+    request. The request's own subject is ignored: a joiner proves it holds the key, the CA names it."""
     if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
         raise PkiError("certificate request missing or too large")
     try:
@@ -142,15 +142,13 @@ def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str)
         raise PkiError("certificate request is not a PEM CSR") from None
     if not csr.is_signature_valid:
         raise PkiError("certificate request signature is invalid")
-    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or names[0].value != node_id:
-        raise PkiError("certificate request does not name the joining node's id")
     if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
         raise PkiError("certificate request must carry an EC key")
     ca = x509.load_pem_x509_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
     now = _now()
-    cert = (x509.CertificateBuilder().subject_name(csr.subject).issuer_name(ca.subject)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.subject)
             .public_key(csr.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=365 * NODE_YEARS))

@@ -1,6 +1,6 @@
 """A join can never take over an existing member's node id (issue 14, item 1), against a real meshd
 (null backend): the join is sent the way `meshd join` sends it (mesh/node/bootstrap.py), but its body
-names the leader's own id.
+names the leader's own id; and a join that names a fresh id still gets one the leader picks.
 
 Hostile input tried here: a join with a valid token whose body (and certificate request) names the
 leader's node id and the attacker's own addresses.
@@ -15,7 +15,7 @@ import pytest
 
 from mesh.core.errors import StartupError
 from mesh.node.bootstrap import _join_through
-from mesh.security.pki import certificate_request, new_key
+from mesh.security.pki import certificate_request, common_name, new_key
 from mesh.security.tokens import split_token
 from tests.procs import Meshd, wait_until
 
@@ -75,3 +75,14 @@ def test_a_join_naming_the_leaders_id_is_refused_and_spends_the_token(node):
     assert "HTTP 403" in str(spent.value) and "expired or revoked" in str(spent.value), spent.value
     assert [m["node_id"] for m in node.status()["members"]] == [before["node_id"]]
     assert "node id" in node.log() and "already" in node.log()
+
+
+def test_the_leader_assigns_a_joiners_id(node):
+    """The id a join body names is never taken: the leader picks one no member has had and signs the
+    certificate for it."""
+    token = node.post("/control/v1/tokens", {"ttl_s": 600, "uses": 1}).json()["token"]
+    answer = join_as(node, token, "0123456789ab", "honest")
+    assigned = answer["node_id"]
+    assert assigned != "0123456789ab" and common_name(answer["certificate"].encode()) == assigned
+    members = {m["node_id"]: m["name"] for m in node.status()["members"]}
+    assert members[assigned] == "honest" and "0123456789ab" not in members

@@ -1,11 +1,13 @@
-"""mesh/security/pki.py: the mesh CA signs node certificates; fingerprints identify the CA; requests that
-name another node, or come from another mesh, are refused."""
+"""mesh/security/pki.py: the mesh CA signs node certificates for the ids it assigns; fingerprints identify
+the CA; garbage requests and other meshes' CAs are refused."""
 
 from __future__ import annotations
 
 import ssl
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from mesh.security.pki import (
     PkiError,
@@ -35,11 +37,15 @@ def test_a_node_certificate_is_signed_by_its_mesh_ca_only(ca):
     assert not signed_by(cert, other_ca)
 
 
-def test_a_request_must_name_the_joining_node(ca):
+def test_the_ca_names_the_certificate_whatever_the_request_says(ca):
+    """The leader assigns node ids: a request naming another id still gets a certificate for the
+    assigned one, for the request's own key."""
     ca_pem, ca_key = ca
-    csr = certificate_request(new_key(), "someone-else")
-    with pytest.raises(PkiError, match="does not name"):
-        sign_request(ca_pem, ca_key, csr, "me")
+    key = new_key()
+    cert = sign_request(ca_pem, ca_key, certificate_request(key, "someone-else"), "me")
+    assert common_name(cert) == "me" and signed_by(cert, ca_pem)
+    assert x509.load_pem_x509_certificate(cert).public_key().public_numbers() == \
+        serialization.load_pem_private_key(key, None).public_key().public_numbers()
 
 
 BAD_PEM = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
