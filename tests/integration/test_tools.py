@@ -8,9 +8,11 @@ their schemas with a small validator for the schemas used here.
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -349,3 +351,51 @@ def test_the_greedy_shortcut_picks_what_the_full_grammar_pass_picks(backend):
 
     for grammar in (tool_grammar(tools, "required"), json_grammar(None)):
         assert run(grammar, True) == run(grammar, False)
+
+
+# -- Real clients' own ways of asking for tools and structured answers (issue 16) ---------------------
+
+class DayWeather(pydantic.BaseModel):
+    """The weather in a city on one day of the month."""
+    city: str = pydantic.Field(max_length=20)
+    day: int = pydantic.Field(ge=1, le=31)
+    unit: Literal["celsius", "fahrenheit"] = "celsius"
+
+
+ASK_DAY = "What is the weather in Paris on the 14th? Answer with the tool."
+
+
+def langchain_chat(node):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(model=MODEL, base_url=f"{node.base_url}/v1", api_key="x", temperature=0, max_tokens=80,
+                      max_retries=0, timeout=120)
+
+
+def test_langchain_binds_a_pydantic_tool_with_field_constraints(node):
+    """`bind_tools` with a pydantic model whose fields carry ge/le and max_length: what LangChain sends
+    (minimum, maximum, maxLength) is enforced, not refused."""
+    reply = langchain_chat(node).bind_tools([DayWeather], tool_choice="DayWeather").invoke(ASK_DAY)
+    [call] = reply.tool_calls
+    assert call["name"] == "DayWeather"
+    DayWeather.model_validate(call["args"])  # raises if a constraint is broken
+
+
+def test_langchain_structured_output_gives_a_valid_model(node):
+    for method in ("json_schema", "function_calling"):
+        answer = langchain_chat(node).with_structured_output(DayWeather, method=method).invoke(ASK_DAY)
+        assert isinstance(answer, DayWeather), method
+        assert 1 <= answer.day <= 31 and len(answer.city) <= 20, (method, answer)
+
+
+def test_langchain_streams_text(node):
+    chunks = [c.content for c in langchain_chat(node).stream("Name three colours.")]
+    assert len(chunks) > 2 and "".join(chunks).strip()
+
+
+def test_openai_parse_helper_returns_the_pydantic_model(client):
+    """The SDK's own structured-output helper: a strict json_schema response_format, parsed client-side."""
+    reply = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": ASK_DAY}],
+                                          response_format=DayWeather, max_tokens=80, temperature=0)
+    parsed = reply.choices[0].message.parsed
+    assert isinstance(parsed, DayWeather) and 1 <= parsed.day <= 31
