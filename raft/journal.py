@@ -32,8 +32,10 @@ import json
 import logging
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import pysyncobj.journal as pso_journal
 import pysyncobj.serializer as pso_serializer
@@ -457,13 +459,41 @@ def _create_journal(journalFile=None):
     return _stock_create_journal(journalFile)
 
 
+# Dump paths whose renames a background writer owns (raft/dump_writer.py): dump path -> its rename function.
+_DUMP_OWNERS: dict[str, Callable[[str, str], None]] = {}
+_DUMP_OWNERS_LOCK = threading.Lock()
+
+
+def own_dump(dump_path: str, replace: Callable[[str, str], None]) -> None:
+    with _DUMP_OWNERS_LOCK:
+        _DUMP_OWNERS[os.path.abspath(dump_path)] = replace
+
+
+def disown_dump(dump_path: str, replace: Callable[[str, str], None]) -> None:
+    with _DUMP_OWNERS_LOCK:
+        if _DUMP_OWNERS.get(os.path.abspath(dump_path)) == replace:  # bound methods: equal, not identical
+            del _DUMP_OWNERS[os.path.abspath(dump_path)]
+
+
+def replace_dump(src: str, dst: str) -> None:
+    """pysyncobj's Serializer renames through this (`atomicReplace`): to the dump's owner when it has one (a
+    background writer), else durable_replace."""
+    with _DUMP_OWNERS_LOCK:
+        owner = _DUMP_OWNERS.get(os.path.abspath(dst))
+    if owner is None:
+        durable_replace(src, dst)
+    else:
+        owner(src, dst)
+
+
 def install() -> None:
     """Hooks this module into pysyncobj (idempotent): SyncObj builds its journal through
     `pysyncobj.syncobj.createJournal`, which now hands over the journal a JournalPath carries (any other
     journalFile gets pysyncobj's own journal), and the full-dump Serializer replaces its file through
-    `pysyncobj.serializer.atomicReplace`, which now fsyncs the file and its directory."""
+    `pysyncobj.serializer.atomicReplace`, which is now `replace_dump`: the dump's background writer's
+    (raft/dump_writer.py) or durable_replace, which fsyncs the file and its directory."""
     if PYSYNCOBJ_VERSION != PINNED_PYSYNCOBJ:
         raise RuntimeError(f"raft.journal hooks pysyncobj {PINNED_PYSYNCOBJ}; found {PYSYNCOBJ_VERSION}: re-check "
                            "syncobj.py (createJournal, journal calls before sends) and serializer.py (atomicReplace)")
     pso_syncobj.createJournal = _create_journal
-    pso_serializer.atomicReplace = durable_replace
+    pso_serializer.atomicReplace = replace_dump

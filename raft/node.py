@@ -12,6 +12,11 @@ raft/codec.py's typed encoding (raft/wire.py replaces pysyncobj's pickle calls),
 against what pysyncobj sends, and pysyncobj's utility commands (status, add, remove, set_version, transfer)
 and read-only peers are refused on the Raft port: membership changes are this class's methods, called on
 the member itself.
+
+Elections and compaction stay off the group's back: a member runs a pre-vote round before it raises its term
+(raft/prevote.py, PreVoteSyncObj), so a restarted or partitioned member never deposes a healthy leader; and the
+full dump is encoded and written in a background thread (raft/dump_writer.py), not on the tick thread that
+sends heartbeats. Both subclass or hook private parts of pysyncobj 0.3.17 and refuse any other version.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from raft import codec, snapshot
 from raft import journal as raft_journal
 from raft import wire as raft_wire
 from raft.commands import BadCommand, Command, decode, encode
+from raft.dump_writer import DumpWriter, finish_compaction
 from raft.journal import SYNC_BATCH, DurableJournal, JournalPath, migrate_stock_journal
+from raft.prevote import PreVoteSyncObj
 from raft.state import MeshState, Rejected, apply
 from raft.transport import BoundedTransport, TransportLimits
 
@@ -58,16 +65,14 @@ class RaftTiming:
 
 
 class _Log(SyncObjConsumer):
-    """The replicated object. Its `state` goes into the full dump through `write_dump`/`read_dump`
-    (SyncObjConf.serializer/deserializer, raft/snapshot.py), never through pysyncobj's pickle."""
+    """The replicated object. Its `state` goes into the full dump through raft/dump_writer.py (written in the
+    background) and comes back through `read_dump` (SyncObjConf.deserializer, raft/snapshot.py), never through
+    pysyncobj's pickle."""
 
     def __init__(self, on_applied: Callable[[MeshState], None] | None) -> None:
         super().__init__()
         self.state = MeshState()
         self._on_applied_hook = on_applied
-
-    def write_dump(self, path: str, data: tuple) -> None:
-        snapshot.write_dump(path, self.state, data)
 
     def read_dump(self, path: str) -> tuple:
         state, last, prev, cluster = snapshot.read_dump(path)
@@ -95,8 +100,10 @@ class RaftNode:
     def __init__(self, self_address: str, partners: list[str], data_dir: Path, password: str,
                  timing: RaftTiming = RaftTiming(), auto_tick: bool = True,
                  on_applied: Callable[[MeshState], None] | None = None,
-                 limits: TransportLimits = TransportLimits(), journal_sync: str = SYNC_BATCH) -> None:
-        """`journal_sync`: "batch" (one fsync per tick and before any send) or "add" (one per write)."""
+                 limits: TransportLimits = TransportLimits(), journal_sync: str = SYNC_BATCH,
+                 prevote: bool = True) -> None:
+        """`journal_sync`: "batch" (one fsync per tick and before any send) or "add" (one per write).
+        `prevote=False` runs pysyncobj's stock elections (raft/prevote.py; benchmarks compare the two)."""
         if not password:
             raise ValueError("a Raft password is required: without one pysyncobj unpickles anything")
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +111,8 @@ class RaftNode:
         raft_wire.install()
         self._ready = threading.Event()
         self._limits = limits
+        self._prevote = prevote
+        self.dumps: DumpWriter | None = None  # the full dump's background writer, made in _start
         self.journal = DurableJournal(data_dir / "raft.wal", journal_sync)
         try:
             migrate_stock_journal(data_dir / "raft.journal", self.journal)
@@ -111,6 +120,8 @@ class RaftNode:
             self._obj = self._start(self_address, partners, data_dir, password, timing, auto_tick, on_applied)
         except BaseException:
             self.journal._destroy()
+            if self.dumps is not None:
+                self.dumps.close()
             raise
         self._on_tick: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._obj.addOnTickCallback(self._run_on_tick)
@@ -124,10 +135,18 @@ class RaftNode:
         self._log = _Log(on_applied)
         conf = self._conf(data_dir, password, timing, auto_tick)
         conf.journalFile = JournalPath(self.journal)
-        conf.serializer = self._log.write_dump
-        conf.deserializer = self._log.read_dump
+        self.dumps = DumpWriter(conf.fullDumpFile, lambda: self._log.state)
+        conf.serializer = self.dumps.serialize
+        conf.serializeChecker = self.dumps.check
+        conf.deserializer = self._read_dump
         self.address = self_address
-        return SyncObj(self_address, partners, conf=conf, consumers=[self._log], transportClass=transport)
+        return PreVoteSyncObj(self_address, partners, conf=conf, consumers=[self._log], transportClass=transport,
+                              prevote=self._prevote)
+
+    def _read_dump(self, path: str) -> tuple:
+        last, prev, cluster = self._log.read_dump(path)
+        finish_compaction(self.journal, prev, last)
+        return last, prev, cluster
 
     def _conf(self, data_dir: Path, password: str, timing: RaftTiming, auto_tick: bool) -> SyncObjConf:
         return SyncObjConf(
@@ -263,4 +282,5 @@ class RaftNode:
             obj.destroy_synchronous()
         else:
             obj.destroy()
+        self.dumps.close()
         log.info("raft node %s stopped", self.address)

@@ -5,7 +5,8 @@ unpickles it at start and whenever a snapshot arrives from the leader (pysyncobj
 custom serializer it calls `serializer(tmp_path, (last entry, entry before it, cluster nodes))` on the tick
 thread after applying the last entry (so the consumer's state is the state at that entry) and
 `deserializer(path)` for the same three values; consumers' data is then left to the serializer, and RaftNode's
-_Log hands its MeshState over itself.
+_Log hands its MeshState over itself. The serializer is raft/dump_writer.py's, which encodes and writes in a
+background thread (encode_dump, write_file here).
 
 File: DUMP_MAGIC, u32 crc32 of the body, body = zlib(codec.dumps({"state", "last", "prev", "cluster"},
 STATE)). The state is rebuilt only into the dataclasses of raft/state.py (STATE's registry).
@@ -81,12 +82,8 @@ def decode_dump(raw: bytes, where: str = "dump") -> tuple[st.MeshState, tuple, t
     return value["state"], value["last"], value["prev"], cluster
 
 
-def write_dump(path: str, state: st.MeshState, data: tuple) -> None:
-    """SyncObjConf.serializer: `data` is (last entry, entry before it, cluster nodes). pysyncobj renames the
-    file into place (raft/journal.py makes that rename durable)."""
-    last, prev, cluster = data
-    addresses = [getattr(n, "address", None) or str(n) for n in cluster]
-    raw = encode_dump(state, last, prev, addresses)
+def write_file(path: str, raw: bytes) -> None:
+    """Writes `raw` to `path` (created 0600 or truncated); the caller makes it durable (durable_replace)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(raw)
@@ -121,6 +118,9 @@ def check_state(state: Any) -> None:
         raise ValueError("MeshState.model_files maps to frozensets")
     if type(state.replicas) is not dict or type(state.applied) is not int:
         raise ValueError("MeshState.replicas is a map and applied an int")
+    counters = (state.sessions_evicted, state.session_turns_evicted, state.session_bytes_evicted)
+    if not all(type(c) is int and c >= 0 for c in counters):
+        raise ValueError("MeshState's eviction counters are non-negative ints")
 
 
 # ---- the one-time conversion of an earlier version's dump -----------------------------------------------

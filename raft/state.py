@@ -8,6 +8,7 @@ the proposer gets the reason back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,12 +37,14 @@ from raft.commands import (
     UnpinShard,
     UpdateProfile,
 )
+from raft.session_budget import SESSION_BYTES, SESSIONS_BYTES, evict_sessions, fit_turns, turn_bytes
 
 ROLES = ("reasoning", "context", "tool-use")
 
 # Session log policy (fixed here so every member applies the same): a session idle for longer than
 # SESSION_TTL_S is dropped when the next turn of any session starts; beyond MAX_SESSIONS the least
-# recently used go first; a session keeps its last MAX_TURNS turns.
+# recently used go first; a session keeps its last MAX_TURNS turns (trimmed when a turn ends: turns are
+# numbered by position, and the open turn's number must hold until it ends).
 SESSION_TTL_S = 24 * 3600
 MAX_SESSIONS = 1000
 MAX_TURNS = 64
@@ -53,6 +56,8 @@ MAX_TURNS = 64
 # 1000 sessions x 2 turns x 8192 ids.
 MAX_PROMPT_IDS = 8192
 PROMPT_IDS_TURNS = 2
+# And in bytes (raft/session_budget.py): SESSION_BYTES per session (oldest turns first), SESSIONS_BYTES in
+# all (least recently used sessions first); MeshState counts what they evicted.
 
 
 class Rejected(ValueError):
@@ -147,12 +152,22 @@ class Turn:
     # turns older than the last PROMPT_IDS_TURNS, and for prompts over MAX_PROMPT_IDS.
     prompt_token_ids: tuple[int, ...] = ()
 
+    @functools.cached_property
+    def size(self) -> int:
+        """Estimated bytes in a dump (raft/session_budget.py). Not a field: never logged nor compared."""
+        return turn_bytes(self)
+
 
 @dataclass(frozen=True)
 class Session:
     turns: tuple[Turn, ...]
     last_used: float
     owner: str = ""  # the API key id that started it; "" without keys (and in older logs and dumps)
+
+    @functools.cached_property
+    def size(self) -> int:
+        """Estimated bytes of its turns in a dump (raft/session_budget.py); computed once per Session."""
+        return sum(t.size for t in self.turns)
 
     def history(self) -> list[tuple[str, str]]:
         """The conversation so far, as (role, content): each finished turn's messages and answer."""
@@ -183,6 +198,15 @@ class MeshState:
     # The session log: per named session, each turn's messages, answer tokens and text.
     sessions: dict[str, Session] = field(default_factory=dict)
     applied: int = 0  # commands applied so far (rejected ones excluded)
+    # What the session caps evicted since the mesh began (monotonic: metrics read them as counters).
+    sessions_evicted: int = 0  # whole sessions, least recently used first: over MAX_SESSIONS or SESSIONS_BYTES
+    session_turns_evicted: int = 0  # oldest turns of a session: over MAX_TURNS or SESSION_BYTES, when a turn ends
+    session_bytes_evicted: int = 0  # estimated bytes those two freed
+
+    @property
+    def session_bytes(self) -> int:
+        """Estimated bytes the session log holds now (at most about SESSIONS_BYTES)."""
+        return sum(s.size for s in self.sessions.values())
 
     @property
     def initialised(self) -> bool:
@@ -200,6 +224,20 @@ class MeshState:
     def shards_for(self, role: str, model: str | None = None) -> list[Shard]:
         return sorted((s for s in self.shards.values() if s.role == role and model in (None, s.model)),
                       key=lambda s: s.key)
+
+
+def session_metrics(state: MeshState) -> dict[str, int]:
+    """The session log's size and what its caps evicted, for the metrics layer (the three *_evicted values are
+    counters: they only grow, the same on every member; the bytes are estimates, raft/session_budget.py)."""
+    return {
+        "session_bytes": state.session_bytes,
+        "session_bytes_budget": SESSIONS_BYTES,
+        "session_bytes_budget_per_session": SESSION_BYTES,
+        "sessions": len(state.sessions),
+        "sessions_evicted": state.sessions_evicted,
+        "session_turns_evicted": state.session_turns_evicted,
+        "session_bytes_evicted": state.session_bytes_evicted,
+    }
 
 
 def apply(state: MeshState, cmd: Command) -> MeshState:
@@ -412,15 +450,32 @@ def _session_turn_start(state: MeshState, cmd: SessionTurnStart) -> MeshState:
     ids = tuple(int(t) for t in cmd.prompt_token_ids) if len(cmd.prompt_token_ids) <= MAX_PROMPT_IDS else ()
     turn = Turn(messages=tuple(tuple(m) for m in cmd.messages), prompt_tokens=cmd.prompt_tokens,
                 prompt_token_ids=ids)
-    turns = (*turns, turn)[-MAX_TURNS:]
+    if turn.size > SESSION_BYTES and ids:
+        turn = dataclasses.replace(turn, prompt_token_ids=())  # alone over the budget: its ids go first
+    # Turns are numbered by position, and the open turn keeps its number until it ends: older turns are only
+    # dropped (MAX_TURNS, SESSION_BYTES) once it has ended (_session_turn_end).
+    turns = (*turns, turn)
     keep_from = len(turns) - PROMPT_IDS_TURNS
     turns = tuple(dataclasses.replace(t, prompt_token_ids=()) if i < keep_from and t.prompt_token_ids else t
                   for i, t in enumerate(turns))
     sessions[cmd.session_id] = Session(turns=turns, last_used=cmd.at, owner=cmd.owner)
+    evicted = freed = 0
     if len(sessions) > MAX_SESSIONS:
-        keep = sorted(sessions, key=lambda k: (sessions[k].last_used, k))[-MAX_SESSIONS:]
-        sessions = {k: sessions[k] for k in keep}
-    return dataclasses.replace(state, sessions=sessions)
+        keep = set(sorted(sessions, key=lambda k: (sessions[k].last_used, k))[-MAX_SESSIONS:])
+        evicted = len(sessions) - len(keep)
+        freed = sum(s.size for k, s in sessions.items() if k not in keep)
+        sessions = {k: s for k, s in sessions.items() if k in keep}
+    state = dataclasses.replace(state, sessions_evicted=state.sessions_evicted + evicted,
+                                session_bytes_evicted=state.session_bytes_evicted + freed)
+    return _within_total(state, sessions, cmd.session_id)
+
+
+def _within_total(state: MeshState, sessions: dict[str, Session], session_id: str) -> MeshState:
+    """`state` with `sessions`, the least recently used evicted (never `session_id`, which has just grown) until
+    they fit SESSIONS_BYTES, counted."""
+    sessions, evicted, freed = evict_sessions(sessions, session_id, SESSIONS_BYTES)
+    return dataclasses.replace(state, sessions=sessions, sessions_evicted=state.sessions_evicted + evicted,
+                               session_bytes_evicted=state.session_bytes_evicted + freed)
 
 
 def _open_turn(state: MeshState, session_id: str, turn: int) -> tuple[Session, Turn]:
@@ -438,14 +493,20 @@ def _session_append(state: MeshState, cmd: SessionAppend) -> MeshState:
     turn = dataclasses.replace(turn, answer_tokens=turn.answer_tokens + tuple(cmd.tokens),
                                answer_text=turn.answer_text + cmd.text)
     session = dataclasses.replace(session, turns=(*session.turns[:-1], turn))
-    return dataclasses.replace(state, sessions={**state.sessions, cmd.session_id: session})
+    return _within_total(state, {**state.sessions, cmd.session_id: session}, cmd.session_id)
 
 
 def _session_turn_end(state: MeshState, cmd: SessionTurnEnd) -> MeshState:
     session, turn = _open_turn(state, cmd.session_id, cmd.turn)
     turn = dataclasses.replace(turn, finish_reason=cmd.finish_reason)
-    session = dataclasses.replace(session, turns=(*session.turns[:-1], turn), last_used=cmd.at)
-    return dataclasses.replace(state, sessions={**state.sessions, cmd.session_id: session})
+    turns = (*session.turns[:-1], turn)
+    dropped = max(0, len(turns) - MAX_TURNS)
+    freed = sum(t.size for t in turns[:dropped])
+    turns, over, over_freed = fit_turns(turns[dropped:], SESSION_BYTES)  # oldest first, the newest kept
+    session = dataclasses.replace(session, turns=turns, last_used=cmd.at)
+    state = dataclasses.replace(state, session_turns_evicted=state.session_turns_evicted + dropped + over,
+                                session_bytes_evicted=state.session_bytes_evicted + freed + over_freed)
+    return _within_total(state, {**state.sessions, cmd.session_id: session}, cmd.session_id)
 
 
 def _create_api_key(state: MeshState, cmd: CreateApiKey) -> MeshState:

@@ -1,7 +1,7 @@
 """pysyncobj 0.3.17's TCP transport, bounded and fair: a frame cap, linear-time buffers, a handshake
 deadline, a cap on connections per remote address, and back-off instead of unbinding on EMFILE.
 
-This module is the entry point (raft/node.py and mesh/daemon.py import `BoundedTransport` and
+This module is the entry point (raft/node.py and mesh/node/daemon.py import `BoundedTransport` and
 `TransportLimits` from it). The pieces:
 
   raft/transport_limits.py    TransportLimits and the rate-limited warning for every limit hit

@@ -132,6 +132,11 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
     "request_vote": {"term": (_INT, True), "last_log_index": (_INT, True), "last_log_term": (_INT, True)},
     "response_vote": {"term": (_INT, True)},
     "timeout_now": {"term": (_INT, True)},
+    # raft/prevote.py's round (not pysyncobj's): asks for a term without taking it; the answer carries the
+    # answerer's term.
+    "pre_vote": {"term": (_INT, True), "round": (_INT, True), "last_log_index": (_INT, True),
+                 "last_log_term": (_INT, True)},
+    "pre_vote_response": {"round": (_INT, True), "term": (_INT, True), "granted": (_BOOL, True)},
     "append_entries": {"term": (_INT, True), "commit_index": (_INT, True), "entries": ((list,), False),
                        "prevLogIdx": (_INT, False), "prevLogTerm": (_INT, False), "transmission": ((str,), False),
                        "data": ((bytes,), False), "serialized": ((tuple, type(None), bool), False)},
@@ -143,7 +148,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
 
 
 def check_message(message: Any, method_ids: Any = None) -> None:
-    """Raises MessageRefused unless `message` is one pysyncobj 0.3.17 sends between voting members.
+    """Raises MessageRefused unless `message` is one pysyncobj 0.3.17 (or raft/prevote.py) sends between voting
+    members.
     Entries are checked (check_entry); a peer's apply_command may only carry a replicated call."""
     if type(message) is not dict or type(message.get("type")) is not str:
         raise MessageRefused(f"not a Raft message: {type(message).__name__}")

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from raft.state import MeshState, session_metrics
 from shards.types import Finished
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -40,6 +42,10 @@ class Metrics:
         self.shard_crashes = Counter("quorum_shard_crashes", "Shard processes on this node that died on "
                                      "their own (crash, OOM kill)", ["role", "model"], registry=r)
 
+    def watch_sessions(self, state: Callable[[], MeshState]) -> None:
+        """The session log's size and its evictions, read from the replicated state at each scrape."""
+        self.registry.register(_SessionLog(state))
+
     def watch_queue(self, role: str, model: str, depth: Callable[[], float]) -> None:
         self.queue_depth.labels(role, model).set_function(depth)
 
@@ -63,3 +69,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SessionLog:
+    """A collector over the replicated state: the counters are the state's own (the same on every member)."""
+
+    COUNTERS = (("sessions_evicted", "Sessions evicted from the session log by its count or byte cap"),
+                ("session_turns_evicted", "Turns evicted by the turn cap or the per-session byte budget"),
+                ("session_bytes_evicted", "Estimated bytes evicted from the session log"))
+
+    def __init__(self, state: Callable[[], MeshState]) -> None:
+        self.state = state
+
+    def collect(self):
+        m = session_metrics(self.state())
+        yield GaugeMetricFamily("quorum_session_log_bytes", "Estimated bytes held by the session log",
+                                value=m["session_bytes"])
+        yield GaugeMetricFamily("quorum_session_log_budget_bytes", "The session log's byte budget",
+                                value=m["session_bytes_budget"])
+        for key, doc in self.COUNTERS:
+            yield CounterMetricFamily(f"quorum_{key}", doc, value=m[key])

@@ -165,7 +165,7 @@ def test_compaction_writes_a_new_file_fsyncs_it_and_its_directory(tmp_path, fsyn
 
 def test_full_dump_replacement_fsyncs_the_file_and_its_directory(tmp_path, fsyncs):
     rj.install()
-    assert pso_serializer.atomicReplace is rj.durable_replace
+    assert pso_serializer.atomicReplace is rj.replace_dump  # durable_replace unless a writer owns the dump
     dump = tmp_path / "raft.dump"
     (tmp_path / "raft.dump.tmp").write_bytes(b"state")
     fsyncs.clear()
