@@ -21,11 +21,22 @@ from mesh.core.metrics import Metrics
 from mesh.gateway.anthropic import anthropic_routes
 from mesh.gateway.disconnect import ClientGone, until_disconnect
 from mesh.gateway.embeddings import create_embeddings
-from mesh.gateway.forward import FORWARDED
+from mesh.gateway.event_wire import (
+    CHOICES_HEADER,
+    NDJSON,
+    PROMPT_TOKENS_HEADER,
+    RELAY_HEADER,
+    RESUME_HEADER,
+    BadResume,
+    event_lines,
+    parse_resume,
+)
+from mesh.gateway.leader_client import FORWARDED
+from mesh.gateway.leader_link import LEADER_LINK
 from mesh.gateway.ollama import ollama_routes
 from mesh.gateway.openapi import openapi
-from mesh.gateway.service import Gateway, Run
-from mesh.gateway.stream_resume import RESUME_HEADER, BadResume, StreamState
+from mesh.gateway.runs import Run
+from mesh.gateway.service import Gateway, choices_of
 from mesh.gateway.validation import parse_chat, parse_completion
 
 log = logging.getLogger("quorum.http")
@@ -61,14 +72,6 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         session = request.headers.get("x-session-id")
         if session is not None:
             req = dataclasses.replace(req, session_id=check_session_id(session))
-        if request.headers.get(FORWARDED) and req.stream:
-            req = dataclasses.replace(req, relayed=True)
-            resume = request.headers.get(RESUME_HEADER)
-            if resume is not None:
-                try:
-                    req = dataclasses.replace(req, resume=StreamState.from_header(resume, req.n))
-                except BadResume as exc:
-                    raise bad_request(str(exc), RESUME_HEADER) from None
         response = await answer(request, req, gateway.start_chat, gateway.collect_chat, gateway.stream_chat)
         if session is not None:
             response.headers["X-Session-Id"] = session
@@ -79,9 +82,15 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         return await answer(request, req, gateway.start_completion, gateway.collect_completion,
                             gateway.stream_completion)
 
-    async def answer(request: Request, req: Any, start: Callable[[Any], Awaitable[Run]],
+    async def answer(request: Request, req: Any, start: Callable[..., Awaitable[Run]],
                      collect: Callable[[Any, Run], Awaitable[dict]], stream: Callable) -> Response:
-        run = await start(req)  # queue admission happens here: 429 before any byte of a stream
+        link = request.scope.get(LEADER_LINK)
+        if link is not None:  # relayed by this member: the leader generates, this member renders
+            run = await until_disconnect(request, link.start(req, start, gateway.metrics))
+        elif request.headers.get(FORWARDED) and request.headers.get(RELAY_HEADER) == "events":
+            return await typed_events(request, req, start)  # a member relays this request to its leader
+        else:
+            run = await start(req)  # queue admission happens here: 429 before any byte of a stream
         if req.stream:
             # Starlette cancels the body iterator when the client disconnects; its finally cancels the run.
             return StreamingResponse(stream(req, run), media_type="text/event-stream", headers=_STREAM_HEADERS)
@@ -89,6 +98,16 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
             return JSONResponse(await until_disconnect(request, collect(req, run)))
         finally:
             run.cancel()
+
+    async def typed_events(request: Request, req: Any, start: Callable[..., Awaitable[Run]]) -> Response:
+        """The leader's answer to a relaying member: its Run's typed events (mesh/gateway/event_wire.py)."""
+        try:
+            resume = parse_resume(request.headers.get(RESUME_HEADER), choices_of(req))
+        except BadResume as exc:
+            raise bad_request(str(exc), RESUME_HEADER) from None
+        run = await start(req, resume)
+        return StreamingResponse(event_lines(run), media_type=NDJSON, headers={
+            **_STREAM_HEADERS, PROMPT_TOKENS_HEADER: str(run.prompt_tokens), CHOICES_HEADER: str(run.choices)})
 
     async def embeddings(request: Request) -> Response:
         return JSONResponse(await create_embeddings(gateway, await read_json(request)))

@@ -52,7 +52,7 @@ async def fit_and_admit(gateway, request: GenerateRequest, refused: ContextLengt
     """(the shortened request, node id, its Opened) or the ApiError to answer.
 
     `admit` opens a request on a reasoning replica and raises ContextLengthExceeded when it does
-    not fit (the gateway's own _admit, asked to let that through)."""
+    not fit (Admission.admit, asked to let that through)."""
     messages = request.messages
     n_ctx, prompt = _counts(refused)
     encoders = gateway.picker.ready_models("context")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.core.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
-from mesh.replicas.router import NoReplica
+from mesh.replicas.router import try_replicas
 from shards.types import NotReady, QueueFull, ShardError
 
 log = logging.getLogger("quorum.embeddings")
@@ -170,23 +170,25 @@ async def embed(gateway, model: str, texts: list[Input]):
     """Embeds `texts` (texts or token ids) on the least-loaded ready replica of the context `model`, trying the next one
     when a replica turns out to be unreachable. Raises ApiError (429, 503) when none can."""
     retry_after = gateway.config.gateway.retry_after_s
-    avoid: set[str] = set()
-    while True:
-        try:
-            node_id, replica = gateway.picker.pick("context", model, avoid)
-        except NoReplica:
-            raise unavailable(f"No replica of '{model}' is ready.", retry_after,
-                              code="loading" if not avoid else "no_replica") from None
+
+    async def none_left(avoid: set[str]) -> set[str]:
+        raise unavailable(f"No replica of '{model}' is ready.", retry_after,
+                          code="loading" if not avoid else "no_replica")
+
+    async def use(replica):
         try:
             return await replica.embed(texts)
         except QueueFull as exc:
             raise queue_full(str(exc), retry_after) from None
-        except NotReady as exc:
-            log.warning("context replica of %s on %s cannot take requests (%s); trying another", model, node_id, exc)
-            avoid = avoid | {node_id}
+        except NotReady:
+            raise  # try_replicas tries the next replica
         except ValueError as exc:  # the replica refused the inputs (a token id outside its vocabulary)
             raise ApiError(400, str(exc), param="input") from None
         except ShardError as exc:
             if getattr(exc, "reason", None) == "bad_request":  # the same refusal, from a peer over gRPC
                 raise ApiError(400, str(exc).removeprefix("INVALID_ARGUMENT: "), param="input") from None
             raise
+
+    _, embedded = await try_replicas(lambda avoid: gateway.picker.pick("context", model, avoid), use, none_left,
+                                     f"context replica of {model}")
+    return embedded

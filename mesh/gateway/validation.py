@@ -33,8 +33,6 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     session_id: str | None = None  # X-Session-Id: messages are this turn's; history comes from the log
-    relayed: bool = False  # relayed by another member: chunks carry what it needs to resume the stream
-    resume: Any = None  # a StreamState: continue a stream a previous leader was answering
     tool_use: ToolUse | None = None  # tools the model may call, or a JSON answer (mesh/gateway/tools.py)
 
 

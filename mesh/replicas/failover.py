@@ -8,6 +8,11 @@ tokens one step each (see shards/backend_llama.py), so at temperature 0, or with
 of the answer is what the lost replica would have produced. The replayed part comes back too and
 is dropped here by count (tokens, characters), so the client sees each token once.
 
+The same code resumes a stream a member relays from the leader when the *leader* is lost
+(mesh/gateway/leader_link.py): there the "replica" is the leader's gateway, whose typed events
+come over the peer port, and reopening asks the next leader for the choice from `ResumeAt`
+(which builds the same single-choice request with `single_choice`, on the new leader).
+
 At temperature 0 the serving replica also ships a KV-cache checkpoint every few tokens, riding on
 a piece (Piece.kv). The latest one per choice is kept here, stripped from the piece passed on, and
 sent with the resume (`resume_kv`): the standby restores it instead of prefilling the prompt and
@@ -31,14 +36,33 @@ log = logging.getLogger("quorum.failover")
 
 MAX_FAILOVERS = 3  # replicas lost while answering one request before the gateway gives up
 
-# (request, node ids to avoid) -> (node id, opened): admits on a replica or raises
-Reopen = Callable[[GenerateRequest, set[str]], Awaitable[tuple[str, Opened]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumeAt:
+    """Where a choice goes on: its index among the request's choices and the tokens already passed on
+    (replayed before sampling goes on), with the lost server's latest KV checkpoint if one came."""
+    choice: int
+    tokens: tuple[int, ...] = ()
+    kv: bytes = dataclasses.field(default=b"", repr=False)
+    kv_tokens: int = 0
+
+
+def single_choice(request: GenerateRequest, at: ResumeAt) -> GenerateRequest:
+    """`request`'s choice `at.choice` alone, resuming from `at` (no tokens: a fresh choice)."""
+    prompts = (request.prompts[at.choice // request.n],) if request.prompts else ()
+    return dataclasses.replace(request, n=1, prompts=prompts, first_choice=request.first_choice + at.choice % request.n,
+                               resume_tokens=at.tokens, resume_kv=at.kv, resume_kv_tokens=at.kv_tokens)
+
+
+# (where to resume, node ids to avoid) -> (node id, opened): opens the choice on another server or raises.
+# The gateway's reopens a replica (single_choice + admission); a relaying member's asks the next leader.
+Reopen = Callable[[ResumeAt, set[str]], Awaitable[tuple[str, Opened]]]
 
 
 class ResumableRun:
-    def __init__(self, request: GenerateRequest, node_id: str, opened: Opened, reopen: Reopen,
+    def __init__(self, node_id: str, opened: Opened, reopen: Reopen,
                  on_failover: Callable[[str], None] | None = None) -> None:
-        self.request = request
         self.node_id = node_id
         self.opened = opened
         self.prompt_tokens = opened.prompt_tokens
@@ -53,34 +77,15 @@ class ResumableRun:
         self._skip_chars = [0] * n
         self._sent_chars = [0] * n
         self.checkpoints: dict[int, tuple[bytes, int]] = {}  # per choice: latest (KV, tokens it covers)
-        self._done_before = 0  # choices before this one were finished by a previous gateway
         self._last_piece_at = time.perf_counter()  # when a piece was last passed on
         self._resume: _ResumeTiming | None = None  # the resume in progress, until its first new piece
-
-    @classmethod
-    def resume(cls, request: GenerateRequest, choices: int, prompt_tokens: int,
-               progress: dict[int, tuple[list[int], int]], first: int, reopen: Reopen,
-               on_failover: Callable[[str], None] | None = None) -> ResumableRun:
-        """Continues a request another gateway was answering: choices before `first` are done,
-        `progress` holds (tokens, characters) already passed on per choice."""
-        async def lost():
-            if first < choices:
-                yield first, Failed("the previous leader was lost", retryable=True)
-
-        run = cls(request, "the previous leader", Opened(prompt_tokens, choices, lost(), lambda: None), reopen,
-                  on_failover)
-        for i, (tokens, chars) in progress.items():
-            run.tokens[i] = list(tokens)
-            run._sent_chars[i] = chars
-        run._done_before = first
-        return run
 
     def cancel(self) -> None:
         self.opened.cancel()
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """(choice index, event) for every choice in order, across failovers; one end per choice."""
-        opened, base, next_choice, failovers = self.opened, 0, self._done_before, 0
+        opened, base, next_choice, failovers = self.opened, 0, 0, 0
         while True:
             lost = None
             async for index, event in opened.events:
@@ -118,8 +123,8 @@ class ResumableRun:
                 if self._on_failover is not None:
                     self._on_failover(self.node_id)
             try:
-                self.node_id, opened = await self._reopen(self._single(next_choice), set(self.lost))
-            except Exception as exc:  # no replica left to resume on: the choice ends in an error
+                self.node_id, opened = await self._reopen(self._resume_at(next_choice), set(self.lost))
+            except Exception as exc:  # nothing left to resume on (no replica, no leader): the choice ends in an error
                 yield next_choice, Failed(f"the replica was lost and no other could resume: {exc}")
                 return
             if self._resume is not None:
@@ -137,15 +142,12 @@ class ResumableRun:
                      i, self.node_id, timing.replayed, ms["gap"], ms["noticed"], ms["admitted"], ms["first_piece"],
                      f"; sent a KV checkpoint of {timing.kv_tokens} tokens" if timing.kv_tokens else "")
 
-    def _single(self, i: int) -> GenerateRequest:
-        """Choice i alone, resuming from what was passed on (all of it: none, for a fresh choice)."""
-        req = self.request
+    def _resume_at(self, i: int) -> ResumeAt:
+        """Choice i from what was passed on (all of it: none, for a fresh choice)."""
         self._skip_tokens[i] = len(self.tokens[i])
         self._skip_chars[i] = self._sent_chars[i]
-        prompts = (req.prompts[i // req.n],) if req.prompts else ()
         kv, kv_tokens = self.checkpoints.get(i, (b"", 0))
-        return dataclasses.replace(req, n=1, prompts=prompts, first_choice=i % req.n,
-                                   resume_tokens=tuple(self.tokens[i]), resume_kv=kv, resume_kv_tokens=kv_tokens)
+        return ResumeAt(i, tuple(self.tokens[i]), kv, kv_tokens)
 
     def _new_part(self, i: int, piece: Piece) -> Piece | None:
         """The part of a piece not passed on before (a resumed replica replays what was sent)."""

@@ -7,11 +7,11 @@ process, the others over gRPC (one RemoteShard per node, role and model, kept wh
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 from raft.state import MeshState
 from raft.vocab import MemberState, ShardState
-from shards.types import GenerateRequest, Opened
+from shards.types import GenerateRequest, NotReady, Opened
 
 log = logging.getLogger("quorum.router")
 
@@ -25,6 +25,30 @@ class Replica(Protocol):
 
 class NoReplica(LookupError):
     """No ready replica of a role/model right now (the gateway answers 503)."""
+
+
+T = TypeVar("T")
+
+
+async def try_replicas(pick: Callable[[set[str]], tuple[str, Any]], use: Callable[[Any], Awaitable[T]],
+                       none_left: Callable[[set[str]], Awaitable[set[str]]], what: str,
+                       avoid: set[str] = frozenset()) -> tuple[str, T]:
+    """(node id, `use(replica)`) on the first replica `pick(avoid)` gives that takes the work; one that
+    is NotReady (loading, stopping, unreachable) is avoided for the next. When `pick` finds none
+    (NoReplica), `none_left(avoid)` raises the caller's error or returns the avoid set to try again
+    with (after waiting for a replica to come back). Every other error of `use` is the caller's."""
+    avoid = set(avoid)
+    while True:
+        try:
+            node_id, replica = pick(avoid)
+        except NoReplica:
+            avoid = await none_left(avoid)
+            continue
+        try:
+            return node_id, await use(replica)
+        except NotReady as exc:
+            log.warning("%s on %s cannot take requests (%s); trying another", what, node_id, exc)
+            avoid = avoid | {node_id}
 
 
 class LocalPicker:

@@ -1,0 +1,118 @@
+"""Admission: a generation request onto a replica, or the ApiError that says why not.
+
+One path for a first admission, a resumed choice and a failover: pick the least-loaded ready
+replica (a tool-use replica for a grammar-constrained request when one is ready), try the next one
+when it cannot take requests (mesh/replicas/router.py try_replicas), turn the shard's refusals into
+the API's errors (400, 429, 503), and fit a conversation longer than the window
+(mesh/gateway/context_window.py). The admitted request becomes a Run whose lost replicas are
+replaced by the same admission (mesh/replicas/failover.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from mesh.core.config import MeshConfig
+from mesh.core.errors import bad_request, queue_full, unavailable
+from mesh.core.metrics import Metrics
+from mesh.gateway.runs import Run
+from mesh.replicas.failover import ResumableRun, ResumeAt, single_choice
+from mesh.replicas.router import LocalPicker, NoReplica, Router, try_replicas
+from shards.templates import TemplateError
+from shards.types import ContextLengthExceeded, GenerateRequest, Opened, QueueFull
+
+log = logging.getLogger("quorum.gateway")
+
+# A resumed choice whose replicas are all lost waits this long for one to come back (a crashed shard
+# process is restarted within a second or two) before the stream ends in an error.
+RESUME_WAIT_S = 30.0
+RESUME_POLL_S = 0.05
+
+
+class Admission:
+    """Admits generation requests on the replicas `picker` offers (a Router over the whole mesh in
+    the daemon, a LocalPicker holding in-process shards in tests)."""
+
+    def __init__(self, config: MeshConfig, metrics: Metrics, picker: Router | LocalPicker) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.picker = picker
+        self.loading_detail = "starting"
+
+    async def open(self, model: str, request: GenerateRequest, resume: ResumeAt | None = None) -> Run:
+        """Admits `request` (only its choice `resume.choice`, going on from `resume.tokens`, when a
+        relaying member resumes a stream a lost leader was answering)."""
+        started = time.perf_counter()
+        request = dataclasses.replace(request, kv_checkpoints=self.config.gateway.kv_checkpoints)
+        if resume is not None:
+            request = single_choice(request, resume)
+        try:
+            node_id, opened = await self.admit(model, request, set(), fit=bool(request.messages))
+        except ContextLengthExceeded as exc:  # a chat longer than the window: the context role shortens it
+            from mesh.gateway.context_window import fit_and_admit  # numpy: only model nodes ever fit
+
+            request, node_id, opened = await fit_and_admit(
+                self, request, exc, lambda r: self.admit(model, r, set(), fit=True))
+        self.metrics.prompt_tokens.labels(model).inc(opened.prompt_tokens)
+
+        def reopen(at: ResumeAt, avoid: set[str]):
+            return self.admit(model, single_choice(request, at), avoid)
+
+        def counted(node_id: str) -> None:
+            self.metrics.failovers.labels(model).inc()
+
+        return Run(model=model, resumable=ResumableRun(node_id, opened, reopen, counted), started=started,
+                   metrics=self.metrics, retry_after_s=self.config.gateway.retry_after_s)
+
+    async def admit(self, model: str, request: GenerateRequest, avoid: set[str],
+                    fit: bool = False) -> tuple[str, Opened]:
+        """Opens `request` on the least-loaded ready replica outside `avoid` (with `fit`, a prompt
+        over the window raises ContextLengthExceeded instead of its 400); a replica that turns
+        out to be unreachable is skipped for the next one.
+
+        A resume (`avoid` names the lost replicas) with no other replica waits up to RESUME_WAIT_S for
+        any replica to be ready again, the lost ones included: a shard process that crashed is
+        restarted on its node, and the choice resumes there."""
+        retry_after = self.config.gateway.retry_after_s
+        deadline = time.monotonic() + RESUME_WAIT_S if avoid else 0.0
+
+        async def none_left(avoided: set[str]) -> set[str]:
+            if time.monotonic() < deadline:
+                await asyncio.sleep(RESUME_POLL_S)
+                return set()
+            raise unavailable(f"No replica of '{model}' is ready ({self.loading_detail}).", retry_after,
+                              code="loading" if not avoided else "no_replica")
+
+        async def use(shard: Any) -> Opened:
+            try:
+                return await shard.open(request)
+            except TemplateError as exc:
+                raise bad_request(str(exc), "messages") from None
+            except ContextLengthExceeded as exc:
+                if fit:
+                    raise
+                raise bad_request(str(exc), "messages", "context_length_exceeded") from None
+            except QueueFull as exc:
+                raise queue_full(str(exc), retry_after) from None
+
+        return await try_replicas(lambda avoided: self._pick(model, request, avoided), use, none_left,
+                                  f"replica of {model}", avoid)
+
+    def _pick(self, model: str, request: GenerateRequest, avoid: set[str]) -> tuple[str, Any]:
+        """A grammar-constrained request (tool calls, JSON answers) goes to a tool-use replica of
+        the model when one is ready, else to a reasoning replica, which applies the same grammar."""
+        if request.sampling.grammar:
+            try:
+                picked = self.picker.pick("tool-use", model, avoid)
+            except NoReplica:
+                pass  # no tool-use replica (the default mesh has none): the reasoning one serves it
+            else:
+                self.metrics.routed.labels("tool-use", model).inc()
+                return picked
+        picked = self.picker.pick("reasoning", model, avoid)
+        self.metrics.routed.labels("reasoning", model).inc()
+        return picked
