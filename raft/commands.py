@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from raft.profile import MemberProfile
 from raft.vocab import MemberState, ShardState
 
 MEMBER_STATES = tuple(MemberState)
@@ -45,12 +46,16 @@ class AddMember(Command):
     name: str
     http_address: str
     raft_address: str
-    profile: dict[str, Any]
+    profile: MemberProfile  # a mapping is read into one (raft/profile.py); the wire carries its to_wire()
     joined_at: float
     grpc_address: str = ""
     witness: bool = False
     token_id: str | None = None
     peer_address: str = ""  # the HTTPS peer port (joins, relayed requests); "" in logs from before it
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.profile, MemberProfile):
+            object.__setattr__(self, "profile", MemberProfile.from_wire(self.profile))
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,24 @@ class RevokeApiKey(Command):
 
 
 @dataclass(frozen=True)
+class CreateAdminCredential(Command):
+    """An admin credential for the control API: the log keeps only the sha256 of its secret. `node_id`
+    names the member it belongs to (revoked with that member's removal); "" is an operator's."""
+    kind: ClassVar[str] = "create_admin_credential"
+    cred_id: str
+    name: str
+    secret_sha256: str
+    created_at: float
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class RevokeAdminCredential(Command):
+    kind: ClassVar[str] = "revoke_admin_credential"
+    cred_id: str
+
+
+@dataclass(frozen=True)
 class SessionTurnStart(Command):
     """A named session's next turn begins: the messages the client added, when, and the prompt the
     shard tokenized (the whole rendered conversation: at most the context window, and nothing over
@@ -225,7 +248,8 @@ COMMANDS: dict[str, type[Command]] = {
     cls.kind: cls
     for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
                 RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile, SessionTurnStart,
-                SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey, UpdateProfile, SpendToken)
+                SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey, UpdateProfile, SpendToken,
+                CreateAdminCredential, RevokeAdminCredential)
 }
 
 
@@ -244,7 +268,9 @@ def encode(cmd: Command) -> dict[str, Any]:
         if kind == cmd.kind and body.get(name) == default:
             del body[name]
     for key, value in body.items():
-        if isinstance(value, tuple):
+        if isinstance(value, MemberProfile):
+            body[key] = value.to_wire()
+        elif isinstance(value, tuple):
             body[key] = [list(v) if isinstance(v, tuple) else v for v in value]
     return {"kind": cmd.kind, **body}
 

@@ -31,6 +31,7 @@ from pysyncobj.node import TCPNode
 from raft import codec
 from raft import state as st
 from raft.journal import convert_legacy_command, durable_replace, write_durably
+from raft.profile import Battery, Gpu, MemberProfile
 from raft.wire import check_entry
 
 log = logging.getLogger("quorum.raft.snapshot")
@@ -39,8 +40,9 @@ DUMP_MAGIC = b"QRMDUMP1"
 MAX_DUMP_BYTES = 1024 * 1024 * 1024  # inflated; a state this size would not fit a member's memory anyway
 _CRC = struct.Struct("<I")
 
-STATE_CLASSES: tuple[type, ...] = (st.MeshState, st.Member, st.Model, st.Shard, st.JoinToken, st.ApiKey, st.Pin,
-                                   st.Unplaced, st.Turn, st.Session)
+STATE_CLASSES: tuple[type, ...] = (st.MeshState, st.Member, st.Model, st.Shard, st.JoinToken, st.ApiKey,
+                                   st.AdminCredential, st.Pin, st.Unplaced, st.Turn, st.Session,
+                                   MemberProfile, Gpu, Battery)
 STATE = codec.Profile("state", records={cls.__name__: cls for cls in STATE_CLASSES})
 
 
@@ -105,7 +107,7 @@ def check_state(state: Any) -> None:
     if type(state) is not st.MeshState:
         raise ValueError(f"the state is a {type(state).__name__}, not a MeshState")
     maps = {"members": st.Member, "models": st.Model, "shards": st.Shard, "tokens": st.JoinToken,
-            "api_keys": st.ApiKey, "pins": st.Pin, "sessions": st.Session}
+            "api_keys": st.ApiKey, "admins": st.AdminCredential, "pins": st.Pin, "sessions": st.Session}
     for name, cls in maps.items():
         value = getattr(state, name)
         if type(value) is not dict or not all(type(v) is cls for v in value.values()):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any
 
 from raft.commands import (
     MEMBER_STATES,
@@ -19,12 +18,14 @@ from raft.commands import (
     ApplyPlacement,
     AssignShard,
     Command,
+    CreateAdminCredential,
     CreateApiKey,
     CreateToken,
     HaveModelFile,
     InitMesh,
     PinShard,
     RegisterModel,
+    RevokeAdminCredential,
     RevokeApiKey,
     RevokeToken,
     SessionAppend,
@@ -37,7 +38,9 @@ from raft.commands import (
     UnpinShard,
     UpdateProfile,
 )
+from raft.profile import MemberProfile
 from raft.session_budget import SESSION_BYTES, SESSIONS_BYTES, evict_sessions, fit_turns, turn_bytes
+from raft.vocab import MemberState
 
 ROLES = ("reasoning", "context", "tool-use")
 
@@ -70,12 +73,16 @@ class Member:
     name: str
     http_address: str
     raft_address: str
-    profile: dict[str, Any]
+    profile: MemberProfile  # a mapping (older dumps, tests) is read into one
     state: str
     joined_at: float
     grpc_address: str = ""
     witness: bool = False
     peer_address: str = ""  # HTTPS peer port: joins and requests relayed to the leader
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.profile, MemberProfile):
+            object.__setattr__(self, "profile", MemberProfile.from_wire(self.profile))
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,16 @@ class ApiKey:
     name: str
     secret_sha256: str
     created_at: float
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class AdminCredential:
+    cred_id: str
+    name: str
+    secret_sha256: str
+    created_at: float
+    node_id: str = ""  # the member it belongs to; "" for an operator's
     revoked: bool = False
 
 
@@ -191,6 +208,7 @@ class MeshState:
     shards: dict[tuple[str, str, str], Shard] = field(default_factory=dict)
     tokens: dict[str, JoinToken] = field(default_factory=dict)
     api_keys: dict[str, ApiKey] = field(default_factory=dict)
+    admins: dict[str, AdminCredential] = field(default_factory=dict)  # control API credentials, by id
     replicas: dict[str, int] = field(default_factory=dict)  # desired replicas per role
     pins: dict[tuple[str, str], Pin] = field(default_factory=dict)  # (role, node_id) -> pin
     unplaced: tuple[Unplaced, ...] = ()  # the last placement's shortfalls, with reasons
@@ -272,7 +290,7 @@ def _add_member(state: MeshState, cmd: AddMember) -> MeshState:
     if old is not None and old.state != "gone":
         # Re-adding a live member refreshes its addresses and profile (a restart with a new port).
         member = dataclasses.replace(old, name=cmd.name, http_address=cmd.http_address,
-                                     raft_address=cmd.raft_address, profile=dict(cmd.profile),
+                                     raft_address=cmd.raft_address, profile=cmd.profile,
                                      grpc_address=cmd.grpc_address or old.grpc_address,
                                      peer_address=cmd.peer_address or old.peer_address)
     else:
@@ -286,7 +304,7 @@ def _add_member(state: MeshState, cmd: AddMember) -> MeshState:
         if taken:
             raise Rejected(f"raft address {cmd.raft_address} is already used by {taken[0].name}")
         member = Member(node_id=cmd.node_id, name=cmd.name, http_address=cmd.http_address,
-                        raft_address=cmd.raft_address, profile=dict(cmd.profile), state="active",
+                        raft_address=cmd.raft_address, profile=cmd.profile, state="active",
                         joined_at=cmd.joined_at, grpc_address=cmd.grpc_address, witness=cmd.witness,
                         peer_address=cmd.peer_address)
     return dataclasses.replace(state, members={**state.members, cmd.node_id: member})
@@ -298,7 +316,7 @@ def _update_profile(state: MeshState, cmd: UpdateProfile) -> MeshState:
         raise Rejected(f"unknown member {cmd.node_id}")
     if not isinstance(cmd.profile, dict):
         raise Rejected("a profile update is a mapping of profile fields")
-    member = dataclasses.replace(member, profile={**member.profile, **cmd.profile})
+    member = dataclasses.replace(member, profile=member.profile.merged(cmd.profile))
     return dataclasses.replace(state, members={**state.members, cmd.node_id: member})
 
 
@@ -309,12 +327,15 @@ def _set_member_state(state: MeshState, cmd: SetMemberState) -> MeshState:
     if cmd.state not in MEMBER_STATES:
         raise Rejected(f"unknown member state {cmd.state!r}")
     members = {**state.members, cmd.node_id: dataclasses.replace(member, state=cmd.state)}
-    shards, pins, files = state.shards, state.pins, state.model_files
-    if cmd.state == "gone":
+    shards, pins, files, admins = state.shards, state.pins, state.model_files, state.admins
+    if cmd.state == MemberState.GONE:
         shards = {k: s for k, s in shards.items() if s.node_id != cmd.node_id}
         pins = {k: p for k, p in pins.items() if p.node_id != cmd.node_id}
         files = {m: nodes - {cmd.node_id} for m, nodes in files.items()}
-    return dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files)
+        # A removed member's admin credential dies with it (its copy on a lost device opens nothing).
+        admins = {k: dataclasses.replace(a, revoked=True) if a.node_id == cmd.node_id else a
+                  for k, a in admins.items()}
+    return dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files, admins=admins)
 
 
 def _register_model(state: MeshState, cmd: RegisterModel) -> MeshState:
@@ -516,6 +537,24 @@ def _create_api_key(state: MeshState, cmd: CreateApiKey) -> MeshState:
     return dataclasses.replace(state, api_keys={**state.api_keys, cmd.key_id: key})
 
 
+def _create_admin(state: MeshState, cmd: CreateAdminCredential) -> MeshState:
+    if cmd.cred_id in state.admins:
+        raise Rejected(f"admin credential id {cmd.cred_id} already exists")
+    if cmd.node_id:
+        member = state.members.get(cmd.node_id)
+        if member is None or member.state == MemberState.GONE:
+            raise Rejected(f"no live member {cmd.node_id} to hold an admin credential")
+    cred = AdminCredential(cmd.cred_id, cmd.name, cmd.secret_sha256, cmd.created_at, cmd.node_id)
+    return dataclasses.replace(state, admins={**state.admins, cmd.cred_id: cred})
+
+
+def _revoke_admin(state: MeshState, cmd: RevokeAdminCredential) -> MeshState:
+    cred = state.admins.get(cmd.cred_id)
+    if cred is None:
+        raise Rejected(f"unknown admin credential {cmd.cred_id}")
+    return dataclasses.replace(state, admins={**state.admins, cmd.cred_id: dataclasses.replace(cred, revoked=True)})
+
+
 def _revoke_api_key(state: MeshState, cmd: RevokeApiKey) -> MeshState:
     key = state.api_keys.get(cmd.key_id)
     if key is None:
@@ -544,4 +583,6 @@ _HANDLERS = {
     SessionTurnEnd: _session_turn_end,
     CreateApiKey: _create_api_key,
     RevokeApiKey: _revoke_api_key,
+    CreateAdminCredential: _create_admin,
+    RevokeAdminCredential: _revoke_admin,
 }

@@ -1,15 +1,20 @@
-"""meshctl: the operator's tool. Talks to the control API of any member."""
+"""meshctl: the operator's tool. Talks to the control API of any member, over HTTPS when the member's
+gateway serves it (`--mesh https://HOST:PORT`, or `--ca FILE`): the certificate is checked against the
+mesh CA (`--ca`, else ca.pem in the data dir, else the system's trust store), host name included. An
+https address never falls back to plain HTTP, where the admin credential would cross in clear."""
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 from raft.vocab import MemberState, ShardState
 
@@ -20,16 +25,21 @@ class MeshError(RuntimeError):
     """The mesh could not be reached or refused the request; the message says which."""
 
 
+def base_url(mesh: str) -> str:
+    """`HOST:PORT` (plain HTTP), `http://HOST:PORT` or `https://HOST:PORT`, without a trailing slash."""
+    return mesh.rstrip("/") if "://" in mesh else f"http://{mesh}"
+
+
 def _call(mesh: str, path: str, body: dict | None = None, timeout: float = 30.0, retries: int = 5,
-          admin: str | None = None) -> Any:
+          admin: str | None = None, context: ssl.SSLContext | None = None) -> Any:
     """GET (body None) or POST a control request; retries briefly while leadership moves (503)."""
-    url = f"http://{mesh}{path}"
+    url = f"{base_url(mesh)}{path}"
     data = None if body is None else json.dumps(body).encode()
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {admin}"} if admin else {})}
     for attempt in range(retries + 1):
         request = urllib.request.Request(url, data=data, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
+            with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             message = _error_message(exc)
@@ -37,10 +47,16 @@ def _call(mesh: str, path: str, body: dict | None = None, timeout: float = 30.0,
                 time.sleep(min(2.0, float(exc.headers.get("retry-after") or 1)))
                 continue
             raise MeshError(f"{message} (HTTP {exc.code})") from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
-            raise MeshError(f"cannot reach the mesh at {mesh} ({reason}); is meshd running? "
-                            f"(--mesh HOST:PORT or MESH_ADDR)") from None
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise MeshError(f"{mesh} presented a certificate this meshctl does not trust ({reason.verify_message}):"
+                                f" pass --ca FILE, the mesh CA (ca.pem in a member's data dir, or GET "
+                                f"/control/v1/ca), or --data-dir of a member") from None
+            hint = ("; if its gateway serves HTTPS (gateway.tls), use --mesh https://HOST:PORT"
+                    if url.startswith("http://") else "")
+            raise MeshError(f"cannot reach the mesh at {mesh} ({reason or type(exc).__name__}); is meshd running? "
+                            f"(--mesh HOST:PORT or MESH_ADDR){hint}") from None
     raise AssertionError("unreachable")
 
 
@@ -120,7 +136,12 @@ def render_models(models: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshctl", description="Inspect and steer a Quorum mesh through any member.")
     p.add_argument("--mesh", default=os.environ.get("MESH_ADDR", DEFAULT_MESH),
-                   help=f"HOST:PORT of any member (default: $MESH_ADDR or {DEFAULT_MESH})")
+                   help=f"HOST:PORT of any member, or https://HOST:PORT when its gateway serves HTTPS "
+                        f"(default: $MESH_ADDR or {DEFAULT_MESH})")
+    p.add_argument("--ca", default=os.environ.get("MESH_CA"),
+                   help="the CA certificate (PEM) an HTTPS gateway's certificate must chain to; implies https "
+                        "(default: $MESH_CA, else ca.pem in --data-dir when --mesh is https://..., else the "
+                        "system's trust store)")
     p.add_argument("--admin-token", default=os.environ.get("QUORUM_ADMIN_TOKEN"),
                    help="the mesh's admin credential (default: $QUORUM_ADMIN_TOKEN, else admin.token in --data-dir)")
     p.add_argument("--data-dir", default=None,
@@ -160,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     krevoke.add_argument("key_id")
     klist = keys_sub.add_parser("list", help="the keys (ids and names, never the secrets)")
     klist.add_argument("--json", action="store_true")
+    admin = sub.add_parser("admin", help="admin credentials for this API (one per operator; members hold their own)")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    acreate = admin_sub.add_parser("create", help="make an operator's credential (printed once)")
+    acreate.add_argument("name", help="who or what it is for")
+    arevoke = admin_sub.add_parser("revoke", help="revoke a credential by its id or name")
+    arevoke.add_argument("admin", metavar="ID_OR_NAME")
+    alist = admin_sub.add_parser("list", help="the credentials (ids, names, owners; never the secrets)")
+    alist.add_argument("--json", action="store_true")
     return p
 
 
@@ -167,22 +196,43 @@ def admin_token(args: argparse.Namespace) -> str | None:
     """--admin-token, $QUORUM_ADMIN_TOKEN, or the admin.token a member keeps in its data dir."""
     if args.admin_token:
         return args.admin_token.strip()
-    from pathlib import Path
-
-    from mesh.security.datadir import default_data_dir
-
-    path = (Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()) / "admin.token"
+    path = _data_dir(args) / "admin.token"
     try:
         return path.read_text().strip()
     except OSError:  # not on a member's machine: the request goes without, and the mesh says 401
         return None
 
 
+def _data_dir(args: argparse.Namespace):
+    from pathlib import Path
+
+    from mesh.security.datadir import default_data_dir
+
+    return Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+
+
+def tls_target(args: argparse.Namespace) -> tuple[str, ssl.SSLContext | None]:
+    """(the mesh address, the TLS context to check it with, None for plain HTTP)."""
+    mesh = args.mesh
+    if args.ca and "://" not in mesh:
+        mesh = f"https://{mesh}"
+    if not mesh.startswith("https://"):
+        if args.ca:
+            raise MeshError(f"--ca was given but --mesh {mesh} is plain HTTP")
+        return mesh, None
+    ca = args.ca or next((str(p) for p in [_data_dir(args) / "ca.pem"] if p.is_file()), None)
+    try:
+        return mesh, ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise MeshError(f"--ca {ca}: not a readable PEM certificate ({exc})") from None
+
+
 def run(args: argparse.Namespace) -> str:
-    mesh, admin = args.mesh, admin_token(args)
+    admin = admin_token(args)
+    mesh, context = tls_target(args)
 
     def call(mesh: str, path: str, body: dict | None = None, **kw: Any) -> Any:
-        return _call(mesh, path, body, admin=admin, **kw)
+        return _call(mesh, path, body, admin=admin, context=context, **kw)
 
     if args.command == "status":
         st = call(mesh, "/control/v1/status")
@@ -218,7 +268,24 @@ def run(args: argparse.Namespace) -> str:
         return table(["KEY ID", "NAME", "CREATED", "STATE"],
                      [[k["key_id"], k["name"], time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"])),
                        "revoked" if k["revoked"] else "active"] for k in keys])
+    if args.command == "admin":
+        return _admin(args, lambda path, body=None: call(mesh, path, body))
     raise AssertionError(args.command)
+
+
+def _admin(args: argparse.Namespace, call: Callable[..., Any]) -> str:
+    if args.admin_command == "create":
+        return call("/control/v1/admins", {"name": args.name})["admin"]
+    if args.admin_command == "revoke":
+        done = call("/control/v1/admins/revoke", {"admin": args.admin})
+        return f"revoked {done['revoked']} ({done['name']})"
+    creds = call("/control/v1/admins")["admins"]
+    if args.json:
+        return json.dumps(creds, indent=2)
+    return table(["ID", "NAME", "MEMBER", "CREATED", "STATE"],
+                 [[c["id"], c["name"], c["member"] or "-",
+                   time.strftime("%Y-%m-%d %H:%M", time.localtime(c["created_at"])),
+                   "revoked" if c["revoked"] else "active"] for c in creds])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,7 +111,9 @@ async def _main(args, dd: DataDir, config: MeshConfig) -> None:
         record, token = await init_mesh(dd, config, args.name)
         print(f"created mesh {record.mesh_id} in {dd.path}\n\nstart it:  meshd start --data-dir {dd.path}\n"
               f"add a device:  meshd join --peer {config.node.http_address} --token {token} --data-dir DIR\n"
-              f"join token (valid 24 h): {token}")
+              f"join token (valid 24 h): {token}\n"
+              f"admin credential (meshctl; this member's, kept in {dd.path / 'admin.token'}; "
+              f"`meshctl admin create NAME` makes one per operator): {dd.admin_token()}")
         return
     if args.command == "join":
         record = dd.record(args.name)
@@ -194,12 +196,18 @@ async def _serve(daemon) -> None:
 def _leave(config: MeshConfig, dd: DataDir) -> int:
     import httpx
 
-    url = f"http://{config.node.http_address}/control/v1/leave"
     if not (dd.path / "mesh.secret").exists():
         print(f"meshd: {dd.path} belongs to no mesh: nothing to leave", file=sys.stderr)
         return 1
+    https = config.gateway.tls != "off"
+    url = f"{'https' if https else 'http'}://{config.node.http_address}/control/v1/leave"
+    verify = True
+    if https and config.gateway.tls == "mesh":  # its certificate is the mesh CA's
+        import ssl
+
+        verify = ssl.create_default_context(cafile=str(dd.path / "ca.pem"))
     try:
-        reply = httpx.post(url, timeout=180, headers={"Authorization": f"Bearer {dd.admin_token()}"})
+        reply = httpx.post(url, timeout=180, headers={"Authorization": f"Bearer {dd.admin_token()}"}, verify=verify)
     except httpx.HTTPError as exc:
         print(f"meshd: cannot reach this node at {url} ({exc}); is it running?", file=sys.stderr)
         return 1

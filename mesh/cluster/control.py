@@ -23,13 +23,16 @@ from starlette.routing import Route
 
 from mesh.core.errors import ApiError, StartupError, bad_request, unavailable
 from mesh.core.json_body import parse_json
+from mesh.security.admin import credential_fields_ok, new_admin
 from mesh.security.api_keys import new_key
 from mesh.security.pki import PkiError, fingerprint, sign_request
 from mesh.security.tokens import BadToken, check_token, new_token
 from raft.commands import (
     AddMember,
     Command,
+    CreateAdminCredential,
     PinShard,
+    RevokeAdminCredential,
     RevokeApiKey,
     RevokeToken,
     SetMemberState,
@@ -80,6 +83,9 @@ class Control:
             Route("/control/v1/keys", self.list_keys, methods=["GET"]),
             Route("/control/v1/keys", self.create_key, methods=["POST"]),
             Route("/control/v1/keys/revoke", self.revoke_key, methods=["POST"]),
+            Route("/control/v1/admins", self.list_admins, methods=["GET"]),
+            Route("/control/v1/admins", self.create_admin, methods=["POST"]),
+            Route("/control/v1/admins/revoke", self.revoke_admin, methods=["POST"]),
             Route("/control/v1/assign", self.assign, methods=["POST"]),
             Route("/control/v1/unassign", self.unassign, methods=["POST"]),
             Route("/control/v1/replicas", self.replicas, methods=["POST"]),
@@ -154,6 +160,39 @@ class Control:
         body = await _body(request)
         await self._propose(RevokeApiKey(_str(body, "key_id")))
         return JSONResponse({"revoked": body["key_id"]})
+
+    async def list_admins(self, request: Request) -> Response:
+        state = self.d.raft.state
+        creds = sorted(state.admins.values(), key=lambda c: c.created_at)
+        owner = {m.node_id: m.name for m in state.members.values()}
+        return JSONResponse({"admins": [{"id": c.cred_id, "name": c.name, "created_at": c.created_at,
+                                         "member": owner.get(c.node_id, c.node_id) if c.node_id else None,
+                                         "revoked": c.revoked} for c in creds]})
+
+    async def create_admin(self, request: Request) -> Response:
+        """An operator's credential (printed once by meshctl): not tied to a member."""
+        body = await _body(request)
+        name = _str(body, "name")
+        if len(name) > 64:
+            raise bad_request("'name' must be at most 64 characters", "name")
+        cred = new_admin(name)
+        await self._propose(cred.command)
+        log.info("admin credential %s (%s) created", cred.command.cred_id, name)
+        return JSONResponse({"admin": cred.text, "id": cred.command.cred_id, "name": name})
+
+    async def revoke_admin(self, request: Request) -> Response:
+        """Revokes a credential by id or name (a name must be unambiguous among live credentials)."""
+        body = await _body(request)
+        which = _str(body, "admin")
+        state = self.d.raft.state
+        live = [c for c in state.admins.values() if not c.revoked and which in (c.cred_id, c.name)]
+        if not live:
+            raise not_found(f"No live admin credential with id or name {which!r}.")
+        if len(live) > 1:
+            raise bad_request(f"{len(live)} live credentials are named {which!r}; revoke one by its id.", "admin")
+        await self._propose(RevokeAdminCredential(live[0].cred_id))
+        log.info("admin credential %s (%s) revoked", live[0].cred_id, live[0].name)
+        return JSONResponse({"revoked": live[0].cred_id, "name": live[0].name})
 
     async def assign(self, request: Request) -> Response:
         body = await _body(request)
@@ -248,6 +287,7 @@ class Control:
                 if exc.code == "rejected":  # refused by the state (a name or address in use): spent too
                     await self._spend(token_id, now)
                 raise
+            await self._record_admin(body.get("admin"), cmd.name, node_id, now)
             if raft_address not in raft.partners() and raft_address != raft.address:
                 self._pending = asyncio.wrap_future(raft.add_partner(raft_address))
             log.info("%s (%s) joined from %s", cmd.name, node_id, raft_address)
@@ -314,6 +354,18 @@ class Control:
         except (ProposalFailed, TimeoutError) as exc:
             raise unavailable(f"The mesh could not commit the change ({exc or 'timeout'}): no majority "
                               f"reachable?", 1, code="no_quorum") from None
+
+    async def _record_admin(self, admin: Any, name: str, node_id: str, now: float) -> None:
+        """Records the admin credential a joiner minted for itself (its id and digest: the secret never
+        leaves the joiner). Without one, or if it cannot be recorded, the member mints another once it
+        runs (mesh/security/admin.py ensure_member_credential)."""
+        if not isinstance(admin, dict) or not credential_fields_ok(admin.get("id"), admin.get("sha256")):
+            return
+        try:
+            await self._propose(CreateAdminCredential(cred_id=admin["id"], name=f"member {name}",
+                                                      secret_sha256=admin["sha256"], created_at=now, node_id=node_id))
+        except ApiError as exc:  # the join stands; the member records another credential when it starts
+            log.warning("could not record %s's admin credential: %s", name, exc.message)
 
     async def _spend(self, token_id: str, now: float) -> None:
         """Spends one use of a join token whose join was refused after the token was checked."""

@@ -17,6 +17,7 @@ from mesh.cluster.placement import BATTERY_ROLES, Assignment, BatteryPolicy, Mod
 from mesh.core.config import PlacementConfig
 from raft.commands import ApplyPlacement
 from raft.node import ProposalFailed, RaftNode
+from raft.profile import MemberProfile
 from raft.state import MeshState, Rejected
 from raft.vocab import MemberState, ShardState
 
@@ -122,11 +123,12 @@ def node_infos(state: MeshState, health: dict[str, bool], reserve: int) -> list[
     for m in state.members.values():
         if m.state == MemberState.GONE:
             continue
-        percent, charging = _battery(m.profile.get("battery"))
-        out.append(NodeInfo(node_id=m.node_id, device_class=str(m.profile.get("device_class", "desktop")),
-                            memory_available=_memory(m.profile, reserve), speed=float(m.profile.get("speed", 0.0)),
+        battery = m.profile.battery
+        out.append(NodeInfo(node_id=m.node_id, device_class=m.profile.device_class,
+                            memory_available=_memory(m.profile, reserve), speed=m.profile.speed,
                             witness=m.witness, healthy=health.get(m.node_id, False),
-                            battery_percent=percent, charging=charging))
+                            battery_percent=battery.percent if battery else None,
+                            charging=battery.charging if battery else None))
     return out
 
 
@@ -158,21 +160,11 @@ def _ready(state: MeshState, a: Assignment) -> bool:
     return shard is not None and shard.state == ShardState.READY
 
 
-def _battery(value: object) -> tuple[float | None, bool | None]:
-    """(percent, charging) from a profile's battery entry ({"percent", "charging"} or None)."""
-    if not isinstance(value, dict):
-        return None, None
-    percent, charging = value.get("percent"), value.get("charging")
-    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or percent != percent:
-        percent = None  # not a number (or NaN): as if the node had no battery reading
-    return (None if percent is None else float(percent)), (charging if isinstance(charging, bool) else None)
-
-
-def _memory(profile: dict, reserve: int) -> int:
+def _memory(profile: MemberProfile, reserve: int) -> int:
     """What a member can give to shards: its own report when it made one, else available RAM less a reserve."""
-    if "memory_available_for_models" in profile:
-        return int(profile["memory_available_for_models"])
-    return max(0, int(profile.get("ram_available", 0)) - reserve)
+    if profile.memory_available_for_models is not None:
+        return profile.memory_available_for_models
+    return max(0, profile.ram_available - reserve)
 
 
 def _names(state: MeshState, keys: set) -> str:

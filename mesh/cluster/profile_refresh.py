@@ -87,9 +87,9 @@ class ProfileRefresher:
         member = state.members.get(self.node_id)
         if member is None or member.state == MemberState.GONE:
             return {}
-        live = await asyncio.to_thread(self.read, str(member.profile.get("device_class", "desktop")))
+        live = await asyncio.to_thread(self.read, member.profile.device_class)
         holds = bool(state.shards_on(self.node_id)) or bool(self.local_shards())
-        fields = changed_facts(member.profile, live, holds)
+        fields = changed_facts(member.profile.to_wire(), live, holds)
         if not fields:
             return {}
         try:

@@ -106,6 +106,18 @@ class GatewayConfig:
     api_keys: str = "auto"  # auto (required beyond loopback), required, off
     kv_checkpoints: bool = True  # replicas ship a KV snapshot every 8 greedy tokens (fast stream failover)
     embeddings_truncate: bool = True  # inputs over the encoder's window are cut (true) or a 400 (false)
+    # Fair and bounded (mesh/security/http_guard.py, api_keys.py): a request's head and body must arrive
+    # within request_timeout_s plus a second per request_min_bytes_per_s bytes delivered.
+    request_timeout_s: int = 10
+    request_min_bytes_per_s: int = 16384
+    max_connections_per_address: int = field(default=64, metadata={"zero_ok": True})  # 0: no cap
+    peer_join_connections: int = 16  # the peer port's pool for connections without a member certificate
+    max_inflight_per_key: int = field(default=8, metadata={"zero_ok": True})  # requests at once per API key
+    # HTTPS on the public port (mesh/security/gateway_tls.py): "off", "mesh" (a certificate from the mesh
+    # CA for this member's names) or "files" (tls_cert and tls_key, PEM; relative to the data dir).
+    tls: str = "off"
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -252,6 +264,13 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
     gateway = _section(GatewayConfig, raw.get("gateway", {}), "gateway")
     if gateway.api_keys not in ("auto", "required", "off"):
         raise ConfigError(f"gateway.api_keys: one of auto, required, off; got {gateway.api_keys!r}")
+    if gateway.tls not in ("off", "mesh", "files"):
+        raise ConfigError(f"gateway.tls: one of off, mesh, files; got {gateway.tls!r}")
+    for key in ("tls_cert", "tls_key"):
+        if gateway.tls == "files" and not getattr(gateway, key):
+            raise ConfigError(f"gateway.{key}: gateway.tls = \"files\" needs a PEM file here")
+        if gateway.tls != "files" and getattr(gateway, key):
+            raise ConfigError(f"gateway.{key}: used only with gateway.tls = \"files\" (tls is {gateway.tls!r})")
     placement = _section(PlacementConfig, raw.get("placement", {}), "placement")
     if placement.battery_min_percent > 100:
         raise ConfigError(f"placement.battery_min_percent: a charge from 0 to 100, got {placement.battery_min_percent}")

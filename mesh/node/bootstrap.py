@@ -13,6 +13,7 @@ import httpx
 from mesh.core.config import MeshConfig
 from mesh.core.errors import StartupError
 from mesh.node.startup import bind, raft_limits, raft_timing, until
+from mesh.security.admin import new_admin
 from mesh.security.datadir import DataDir, NodeRecord
 from mesh.security.peer_tls import JOIN_PATH
 from mesh.security.pki import (
@@ -54,6 +55,7 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
         await until(lambda: raft.is_leader() and raft.is_ready(), "Raft leadership of the new mesh", 30)
         mesh_id = uuid.uuid4().hex
         token = new_token(fingerprint(ca_pem))
+        admin = new_admin(f"member {record.name}", record.node_id)
         now = time.time()
         commands = [InitMesh(mesh_id=mesh_id, name=record.name, created_at=now),
                     AddMember(node_id=record.node_id, name=record.name, http_address=node.http_address,
@@ -61,13 +63,13 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
                               profile=await asyncio.to_thread(local_profile), joined_at=now,
                               peer_address=node.peer_address),
                     *(SetReplicas(role, count) for role, count in sorted(cfg.replicas.items()) if role != Role.WITNESS),
-                    token.command]
+                    token.command, admin.command]
         for cmd in commands:
             await asyncio.wait_for(asyncio.wrap_future(raft.propose(cmd)), 10)
     finally:
         raft.close()
     dd.write_identity(key, cert, ca_pem, ca_key)
-    dd.admin_token()
+    dd.write_admin_token(admin.text)
     record = dataclasses.replace(record, mesh_id=mesh_id, listen=node.listen, advertise=node.advertise)
     dd.save(record)
     log.info("created mesh %s with %s as its first member", mesh_id[:12], record.name)
@@ -95,7 +97,10 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
         raise StartupError(f"cannot join: {exc}") from None
     node = cfg.node
     key = new_key()
+    # This member's admin credential: minted here, only its digest travels; the leader records it.
+    admin = new_admin(f"member {record.name}")
     body = {"token": token.strip(), "name": record.name,
+            "admin": {"id": admin.command.cred_id, "sha256": admin.command.secret_sha256},
             "http_address": node.http_address, "grpc_address": node.grpc_address,
             "raft_address": node.raft_address, "peer_address": node.peer_address, "witness": witness,
             "profile": await asyncio.to_thread(local_profile),
@@ -107,7 +112,7 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
         raise StartupError("the leader answered the join without a certificate for the id it assigned")
     dd.write_secret(answer["secret"])
     dd.write_identity(key, cert, ca_pem, answer["ca_key"].encode())
-    dd.admin_token()
+    dd.write_admin_token(admin.text)
     record = dataclasses.replace(record, node_id=node_id, mesh_id=answer["mesh_id"], listen=node.listen,
                                  advertise=node.advertise, witness=witness, partners=tuple(answer["partners"]))
     dd.save(record)
@@ -121,10 +126,7 @@ async def _join_through(peer: str, ca_fingerprint: str, body: dict, timeout: flo
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=30) as plain:
         while True:
-            try:
-                reply = await plain.get(f"http://{peer}/control/v1/ca")
-            except httpx.HTTPError as exc:
-                raise StartupError(f"cannot reach {peer} to join: {exc}") from None
+            reply = await _fetch_ca(plain, peer)
             if reply.status_code != 200:
                 raise StartupError(f"{peer} refused the join: HTTP {reply.status_code}: {_message(reply)}")
             info = reply.json()
@@ -156,6 +158,21 @@ async def _join_through(peer: str, ca_fingerprint: str, body: dict, timeout: flo
             if time.monotonic() > deadline:
                 raise StartupError(f"no leader of the mesh took the join within {timeout:.0f} s")
             await asyncio.sleep(0.5)
+
+
+async def _fetch_ca(plain: httpx.AsyncClient, peer: str) -> httpx.Response:
+    """GET /control/v1/ca from `peer`: over plain HTTP, or over HTTPS when its gateway serves only that
+    (gateway.tls). Its certificate is not checked here on purpose: nothing secret is sent on this
+    connection, and the CA it returns is checked against the token's fingerprint before anything is."""
+    try:
+        return await plain.get(f"http://{peer}/control/v1/ca")
+    except httpx.HTTPError as exc:
+        first = exc
+    try:
+        async with httpx.AsyncClient(timeout=30, verify=False) as unchecked:  # noqa: S501 (see above)
+            return await unchecked.get(f"https://{peer}/control/v1/ca")
+    except httpx.HTTPError:
+        raise StartupError(f"cannot reach {peer} to join: {first}") from None
 
 
 def _message(reply: httpx.Response) -> str:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
 from mesh.cluster.catalog import register_models
 from mesh.cluster.control import Control, ControlPlane
@@ -31,11 +30,12 @@ from mesh.node.leave import leave_mesh
 from mesh.node.startup import bind, peer_address_of, raft_limits, raft_timing, until
 from mesh.node.status import status_view
 from mesh.replicas.router import Router
-from mesh.security.admin import AdminCheck
+from mesh.security.admin import AdminCheck, ensure_member_credential
 from mesh.security.api_keys import ApiKeyCheck
 from mesh.security.api_keys import required as api_keys_required
 from mesh.security.datadir import DataDir, NodeRecord
-from mesh.security.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
+from mesh.security.gateway_tls import gateway_context, gateway_names, local_signer
+from mesh.security.http_guard import limits_from, public_server
 from mesh.security.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
 from nodes.profile import local_profile
 from raft.commands import AddMember, Command
@@ -93,6 +93,10 @@ class NodeDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         cfg, record = self.cfg, self.record
         node = cfg.node
+        tls = gateway_context(cfg.gateway.tls, self.dd.path, cert_file=cfg.gateway.tls_cert,
+                              key_file=cfg.gateway.tls_key, ca_pem=self.identity.ca_pem,
+                              names=gateway_names(node.advertise, node.host),
+                              sign=local_signer(self.identity.ca_pem, self.dd.ca_key))
         sock = bind(node.host, node.port)
         # Clear errors now for ports taken, rather than pysyncobj retrying its bind forever.
         bind(node.public_host, int(node.raft_address.rpartition(":")[2])).close()  # pysyncobj binds its own address
@@ -103,6 +107,7 @@ class NodeDaemon:
         self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, self.dd.secret(),
                                     raft_timing(cfg), on_applied=changes.notify, limits=raft_limits(cfg),
                                     journal_sync=cfg.raft.journal_sync)
+        self.metrics.watch_sessions(lambda: raft.state)
         placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20,
                         battery=battery_policy(cfg.placement))
         router = Router(record.node_id, lambda: raft.state, self._local_shards, self._remote_shard)
@@ -115,21 +120,23 @@ class NodeDaemon:
                                     cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s,
                                     client=lambda: peer_client(self.identity, httpx.Timeout(10.0, read=None)))
         enforce = api_keys_required(cfg.gateway.api_keys, node.host)
-        app = ApiKeyCheck(AdminCheck(forwarder, self.admin_token), lambda: raft.state, enforce,
-                          hosts=(node.host, node.public_host))
-        peers = peer_server(PeerGate(app, lambda: raft.state), self.identity)
+        admin = AdminCheck(forwarder, lambda: raft.state, lambda: self.admin_token)
+        app = ApiKeyCheck(admin, lambda: raft.state, enforce,
+                          hosts=(node.host, node.public_host), max_inflight=cfg.gateway.max_inflight_per_key,
+                          retry_after_s=cfg.gateway.retry_after_s)
+        limits = limits_from(cfg.gateway)
+        peers = peer_server(PeerGate(app, lambda: raft.state), self.identity, limits, is_member=self._live_member)
         public = StripRelayHeaders(app)
         if enforce:
             log.info("the gateway requires API keys (gateway.api_keys = %s)", cfg.gateway.api_keys)
-        server = QuietServer(uvicorn.Config(public, http=GuardedH11Protocol, log_config=None, access_log=False,
-                                        lifespan="off", timeout_graceful_shutdown=3, timeout_keep_alive=30,
-                                        limit_concurrency=MAX_CONNECTIONS))
+        server = public_server(public, limits, tls)
         grpc_server = None
         try:
             async with asyncio.TaskGroup() as tasks:
                 serving = tasks.create_task(server.serve(sockets=[sock]), name="http")
                 peering = tasks.create_task(peers.serve(sockets=[peer_sock]), name="peer-https")
-                log.info("gateway and control API on http://%s (Raft %s, peers https://%s)", node.listen,
+                log.info("gateway and control API on %s://%s (Raft %s, peers https://%s)",
+                         "https" if tls else "http", node.listen,
                          node.raft_address, node.peer_address)
                 loops = []
                 announced = tasks.create_task(self._announce(), name="announce")
@@ -241,6 +248,12 @@ class NodeDaemon:
                                      raft_address=node.raft_address, grpc_address=node.grpc_address,
                                      profile=profile, joined_at=time.time(), witness=record.witness,
                                      peer_address=node.peer_address))
+        fresh = await ensure_member_credential(raft.state, record.node_id, record.name, self.admin_token,
+                                               self.propose)
+        if fresh is not None:  # a data dir from before credentials were recorded in the log, or a lost one
+            self.dd.write_admin_token(fresh)
+            self.admin_token = fresh
+            log.info("recorded this member's admin credential (admin.token)")
         if not self.witness:
             await register_models(self.cfg.models, self.dd.models_dir, raft.state.models, self.propose,
                                   self.opts.progress)

@@ -11,12 +11,18 @@ user's browser: the `Host` must be a loopback address, `localhost`, the address 
 in on or a configured name of the node (403 otherwise: DNS rebinding, as in Ollama's
 CVE-2024-28224). (Their POST bodies must also be `application/json`: mesh/gateway/app.py, 415.)
 The key a request was admitted with owns the sessions it starts (`caller_key_id`, mesh/cluster/sessions.py).
+
+Fairness: a key has at most `max_inflight` requests in progress at once on this member (a stream
+counts until it ends); one more is a 429 with Retry-After in the API's error shape, before any work
+is done for it. Requests relayed to the leader are counted there too, so the leader's count is the
+mesh's (streams a member renders from the leader's events are counted by that member only).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
+from collections import Counter
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -104,14 +110,18 @@ class ApiKeyCheck:
     (401 otherwise, in the error shape of the API asked). The key comes as `Authorization: Bearer`
     or, as Anthropic's clients send it, `x-api-key`. Without keys, their `Host` must be local (403).
     `hosts`: names the node is reached by besides loopback and the address a connection arrived on
-    (its listen and advertised hosts)."""
+    (its listen and advertised hosts). `max_inflight`: requests in progress at once per key (0: no cap),
+    beyond which a request gets 429 with `Retry-After: retry_after_s`."""
 
     def __init__(self, app: ASGIApp, state: Callable[[], MeshState], enforce: bool,
-                 hosts: Iterable[str] = ()) -> None:
+                 hosts: Iterable[str] = (), max_inflight: int = 0, retry_after_s: int = 1) -> None:
         self.app = app
         self.state = state
         self.enforce = enforce
         self.hosts = frozenset(host_name(h) for h in hosts if h)
+        self.max_inflight = max_inflight
+        self.retry_after_s = retry_after_s
+        self.inflight: Counter[str] = Counter()  # requests in progress per key id (one event loop: no lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -121,8 +131,9 @@ class ApiKeyCheck:
         headers = dict(scope["headers"])
         caller = None
         if not self.enforce and scope.get("scheme") == "http" and not self._host_allowed(scope, headers):
-            # Over the HTTPS peer port only members and joiners talk (a browser would not trust its
-            # certificate for a rebound name anyway): the check is for the plain gateway port.
+            # Over HTTPS (the peer port, or the gateway with gateway.tls on) a browser would not trust
+            # the certificate for a rebound name, so the page never gets this far: the check is for
+            # the plain HTTP gateway port.
             error = ApiError(403, "This gateway answers only requests addressed to localhost, a loopback address or "
                                   "its own host name (Host header refused: DNS rebinding?). Use one of those, or "
                                   "turn on API keys (gateway.api_keys = \"required\").",
@@ -144,11 +155,23 @@ class ApiKeyCheck:
                                  headers={"WWW-Authenticate": "Bearer"})
                 await shaped_for(path, error)(scope, receive, send)
                 return
+            if self.max_inflight and self.inflight[caller] >= self.max_inflight:
+                error = ApiError(429, f"This API key has {self.max_inflight} requests in progress, the most it may "
+                                      f"have at once (gateway.max_inflight_per_key); retry when one has finished.",
+                                 type="rate_limit_error", code="too_many_requests_for_key",
+                                 headers={"Retry-After": str(self.retry_after_s)})
+                await shaped_for(path, error)(scope, receive, send)
+                return
+            self.inflight[caller] += 1
         token = _CALLER.set(caller)
         try:
             await self.app(scope, receive, send)
         finally:
             _CALLER.reset(token)
+            if caller is not None:
+                self.inflight[caller] -= 1
+                if self.inflight[caller] <= 0:
+                    del self.inflight[caller]
 
     def _host_allowed(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
         host = headers.get(b"host")

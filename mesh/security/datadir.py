@@ -12,10 +12,7 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import hashlib
-import hmac
 import json
 import os
 import secrets
@@ -26,7 +23,6 @@ from pathlib import Path
 
 from mesh.security.pki import NodeIdentity
 
-ADMIN_PREFIX = "qadm1"
 _IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "ca.key")
 
 
@@ -147,18 +143,17 @@ class DataDir:
         return (self.path / "ca.key").read_bytes()
 
     def admin_token(self) -> str:
-        """The mesh's admin credential (the same on every member: derived from the mesh secret), kept
-        in admin.token (0600) for meshctl on this machine."""
-        token = admin_token_for(self.secret())
+        """This member's admin credential (admin.token, 0600, where meshctl on this machine finds it);
+        "" when it has none yet or keeps one from before credentials were recorded in the log."""
         path = self.path / "admin.token"
-        if not path.exists() or path.read_text().strip() != token:
-            _write_private(path, token + "\n")
-        return token
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            return ""
+        return text if text.startswith("qadm2.") else ""
 
-
-def admin_token_for(secret: str) -> str:
-    mac = hmac.new(secret.encode(), b"quorum admin credential v1", hashlib.sha256).digest()
-    return f"{ADMIN_PREFIX}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+    def write_admin_token(self, text: str) -> None:
+        _write_private(self.path / "admin.token", text + "\n")
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -10,14 +10,13 @@ node id is a live member; anything else is refused with 403 before the app sees 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import httpx
-import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.core.errors import ApiError
-from mesh.security.http_guard import MAX_CONNECTIONS, GuardedH11Protocol, QuietServer
+from mesh.security.http_guard import ConnectionLimits, GuardedH11Protocol, QuietServer, guarded, guarded_server
 from mesh.security.pki import NodeIdentity
 from raft.state import MeshState
 from raft.vocab import MemberState
@@ -29,13 +28,15 @@ PEER_KEY = "quorum.peer_node"  # scope key: the node id in the client's verified
 
 
 class PeerProtocol(GuardedH11Protocol):
-    """uvicorn's h11 protocol (with a header deadline) that tells the app which member (if any) is on
-    the other end."""
+    """uvicorn's h11 protocol (with the request deadline and connection caps of http_guard) that tells
+    the app which member (if any) is on the other end. A live member's connections are exempt from the
+    per-address cap; every other one (joiners) counts in the small stranger pool."""
+    is_member: ClassVar[Callable[[str], bool] | None] = None  # None: any mesh-signed certificate
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
-        super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
-        node_id = _common_name(ssl_object.getpeercert() if ssl_object is not None else None)
+        self.peer_node = node_id = _common_name(ssl_object.getpeercert() if ssl_object is not None else None)
+        super().connection_made(transport)
         app = self.app
 
         async def with_peer(scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,6 +44,11 @@ class PeerProtocol(GuardedH11Protocol):
             await app(scope, receive, send)
 
         self.app = with_peer
+
+    def _limit_key(self) -> tuple[str, str] | None:
+        if self.peer_node is not None and (self.is_member is None or self.is_member(self.peer_node)):
+            return None
+        return ("stranger", self.client[0]) if self.client else None
 
 
 def _common_name(cert: dict | None) -> str | None:
@@ -89,13 +95,13 @@ class StripRelayHeaders:
         await self.app(scope, receive, send)
 
 
-def peer_server(app: ASGIApp, identity: NodeIdentity) -> uvicorn.Server:
-    """A uvicorn server for the peer port (serve it with `sockets=[bound socket]`)."""
-    config = uvicorn.Config(app, http=PeerProtocol, log_config=None, access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=3, timeout_keep_alive=30, limit_concurrency=MAX_CONNECTIONS)
-    config.load()
-    config.ssl = identity.server_context()  # our own context: client certificates optional but verified
-    return QuietServer(config)
+def peer_server(app: ASGIApp, identity: NodeIdentity, limits: ConnectionLimits = ConnectionLimits(),
+                is_member: Callable[[str], bool] | None = None) -> QuietServer:
+    """A uvicorn server for the peer port (serve it with `sockets=[bound socket]`); `is_member(node_id)`
+    says whose certificate lifts the connection caps."""
+    protocol = guarded(limits, PeerProtocol, is_member=staticmethod(is_member) if is_member else None)
+    # our own context: client certificates optional but verified
+    return guarded_server(app, protocol, identity.server_context())
 
 
 def peer_client(identity: NodeIdentity, timeout: httpx.Timeout | float = 30.0) -> httpx.AsyncClient:

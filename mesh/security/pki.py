@@ -201,3 +201,92 @@ def signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
         return False
     now = _now()
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+# -- the gateway's HTTPS certificate ------------------------------------------------------------
+# Not a member certificate: server authentication only (a TLS server refuses it as a client
+# certificate, so it can never pass for a member on the peer port or gRPC), named for the hosts
+# clients type, and short-lived. Whoever holds the CA key signs it from a request: today the member
+# itself, later an authority member (the request carries only the key; the signer decides the names).
+
+GATEWAY_CN = "Quorum gateway"  # never a node id
+GATEWAY_DAYS = 90
+
+
+def gateway_request(key_pem: bytes) -> bytes:
+    """A certificate request for the gateway key `key_pem` (it proves the key; it names nothing)."""
+    return certificate_request(key_pem, GATEWAY_CN)
+
+
+def sign_gateway_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, names: tuple[str, ...],
+                         days: int = GATEWAY_DAYS) -> bytes:
+    """The gateway certificate for the key in `csr_pem`, valid for `names` (DNS names or IP
+    addresses) for `days`."""
+    import ipaddress
+
+    if not names:
+        raise PkiError("a gateway certificate needs at least one name")
+    if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
+        raise PkiError("certificate request missing or too large")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise PkiError("certificate request is not a PEM CSR") from None
+    if not csr.is_signature_valid or not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+        raise PkiError("certificate request must carry a valid signature by an EC key")
+    alt: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt.append(x509.DNSName(name))
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
+    now = _now()
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, GATEWAY_CN)]))
+            .issuer_name(ca.subject).public_key(csr.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def certificate_names(cert_pem: bytes) -> tuple[str, ...]:
+    """The DNS names and IP addresses a certificate is valid for."""
+    try:
+        ext = x509.load_pem_x509_certificate(cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple([*ext.value.get_values_for_type(x509.DNSName),
+                  *(str(ip) for ip in ext.value.get_values_for_type(x509.IPAddress))])
+
+
+def expires_within(cert_pem: bytes, seconds: float) -> bool:
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert.not_valid_after_utc <= _now() + datetime.timedelta(seconds=seconds)
+
+
+def server_only_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """TLS for a public HTTPS port: this certificate and key, TLS 1.2 or later, no client certificates."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(ctx, cert_pem, key_pem)
+    return ctx
+
+
+def same_key(cert_pem: bytes, key_pem: bytes) -> bool:
+    """Whether the certificate is for this private key."""
+    pub = serialization.load_pem_private_key(key_pem, None).public_key()
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return (x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(serialization.Encoding.DER, spki)
+            == pub.public_bytes(serialization.Encoding.DER, spki))

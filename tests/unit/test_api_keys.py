@@ -10,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from mesh.security.api_keys import ApiKeyCheck, new_key, required, valid_key
+from mesh.security.api_keys import ApiKeyCheck, NewKey, new_key, required, valid_key
 from raft.commands import InitMesh, RevokeApiKey
 from raft.state import MeshState, apply
 
@@ -129,3 +129,60 @@ def test_with_keys_the_host_is_not_checked_and_the_caller_is_known():
     assert reply.status_code == 200 and reply.text == f"ok {key.command.key_id}"
     reply = request(state, "GET", "/v1/models", {"Host": "gateway.example", "x-api-key": key.text}, enforce=True)
     assert reply.text == f"ok {key.command.key_id}"
+
+
+# -- fairness: requests in progress per key -------------------------------------------------------
+
+def test_a_key_over_its_in_flight_cap_gets_429_with_retry_after_in_the_apis_shape_and_others_pass():
+    """Two requests of one key hold their slots (their answers wait on an event); the key's third
+    request is a 429 at once, in OpenAI's, Anthropic's or Ollama's shape; another key is served;
+    once the two end, the first key is served again."""
+    first, second = new_key("greedy"), new_key("polite")
+    state = state_with(first, second)
+    release = asyncio.Event()
+    entered = []
+
+    async def slow(request):
+        entered.append(request.url.path)
+        await release.wait()
+        return PlainTextResponse("done")
+
+    app = Starlette(routes=[Route(p, slow, methods=["POST"]) for p in ("/v1/chat/completions", "/v1/messages",
+                                                                       "/api/chat")])
+    check = ApiKeyCheck(app, lambda: state, True, max_inflight=2, retry_after_s=3)
+
+    async def main():
+        transport = httpx.ASGITransport(app=check)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8080") as client:
+            def post(path: str, key: NewKey):
+                return client.post(path, json={}, headers={"Authorization": f"Bearer {key.text}"})
+            held = [asyncio.create_task(post("/v1/chat/completions", first)) for _ in range(2)]
+            for _ in range(500):  # bounded: both reach the app at once
+                if len(entered) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(entered) == 2
+            over = {path: await post(path, first) for path in ("/v1/chat/completions", "/v1/messages", "/api/chat")}
+            polite = asyncio.create_task(post("/v1/chat/completions", second))
+            for _ in range(500):
+                if len(entered) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(entered) == 3  # the other key reached the app while the first held its two slots
+            release.set()
+            done = await asyncio.gather(*held, polite)
+            again = await post("/v1/chat/completions", first)
+            return over, done, again
+
+    over, done, again = asyncio.run(main())
+    openai_reply = over["/v1/chat/completions"]
+    assert openai_reply.status_code == 429 and openai_reply.headers["retry-after"] == "3"
+    assert openai_reply.json()["error"]["type"] == "rate_limit_error"
+    assert openai_reply.json()["error"]["code"] == "too_many_requests_for_key"
+    anthropic_reply = over["/v1/messages"]
+    assert anthropic_reply.status_code == 429 and anthropic_reply.json()["error"]["type"] == "rate_limit_error"
+    assert anthropic_reply.json()["type"] == "error"
+    ollama_reply = over["/api/chat"]
+    assert ollama_reply.status_code == 429 and isinstance(ollama_reply.json()["error"], str)
+    assert [r.status_code for r in done] == [200, 200, 200]  # the other key was never held back
+    assert again.status_code == 200 and check.inflight == {}  # every slot given back

@@ -1,48 +1,64 @@
-"""mesh/security/http_guard.py: a connection that does not deliver a request head in time is closed; one that
-does is served, and a kept-alive connection gets the same deadline for its next request."""
+"""mesh/security/http_guard.py: one deadline for a whole request, head and body, with a minimum rate.
+A connection that does not deliver its request head, or trickles its body, is closed (408 when part of
+it came); one that delivers in time is served, a body arriving at the minimum rate is never cut, and a
+kept-alive connection gets the same deadline for its next request.
+
+Hostile input tried here: a silent connection, half a request head, a body trickled a byte at a time
+(to an app that waits for it, and to one that refused the request without reading it)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 
-import uvicorn
+from mesh.security.http_guard import ConnectionLimits, guarded, guarded_server
 
-from mesh.security.http_guard import GuardedH11Protocol
-
-HANDS_OFF = 10.0  # the most a test waits for the server to close (a hang bound, not a timing check)
-
-
-class QuickGuard(GuardedH11Protocol):
-    header_timeout_s = 0.3
+HANDS_OFF = 10.0  # the most a test waits for the server to answer or close (a hang bound, not a timing check)
+QUICK = ConnectionLimits(request_timeout_s=0.5, min_bytes_per_s=1000, max_per_address=0)
 
 
 async def app(scope, receive, send):
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+    """Reads the whole body (unless the path is /refuse) and answers its length."""
+    size = 0
+    if scope["path"] != "/refuse":
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+    body = str(size).encode()
+    await send({"type": "http.response.start", "status": 403 if scope["path"] == "/refuse" else 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
-async def with_server(check):
+async def with_server(check, limits: ConnectionLimits = QUICK):
+    server = guarded_server(app, guarded(limits))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    config = uvicorn.Config(app, http=QuickGuard, log_config=None, lifespan="off", timeout_keep_alive=30)
-    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
     try:
+        for _ in range(1000):  # bounded: the server binds at once
+            if server.started:
+                break
+            await asyncio.sleep(0.01)
         await check(sock.getsockname()[1])
     finally:
         server.should_exit = True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, HANDS_OFF)
         sock.close()
 
 
-async def closed_by_server(reader: asyncio.StreamReader) -> bool:
-    return await asyncio.wait_for(reader.read(), HANDS_OFF) == b""
+async def rest(reader: asyncio.StreamReader) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    return await asyncio.wait_for(reader.read(), HANDS_OFF)
+
+
+def head(path: str = "/", length: int | None = None) -> bytes:
+    size = b"" if length is None else b"content-length: %d\r\n" % length
+    return b"POST %s HTTP/1.1\r\nhost: x\r\n%s\r\n" % (path.encode(), size)
 
 
 def test_silent_and_half_sent_connections_are_closed():
@@ -50,8 +66,8 @@ def test_silent_and_half_sent_connections_are_closed():
         silent = await asyncio.open_connection("127.0.0.1", port)
         half = await asyncio.open_connection("127.0.0.1", port)
         half[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        assert await closed_by_server(silent[0])
-        assert await closed_by_server(half[0])
+        assert await rest(silent[0]) == b""  # nothing came: closed without a word
+        assert (await rest(half[0])).startswith(b"HTTP/1.1 408 ")
     asyncio.run(with_server(check))
 
 
@@ -61,9 +77,59 @@ def test_a_complete_request_is_served_and_the_next_one_gets_the_same_deadline():
         writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
         await asyncio.sleep(0.1)  # in two pieces, within the deadline
         writer.write(b"\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANDS_OFF)
-        assert head.startswith(b"HTTP/1.1 200")
-        assert await asyncio.wait_for(reader.readexactly(2), HANDS_OFF) == b"ok"
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANDS_OFF)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.readexactly(1), HANDS_OFF) == b"0"
         writer.write(b"GET / HTTP/1.1\r\n")  # the next request, never finished
-        assert await closed_by_server(reader)
+        assert (await rest(reader)).startswith(b"HTTP/1.1 408 ")
+    asyncio.run(with_server(check))
+
+
+async def trickle(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, every: float) -> bytes:
+    """Sends a byte every `every` s until the server answers or closes; all it sent until it closed."""
+    got = b""
+    for _ in range(int(HANDS_OFF / every)):  # bounded: the server must close long before
+        writer.write(b"x")
+        try:
+            got = await asyncio.wait_for(reader.read(1), every)
+            break  # an answer, or b"" for a close
+        except asyncio.TimeoutError:
+            continue
+    return got + await rest(reader)
+
+
+def test_a_trickled_body_is_cut_at_the_deadline_even_after_the_head_arrived():
+    async def check(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head("/", 10_000))
+        started = asyncio.get_running_loop().time()
+        answer = await trickle(writer, reader, 0.05)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in answer
+        assert asyncio.get_running_loop().time() - started < HANDS_OFF
+    asyncio.run(with_server(check))
+
+
+def test_a_trickled_body_after_an_early_refusal_is_cut_too():
+    async def check(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head("/refuse", 10_000))
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANDS_OFF)
+        assert answer.startswith(b"HTTP/1.1 403")
+        assert await asyncio.wait_for(reader.readexactly(1), HANDS_OFF) == b"0"
+        assert await trickle(writer, reader, 0.05) == b""  # it kept sending its body: closed all the same
+    asyncio.run(with_server(check))
+
+
+def test_a_body_at_the_minimum_rate_outlives_the_base_deadline():
+    """3000 bytes at ~2000 B/s (the minimum is 1000): 1.5 s, three times the 0.5 s base deadline."""
+    async def check(port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head("/", 3000))
+        for _ in range(15):
+            writer.write(b"y" * 200)
+            await asyncio.sleep(0.1)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HANDS_OFF)
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.readexactly(4), HANDS_OFF) == b"3000"
+        writer.close()
     asyncio.run(with_server(check))

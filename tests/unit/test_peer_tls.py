@@ -52,11 +52,11 @@ def test_peer_port_lets_joins_through_and_members_only_otherwise():
 
 def test_admin_credential_guards_control_routes_only():
     inner = Recorder()
-    app = AdminCheck(inner, "qadm1.right")
+    app = AdminCheck(inner, lambda: STATE, lambda: "qadm2.right")
     assert call(app, "/control/v1/status")[0] == 401
-    assert call(app, "/control/v1/status", [(b"authorization", b"Bearer qadm1.wrong")])[0] == 401
-    assert call(app, "/control/v1/status", [(b"authorization", b"Basic qadm1.right")])[0] == 401
-    assert call(app, "/control/v1/status", [(b"authorization", b"Bearer qadm1.right")])[0] == 204
+    assert call(app, "/control/v1/status", [(b"authorization", b"Bearer qadm2.wrong")])[0] == 401
+    assert call(app, "/control/v1/status", [(b"authorization", b"Basic qadm2.right")])[0] == 401
+    assert call(app, "/control/v1/status", [(b"authorization", b"Bearer qadm2.right")])[0] == 204
     assert call(app, "/control/v1/ca")[0] == 204 and call(app, "/control/v1/join")[0] == 204
     assert call(app, "/v1/models")[0] == 204 and call(app, "/health")[0] == 204
 

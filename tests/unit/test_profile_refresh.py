@@ -27,6 +27,7 @@ from raft.commands import (
     encode,
 )
 from raft.node import RaftNode, RaftTiming
+from raft.profile import Battery, MemberProfile
 from raft.state import MeshState, Rejected, apply
 from tests.procs import free_ports
 
@@ -71,8 +72,8 @@ def _members() -> MeshState:
 def test_update_profile_merges_fields_into_a_live_members_profile():
     before = _members()
     after = apply(before, UpdateProfile("p", {"battery": {"percent": 20.0, "charging": False}}))
-    assert after.members["p"].profile == {"cores": 8, "battery": {"percent": 20.0, "charging": False}}
-    assert before.members["p"].profile == {"cores": 8, "battery": None}  # the old state is untouched
+    assert (after.members["p"].profile.cores, after.members["p"].profile.battery) == (8, Battery(20.0, False))
+    assert before.members["p"].profile == MemberProfile(cores=8)  # the old state is untouched
     assert after.applied == before.applied + 1
     assert (after.members["p"].name, after.members["p"].joined_at) == ("phone", 2.0)
 
@@ -185,8 +186,8 @@ async def _refresh_moves_reasoning(raft: RaftNode) -> None:
 
     phone.unplug()
     assert await refresher.refresh() == {"battery": {"percent": 64.0, "charging": False}}
-    assert raft.state.members["phone"].profile["battery"] == {"percent": 64.0, "charging": False}
-    assert raft.state.members["phone"].profile["speed"] == 50.0  # the rest of the profile is kept
+    assert raft.state.members["phone"].profile.battery == Battery(64.0, False)
+    assert raft.state.members["phone"].profile.speed == 50.0  # the rest of the profile is kept
     assert await placer.step()
     # Make before break: the phone serves until the desktop's replica is ready.
     assert _reasoning(raft.state) == {"phone": "ready", "desktop": "assigned"}

@@ -18,12 +18,14 @@ from raft.commands import (
     AssignShard,
     BadCommand,
     Command,
+    CreateAdminCredential,
     CreateApiKey,
     CreateToken,
     HaveModelFile,
     InitMesh,
     PinShard,
     RegisterModel,
+    RevokeAdminCredential,
     RevokeApiKey,
     RevokeToken,
     SessionAppend,
@@ -38,6 +40,7 @@ from raft.commands import (
     decode,
     encode,
 )
+from raft.profile import MemberProfile
 from raft.state import MeshState, Rejected, apply
 
 SHA_A = "a" * 64
@@ -183,7 +186,7 @@ def test_readding_live_member_updates_addresses_and_keeps_joined_at():
                                    raft_address="127.0.0.1:9002", profile={"cores": 8}, joined_at=5000.0))
     member = state.members["n1"]
     assert member.http_address == "127.0.0.1:9000" and member.raft_address == "127.0.0.1:9002"
-    assert member.profile == {"cores": 8}
+    assert member.profile == MemberProfile(cores=8)
     assert member.joined_at == 1001.0, "a restart must not change when the member joined"
     assert member.state == "active"
     assert len(state.members) == 1
@@ -291,7 +294,7 @@ def test_member_profile_is_copied_from_the_command():
     cmd = AddMember("n1", "alpha", "h:1", "h:3", profile, 1.0)
     state = run(init(), cmd)
     profile["cores"] = 64
-    assert state.members["n1"].profile == {"cores": 4}
+    assert state.members["n1"].profile == MemberProfile(cores=4)
 
 
 # -- encode / decode -------------------------------------------------------------------------
@@ -330,6 +333,9 @@ command_strategies = {
     RevokeApiKey: st.builds(RevokeApiKey, key_id=text),
     UpdateProfile: st.builds(UpdateProfile, node_id=text, profile=st.dictionaries(text, json_scalar, max_size=4)),
     SpendToken: st.builds(SpendToken, token_id=text, at=floats),
+    CreateAdminCredential: st.builds(CreateAdminCredential, cred_id=text, name=text, secret_sha256=text,
+                                     created_at=floats, node_id=text),
+    RevokeAdminCredential: st.builds(RevokeAdminCredential, cred_id=text),
 }
 
 
