@@ -13,12 +13,17 @@ BoundedConnection re-implements TcpConnection's public interface instead of subc
 name-mangled, so subclassing would mean reaching into them). With a barrier (the journal's sync, batch mode)
 nothing queued leaves through the socket before it has run; with `defer_writes` a send only queues and the
 bytes go on the poller's next WRITE event, so every entry appended during a tick shares one fsync.
+
+With `tls` (raft/tls.py) the same frames travel inside TLS, sans-IO (socket bytes -> session -> read buffer;
+frames -> session -> write buffer), the handshake on the same events. Until it is done `state` reads CONNECTING
+and an outgoing connection is not reported connected; `peer_id` is the node id in the peer's certificate.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import ssl
 import struct
 import zlib
 from typing import Callable
@@ -29,6 +34,7 @@ from pysyncobj.tcp_connection import CONNECTION_STATE, _getAddrType, set_keepali
 
 from raft import codec
 from raft.journal import JournalFailed
+from raft.tls import RaftTls, TlsSession
 from raft.transport_limits import TransportLimits, throttled
 
 _LEN = struct.Struct("i")  # pysyncobj's frame header: a native int
@@ -43,7 +49,8 @@ class BoundedConnection:
     def __init__(self, poller, onMessageReceived=None, onConnected=None, onDisconnected=None, socket=None,
                  timeout=10.0, sendBufferSize=2 ** 13, recvBufferSize=2 ** 13, keepalive=None, *,
                  limits: TransportLimits = TransportLimits(), barrier: Callable[[], None] | None = None,
-                 defer_writes: bool = False, clock: Callable[[], float] = monotonic) -> None:
+                 defer_writes: bool = False, clock: Callable[[], float] = monotonic,
+                 tls: RaftTls | None = None) -> None:
         self.sendRandKey = None
         self.recvRandKey = None
         self.recvLastTimestamp = 0
@@ -51,6 +58,9 @@ class BoundedConnection:
         self.incoming = socket is not None
         self.handshake_done = False
         self.peer = None  # (ip, port) of an accepted connection
+        self.peer_id: str | None = None  # with TLS: the node id in the peer's certificate, once verified
+        self._tls_conf = tls
+        self._tls: TlsSession | None = None
         self._limits = limits
         self._barrier = barrier
         self._defer = defer_writes
@@ -77,6 +87,8 @@ class BoundedConnection:
             except OSError:  # already reset by the peer: the first event will close it
                 self.peer = ("?", 0)
             self.setSockoptKeepalive()
+            if tls is not None:
+                self._tls = TlsSession(tls.server_context, server_side=True)
             self._subscribe(POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.WRITE | POLL_EVENT_TYPE.ERROR)
         else:
             self._sock = None
@@ -87,6 +99,8 @@ class BoundedConnection:
 
     @property
     def state(self):
+        if self._tls is not None and not self._tls.established and self._state == CONNECTION_STATE.CONNECTED:
+            return CONNECTION_STATE.CONNECTING  # TLS handshake under way: nothing may be sent yet
         return self._state
 
     def fileno(self):
@@ -122,6 +136,8 @@ class BoundedConnection:
         self._rbuf = bytearray()
         self._wbuf = bytearray()
         self.handshake_done = False
+        self._tls = None
+        self.peer_id = None
         self.peer = (host, port)
         self.opened_at = self._last_read = self._clock()
         try:
@@ -155,13 +171,19 @@ class BoundedConnection:
             throttled.warning("send-cap", "raft transport: dropped an outgoing %s frame of %d bytes (cap %d)",
                                type(message).__name__, len(data), self._limits.max_frame_bytes)
             return
+        if self._tls is not None and not self._tls.established:  # pysyncobj checks `state` first: never here
+            throttled.warning("send-early", "raft transport: dropped a message sent to %s before TLS", self.peer)
+            return
         if len(self._wbuf) + len(data) + _LEN.size > self._limits.max_send_buffer_bytes:
             throttled.warning("send-buffer", "raft transport: closing a connection to %s with %d bytes unsent",
                                self.peer, len(self._wbuf))
             self.disconnect()
             return
-        self._wbuf += _LEN.pack(len(data))
-        self._wbuf += data
+        if self._tls is not None:
+            self._wbuf += self._tls.encrypt(_LEN.pack(len(data)) + data)
+        else:
+            self._wbuf += _LEN.pack(len(data))
+            self._wbuf += data
         if self._defer:
             self._update_mask()
         else:
@@ -174,6 +196,8 @@ class BoundedConnection:
         self.recvRandKey = None
         self.recvLastTimestamp = 0
         self.handshake_done = False
+        self._tls = None
+        self.peer_id = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -221,6 +245,12 @@ class BoundedConnection:
         if self._state == CONNECTION_STATE.CONNECTING:
             if self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                 self.disconnect()
+                return
+            if self._tls_conf is not None:  # connected once the TLS handshake is done (_tls_handshake)
+                self._state = CONNECTION_STATE.CONNECTED
+                self._last_read = self._clock()
+                self._tls = TlsSession(self._tls_conf.client_context, server_side=False)
+                self._tls_handshake()
                 return
             if self._on_connected is not None:
                 self._on_connected()
@@ -277,10 +307,55 @@ class BoundedConnection:
             if not chunk:
                 self.disconnect()
                 return
-            self._rbuf += chunk
+            if self._tls is None:
+                self._rbuf += chunk
+            elif not self._tls_feed(chunk):
+                return
             if len(self._rbuf) >= _LEN.size and not self._length_ok(_LEN.unpack_from(self._rbuf)[0]):
                 return
         self._last_read = self._clock()
+
+    # ---- TLS (raft/tls.py) --------------------------------------------------------------------------
+
+    def _tls_feed(self, chunk: bytes) -> bool:
+        """Ciphertext from the socket: the handshake's next step, then plaintext into the read buffer.
+        False when the connection is closed."""
+        self._tls.incoming.write(chunk)
+        if not self._tls.established and (not self._tls_handshake() or not self._tls.established):
+            return self._sock is not None
+        try:
+            self._rbuf += self._tls.read()
+        except ssl.SSLError as exc:  # includes the peer's close_notify (SSLZeroReturnError)
+            throttled.warning("tls-record", "raft transport: closed a TLS connection with %s: %r", self.peer, exc)
+            self.disconnect()
+            return False
+        out = self._tls.take()  # post-handshake messages (key updates)
+        if out:
+            self._wbuf += out
+            self._try_send()
+        return self._sock is not None
+
+    def _tls_handshake(self) -> bool:
+        """One step of the TLS handshake; False when the connection was closed (bad certificate, garbage,
+        or the connected callback closed it)."""
+        generation = self._generation
+        try:
+            done = self._tls.handshake()
+        except ssl.SSLError as exc:  # a certificate the CA did not sign, none at all, or not TLS
+            throttled.warning("tls-handshake", "raft transport: TLS handshake %s %s failed: %s",
+                               "from" if self.incoming else "to", self.peer, exc)
+            self.disconnect()
+            return False
+        self._wbuf += self._tls.take()
+        if done:
+            self.peer_id = self._tls.peer_id
+            self._last_read = self._clock()
+            if not self.incoming and self._on_connected is not None:
+                self._on_connected()  # raft/transport.py checks `peer_id` against the address dialled
+                if generation != self._generation:
+                    return False
+        self._try_send()
+        return generation == self._generation
 
     def _length_ok(self, length: int) -> bool:
         if 0 <= length <= self._limits.max_frame_bytes:

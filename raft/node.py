@@ -17,10 +17,15 @@ Elections and compaction stay off the group's back: a member runs a pre-vote rou
 (raft/prevote.py, PreVoteSyncObj), so a restarted or partitioned member never deposes a healthy leader; and the
 full dump is encoded and written in a background thread (raft/dump_writer.py), not on the tick thread that
 sends heartbeats. Both subclass or hook private parts of pysyncobj 0.3.17 and refuse any other version.
+
+With `tls` (raft/tls.py) the Raft port is mutual TLS with member certificates and pysyncobj's password (Fernet)
+is off: who may connect is decided per connection from the node id in the peer's certificate and this node's
+own replicated state (`member_authorizer`, unless the caller passes its own `authorize`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -39,6 +44,7 @@ from raft.dump_writer import DumpWriter, finish_compaction
 from raft.journal import SYNC_BATCH, DurableJournal, JournalPath, migrate_stock_journal
 from raft.prevote import PreVoteSyncObj
 from raft.state import MeshState, Rejected, apply
+from raft.tls import RaftTls, member_authorizer
 from raft.transport import BoundedTransport, TransportLimits
 
 log = logging.getLogger("quorum.raft")
@@ -101,17 +107,21 @@ class RaftNode:
                  timing: RaftTiming = RaftTiming(), auto_tick: bool = True,
                  on_applied: Callable[[MeshState], None] | None = None,
                  limits: TransportLimits = TransportLimits(), journal_sync: str = SYNC_BATCH,
-                 prevote: bool = True) -> None:
+                 prevote: bool = True, tls: RaftTls | None = None) -> None:
         """`journal_sync`: "batch" (one fsync per tick and before any send) or "add" (one per write).
-        `prevote=False` runs pysyncobj's stock elections (raft/prevote.py; benchmarks compare the two)."""
-        if not password:
-            raise ValueError("a Raft password is required: without one pysyncobj unpickles anything")
+        `prevote=False` runs pysyncobj's stock elections (raft/prevote.py; benchmarks compare the two).
+        `tls`: mutual TLS on the Raft port instead of the password's Fernet (then `password` is not used)."""
+        if not password and tls is None:
+            raise ValueError("the Raft port needs TLS or a password: without either anyone may join the group")
         data_dir.mkdir(parents=True, exist_ok=True)
         raft_journal.install()
         raft_wire.install()
         self._ready = threading.Event()
         self._limits = limits
         self._prevote = prevote
+        if tls is not None and tls.authorize is None:
+            tls = dataclasses.replace(tls, authorize=member_authorizer(lambda: self._log.state, self._ready.is_set))
+        self._tls = tls
         self.dumps: DumpWriter | None = None  # the full dump's background writer, made in _start
         self.journal = DurableJournal(data_dir / "raft.wal", journal_sync)
         try:
@@ -131,7 +141,7 @@ class RaftNode:
                auto_tick: bool, on_applied: Callable[[MeshState], None] | None) -> SyncObj:
         batch = self.journal.sync_mode == SYNC_BATCH
         transport = BoundedTransport.factory(limits=self._limits, barrier=self.journal.sync if batch else None,
-                                             defer_writes=batch)
+                                             defer_writes=batch, tls=self._tls)
         self._log = _Log(on_applied)
         conf = self._conf(data_dir, password, timing, auto_tick)
         conf.journalFile = JournalPath(self.journal)
@@ -150,7 +160,7 @@ class RaftNode:
 
     def _conf(self, data_dir: Path, password: str, timing: RaftTiming, auto_tick: bool) -> SyncObjConf:
         return SyncObjConf(
-            password=password,
+            password=None if self._tls is not None else password,
             fullDumpFile=str(data_dir / "raft.dump"),
             dynamicMembershipChange=True,
             useFork=False,

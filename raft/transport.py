@@ -24,6 +24,10 @@ replicated calls (never membership or version changes), and entries or snapshots
 The barrier: with the journal in batch mode (raft/journal.py), `barrier()` (the journal's sync) runs before
 any byte leaves through a socket and once a tick, and writes wait for the poller's next WRITE event, so every
 entry appended during a tick shares one fsync and nothing is acknowledged before it is on disk.
+
+With `tls` (raft/tls.py; pysyncobj's password off) every connection is mutual TLS and `tls.authorize(node id in
+the peer's certificate, Raft address)` decides who may use it: as client once TLS is up (the address dialled),
+as server on the peer's address claim, and again on every established connection every RECHECK_S.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from raft import codec
 from raft.bounded_connection import BoundedConnection
 from raft.bounded_server import BoundedServer
 from raft.journal import JournalFailed
+from raft.tls import RECHECK_S, RaftTls
 from raft.transport_limits import TransportLimits, throttled
 from raft.wire import KEY_BYTES, MessageRefused, check_entry, check_message
 
@@ -56,7 +61,7 @@ class BoundedTransport(TCPTransport):
 
     def __init__(self, syncObj, selfNode, otherNodes, limits: TransportLimits = TransportLimits(),
                  barrier: Callable[[], None] | None = None, defer_writes: bool = False,
-                 clock: Callable[[], float] = monotonic) -> None:
+                 clock: Callable[[], float] = monotonic, tls: RaftTls | None = None) -> None:
         if PYSYNCOBJ_VERSION != PINNED_PYSYNCOBJ:
             raise RuntimeError(f"raft.transport subclasses pysyncobj {PINNED_PYSYNCOBJ}'s TCPTransport; found "
                                f"{PYSYNCOBJ_VERSION}: re-check transport.py, tcp_connection.py and tcp_server.py")
@@ -64,6 +69,10 @@ class BoundedTransport(TCPTransport):
         self._barrier = barrier
         self._defer_writes = defer_writes
         self._clock = clock
+        if tls is not None and tls.authorize is None:
+            raise ValueError("TLS for Raft needs an `authorize(node_id, raft_address)`")
+        self._tls = tls
+        self._rechecked = clock()
         self.refused = 0  # connections closed by the caps or the deadline (tests, metrics)
         self._pieces: dict = {}  # node -> an entry's pieces so far (bytearray) or a snapshot's size so far (int)
         super().__init__(syncObj, selfNode, otherNodes)
@@ -78,7 +87,7 @@ class BoundedTransport(TCPTransport):
         return BoundedConnection(self._syncObj._poller, socket=sock, timeout=conf.connectionTimeout,
                                  sendBufferSize=conf.sendBufferSize, recvBufferSize=conf.recvBufferSize,
                                  keepalive=conf.tcp_keepalive, limits=self._limits, barrier=self._barrier,
-                                 defer_writes=self._defer_writes, clock=self._clock)
+                                 defer_writes=self._defer_writes, clock=self._clock, tls=self._tls)
 
     # ---- overrides of TCPTransport (pysyncobj 0.3.17) -----------------------------------------------
 
@@ -140,6 +149,8 @@ class BoundedTransport(TCPTransport):
             # pysyncobj: the higher address dials the lower. A claim to be a member this side dials itself would
             # take over the map entry of that outgoing connection (and orphan it): never a real member.
             self._refuse(conn, f"handshake: {message[:80]} is dialled by this member, it does not dial here")
+            return
+        elif self._tls is not None and not self._authorized(conn, message):
             return
         before = {node: c for node, c in self._connections.items()}
         try:
@@ -203,6 +214,11 @@ class BoundedTransport(TCPTransport):
             self._pieces[node] = total
 
     def _onOutgoingConnected(self, conn):
+        node = self._connToNode(conn)
+        if self._tls is not None and (node is None or not self._authorized(conn, node.address)):
+            if node is None:
+                self._refuse(conn, "outgoing connection to no known member")
+            return
         super()._onOutgoingConnected(conn)
         if not self._syncObj.encryptor:
             conn.handshake_done = True
@@ -228,12 +244,30 @@ class BoundedTransport(TCPTransport):
                 self._refuse(conn, "handshake deadline")
         if isinstance(self._server, BoundedServer):
             self._server.on_tick()
+        if self._tls is not None and now - self._rechecked >= RECHECK_S:
+            self._rechecked = now
+            for node, conn in list(self._connections.items()):
+                if conn.handshake_done and conn.state != CONNECTION_STATE.DISCONNECTED and \
+                        hasattr(node, "address"):
+                    self._authorized(conn, node.address)
 
     # ---- helpers -----------------------------------------------------------------------------------
 
     def _incoming(self) -> list[BoundedConnection]:
         known = [c for c in self._connections.values() if c.incoming and c.state != CONNECTION_STATE.DISCONNECTED]
         return list(self._unknownConnections) + known
+
+    def _authorized(self, conn: BoundedConnection, address: str) -> bool:
+        """Whether the member in `conn`'s certificate may speak for `address`; refuses the connection if not."""
+        try:
+            allowed = conn.peer_id is not None and self._tls.authorize(conn.peer_id, address)
+        except Exception as exc:  # a bug in the caller's rule must close this connection, not stop the tick thread
+            throttled.warning("authorize-error", "raft transport: authorize(%r, %r) raised %r", conn.peer_id, address,
+                              exc)
+            allowed = False
+        if not allowed:
+            self._refuse(conn, f"TLS: certificate of {conn.peer_id!r} is not a live member at {address[:80]}")
+        return allowed
 
     def _refuse(self, conn: BoundedConnection, why: str) -> None:
         self.refused += 1

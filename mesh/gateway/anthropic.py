@@ -16,6 +16,10 @@ block, message_delta (stop_reason, usage), message_stop; an error inside a strea
 event. Errors are {"type": "error", "error": {"type", "message"}} with the gateway's status. The
 key is taken from `x-api-key` as well as `Authorization: Bearer` (mesh/security/api_keys.py);
 `anthropic-version` is accepted whatever its value.
+
+`POST /v1/messages/count_tokens` answers {"input_tokens": N} for a Messages body (without
+`max_tokens`), counted by the replica that would answer it. `stop_sequence` is always null: the
+shards do not yet report which stop sequence ended an answer (stop_reason is "end_turn" then).
 """
 
 from __future__ import annotations
@@ -35,8 +39,12 @@ from mesh.core.error_shapes import anthropic_error as error_response
 from mesh.core.error_shapes import anthropic_error_body as error_body
 from mesh.core.errors import ApiError, bad_request
 from mesh.gateway.disconnect import until_disconnect
+from mesh.gateway.leader_link import LeaderAnswer
 from mesh.gateway.responses import sse_chunks
+from mesh.gateway.route_start import start_run
+from mesh.gateway.session_turns import conversation
 from mesh.gateway.validation import parse_chat
+from shards.types import ContextLengthExceeded, GenerateRequest
 
 _STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -53,6 +61,8 @@ def anthropic_routes(gateway, read_json: Callable[[Request], Awaitable[dict]]) -
     async def messages(request: Request) -> Response:
         try:
             return await _messages(request)
+        except LeaderAnswer as exc:  # the leader's refusal of a relayed stream: already in this API's shape
+            return exc.response()
         except ApiError as exc:
             return error_response(exc)
 
@@ -62,7 +72,11 @@ def anthropic_routes(gateway, read_json: Callable[[Request], Awaitable[dict]]) -
         session = request.headers.get("x-session-id")
         if session is not None:
             req = dataclasses.replace(req, session_id=check_session_id(session))
-        run = await gateway.start_chat(req)  # admission: a 429 comes before any byte of a stream
+        # Admission (a 429 comes before any byte of a stream), or the leader's typed events when a member
+        # relays the stream (mesh/gateway/route_start.py).
+        run = await start_run(request, req, gateway.start_chat, gateway.metrics)
+        if isinstance(run, Response):
+            return run
         headers = {"X-Session-Id": session} if session is not None else {}
         if req.stream:
             events = _stream(gateway.stream_chat(req, run), req.model, run.prompt_tokens)
@@ -73,7 +87,14 @@ def anthropic_routes(gateway, read_json: Callable[[Request], Awaitable[dict]]) -
             run.cancel()
         return JSONResponse(_message(whole, req.model), headers=headers)
 
-    return [Route("/v1/messages", messages, methods=["POST"])]
+    async def count(request: Request) -> Response:
+        try:
+            return JSONResponse(await count_tokens(gateway, await read_json(request)))
+        except ApiError as exc:
+            return error_response(exc)
+
+    return [Route("/v1/messages", messages, methods=["POST"]),
+            Route("/v1/messages/count_tokens", count, methods=["POST"])]
 
 
 # -- requests ---------------------------------------------------------------------------------------
@@ -242,43 +263,78 @@ async def _stream(events: AsyncIterator[bytes], model: str, prompt_tokens: int) 
     yield _event("message_start", {"message": {
         "id": _id("msg"), "type": "message", "role": "assistant", "model": model, "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}})
-    block, kind = -1, None  # the open content block's index and type
-    reason, completion = None, 0
+    blocks = _Blocks()
     async with contextlib.aclosing(sse_chunks(events)) as chunks:
         async for chunk in chunks:
             if "error" in chunk:
                 status = 503 if chunk["error"].get("type") == "service_unavailable" else 500
                 yield _event("error", {"error": error_body(status, chunk["error"]["message"])["error"]})
                 return
-            if chunk.get("usage"):
-                completion = chunk["usage"]["completion_tokens"]
-            if not chunk.get("choices") or chunk["choices"][0]["index"] != 0:
-                continue
-            choice = chunk["choices"][0]
-            delta = choice["delta"]
-            if delta.get("content"):
-                if kind != "text":
-                    if kind is not None:
-                        yield _event("content_block_stop", {"index": block})
-                    block, kind = block + 1, "text"
-                    yield _event("content_block_start", {"index": block, "content_block": {"type": "text", "text": ""}})
-                yield _event("content_block_delta", {"index": block, "delta": {"type": "text_delta",
-                                                                               "text": delta["content"]}})
-            for piece in delta.get("tool_calls") or ():
-                fn = piece.get("function") or {}
-                if piece.get("id"):
-                    if kind is not None:
-                        yield _event("content_block_stop", {"index": block})
-                    block, kind = block + 1, "tool_use"
-                    yield _event("content_block_start", {"index": block, "content_block": {
-                        "type": "tool_use", "id": "toolu_" + piece["id"].removeprefix("call_"),
-                        "name": fn.get("name") or "", "input": {}}})
-                if fn.get("arguments"):
-                    yield _event("content_block_delta", {"index": block, "delta": {
-                        "type": "input_json_delta", "partial_json": fn["arguments"]}})
-            reason = choice.get("finish_reason") or reason
-    if kind is not None:
-        yield _event("content_block_stop", {"index": block})
-    yield _event("message_delta", {"delta": {"stop_reason": _STOP.get(reason, "end_turn"), "stop_sequence": None},
-                                   "usage": {"output_tokens": completion}})
+            for out in blocks.chunk(chunk):
+                yield out
+    for out in blocks.close():
+        yield out
+    stop = {"stop_reason": _STOP.get(blocks.reason, "end_turn"), "stop_sequence": None}
+    yield _event("message_delta", {"delta": stop, "usage": {"output_tokens": blocks.completion}})
     yield _event("message_stop", {})
+
+
+class _Blocks:
+    """The content blocks of a stream: one chat chunk at a time as Anthropic's block events."""
+
+    def __init__(self) -> None:
+        self.index, self.kind = -1, None  # the open content block's index and type
+        self.reason: str | None = None
+        self.completion = 0
+
+    def chunk(self, chunk: dict) -> list[bytes]:
+        if chunk.get("usage"):
+            self.completion = chunk["usage"]["completion_tokens"]
+        if not chunk.get("choices") or chunk["choices"][0]["index"] != 0:
+            return []
+        choice = chunk["choices"][0]
+        delta = choice["delta"]
+        out = []
+        if delta.get("content"):
+            out += self._open("text", {"type": "text", "text": ""}) if self.kind != "text" else []
+            out.append(_event("content_block_delta", {"index": self.index, "delta": {
+                "type": "text_delta", "text": delta["content"]}}))
+        for piece in delta.get("tool_calls") or ():
+            fn = piece.get("function") or {}
+            if piece.get("id"):
+                out += self._open("tool_use", {"type": "tool_use", "id": "toolu_" + piece["id"].removeprefix("call_"),
+                                               "name": fn.get("name") or "", "input": {}})
+            if fn.get("arguments"):
+                out.append(_event("content_block_delta", {"index": self.index, "delta": {
+                    "type": "input_json_delta", "partial_json": fn["arguments"]}}))
+        self.reason = choice.get("finish_reason") or self.reason
+        return out
+
+    def _open(self, kind: str, block: dict) -> list[bytes]:
+        out = self.close()
+        self.index, self.kind = self.index + 1, kind
+        return [*out, _event("content_block_start", {"index": self.index, "content_block": block})]
+
+    def close(self) -> list[bytes]:
+        if self.kind is None:
+            return []
+        self.kind = None
+        return [_event("content_block_stop", {"index": self.index})]
+
+
+# -- counting ---------------------------------------------------------------------------------------
+
+async def count_tokens(gateway, body: dict) -> dict:
+    """{"input_tokens": N}: the prompt of a Messages body (system, tools, messages) as the model's
+    template renders and its tokenizer counts it. Counted by the replica that would answer it: the
+    request is opened there and cancelled before it generates (admission's 429 and 503 apply)."""
+    req = parse_chat(chat_body({**body, "max_tokens": 1, "stream": False}), gateway.config.gateway)
+    gateway.check_model(req.model)
+    request = GenerateRequest(sampling=dataclasses.replace(req.sampling, max_tokens=1), n=1,
+                              messages=conversation(req, ()))
+    try:
+        _, opened = await gateway.admission.admit(req.model, request, set(), fit=True)
+    except ContextLengthExceeded as exc:  # over the window: counted all the same
+        return {"input_tokens": exc.prompt}
+    opened.cancel()
+    return {"input_tokens": opened.prompt_tokens}

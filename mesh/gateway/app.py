@@ -15,34 +15,21 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mesh.cluster.sessions import check_session_id
-from mesh.core.errors import ApiError, bad_request, too_large, unavailable
+from mesh.core.errors import ApiError, too_large, unavailable
 from mesh.core.json_body import parse_json
 from mesh.core.metrics import Metrics
 from mesh.gateway.anthropic import anthropic_routes
 from mesh.gateway.disconnect import ClientGone, until_disconnect
 from mesh.gateway.embeddings import create_embeddings
-from mesh.gateway.event_wire import (
-    CHOICES_HEADER,
-    NDJSON,
-    PROMPT_TOKENS_HEADER,
-    RELAY_HEADER,
-    RESUME_HEADER,
-    BadResume,
-    event_lines,
-    parse_resume,
-)
-from mesh.gateway.leader_client import FORWARDED
-from mesh.gateway.leader_link import LEADER_LINK
 from mesh.gateway.ollama import ollama_routes
 from mesh.gateway.openapi import openapi
+from mesh.gateway.responses_api import responses_routes
+from mesh.gateway.route_start import STREAM_HEADERS, start_run
 from mesh.gateway.runs import Run
-from mesh.gateway.service import Gateway, choices_of
+from mesh.gateway.service import Gateway
 from mesh.gateway.validation import parse_chat, parse_completion
 
 log = logging.getLogger("quorum.http")
-
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
     """The gateway's routes plus `extra_routes` (the control API), behind the request log."""
@@ -84,30 +71,16 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
 
     async def answer(request: Request, req: Any, start: Callable[..., Awaitable[Run]],
                      collect: Callable[[Any, Run], Awaitable[dict]], stream: Callable) -> Response:
-        link = request.scope.get(LEADER_LINK)
-        if link is not None:  # relayed by this member: the leader generates, this member renders
-            run = await until_disconnect(request, link.start(req, start, gateway.metrics))
-        elif request.headers.get(FORWARDED) and request.headers.get(RELAY_HEADER) == "events":
-            return await typed_events(request, req, start)  # a member relays this request to its leader
-        else:
-            run = await start(req)  # queue admission happens here: 429 before any byte of a stream
+        run = await start_run(request, req, start, gateway.metrics)
+        if isinstance(run, Response):  # the leader's typed events for a relaying member
+            return run
         if req.stream:
             # Starlette cancels the body iterator when the client disconnects; its finally cancels the run.
-            return StreamingResponse(stream(req, run), media_type="text/event-stream", headers=_STREAM_HEADERS)
+            return StreamingResponse(stream(req, run), media_type="text/event-stream", headers=STREAM_HEADERS)
         try:
             return JSONResponse(await until_disconnect(request, collect(req, run)))
         finally:
             run.cancel()
-
-    async def typed_events(request: Request, req: Any, start: Callable[..., Awaitable[Run]]) -> Response:
-        """The leader's answer to a relaying member: its Run's typed events (mesh/gateway/event_wire.py)."""
-        try:
-            resume = parse_resume(request.headers.get(RESUME_HEADER), choices_of(req))
-        except BadResume as exc:
-            raise bad_request(str(exc), RESUME_HEADER) from None
-        run = await start(req, resume)
-        return StreamingResponse(event_lines(run), media_type=NDJSON, headers={
-            **_STREAM_HEADERS, PROMPT_TOKENS_HEADER: str(run.prompt_tokens), CHOICES_HEADER: str(run.choices)})
 
     async def embeddings(request: Request) -> Response:
         return JSONResponse(await create_embeddings(gateway, await read_json(request)))
@@ -166,6 +139,7 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         Route("/openapi.json", openapi_json, methods=["GET"]),
         *ollama_routes(gateway, read_json),
         *anthropic_routes(gateway, read_json),
+        *responses_routes(gateway, read_json),
         *extra_routes,
     ]
     app = Starlette(routes=routes, exception_handlers={
@@ -251,5 +225,5 @@ class RequestLog:
 
 def _endpoint(path: str) -> str:
     known = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
-             "/control/v1/status", "/v1/messages", "/api/chat", "/api/generate", "/api/embed")
+             "/control/v1/status", "/v1/messages", "/v1/responses", "/api/chat", "/api/generate", "/api/embed")
     return next((k for k in known if path == k or path.startswith(k + "/")), "other")

@@ -5,14 +5,15 @@ writes that only the leader may perform) go to the leader's HTTPS peer port (mes
 leader_client.py). A request is relayed at most once (a header marks it), so two nodes that
 disagree about the leader cannot bounce it between them; such a request gets a 503.
 
-Streamed chats and completions are not relayed byte for byte: this member's own routes answer
-them, with the leader generating (mesh/gateway/leader_link.py): the leader sends typed events, this
-member renders the stream, and a stream whose leader dies or freezes resumes exactly on the next
-leader. Any other request goes to the leader unchanged and its answer comes back byte for byte; when
-the leader dies or steps down before it has answered, the request goes again to whichever member is
-elected next, for up to `failover_s`, so a client of a surviving member does not see the election.
-Other streams (Anthropic's and Ollama's) a leader had started answering end early (see the README's
-limits).
+Streamed generations (OpenAI's chat and completions, Anthropic's messages, Ollama's chat and
+generate) are not relayed byte for byte: this member's own routes answer them, with the leader
+generating (mesh/gateway/leader_link.py, mesh/gateway/route_start.py): the leader sends typed events,
+this member renders the stream in the client's API, and a stream whose leader dies or freezes resumes
+exactly on the next leader. Any other request goes to the leader unchanged and its answer comes back
+byte for byte; when the leader dies or steps down before it has answered, the request goes again to
+whichever member is elected next, for up to `failover_s`, so a client of a surviving member does not
+see the election. A Responses API stream (/v1/responses) is relayed byte for byte: the leader's
+session log names its response, and it ends early if that leader is lost (see the README's limits).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from mesh.gateway.leader_link import LEADER_LINK, LeaderLink
 
 log = logging.getLogger("quorum.forward")
 
-TYPED_RELAY = ("/v1/chat/completions", "/v1/completions")  # streams answered here from the leader's events
+# Streams answered here from the leader's events: path -> whether a body that leaves out "stream" streams.
+TYPED_RELAY = {"/v1/chat/completions": False, "/v1/completions": False, "/v1/messages": False,
+               "/api/chat": True, "/api/generate": True}
 
 
 def must_forward(path: str) -> bool:
@@ -119,14 +122,17 @@ class LeaderForwarder:
 
 
 def _typed_relay(scope: Scope, body: bytes) -> bool:
-    """A streamed chat or completion: answered here from the leader's typed events."""
+    """A streamed generation: answered here from the leader's typed events."""
     if scope["method"] != "POST" or scope["path"] not in TYPED_RELAY:
         return False
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):  # not JSON: relayed as it is, the leader answers the 400
         return False
-    return isinstance(parsed, dict) and parsed.get("stream") is True
+    if not isinstance(parsed, dict):
+        return False
+    stream = parsed.get("stream")
+    return stream is True or (stream is None and TYPED_RELAY[scope["path"]])
 
 
 class _Disconnected(Exception):

@@ -40,10 +40,10 @@ class SessionTurn:
 
 def conversation(req: ChatRequest, history: tuple[Message, ...] | list[Message]) -> tuple[Message, ...]:
     """The conversation a replica renders: what the tools or the JSON answer need the model to
-    know (a system message), the session's history, then this turn's messages."""
+    know (a system message), the instructions, the session's history, then this turn's messages."""
     use = req.tool_use
     preamble = (Message("system", use.preamble),) if use is not None and use.preamble else ()
-    return (*preamble, *history, *req.messages)
+    return (*preamble, *req.instructions, *history, *req.messages)
 
 
 async def record(recorder: TurnRecorder, event: Event) -> Event:

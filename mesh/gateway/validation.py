@@ -34,6 +34,9 @@ class ChatRequest:
     logprobs: bool
     session_id: str | None = None  # X-Session-Id: messages are this turn's; history comes from the log
     tool_use: ToolUse | None = None  # tools the model may call, or a JSON answer (mesh/gateway/tools.py)
+    # System messages that lead this turn's conversation but are not recorded in its session
+    # (the Responses API's `instructions`: a follow-up brings its own).
+    instructions: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True)

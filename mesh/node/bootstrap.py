@@ -32,6 +32,7 @@ from mesh.security.tokens import BadToken, new_token, split_token
 from nodes.profile import local_profile
 from raft.commands import AddMember, InitMesh, SetReplicas
 from raft.node import RaftNode
+from raft.tls import RaftTls
 from raft.vocab import Role
 
 log = logging.getLogger("quorum.bootstrap")
@@ -50,7 +51,7 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
     ca_pem, ca_key = create_ca(record.name)
     key, cert = issue_node_certificate(ca_pem, ca_key, record.node_id)
     raft = RaftNode(node.raft_address, [], dd.raft_dir, dd.secret(), raft_timing(cfg), limits=raft_limits(cfg),
-                    journal_sync=cfg.raft.journal_sync)
+                    journal_sync=cfg.raft.journal_sync, tls=RaftTls.from_pem(cert, key, ca_pem))
     try:
         await until(lambda: raft.is_leader() and raft.is_ready(), "Raft leadership of the new mesh", 30)
         mesh_id = uuid.uuid4().hex

@@ -41,6 +41,7 @@ from nodes.profile import local_profile
 from raft.commands import AddMember, Command
 from raft.node import RaftNode
 from raft.state import MeshState
+from raft.tls import RaftTls
 from raft.vocab import MemberState
 
 log = logging.getLogger("quorum.node")
@@ -106,7 +107,8 @@ class NodeDaemon:
         log.info("node %s (%s) starting in %s", record.name, record.node_id, self.dd.path)
         self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, self.dd.secret(),
                                     raft_timing(cfg), on_applied=changes.notify, limits=raft_limits(cfg),
-                                    journal_sync=cfg.raft.journal_sync)
+                                    journal_sync=cfg.raft.journal_sync, tls=RaftTls.from_pem(
+                                        self.identity.cert_pem, self.identity.key_pem, self.identity.ca_pem))
         self.metrics.watch_sessions(lambda: raft.state)
         placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20,
                         battery=battery_policy(cfg.placement))

@@ -1,6 +1,8 @@
 """Everything a node keeps lives in its data dir:
 
-    mesh.secret      the mesh secret (0600): Raft's password; never leaves the machine in clear
+    mesh.secret      the mesh secret (0600): guards nothing any more (Raft is mutual TLS with node.pem,
+                     admin credentials are recorded per member); still written, and handed to joiners
+                     over TLS, because its presence marks a data dir that belongs to a mesh
     admin.token      the admin credential meshctl sends to the control API (0600; derived from the secret)
     ca.pem, ca.key   the mesh CA's certificate and key (key 0600; see mesh/security/pki.py)
     node.pem, node.key  this node's certificate (signed by the mesh CA) and key (0600)

@@ -232,3 +232,27 @@ def test_metrics_count_requests_tokens_and_latency(node, client):
     assert metric(node, "quorum_tokens_per_second_count", model=MODEL) > 0
     body = httpx.get(f"{node.base_url}/metrics").text
     assert "quorum_queue_depth{" in body
+
+
+def test_responses_api_streamed_and_with_a_tool(client):
+    """The Responses API (issue 16): a streamed answer in OpenAI's event order, and a function call
+    (this node serves no tool-use replica: its reasoning replica applies the same grammar)."""
+    events = list(client.responses.create(model=MODEL, input="Name three colours.", max_output_tokens=16,
+                                          temperature=0, stream=True))
+    types = [e.type for e in events]
+    assert types[:2] == ["response.created", "response.in_progress"] and types[-1] in (
+        "response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text.strip() and events[-1].response.output_text == text
+    weather = {"type": "function", "name": "get_weather", "description": "Get the weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                              "required": ["city"]}}
+    r = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[weather],
+                                tool_choice="required", max_output_tokens=48, temperature=0)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and isinstance(json.loads(calls[0].arguments)["city"], str)
+    follow = client.responses.create(model=MODEL, previous_response_id=r.id, max_output_tokens=16, temperature=0,
+                                     input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                                             "output": "Sunny, 21 C"}])
+    assert follow.status in ("completed", "incomplete") and follow.previous_response_id == r.id

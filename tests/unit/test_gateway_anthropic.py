@@ -215,3 +215,32 @@ def test_junk_in_any_field_is_never_a_5xx():
                     await check({**good, "tools": [{**WEATHER, key: value}]})
                 await check({**good, "messages": [{"role": "user", "content": [value]}]})
     run(go())
+
+
+def test_count_tokens_counts_the_rendered_prompt():
+    async def go():
+        async with client() as (c, _):
+            ask = {"model": MODEL, "messages": HI}
+            reply = await c.post("/v1/messages/count_tokens", json=ask)
+            assert reply.status_code == 200, reply.text
+            plain = reply.json()["input_tokens"]
+            created = (await c.post("/v1/messages", json={**ask, "max_tokens": 5})).json()
+            assert plain == created["usage"]["input_tokens"] > 0, "the count is the prompt a message is made from"
+            system = (await c.post("/v1/messages/count_tokens", json={**ask, "system": "Be brief."})).json()
+            tools = (await c.post("/v1/messages/count_tokens", json={**ask, "tools": [WEATHER]})).json()
+            assert system["input_tokens"] > plain and tools["input_tokens"] > plain
+            long = [{"role": "user", "content": "word " * 5000}]
+            over = (await c.post("/v1/messages/count_tokens", json={"model": MODEL, "messages": long})).json()
+            assert over["input_tokens"] > 4096, "a prompt over the window is counted all the same"
+            assert_error(await c.post("/v1/messages/count_tokens", json={"model": MODEL, "messages": []}), 400,
+                         "invalid_request_error")
+            assert_error(await c.post("/v1/messages/count_tokens", json={"model": "nope", "messages": HI}), 404,
+                         "not_found_error")
+    run(go())
+
+
+def test_anthropic_sdk_count_tokens():
+    with sdk() as c:
+        counted = c.messages.count_tokens(model=MODEL, messages=HI, system="Be brief.")
+        assert counted.input_tokens == c.messages.create(model=MODEL, max_tokens=5, messages=HI,
+                                                         system="Be brief.").usage.input_tokens

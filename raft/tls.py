@@ -1,0 +1,144 @@
+"""Mutual TLS for the Raft port: one certificate per member, checked against the replicated member list.
+
+Every Raft connection is TLS 1.3 with a certificate on both ends, signed by the mesh CA; the certificate's
+common name is the member's node id. TLS runs sans-IO (ssl.SSLObject over two ssl.MemoryBIO) inside
+raft/bounded_connection.py, driven by the same poller events as the plain framing, so the frame cap, the
+per-address cap, the handshake deadline, the EMFILE back-off and the journal barrier hold as they are. With
+TLS on, pysyncobj's Fernet (the password) is off: the mesh secret no longer guards the log.
+
+Who may talk (`authorize(node_id, raft_address)`, checked by raft/transport.py):
+- as client, once the TLS handshake is done, against the address this member dialled;
+- as server, against the address the peer claims in its first message (pysyncobj's handshake), before any
+  Raft message is taken;
+- again on every established connection every `RECHECK_S` (a member removed while connected is dropped).
+
+The rule (`member_authorizer`, the default RaftNode uses with its own state):
+- an id the replicated state knows as removed (MemberState.GONE, final: an id is never reused) is refused,
+  always, whether or not this member has caught up;
+- a member that has caught up with the log (pysyncobj's onReady) takes only a live member bound to exactly
+  that Raft address in MeshState.members;
+- bootstrapping: a member that has not caught up yet (a joiner with an empty state, a member restarting and
+  replaying its log), or whose state names no live member yet (a mesh being created), takes any certificate
+  the mesh CA signed that its state does not know as removed: its state cannot say who is a member yet, and
+  refusing would leave it unable to reach the leader that would tell it. Once it has caught up, the re-check
+  drops whatever the full rule refuses. pysyncobj still takes only addresses in its own Raft configuration
+  (partners from the leader, or from the log). So the window is a joiner's or a restarting member's catch-up,
+  and only for a removed member whose removal that member has not applied yet.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from raft.state import MeshState
+from raft.vocab import MemberState
+
+RECHECK_S = 0.25  # how often established connections are checked against the state again
+Authorize = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class RaftTls:
+    """What the transport needs: the two contexts and who may talk. `authorize` None: RaftNode fills in
+    `member_authorizer` over its own state."""
+    server_context: ssl.SSLContext
+    client_context: ssl.SSLContext
+    authorize: Authorize | None = None
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, authorize: Authorize | None = None) -> RaftTls:
+        """Contexts presenting this member's certificate and trusting exactly the mesh CA, both ways."""
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False  # members are named by node id and Raft address, checked by `authorize`
+        server.num_tickets = 0  # no resumption: every connection presents its certificate (and saves the bytes)
+        for ctx in (server, client):
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cadata=ca_pem.decode())
+            _load_chain(ctx, cert_pem, key_pem)
+        return cls(server, client, authorize)
+
+
+def member_authorizer(state: Callable[[], MeshState], caught_up: Callable[[], bool]) -> Authorize:
+    """The rule of this module's docstring over a member's replicated state."""
+    def authorize(node_id: str, raft_address: str) -> bool:
+        current = state()
+        member = current.members.get(node_id)
+        if member is not None and member.state == MemberState.GONE:
+            return False
+        if not caught_up() or not any(m.state != MemberState.GONE for m in current.members.values()):
+            return True
+        return member is not None and member.raft_address == raft_address
+    return authorize
+
+
+class TlsSession:
+    """One connection's TLS, sans-IO: ciphertext in through `incoming`, out through `take()`."""
+
+    def __init__(self, context: ssl.SSLContext, server_side: bool) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(self.incoming, self._outgoing, server_side=server_side)
+        self.established = False
+        self.peer_id: str | None = None
+
+    def handshake(self) -> bool:
+        """Advances the handshake; True once it is done. Raises ssl.SSLError (bad certificate, garbage)."""
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        self.peer_id = common_name(self._obj.getpeercert())
+        if not self.peer_id:  # verified by the CA but naming nobody: not a member certificate
+            raise ssl.SSLError("the peer's certificate has no common name")
+        self.established = True
+        return True
+
+    def read(self) -> bytes:
+        """Every byte of plaintext the ciphertext fed so far holds. Raises ssl.SSLZeroReturnError when the
+        peer closed TLS, ssl.SSLError on a bad record."""
+        parts = []
+        while True:
+            try:
+                data = self._obj.read(65536)
+            except ssl.SSLWantReadError:
+                return b"".join(parts)
+            if not data:
+                raise ssl.SSLZeroReturnError("the peer closed the TLS session")
+            parts.append(data)
+
+    def encrypt(self, data: bytes | bytearray) -> bytes:
+        view = memoryview(data)
+        while view:
+            view = view[self._obj.write(view):]
+        return self.take()
+
+    def take(self) -> bytes:
+        """Ciphertext waiting to go out (handshake, records, alerts)."""
+        return self._outgoing.read()
+
+
+def common_name(cert: dict | None) -> str | None:
+    """The subject CN of a certificate ssl verified (getpeercert())."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    # ssl loads a key only from a file: a private temporary directory, removed once loaded.
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
+        cert.write_bytes(cert_pem)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        ctx.load_cert_chain(cert, key)
