@@ -22,6 +22,7 @@ from mesh.core.metrics import Metrics
 from mesh.gateway.runs import Run
 from mesh.replicas.failover import ResumableRun, ResumeAt, single_choice
 from mesh.replicas.router import LocalPicker, NoReplica, Router, try_replicas
+from raft.vocab import Role
 from shards.templates import TemplateError
 from shards.types import ContextLengthExceeded, GenerateRequest, Opened, QueueFull
 
@@ -107,12 +108,12 @@ class Admission:
         the model when one is ready, else to a reasoning replica, which applies the same grammar."""
         if request.sampling.grammar:
             try:
-                picked = self.picker.pick("tool-use", model, avoid)
+                picked = self.picker.pick(Role.TOOL_USE, model, avoid)
             except NoReplica:
                 pass  # no tool-use replica (the default mesh has none): the reasoning one serves it
             else:
-                self.metrics.routed.labels("tool-use", model).inc()
+                self.metrics.routed.labels(Role.TOOL_USE, model).inc()
                 return picked
-        picked = self.picker.pick("reasoning", model, avoid)
-        self.metrics.routed.labels("reasoning", model).inc()
+        picked = self.picker.pick(Role.REASONING, model, avoid)
+        self.metrics.routed.labels(Role.REASONING, model).inc()
         return picked

@@ -33,6 +33,7 @@ from typing import Awaitable, Callable
 
 from mesh.core.errors import ApiError, bad_request
 from mesh.gateway.embeddings import embed
+from raft.vocab import Role
 from shards.context import MESSAGE_OVERHEAD, CannotFit, fit, fit_inputs
 from shards.types import ContextLengthExceeded, GenerateRequest, Opened
 
@@ -55,7 +56,7 @@ async def fit_and_admit(gateway, request: GenerateRequest, refused: ContextLengt
     not fit (Admission.admit, asked to let that through)."""
     messages = request.messages
     n_ctx, prompt = _counts(refused)
-    encoders = gateway.picker.ready_models("context")
+    encoders = gateway.picker.ready_models(Role.CONTEXT)
     if not encoders or n_ctx <= 0 or len(messages) < 2:
         why = "no context replica is ready to shorten the conversation" if not encoders \
             else "the conversation cannot be shortened"

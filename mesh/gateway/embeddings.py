@@ -25,6 +25,7 @@ from typing import Any
 
 from mesh.core.errors import ApiError, bad_request, model_not_found, queue_full, unavailable
 from mesh.replicas.router import try_replicas
+from raft.vocab import Role
 from shards.types import NotReady, QueueFull, ShardError
 
 log = logging.getLogger("quorum.embeddings")
@@ -152,14 +153,14 @@ def _encode(vector, as_base64: bool) -> list[float] | str:
 
 def _check_model(gateway, model: str) -> None:
     """404 for a model the mesh does not know, 400 for one that is no encoder, 503 while loading."""
-    if model in gateway.picker.ready_models("context"):
+    if model in gateway.picker.ready_models(Role.CONTEXT):
         return
-    if any(m.name == model and "context" in m.roles for m in gateway.config.models):
+    if any(m.name == model and Role.CONTEXT in m.roles for m in gateway.config.models):
         raise unavailable(f"No replica of '{model}' is ready yet.", gateway.config.gateway.retry_after_s,
                           code="loading")
     if model in gateway.known_models():
-        encoders = sorted(set(gateway.picker.ready_models("context"))
-                          | {m.name for m in gateway.config.models if "context" in m.roles})
+        encoders = sorted(set(gateway.picker.ready_models(Role.CONTEXT))
+                          | {m.name for m in gateway.config.models if Role.CONTEXT in m.roles})
         raise bad_request(f"The model '{model}' does not make embeddings"
                           + (f"; use {', '.join(encoders)}." if encoders else "."), "model",
                           "model_not_embeddings")
@@ -189,6 +190,6 @@ async def embed(gateway, model: str, texts: list[Input]):
                 raise ApiError(400, str(exc).removeprefix("INVALID_ARGUMENT: "), param="input") from None
             raise
 
-    _, embedded = await try_replicas(lambda avoid: gateway.picker.pick("context", model, avoid), use, none_left,
+    _, embedded = await try_replicas(lambda avoid: gateway.picker.pick(Role.CONTEXT, model, avoid), use, none_left,
                                      f"context replica of {model}")
     return embedded

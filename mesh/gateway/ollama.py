@@ -41,6 +41,7 @@ from mesh.gateway.ollama_parse import chat_body, common, generate_messages, gene
 from mesh.gateway.responses import sse_chunks
 from mesh.gateway.route_start import start_run
 from mesh.gateway.validation import parse_chat
+from raft.vocab import GENERATING_ROLES, Role
 
 VERSION = "0.12.0"  # the Ollama API version this surface follows (clients check for a recent one)
 _NDJSON = "application/x-ndjson"
@@ -124,7 +125,7 @@ class OllamaApi:
 
     async def ps(self, request: Request) -> Response:
         picker = self.gateway.picker
-        ready = sorted(set(picker.ready_models("reasoning")) | set(picker.ready_models("context")))
+        ready = sorted(set(picker.ready_models(Role.REASONING)) | set(picker.ready_models(Role.CONTEXT)))
         return JSONResponse({"models": [{**self.entry(name), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0}
                                         for name in ready]})
 
@@ -134,7 +135,7 @@ class OllamaApi:
             raise ApiError(404, f"model '{name}' not found")
         spec = self.gateway.config.model(name)
         roles = set(spec.roles if spec is not None else ()) | set(self.gateway.picker.model_roles(name))
-        embeds = bool(roles) and not roles & {"reasoning", "tool-use"}
+        embeds = bool(roles) and not roles & GENERATING_ROLES
         info = {"general.architecture": self.details(name)["family"]}
         if spec is not None:
             info[f"{info['general.architecture']}.context_length"] = spec.context_length

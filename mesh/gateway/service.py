@@ -26,6 +26,7 @@ from mesh.gateway.tools import ToolShaper, content_violation
 from mesh.gateway.validation import ChatRequest, CompletionRequest
 from mesh.replicas.failover import ResumeAt
 from mesh.replicas.router import LocalPicker, Router
+from raft.vocab import GENERATING_ROLES, Role
 from shards.local import LocalShard
 from shards.types import Finished, GenerateRequest, Piece
 
@@ -64,10 +65,10 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return bool(self.picker.ready_models("reasoning"))
+        return bool(self.picker.ready_models(Role.REASONING))
 
     def served_models(self) -> list[str]:
-        return self.picker.ready_models("reasoning")
+        return self.picker.ready_models(Role.REASONING)
 
     def known_models(self) -> list[str]:
         """Models this gateway answers for: its own catalog and the mesh's."""
@@ -79,7 +80,7 @@ class Gateway:
             raise model_not_found(model)
         spec = self.config.model(model)
         roles = set(spec.roles if spec is not None else ()) | set(self.picker.model_roles(model))
-        if roles and not roles & {"reasoning", "tool-use"}:
+        if roles and not roles & GENERATING_ROLES:
             raise bad_request(f"The model '{model}' makes embeddings and cannot generate text; use it with "
                               f"/v1/embeddings.", "model", "model_not_generative")
 

@@ -10,7 +10,7 @@ import logging
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 from raft.state import MeshState
-from raft.vocab import MemberState, ShardState
+from raft.vocab import MemberState, Role, ShardState
 from shards.types import GenerateRequest, NotReady, Opened
 
 log = logging.getLogger("quorum.router")
@@ -57,7 +57,7 @@ class LocalPicker:
     def __init__(self) -> None:
         self.shards: dict[tuple[str, str], Any] = {}
 
-    def ready_models(self, role: str = "reasoning") -> list[str]:
+    def ready_models(self, role: str = Role.REASONING) -> list[str]:
         return sorted(m for r, m in self.shards if r == role)
 
     def known_models(self) -> list[str]:
@@ -90,7 +90,7 @@ class Router:
         entry = self._state().models.get(model)
         return tuple(entry.roles) if entry is not None else ()
 
-    def ready_models(self, role: str = "reasoning") -> list[str]:
+    def ready_models(self, role: str = Role.REASONING) -> list[str]:
         state = self._state()
         return sorted({s.model for s in state.shards.values() if s.role == role and self._usable(state, s)})
 
