@@ -8,6 +8,8 @@ their schemas with a small validator for the schemas used here.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from typing import Literal
 
 import httpx
@@ -18,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.core.config import MeshConfig
-from tests.procs import Meshd, wait_until
+from tests.procs import REPO, Meshd, wait_until
 
 pytestmark = pytest.mark.model
 
@@ -399,3 +401,23 @@ def test_openai_parse_helper_returns_the_pydantic_model(client):
                                           response_format=DayWeather, max_tokens=80, temperature=0)
     parsed = reply.choices[0].message.parsed
     assert isinstance(parsed, DayWeather) and 1 <= parsed.day <= 31
+
+
+JS = REPO / "tests" / "js"
+
+
+def test_the_ai_sdk_generates_a_zod_object_streams_and_calls_a_tool(node):
+    """The AI SDK's openai-compatible provider (what opencode uses): generateObject with a constrained
+    zod schema, streamText, and a required tool call (tests/js/ai_sdk.mjs; installed by run-tests when
+    node is on the machine, scripts/ensure-js-clients)."""
+    if shutil.which("node") is None or not (JS / "node_modules" / "ai").is_dir():
+        pytest.skip("node or the AI SDK is not installed here (scripts/ensure-js-clients)")
+    done = subprocess.run(["node", str(JS / "ai_sdk.mjs"), f"{node.base_url}/v1", MODEL], capture_output=True,
+                          text=True, timeout=240, cwd=JS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checks = {line["check"]: line for line in map(json.loads, done.stdout.splitlines())}
+    obj = checks["generateObject"]["object"]
+    DayWeather.model_validate(obj)  # the same constraints as the zod schema
+    assert checks["streamText"]["text"].strip() and checks["streamText"]["parts"] > 1
+    [call] = checks["toolCall"]["calls"]
+    assert call["name"] == "get_weather" and isinstance(call["input"]["city"], str)
