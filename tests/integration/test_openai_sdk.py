@@ -13,6 +13,7 @@ from tests.procs import wait_until
 
 MODEL = "gemma-3-270m"
 HELLO = [{"role": "user", "content": "Name three colours."}]
+GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +257,45 @@ def test_responses_api_streamed_and_with_a_tool(client):
                                      input=[{"type": "function_call_output", "call_id": calls[0].call_id,
                                              "output": "Sunny, 21 C"}])
     assert follow.status in ("completed", "incomplete") and follow.previous_response_id == r.id
+
+
+def test_anthropic_sdk_against_the_live_model(node):
+    """Anthropic's Messages API with its own SDK: plain, streamed, and a tool call (issue 16)."""
+    import anthropic
+
+    # This SDK (2.x) no longer takes `temperature` as an argument; the API still does.
+    claude = anthropic.Anthropic(base_url=node.base_url, api_key="unused", max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "Name three colours."}]
+    whole = claude.messages.create(model=MODEL, max_tokens=16, extra_body=GREEDY, messages=ask)
+    assert whole.content[0].type == "text" and whole.content[0].text.strip()
+    assert whole.stop_reason in ("end_turn", "max_tokens") and whole.usage.output_tokens > 0
+    with claude.messages.stream(model=MODEL, max_tokens=16, extra_body=GREEDY, messages=ask) as stream:
+        streamed = "".join(stream.text_stream)
+    assert streamed == whole.content[0].text  # greedy: the same answer either way
+    tool = {"name": "get_weather", "description": "The weather in a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                             "required": ["city"]}}
+    called = claude.messages.create(model=MODEL, max_tokens=48, extra_body=GREEDY, tools=[tool],
+                                    tool_choice={"type": "any"},
+                                    messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    uses = [b for b in called.content if b.type == "tool_use"]
+    assert called.stop_reason == "tool_use" and uses[0].name == "get_weather" and isinstance(uses[0].input["city"], str)
+
+
+def test_ollama_client_against_the_live_model(node):
+    """Ollama's API with its own Python client: list, chat (streamed too), generate, embed."""
+    import ollama
+
+    client = ollama.Client(host=node.base_url, timeout=120)
+    assert MODEL in {m.model for m in client.list().models}
+    chat = client.chat(model=MODEL, messages=HELLO, options={"temperature": 0, "num_predict": 16})
+    assert chat.message.role == "assistant" and chat.message.content.strip() and chat.done
+    pieces = [p.message.content for p in client.chat(model=MODEL, messages=HELLO, stream=True,
+                                                      options={"temperature": 0, "num_predict": 16})]
+    assert "".join(pieces) == chat.message.content
+    generated = client.generate(model=MODEL, prompt="The sky is", options={"temperature": 0, "num_predict": 8})
+    assert generated.response.strip() and generated.done
+    encoders = [m.model for m in client.list().models if m.model != MODEL]
+    if encoders:  # the default mesh serves an encoder too (the context role)
+        embedded = client.embed(model=encoders[0], input=["red", "blue"])
+        assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) > 8
