@@ -74,6 +74,15 @@ class SetMemberState(Command):
 
 
 @dataclass(frozen=True)
+class SetAuthority(Command):
+    """Whether a member holds the mesh CA's key (an authority: it signs certificates), as it says of itself
+    when it starts (mesh/security/authority.py). Kept on a removed member: it says the CA key left with it."""
+    kind: ClassVar[str] = "set_authority"
+    node_id: str
+    authority: bool
+
+
+@dataclass(frozen=True)
 class RegisterModel(Command):
     kind: ClassVar[str] = "register_model"
     name: str
@@ -249,7 +258,7 @@ COMMANDS: dict[str, type[Command]] = {
     for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
                 RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile, SessionTurnStart,
                 SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey, UpdateProfile, SpendToken,
-                CreateAdminCredential, RevokeAdminCredential)
+                CreateAdminCredential, RevokeAdminCredential, SetAuthority)
 }
 
 

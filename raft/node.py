@@ -52,6 +52,10 @@ log = logging.getLogger("quorum.raft")
 _FAIL_NAMES = {getattr(FAIL_REASON, n): n.lower() for n in dir(FAIL_REASON) if n.isupper()}
 
 
+# Makes SyncObj's `transportClass` from the journal's barrier (its sync in batch mode, else None).
+TransportFactory = Callable[[Callable[[], None] | None], Callable]
+
+
 class ProposalFailed(RuntimeError):
     """The log did not take the command (no leader, queue full, dropped, not leader)."""
 
@@ -107,11 +111,17 @@ class RaftNode:
                  timing: RaftTiming = RaftTiming(), auto_tick: bool = True,
                  on_applied: Callable[[MeshState], None] | None = None,
                  limits: TransportLimits = TransportLimits(), journal_sync: str = SYNC_BATCH,
-                 prevote: bool = True, tls: RaftTls | None = None) -> None:
+                 prevote: bool = True, tls: RaftTls | None = None,
+                 transport: TransportFactory | None = None) -> None:
         """`journal_sync`: "batch" (one fsync per tick and before any send) or "add" (one per write).
         `prevote=False` runs pysyncobj's stock elections (raft/prevote.py; benchmarks compare the two).
-        `tls`: mutual TLS on the Raft port instead of the password's Fernet (then `password` is not used)."""
-        if not password and tls is None:
+        `tls`: mutual TLS on the Raft port instead of the password's Fernet (then `password` is not used).
+        `transport`: a network other than TCP (tests/raft_harness.py's in-memory one; never in production): called
+        with the journal's barrier, which it must run before anything leaves, it returns SyncObj's
+        `transportClass`. That network decides who is a member, so `password` may be empty and `tls` is refused."""
+        if transport is not None and tls is not None:
+            raise ValueError("`tls` configures the TCP transport; a custom `transport` brings its own network")
+        if not password and tls is None and transport is None:
             raise ValueError("the Raft port needs TLS or a password: without either anyone may join the group")
         data_dir.mkdir(parents=True, exist_ok=True)
         raft_journal.install()
@@ -122,6 +132,7 @@ class RaftNode:
         if tls is not None and tls.authorize is None:
             tls = dataclasses.replace(tls, authorize=member_authorizer(lambda: self._log.state, self._ready.is_set))
         self._tls = tls
+        self._transport = transport
         self.dumps: DumpWriter | None = None  # the full dump's background writer, made in _start
         self.journal = DurableJournal(data_dir / "raft.wal", journal_sync)
         try:
@@ -140,8 +151,12 @@ class RaftNode:
     def _start(self, self_address: str, partners: list[str], data_dir: Path, password: str, timing: RaftTiming,
                auto_tick: bool, on_applied: Callable[[MeshState], None] | None) -> SyncObj:
         batch = self.journal.sync_mode == SYNC_BATCH
-        transport = BoundedTransport.factory(limits=self._limits, barrier=self.journal.sync if batch else None,
-                                             defer_writes=batch, tls=self._tls)
+        barrier = self.journal.sync if batch else None
+        if self._transport is not None:
+            transport = self._transport(barrier)
+        else:
+            transport = BoundedTransport.factory(limits=self._limits, barrier=barrier, defer_writes=batch,
+                                                 tls=self._tls)
         self._log = _Log(on_applied)
         conf = self._conf(data_dir, password, timing, auto_tick)
         conf.journalFile = JournalPath(self.journal)
@@ -160,7 +175,7 @@ class RaftNode:
 
     def _conf(self, data_dir: Path, password: str, timing: RaftTiming, auto_tick: bool) -> SyncObjConf:
         return SyncObjConf(
-            password=None if self._tls is not None else password,
+            password=None if self._tls is not None or not password else password,
             fullDumpFile=str(data_dir / "raft.dump"),
             dynamicMembershipChange=True,
             useFork=False,

@@ -127,6 +127,10 @@ class PreVoteSyncObj(SyncObj):
         p.rounds_started += 1
         p.term = self._term() + 1
         p.grants = {self._SyncObj__selfNode}
+        # The leader is no longer heard (that is why the timer ran out): forget it, as a stock election
+        # does (syncobj.py:638) and etcd's pre-candidate does, so status and the gateway say "no leader"
+        # instead of sending to one that is gone.
+        self._SyncObj__raftLeader = None
         if self._majority(1):
             p.rounds_won += 1
             return True

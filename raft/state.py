@@ -31,6 +31,7 @@ from raft.commands import (
     SessionAppend,
     SessionTurnEnd,
     SessionTurnStart,
+    SetAuthority,
     SetMemberState,
     SetReplicas,
     SetShardState,
@@ -79,6 +80,7 @@ class Member:
     grpc_address: str = ""
     witness: bool = False
     peer_address: str = ""  # HTTPS peer port: joins and requests relayed to the leader
+    authority: bool = False  # holds the mesh CA's key (SetAuthority); still True on a member removed holding it
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, MemberProfile):
@@ -338,6 +340,16 @@ def _set_member_state(state: MeshState, cmd: SetMemberState) -> MeshState:
     return dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files, admins=admins)
 
 
+def _set_authority(state: MeshState, cmd: SetAuthority) -> MeshState:
+    member = state.members.get(cmd.node_id)
+    if member is None or member.state == "gone":
+        raise Rejected(f"unknown member {cmd.node_id}")
+    if not isinstance(cmd.authority, bool):
+        raise Rejected("authority is true or false")
+    member = dataclasses.replace(member, authority=cmd.authority)
+    return dataclasses.replace(state, members={**state.members, cmd.node_id: member})
+
+
 def _register_model(state: MeshState, cmd: RegisterModel) -> MeshState:
     model = Model(name=cmd.name, file=cmd.file, sha256=cmd.sha256, size=cmd.size, roles=tuple(cmd.roles),
                   context_length=cmd.context_length, chat_template=cmd.chat_template,
@@ -585,4 +597,5 @@ _HANDLERS = {
     RevokeApiKey: _revoke_api_key,
     CreateAdminCredential: _create_admin,
     RevokeAdminCredential: _revoke_admin,
+    SetAuthority: _set_authority,
 }

@@ -43,26 +43,50 @@ Authorize = Callable[[str, str], bool]
 
 
 @dataclass(frozen=True)
+class _Contexts:
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+@dataclass(frozen=True)
 class RaftTls:
     """What the transport needs: the two contexts and who may talk. `authorize` None: RaftNode fills in
-    `member_authorizer` over its own state."""
-    server_context: ssl.SSLContext
-    client_context: ssl.SSLContext
+    `member_authorizer` over its own state. `reload` swaps both contexts at once for new ones (a renewed
+    certificate): connections opened after it use them, open ones keep theirs. Copies made with
+    dataclasses.replace share the swap."""
+    box: list  # [_Contexts], replaced whole (one reference assignment: safe against the tick thread)
     authorize: Authorize | None = None
+
+    @property
+    def server_context(self) -> ssl.SSLContext:
+        return self.box[0].server
+
+    @property
+    def client_context(self) -> ssl.SSLContext:
+        return self.box[0].client
 
     @classmethod
     def from_pem(cls, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, authorize: Authorize | None = None) -> RaftTls:
-        """Contexts presenting this member's certificate and trusting exactly the mesh CA, both ways."""
-        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client.check_hostname = False  # members are named by node id and Raft address, checked by `authorize`
-        server.num_tickets = 0  # no resumption: every connection presents its certificate (and saves the bytes)
-        for ctx in (server, client):
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cadata=ca_pem.decode())
-            _load_chain(ctx, cert_pem, key_pem)
-        return cls(server, client, authorize)
+        """Contexts presenting this member's certificate and trusting exactly the mesh CA (`ca_pem` may hold
+        several certificates: the CAs trusted during a rotation), both ways."""
+        return cls([_contexts(cert_pem, key_pem, ca_pem)], authorize)
+
+    def reload(self, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> None:
+        """New connections present `cert_pem` and trust `ca_pem` from now on."""
+        self.box[0] = _contexts(cert_pem, key_pem, ca_pem)
+
+
+def _contexts(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> _Contexts:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False  # members are named by node id and Raft address, checked by `authorize`
+    server.num_tickets = 0  # no resumption: every connection presents its certificate (and saves the bytes)
+    for ctx in (server, client):
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=ca_pem.decode())
+        _load_chain(ctx, cert_pem, key_pem)
+    return _Contexts(server, client)
 
 
 def member_authorizer(state: Callable[[], MeshState], caught_up: Callable[[], bool]) -> Authorize:

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("node")
     remove = sub.add_parser("remove", help="take a node out of the mesh (its shards move elsewhere)")
     remove.add_argument("node")
+    remove.add_argument("--force", action="store_true",
+                        help="remove the mesh's last authority too (no node can join or renew afterwards)")
     token = sub.add_parser("token", help="join tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_sub.add_parser("create", help="make a join token (printed once)")
@@ -252,7 +254,9 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "drain":
         return f"draining {call(mesh, '/control/v1/drain', {'node': args.node})['draining']}"
     if args.command == "remove":
-        return f"removed {call(mesh, '/control/v1/remove', {'node': args.node}, timeout=60)['removed']}"
+        body = {"node": args.node, **({"force": True} if args.force else {})}
+        done = call(mesh, "/control/v1/remove", body, timeout=60)
+        return f"removed {done['removed']}" + (f"\nwarning: {done['warning']}" if done.get("warning") else "")
     if args.command == "token" and args.token_command == "create":
         return call(mesh, "/control/v1/tokens", {"ttl_s": args.ttl * 3600, "uses": args.uses})["token"]
     if args.command == "token" and args.token_command == "revoke":

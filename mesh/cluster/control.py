@@ -2,9 +2,12 @@
 
 Reads answer from this member's copy of the state. Writes become Raft commands, which pysyncobj
 carries to the leader from any member. Removals change Raft membership, which only the leader can
-do: the forwarder relays them there. Every route but /ca and /join needs the admin credential
+do: the forwarder relays them there. Every route but /ca, /join and /sign needs the admin credential
 (mesh/security/admin.py). Joins arrive only on the leader's HTTPS peer port (mesh/security/peer_tls.py): the joining
-node checked that port's certificate against its token's CA fingerprint before sending the token.
+node checked that port's certificate against its token's CA fingerprint before sending the token. The
+leader has the new node's certificate signed by an authority (mesh/security/authority.py: itself when it
+holds the CA key, else another member over /sign, which takes only a live member's certificate on the
+peer port); the CA key goes along only to a joiner that qualifies as an authority.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from mesh.core.errors import ApiError, StartupError, bad_request, unavailable
 from mesh.core.json_body import parse_json
 from mesh.security.admin import credential_fields_ok, new_admin
 from mesh.security.api_keys import new_key
-from mesh.security.pki import PkiError, fingerprint, sign_request
+from mesh.security.authority import Authority, NoAuthority, qualifies, sign_here
+from mesh.security.peer_tls import PEER_KEY
+from mesh.security.pki import PkiError, fingerprint
 from mesh.security.tokens import BadToken, check_token, new_token
 from raft.commands import (
     AddMember,
@@ -58,11 +63,13 @@ class ControlPlane:
     """What the control API may touch on this member, and nothing more."""
     raft: RaftNode
     ca_pem: bytes
-    ca_key: Callable[[], bytes]  # read from the data dir when a join is signed
+    ca_key: Callable[[], bytes | None]  # read from the data dir when a join is signed; None: not an authority
     secret: Callable[[], str]
     status: Callable[[], dict]  # meshctl status's view of this member and the mesh
     leader_peer: Callable[[], str | None]  # the leader's HTTPS peer address, if known
     leave: Callable[[], Awaitable[dict]]  # drain, be removed, stop; StartupError if a step times out
+    authority: Authority  # signs here or through an authority member
+    authorities: str | tuple[str, ...] = "auto"  # security.authorities: who may receive the CA key
 
 
 class Control:
@@ -80,6 +87,7 @@ class Control:
             Route("/control/v1/tokens", self.create_token, methods=["POST"]),
             Route("/control/v1/tokens/revoke", self.revoke_token, methods=["POST"]),
             Route("/control/v1/join", self.join, methods=["POST"]),
+            Route("/control/v1/sign", self.sign, methods=["POST"]),
             Route("/control/v1/keys", self.list_keys, methods=["GET"]),
             Route("/control/v1/keys", self.create_key, methods=["POST"]),
             Route("/control/v1/keys/revoke", self.revoke_key, methods=["POST"]),
@@ -271,11 +279,15 @@ class Control:
             node_id = new_node_id(state)
             csr = body.get("csr")
             try:
-                certificate = sign_request(self.d.ca_pem, self.d.ca_key(),
-                                           csr.encode() if isinstance(csr, str) else b"", node_id)
+                certificate = await self.d.authority.sign({"kind": "join", "node_id": node_id,
+                                                           "csr": csr if isinstance(csr, str) else ""})
             except PkiError as exc:
                 await self._spend(token_id, now)
                 raise bad_request(f"Join refused: {exc}.", "csr") from None
+            except NoAuthority as exc:  # not the joiner's doing: the token use is kept
+                log.warning("join of %s not signed: %s", name, exc)
+                raise unavailable(f"No authority member (one holding the mesh CA key) could sign the certificate: "
+                                  f"{exc}.", 5, code="no_authority") from None
             cmd = AddMember(node_id=node_id, name=name, http_address=http_address,
                             raft_address=raft_address, grpc_address=grpc_address,
                             profile=body.get("profile") if isinstance(body.get("profile"), dict) else {},
@@ -292,11 +304,38 @@ class Control:
                 self._pending = asyncio.wrap_future(raft.add_partner(raft_address))
             log.info("%s (%s) joined from %s", cmd.name, node_id, raft_address)
         state = raft.state
-        return JSONResponse({
+        answer = {
             "mesh_id": state.mesh_id, "mesh_name": state.name, "node_id": node_id, "secret": self.d.secret(),
-            "certificate": certificate.decode(), "ca_key": self.d.ca_key().decode(),
+            "certificate": certificate.decode(),
             "partners": sorted(m.raft_address for m in state.live_members() if m.node_id != node_id),
-        })
+        }
+        ca_key = self.d.ca_key()
+        profile = body.get("profile") if isinstance(body.get("profile"), dict) else {}
+        if ca_key is not None and qualifies(self.d.authorities, name, str(profile.get("device_class", "")),
+                                            bool(body.get("witness"))):
+            answer["ca_key"] = ca_key.decode()  # the joiner becomes an authority (it records it at start)
+            log.info("%s receives the CA key (security.authorities = %s)", name, self.d.authorities)
+        return JSONResponse(answer)
+
+    async def sign(self, request: Request) -> Response:
+        """Authorities only, peer port only: signs a live member's request (mesh/security/authority.py) with
+        this member's own CA key; never forwarded."""
+        caller = request.scope.get(PEER_KEY)
+        state = self.d.raft.state
+        member = state.members.get(caller) if caller else None
+        if member is None or member.state == MemberState.GONE:  # the public port (no certificate), or a stranger
+            raise ApiError(403, "Certificates are signed for live members, over the peer port, only.",
+                           type="permission_error", code="not_a_member")
+        ca_key = self.d.ca_key()
+        if ca_key is None:
+            raise unavailable("This member does not hold the mesh CA key.", 5, code="not_an_authority")
+        body = await _body(request)
+        try:
+            cert = sign_here(self.d.ca_pem, ca_key, body, caller, state, self.d.authority.days)
+        except PkiError as exc:
+            raise bad_request(f"Not signed: {exc}.", "csr") from None
+        log.info("signed a %s certificate for %s (%s)", body.get("kind"), member.name, caller)
+        return JSONResponse({"certificate": cert.decode()})
 
     async def remove(self, request: Request) -> Response:
         """Leader only: drops a member's shards and takes it out of the Raft group."""
@@ -308,6 +347,17 @@ class Control:
             await asyncio.wrap_future(raft.transfer_leadership())
             raise unavailable("This member was the leader; leadership is moving. Retry the removal.", 1,
                               code="leader_moved")
+        warning = None
+        if member.authority:  # it held the CA key: the key leaves the mesh with it (README: Security)
+            others = [m for m in raft.state.live_members() if m.authority and m.node_id != member.node_id]
+            if not others and body.get("force") is not True:
+                raise ApiError(409, f"{member.name} is the mesh's last authority (the only member holding the CA "
+                                    f"key): without it no node can join and no certificate can be renewed. Make "
+                                    f"another member an authority first, or send \"force\": true.",
+                               code="last_authority")
+            warning = (f"{member.name} held the mesh CA key, which is not rotated: a copy of its data dir can "
+                       f"sign certificates for the ids of live members. Make a new mesh if it was lost.")
+            log.warning("removing %s: %s", member.name, warning)
         async with self._membership:
             await self._settle_pending()
             await self._propose(SetMemberState(member.node_id, MemberState.GONE))
@@ -319,7 +369,7 @@ class Control:
                     raise unavailable(f"{member.name} is marked gone but Raft did not drop it yet ({exc}); "
                                       f"retry", 1, code="membership_change") from None
         log.info("%s removed from the mesh", member.name)
-        return JSONResponse({"removed": member.name})
+        return JSONResponse({"removed": member.name, **({"warning": warning} if warning else {})})
 
     async def transfer(self, request: Request) -> Response:
         """Leader only: hands Raft leadership to a caught-up member ("to": name or id). What pysyncobj's admin

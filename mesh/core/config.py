@@ -144,6 +144,15 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    # Members that hold the mesh CA's key and sign certificates (mesh/security/authority.py): "auto" (the
+    # mesh's first member, and desktop-, server- and Pi-class voters that join through a member holding
+    # it; never phones, routers or witnesses) or a list of member names.
+    authorities: str | tuple[str, ...] = "auto"
+    node_cert_days: int = 30  # a node certificate's life; renewed once two thirds of it have passed
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     file: str
@@ -184,6 +193,7 @@ class MeshConfig:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     replicas: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REPLICAS))
     models: tuple[ModelSpec, ...] = (DEFAULT_MODEL, DEFAULT_ENCODER)
 
@@ -242,7 +252,8 @@ def load_config(path: str | Path | None) -> MeshConfig:
 
 
 def parse_config(raw: dict[str, Any]) -> MeshConfig:
-    _no_unknown(raw, {"node", "raft", "gateway", "placement", "sessions", "discovery", "replicas", "models"}, "")
+    _no_unknown(raw, {"node", "raft", "gateway", "placement", "sessions", "discovery", "security", "replicas",
+                       "models"}, "")
     node = _section(NodeConfig, raw.get("node", {}), "node")
     split_host_port(node.listen, "node.listen")
     for key in ("raft_port", "grpc_port", "peer_port"):
@@ -283,6 +294,7 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
             or not re.search("[A-Za-z]", discovery.service[1:-12]):
         raise ConfigError("discovery.service: a DNS-SD service type like \"_quorum._tcp.local.\" (1-15 letters, "
                           f"digits or inner single hyphens after the '_'), got {discovery.service!r}")
+    security = _security(raw.get("security", {}))
     models = tuple(_model(m, f"models[{i}]")
                    for i, m in enumerate(_list(raw, "models", [DEFAULT_MODEL, DEFAULT_ENCODER])))
     if "replicas" in raw:
@@ -298,7 +310,7 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
         if count and role != Role.WITNESS and not any(role in m.roles for m in models):
             raise ConfigError(f"replicas.{role}: no model in the catalog serves role {role!r}")
     return MeshConfig(node=node, raft=raft, gateway=gateway, placement=placement, sessions=sessions,
-                      discovery=discovery, replicas=replicas, models=models)
+                      discovery=discovery, security=security, replicas=replicas, models=models)
 
 
 def _section(cls: type, raw: Any, name: str) -> Any:
@@ -322,6 +334,20 @@ def _section(cls: type, raw: Any, name: str) -> Any:
             raise ConfigError(f"{name}.{key}: must be positive, got 0")
         values[key] = value
     return cls(**values)
+
+
+def _security(raw: Any) -> SecurityConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("security: expected a table")
+    authorities = raw.get("authorities", "auto")
+    if isinstance(authorities, list) and authorities and all(isinstance(n, str) and n for n in authorities):
+        authorities = tuple(authorities)
+    elif authorities != "auto":
+        raise ConfigError(f"security.authorities: \"auto\" or a non-empty list of member names, got {authorities!r}")
+    rest = _section(SecurityConfig, {k: v for k, v in raw.items() if k != "authorities"}, "security")
+    if rest.node_cert_days > 3650:
+        raise ConfigError(f"security.node_cert_days: at most 3650, got {rest.node_cert_days}")
+    return dataclasses.replace(rest, authorities=authorities)
 
 
 def _replicas(raw: Any) -> dict[str, int]:

@@ -30,7 +30,7 @@ from mesh.security.pki import (
 )
 from mesh.security.tokens import BadToken, new_token, split_token
 from nodes.profile import local_profile
-from raft.commands import AddMember, InitMesh, SetReplicas
+from raft.commands import AddMember, InitMesh, SetAuthority, SetReplicas
 from raft.node import RaftNode
 from raft.tls import RaftTls
 from raft.vocab import Role
@@ -49,7 +49,7 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
     host, _, port = node.raft_address.rpartition(":")
     bind(host, int(port)).close()  # a clear error now, rather than pysyncobj retrying its bind forever
     ca_pem, ca_key = create_ca(record.name)
-    key, cert = issue_node_certificate(ca_pem, ca_key, record.node_id)
+    key, cert = issue_node_certificate(ca_pem, ca_key, record.node_id, cfg.security.node_cert_days)
     raft = RaftNode(node.raft_address, [], dd.raft_dir, dd.secret(), raft_timing(cfg), limits=raft_limits(cfg),
                     journal_sync=cfg.raft.journal_sync, tls=RaftTls.from_pem(cert, key, ca_pem))
     try:
@@ -63,6 +63,7 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
                               raft_address=node.raft_address, grpc_address=node.grpc_address,
                               profile=await asyncio.to_thread(local_profile), joined_at=now,
                               peer_address=node.peer_address),
+                    SetAuthority(record.node_id, True),  # the CA is born here: the first authority
                     *(SetReplicas(role, count) for role, count in sorted(cfg.replicas.items()) if role != Role.WITNESS),
                     token.command, admin.command]
         for cmd in commands:
@@ -84,7 +85,8 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
     1. The token names the mesh CA by fingerprint. The peer's CA certificate (public) must match it.
     2. The join (token, certificate request) goes to the leader's HTTPS peer port, whose certificate
        must be signed by that CA: the secret is never sent to anything but a member of the mesh.
-    3. The leader answers with this node's certificate, the mesh secret and the CA key.
+    3. The leader answers with this node's certificate (signed by an authority member) and the mesh
+       secret, and with the CA key only when this node qualifies as an authority (security.authorities).
     A data dir that already belongs to a mesh is left as it is (joining twice is harmless).
     """
     dd.prepare()
@@ -112,7 +114,8 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
     if not isinstance(node_id, str) or not node_id or not signed_by(cert, ca_pem) or common_name(cert) != node_id:
         raise StartupError("the leader answered the join without a certificate for the id it assigned")
     dd.write_secret(answer["secret"])
-    dd.write_identity(key, cert, ca_pem, answer["ca_key"].encode())
+    ca_key = answer.get("ca_key")
+    dd.write_identity(key, cert, ca_pem, ca_key.encode() if isinstance(ca_key, str) else None)
     dd.write_admin_token(admin.text)
     record = dataclasses.replace(record, node_id=node_id, mesh_id=answer["mesh_id"], listen=node.listen,
                                  advertise=node.advertise, witness=witness, partners=tuple(answer["partners"]))
@@ -125,6 +128,7 @@ async def _join_through(peer: str, ca_fingerprint: str, body: dict, timeout: flo
     """(the leader's answer, the verified CA certificate). Retries (bounded) while the mesh has no
     leader or the leader moves; any refusal ends it with a StartupError."""
     deadline = time.monotonic() + timeout
+    why = "no leader answered"
     async with httpx.AsyncClient(timeout=30) as plain:
         while True:
             reply = await _fetch_ca(plain, peer)
@@ -154,10 +158,13 @@ async def _join_through(peer: str, ca_fingerprint: str, body: dict, timeout: flo
                     leader = reply.json().get("leader_peer")
                     continue
                 if reply.status_code == 503:
+                    why = _message(reply)
+                    if _code(reply) == "no_authority":  # nobody holds the CA key now: say so at once
+                        raise StartupError(f"{leader} could not admit this node: {why}")
                     break
                 raise StartupError(f"{peer} refused the join: HTTP {reply.status_code}: {_message(reply)}")
             if time.monotonic() > deadline:
-                raise StartupError(f"no leader of the mesh took the join within {timeout:.0f} s")
+                raise StartupError(f"no leader of the mesh took the join within {timeout:.0f} s ({why})")
             await asyncio.sleep(0.5)
 
 
@@ -174,6 +181,13 @@ async def _fetch_ca(plain: httpx.AsyncClient, peer: str) -> httpx.Response:
             return await unchecked.get(f"https://{peer}/control/v1/ca")
     except httpx.HTTPError:
         raise StartupError(f"cannot reach {peer} to join: {first}") from None
+
+
+def _code(reply: httpx.Response) -> str | None:
+    try:
+        return reply.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _message(reply: httpx.Response) -> str:

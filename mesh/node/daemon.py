@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
 from mesh.gateway.forward import LeaderForwarder
 from mesh.gateway.service import Gateway
+from mesh.node.credentials import AuthorityKeeper
 from mesh.node.leave import leave_mesh
 from mesh.node.startup import bind, peer_address_of, raft_limits, raft_timing, until
 from mesh.node.status import status_view
@@ -33,10 +33,13 @@ from mesh.replicas.router import Router
 from mesh.security.admin import AdminCheck, ensure_member_credential
 from mesh.security.api_keys import ApiKeyCheck
 from mesh.security.api_keys import required as api_keys_required
+from mesh.security.authority import Authority, NoAuthority, authority_peers
 from mesh.security.datadir import DataDir, NodeRecord
-from mesh.security.gateway_tls import gateway_context, gateway_names, local_signer
+from mesh.security.gateway_tls import gateway_context, gateway_names
 from mesh.security.http_guard import limits_from, public_server
 from mesh.security.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
+from mesh.security.pki import PkiError
+from mesh.security.renewal import LiveIdentity, Renewer
 from nodes.profile import local_profile
 from raft.commands import AddMember, Command
 from raft.node import RaftNode
@@ -81,6 +84,7 @@ class NodeDaemon:
             self.identity = self.dd.identity()
         except ValueError as exc:
             raise StartupError(str(exc)) from None
+        self.live = LiveIdentity(self.identity)  # this member's certificate as renewals replace it
         self.admin_token = self.dd.admin_token()
         self.raft: RaftNode | None = None
         self.metrics = Metrics()
@@ -94,21 +98,28 @@ class NodeDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         cfg, record = self.cfg, self.record
         node = cfg.node
-        tls = gateway_context(cfg.gateway.tls, self.dd.path, cert_file=cfg.gateway.tls_cert,
-                              key_file=cfg.gateway.tls_key, ca_pem=self.identity.ca_pem,
-                              names=gateway_names(node.advertise, node.host),
-                              sign=local_signer(self.identity.ca_pem, self.dd.ca_key))
         sock = bind(node.host, node.port)
         # Clear errors now for ports taken, rather than pysyncobj retrying its bind forever.
         bind(node.public_host, int(node.raft_address.rpartition(":")[2])).close()  # pysyncobj binds its own address
         bind(node.host, int(node.grpc_address.rpartition(":")[2])).close()  # gRPC binds the listen host
         peer_sock = bind(node.host, int(node.peer_address.rpartition(":")[2]))
-        changes = _Changes(asyncio.get_running_loop(), 3)
+        changes = _Changes(asyncio.get_running_loop(), 4)
         log.info("node %s (%s) starting in %s", record.name, record.node_id, self.dd.path)
+        raft_tls = RaftTls.from_pem(self.identity.cert_pem, self.identity.key_pem, self.identity.ca_pem)
+        self.live.on_change(lambda i: raft_tls.reload(i.cert_pem, i.key_pem, i.ca_pem))
         self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, self.dd.secret(),
                                     raft_timing(cfg), on_applied=changes.notify, limits=raft_limits(cfg),
-                                    journal_sync=cfg.raft.journal_sync, tls=RaftTls.from_pem(
-                                        self.identity.cert_pem, self.identity.key_pem, self.identity.ca_pem))
+                                    journal_sync=cfg.raft.journal_sync, tls=raft_tls)
+        signing = peer_client(self.live, 15.0, expect=self._member_at)
+        self.authority = Authority(record.node_id, self.identity.ca_pem, self.dd.ca_key, lambda: raft.state,
+                                   lambda: authority_peers(raft.state, record.node_id, peer_address_of),
+                                   lambda: signing, cfg.security.node_cert_days)
+        try:
+            tls = await self._gateway_tls()
+        except BaseException:
+            raft.close()
+            await signing.aclose()
+            raise
         self.metrics.watch_sessions(lambda: raft.state)
         placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20,
                         battery=battery_policy(cfg.placement))
@@ -117,17 +128,20 @@ class NodeDaemon:
                           SessionLog(raft, cfg.sessions.checkpoint_tokens, cfg.sessions.checkpoint_ms))
         control = Control(ControlPlane(raft=raft, ca_pem=self.identity.ca_pem, ca_key=self.dd.ca_key,
                                        secret=self.dd.secret, status=self.status, leader_peer=self.leader_peer,
-                                       leave=self.leave))
+                                       leave=self.leave, authority=self.authority,
+                                       authorities=cfg.security.authorities))
         forwarder = LeaderForwarder(create_app(gateway, control.routes()), self._gateway_here, self._leader_url,
                                     cfg.gateway.max_body_bytes, cfg.gateway.retry_after_s,
-                                    client=lambda: peer_client(self.identity, httpx.Timeout(10.0, read=None)))
+                                    client=lambda: peer_client(self.live, httpx.Timeout(10.0, read=None),
+                                                               expect=self._member_at))
         enforce = api_keys_required(cfg.gateway.api_keys, node.host)
         admin = AdminCheck(forwarder, lambda: raft.state, lambda: self.admin_token)
         app = ApiKeyCheck(admin, lambda: raft.state, enforce,
                           hosts=(node.host, node.public_host), max_inflight=cfg.gateway.max_inflight_per_key,
                           retry_after_s=cfg.gateway.retry_after_s)
         limits = limits_from(cfg.gateway)
-        peers = peer_server(PeerGate(app, lambda: raft.state), self.identity, limits, is_member=self._live_member)
+        peers = peer_server(PeerGate(app, lambda: raft.state), self.identity, limits, is_member=self._live_member,
+                            context=self.live.server_context())
         public = StripRelayHeaders(app)
         if enforce:
             log.info("the gateway requires API keys (gateway.api_keys = %s)", cfg.gateway.api_keys)
@@ -156,6 +170,10 @@ class NodeDaemon:
                 loops.append(tasks.create_task(_after(announced, refresher.run(cfg.placement.profile_refresh_s)),
                                                name="profile-refresh"))
                 loops.append(tasks.create_task(self._remember_partners(changes.events[2]), name="partners"))
+                keeper = AuthorityKeeper(raft, self.dd, record.node_id, cfg, self.propose)
+                loops.append(tasks.create_task(_after(announced, keeper.run(changes.events[3])), name="authority"))
+                renewer = Renewer(self.live, self.dd.path, record.node_id, self.authority.sign)
+                loops.append(tasks.create_task(_after(announced, renewer.run()), name="renewal"))
                 if cfg.discovery.advertise:  # mDNS for `meshd join --discover`; never fails the node
                     from mesh.cluster.discovery import advertise
                     from mesh.security.pki import fingerprint
@@ -177,6 +195,7 @@ class NodeDaemon:
                 await grpc_server.stop(1.0)
             await router.close()
             await forwarder.aclose()
+            await signing.aclose()
             raft.close()
             sock.close()
             peer_sock.close()
@@ -189,19 +208,20 @@ class NodeDaemon:
         from mesh.replicas.reconciler import Reconciler
         from mesh.replicas.shard_process import run_dir
         from mesh.replicas.transfer import fetch_model
-        from mesh.security.grpc_tls import MemberOnly, channel_credentials, server_credentials
+        from mesh.security.grpc_tls import MemberOnly, server_credentials
         from shards.grpc_service import SERVER_OPTIONS, NodeService, ShardService
 
+        def fetch(*args, **kwargs):  # the certificate held now (renewals)
+            return fetch_model(*args, credentials=self.live.grpc_channel_credentials(), **kwargs)
+
         self.reconciler = Reconciler(self.record.node_id, self.raft, self.dd.models_dir, self.cfg,
-                                     self.opts.backend, self.metrics,
-                                     functools.partial(fetch_model, credentials=channel_credentials(self.identity)),
-                                     self.opts.progress, run_dir(self.dd.path))
+                                     self.opts.backend, self.metrics, fetch, self.opts.progress, run_dir(self.dd.path))
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MemberOnly(self._live_member)])
         ShardService(self._local_shards).add_to(server)
         NodeService(self.dd.models_dir).add_to(server)
         host = self.cfg.node.host
         address = f"{f'[{host}]' if ':' in host else host}:{self.cfg.node.grpc_address.rpartition(':')[2]}"
-        if server.add_secure_port(address, server_credentials(self.identity)) == 0:
+        if server.add_secure_port(address, server_credentials(self.live)) == 0:
             raise StartupError(f"cannot listen for gRPC on {address}")
         await server.start()
         log.info("gRPC data plane on %s", self.cfg.node.grpc_address)
@@ -209,9 +229,8 @@ class NodeDaemon:
 
     def _remote_shard(self, address: str, role: str, model: str, node_id: str):
         from mesh.replicas.remote_shard import RemoteShard
-        from mesh.security.grpc_tls import channel_credentials
 
-        return RemoteShard(address, role, model, node_id, credentials=channel_credentials(self.identity))
+        return RemoteShard(address, role, model, node_id, credentials=self.live.grpc_channel_credentials)
 
     def _local_shards(self) -> dict:
         return self.reconciler.local if self.reconciler is not None else {}
@@ -235,6 +254,33 @@ class NodeDaemon:
             return None  # not this node: the forwarder waits (bounded) for the next leader
         peer = self.leader_peer()
         return f"https://{peer}" if peer is not None else None
+
+    def _member_at(self, peer_address: str) -> str | None:
+        """The node id of the live member whose peer port is `peer_address` (what a peer client accepts there)."""
+        return next((m.node_id for m in self.raft.state.live_members() if peer_address_of(m) == peer_address), None)
+
+    async def _gateway_tls(self):
+        """The public port's TLS context (gateway.tls). A mesh certificate is signed by an authority: here, or,
+        on a member without the CA key, by another member once this one knows the mesh (a caught-up log)."""
+        cfg, loop = self.cfg, asyncio.get_running_loop()
+
+        async def ready_then_sign(body: dict) -> bytes:
+            if not self.authority.here():
+                await until(self.raft.is_ready, "the Raft log to catch up (an authority signs the gateway "
+                                                "certificate)", 120)
+            return await self.authority.sign(body)
+
+        def sign(csr_pem: bytes, names: tuple[str, ...]) -> bytes:
+            job = ready_then_sign({"kind": "gateway", "csr": csr_pem.decode(), "names": list(names)})
+            try:
+                return asyncio.run_coroutine_threadsafe(job, loop).result(150)
+            except (NoAuthority, StartupError) as exc:
+                raise PkiError(str(exc)) from None
+
+        return await asyncio.to_thread(
+            gateway_context, cfg.gateway.tls, self.dd.path, cert_file=cfg.gateway.tls_cert,
+            key_file=cfg.gateway.tls_key, ca_pem=self.identity.ca_pem,
+            names=gateway_names(cfg.node.advertise, cfg.node.host), sign=sign)
 
     def _live_member(self, node_id: str) -> bool:
         member = self.raft.state.members.get(node_id)
@@ -277,7 +323,7 @@ class NodeDaemon:
 
     async def leave(self) -> dict:
         """Drains this node, has the leader remove it from the group, forgets the mesh, and stops."""
-        async with peer_client(self.identity) as client:
+        async with peer_client(self.live, expect=self._member_at) as client:
             await leave_mesh(self.raft, self.record.node_id, self.propose, self._leader_url, client,
                              self.admin_token)
         self.record = dataclasses.replace(self.record, mesh_id="", partners=())

@@ -14,6 +14,12 @@ Once admitted, a stream that breaks (peer killed, stopped, or frozen: the keepal
 CLIENT_OPTIONS notice that in about half a second) ends each unfinished choice with a Failed
 event instead of hanging.
 
+The channel asks TLS for the certificate of the member `node_id` (grpc_tls.target_for): a server that
+presents any other member's certificate (a removed member posing as this one) fails the handshake.
+`credentials` may be a callable (this member's current certificate): once it returns new credentials (a
+renewal), the next call on an idle shard makes a new channel with them; the old one is closed by gRPC
+when it is dropped (grpc.aio.Channel.__del__).
+
 grpc.aio objects belong to the loop that made them: the channel is made lazily on the first
 call's running loop and every later call must come from that loop.
 """
@@ -22,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Union
 
 import grpc
 
-from mesh.security.grpc_tls import TARGET_NAME_OPTION
+from mesh.security.grpc_tls import target_for
 from proto import mesh_pb2
 from shards.grpc_service import (
     CLIENT_OPTIONS,
@@ -53,6 +59,7 @@ EMBED = "/quorum.mesh.v1.Shard/Embed"
 EMBED_TIMEOUT_S = 120.0  # a full batch of long texts on a slow device, with room to spare
 
 # Codes that mean "this replica cannot take it now": a router tries another one.
+Credentials = Union[grpc.ChannelCredentials, Callable[[], grpc.ChannelCredentials], None]
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
@@ -74,7 +81,7 @@ class RemoteShard:
     """
 
     def __init__(self, address: str, role: str, model: str, node_id: str, *,
-                 credentials: grpc.ChannelCredentials | None = None,
+                 credentials: Credentials = None,
                  admit_timeout_s: float = 30.0, max_in_flight: int = 256) -> None:
         self.address = address
         self.role = role
@@ -88,6 +95,7 @@ class RemoteShard:
         self._admit_timeout_s = admit_timeout_s  # a peer that neither admits nor refuses by then
         self._max_in_flight = max_in_flight  # gRPC cancels calls when thousands share a channel
         self._channel: grpc.aio.Channel | None = None
+        self._channel_credentials: grpc.ChannelCredentials | None = None  # what self._channel was made with
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
@@ -96,12 +104,17 @@ class RemoteShard:
     def channel(self) -> grpc.aio.Channel:
         """This shard's channel, made on the running loop the first time."""
         loop = asyncio.get_running_loop()
+        creds = self._credentials() if callable(self._credentials) else self._credentials
+        if self._channel is not None and creds is not self._channel_credentials and self.load == 0 \
+                and loop is self._loop:
+            self._channel = None  # renewed credentials: a new channel (the idle old one closes when dropped)
         if self._channel is None:
-            if self._credentials is None:
+            if creds is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=CLIENT_OPTIONS)
             else:
-                self._channel = grpc.aio.secure_channel(self.address, self._credentials,
-                                                      options=(*CLIENT_OPTIONS, TARGET_NAME_OPTION))
+                self._channel = grpc.aio.secure_channel(self.address, creds,
+                                                      options=(*CLIENT_OPTIONS, target_for(self.node_id)))
+            self._channel_credentials = creds
             self._loop = loop
         elif loop is not self._loop:
             raise RuntimeError(f"{self!r}: its gRPC channel belongs to another event loop")

@@ -35,7 +35,8 @@ from raft.commands import CreateAdminCredential
 from raft.state import MeshState
 
 PREFIX = "qadm2"
-PUBLIC = frozenset({"/control/v1/ca", "/control/v1/join"})
+PUBLIC = frozenset({"/control/v1/ca", "/control/v1/join",
+                    "/control/v1/sign"})  # a live member's certificate on the peer port, checked by the route
 
 
 @dataclass(frozen=True)

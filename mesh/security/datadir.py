@@ -4,8 +4,10 @@
                      admin credentials are recorded per member); still written, and handed to joiners
                      over TLS, because its presence marks a data dir that belongs to a mesh
     admin.token      the admin credential meshctl sends to the control API (0600; derived from the secret)
-    ca.pem, ca.key   the mesh CA's certificate and key (key 0600; see mesh/security/pki.py)
-    node.pem, node.key  this node's certificate (signed by the mesh CA) and key (0600)
+    ca.pem, ca.key   the mesh CA's certificate, and its key on authority members only (0600; see
+                     mesh/security/authority.py)
+    node.pem, node.key  this node's certificate (signed by the mesh CA, renewed while it runs:
+                     mesh/security/renewal.py) and key (0600)
     node.json        this node's id, name, mesh, addresses and last known Raft partners
     mesh.toml        optional configuration (else the built-in defaults)
     raft/            pysyncobj's journal and full dump
@@ -125,11 +127,13 @@ class DataDir:
 
     # -- certificates and the admin credential -------------------------------------------------
 
-    def write_identity(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes, ca_key_pem: bytes) -> None:
+    def write_identity(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes, ca_key_pem: bytes | None) -> None:
+        """Stores this node's key and certificate and the mesh CA; its key only on an authority."""
         _write_private(self.path / "node.key", key_pem.decode())
         (self.path / "node.pem").write_bytes(cert_pem)
         (self.path / "ca.pem").write_bytes(ca_pem)
-        _write_private(self.path / "ca.key", ca_key_pem.decode())
+        if ca_key_pem is not None:
+            _write_private(self.path / "ca.key", ca_key_pem.decode())
 
     def identity(self) -> NodeIdentity:
         """This node's key, certificate and mesh CA; ValueError if the data dir has none."""
@@ -141,8 +145,26 @@ class DataDir:
             raise ValueError(f"{self.path} has no node certificate ({exc.filename} is missing): it was made by "
                              f"an older Quorum; make the mesh again with `meshd init`, or join it anew") from None
 
-    def ca_key(self) -> bytes:
-        return (self.path / "ca.key").read_bytes()
+    def ca_key(self) -> bytes | None:
+        """The mesh CA's key, or None on a member that is not an authority."""
+        try:
+            return (self.path / "ca.key").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def drop_ca_key(self) -> bool:
+        """Deletes ca.key (overwritten first: a plain unlink leaves the bytes on disk); whether there was one."""
+        path = self.path / "ca.key"
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return False
+        with open(path, "r+b") as f:
+            f.write(secrets.token_bytes(size))
+            f.flush()
+            os.fsync(f.fileno())
+        path.unlink()
+        return True
 
     def admin_token(self) -> str:
         """This member's admin credential (admin.token, 0600, where meshctl on this machine finds it);

@@ -6,9 +6,9 @@ credential need not cross a LAN in clear.
 - "mesh": a certificate from the mesh CA for this member's names (`gateway_names`), kept in the data
   dir as gateway.pem / gateway.key (0600), made again at start when missing, for other names, for
   another key, or within RENEW_BEFORE_S of expiry. Clients trust the mesh CA (ca.pem, in every data
-  dir and at GET /control/v1/ca). The request goes to a `Signer`: today `local_signer` (every member
-  holds the CA key); once the CA key lives only on authority members, a signer that sends the
-  request to one of them over the peer port (the request carries the key; the signer names the hosts).
+  dir and at GET /control/v1/ca). The request goes to a `Signer`: `local_signer` on an authority (it holds
+  the CA key), else the daemon's signer that sends it to an authority over the peer port
+  (mesh/security/authority.py; the request carries the key, the signer names the hosts).
 
 With HTTPS on, the port speaks only TLS: a plain HTTP request fails its handshake and gets no answer.
 No redirect: by the time a client could follow one, its API key has already crossed in clear, and a

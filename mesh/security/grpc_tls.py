@@ -4,6 +4,11 @@ Both ends present a certificate from the mesh CA (mesh/security/pki.py); a peer 
 handshake. The server also checks, on every call, that the certificate's node id belongs to a live
 member of the replicated member list, so a removed member's certificate, still validly signed, is
 refused with PERMISSION_DENIED.
+
+A client asks for the certificate of the member it means to reach (`target_for(node_id)`: the DNS name
+`ID.quorum-node` only that member's certificate holds), so a removed member, or any other member, cannot
+pose as a shard or a model source: the TLS handshake fails. The server presents whatever certificate
+this member holds now (`server_credentials` takes a callable: a renewal applies to the next handshake).
 """
 
 from __future__ import annotations
@@ -14,17 +19,41 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from mesh.security.pki import NODE_DNS_NAME, NodeIdentity
+from mesh.security.pki import NODE_DNS_NAME, NodeIdentity, node_dns_name
 
 log = logging.getLogger("quorum.grpc")
 
-# Channels ask for the name every node certificate carries (members are reached by address).
+# The name every node certificate carries: any member of this mesh. Only for tools and tests that do
+# not care which member answers; members dial each other with `target_for(node_id)`.
 TARGET_NAME_OPTION = ("grpc.ssl_target_name_override", NODE_DNS_NAME)
 
 
-def server_credentials(identity: NodeIdentity) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem,
-                                       require_client_auth=True)
+def target_for(node_id: str) -> tuple[str, str]:
+    """The channel option that makes TLS accept only `node_id`'s certificate."""
+    return ("grpc.ssl_target_name_override", node_dns_name(node_id))
+
+
+def server_credentials(identity: NodeIdentity | Callable[[], NodeIdentity]) -> grpc.ServerCredentials:
+    """Mutual TLS for the gRPC port. With a callable, each new handshake presents the identity it returns
+    then (a renewed certificate is served without a restart)."""
+    if isinstance(identity, NodeIdentity):
+        return grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem,
+                                           require_client_auth=True)
+    current = identity
+    served = current()
+
+    def config(who: NodeIdentity) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(who.key_pem, who.cert_pem)], root_certificates=who.ca_pem)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal served
+        now = current()
+        if now is served:
+            return None  # unchanged: gRPC keeps the configuration it has
+        served = now
+        return config(now)
+
+    return grpc.dynamic_ssl_server_credentials(config(served), fetch, require_client_authentication=True)
 
 
 def channel_credentials(identity: NodeIdentity) -> grpc.ChannelCredentials:

@@ -5,11 +5,17 @@ certificate request only after checking this port's certificate against the toke
 and requests a member relays to the leader (chat streams, completions, control calls), which carry
 the member's own certificate. Everything but a join needs a client certificate from the mesh CA whose
 node id is a live member; anything else is refused with 403 before the app sees it.
+
+The other way, `peer_client` sends a request only to the member the address belongs to
+(`expect(host:port)` -> its node id, from the replicated member list): TLS must present that member's
+certificate (the name `ID.quorum-node` in its SAN), so a removed member, or any other one, posing as the
+leader's peer port is refused before a byte of the request (API keys, admin credentials) leaves.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any, Callable, ClassVar
 
 import httpx
@@ -17,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.core.errors import ApiError
 from mesh.security.http_guard import ConnectionLimits, GuardedH11Protocol, QuietServer, guarded, guarded_server
-from mesh.security.pki import NodeIdentity
+from mesh.security.pki import NodeIdentity, load_identity, node_dns_name
 from raft.state import MeshState
 from raft.vocab import MemberState
 
@@ -96,17 +102,62 @@ class StripRelayHeaders:
 
 
 def peer_server(app: ASGIApp, identity: NodeIdentity, limits: ConnectionLimits = ConnectionLimits(),
-                is_member: Callable[[str], bool] | None = None) -> QuietServer:
+                is_member: Callable[[str], bool] | None = None, context: ssl.SSLContext | None = None) -> QuietServer:
     """A uvicorn server for the peer port (serve it with `sockets=[bound socket]`); `is_member(node_id)`
-    says whose certificate lifts the connection caps."""
+    says whose certificate lifts the connection caps. `context`: a server context that a renewal reloads
+    (mesh/security/renewal.py); by default one made from `identity`."""
     protocol = guarded(limits, PeerProtocol, is_member=staticmethod(is_member) if is_member else None)
     # our own context: client certificates optional but verified
-    return guarded_server(app, protocol, identity.server_context())
+    return guarded_server(app, protocol, context or identity.server_context())
 
 
-def peer_client(identity: NodeIdentity, timeout: httpx.Timeout | float = 30.0) -> httpx.AsyncClient:
-    """An HTTPS client to other members' peer ports, presenting this node's certificate."""
-    return httpx.AsyncClient(verify=identity.client_context(), timeout=timeout)
+Identity = NodeIdentity | Callable[[], NodeIdentity]
+
+
+def peer_client(identity: Identity, timeout: httpx.Timeout | float = 30.0,
+                expect: Callable[[str], str | None] | None = None) -> httpx.AsyncClient:
+    """An HTTPS client to other members' peer ports, presenting this node's certificate (a callable: the one
+    it holds at each request, so a renewal applies to new connections). With `expect(host:port)` -> node id,
+    only that member's certificate is accepted at that address (None: no live member there: refused)."""
+    if expect is None:
+        fixed = identity() if callable(identity) else identity
+        return httpx.AsyncClient(verify=fixed.client_context(), timeout=timeout)
+    return httpx.AsyncClient(transport=MemberTransport(identity, expect), timeout=timeout)
+
+
+class MemberTransport(httpx.AsyncBaseTransport):
+    """Each request goes over TLS that accepts only the certificate of the member at its address (the SNI
+    and hostname check name `ID.quorum-node`), in one connection pool per member id: a pooled connection
+    verified for one member is never used for another."""
+
+    def __init__(self, identity: Identity, expect: Callable[[str], str | None]) -> None:
+        self._identity = identity if callable(identity) else (lambda: identity)
+        self._expect = expect
+        self._loaded = self._identity()
+        self._context = self._loaded.client_context()
+        self._context.check_hostname = True  # against ID.quorum-node, sent as the SNI below
+        self._pools: dict[str, httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        address = f"[{host}]:{request.url.port}" if ":" in host else f"{host}:{request.url.port}"
+        node_id = self._expect(address)
+        if node_id is None:
+            raise httpx.ConnectError(f"no live member of this mesh listens at {address}", request=request)
+        current = self._identity()
+        if current is not self._loaded:  # renewed: new handshakes present the new certificate
+            load_identity(self._context, current, self._loaded)
+            self._loaded = current
+        pool = self._pools.get(node_id)
+        if pool is None:
+            pool = self._pools[node_id] = httpx.AsyncHTTPTransport(verify=self._context)
+        request.extensions = {**request.extensions, "sni_hostname": node_dns_name(node_id)}
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            await pool.aclose()
 
 
 def peer_url(address: str, path: str) -> str:

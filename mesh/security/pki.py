@@ -2,13 +2,14 @@
 
 `meshd init` creates the CA (an EC P-256 key and a self-signed certificate) and the first node's key
 and certificate. A joining node makes its own key and sends a certificate request; the leader checks the
-join token and signs it. Every member keeps the CA key too (received over TLS when it joins), so whichever
-member leads can admit the next one: the CA key is as sensitive as the mesh secret, which every member
-also holds.
+join token and has an authority member sign it (mesh/security/authority.py): the CA key lives only on
+authorities.
 
-A node certificate's common name is its node id; its one DNS name is NODE_DNS_NAME, which every client
-expects (members are found by Raft address, not by DNS), so the check that matters is the signature by
-this mesh's CA plus, where it matters, the node id against the replicated member list.
+A node certificate names its node id twice: as the common name and as the DNS name `ID.quorum-node`
+(`node_dns_name`), beside the plain NODE_DNS_NAME older clients ask for. A client that dials a member asks
+for that member's `ID.quorum-node`, so TLS itself refuses any other member's certificate (a removed phone
+posing as the leader's peer port or a shard). Node certificates last NODE_DAYS (30) and are renewed by the
+daemon well before (mesh/security/renewal.py); the replicated member list refuses removed ids everywhere.
 
 Files (in the data dir; keys 0600): ca.pem, ca.key, node.pem, node.key.
 """
@@ -19,6 +20,7 @@ import base64
 import datetime
 import hashlib
 import os
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,9 @@ from cryptography.x509.oid import NameOID
 
 NODE_DNS_NAME = "quorum-node"
 CA_YEARS = 20
-NODE_YEARS = 10
+NODE_DAYS = 30  # a node certificate's life; renewed after two thirds of it (mesh/security/renewal.py)
 MAX_CSR_BYTES = 4096
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")  # a DNS label: node ids are 12 hex digits
 
 
 class PkiError(ValueError):
@@ -65,6 +68,15 @@ class NodeIdentity:
         ctx = trusting(self.ca_pem)
         _load_chain(ctx, self.cert_pem, self.key_pem)
         return ctx
+
+
+def load_identity(ctx: ssl.SSLContext, identity: NodeIdentity, before: NodeIdentity | None = None) -> None:
+    """Loads `identity` into an existing context: its certificate replaces the one there for new handshakes,
+    and its CA is trusted too (`before`'s stays trusted: a CA rotation adds before it drops). Call it on the
+    thread that makes the context's connections (for asyncio servers and clients: the loop)."""
+    _load_chain(ctx, identity.cert_pem, identity.key_pem)
+    if before is None or before.ca_pem != identity.ca_pem:
+        ctx.load_verify_locations(cadata=identity.ca_pem.decode())
 
 
 def trusting(ca_pem: bytes) -> ssl.SSLContext:
@@ -131,9 +143,17 @@ def certificate_request(key_pem: bytes, node_id: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str) -> bytes:
+def node_dns_name(node_id: str) -> str:
+    """The DNS name in `node_id`'s certificate that a client asks for when it dials that member."""
+    return f"{node_id}.{NODE_DNS_NAME}"
+
+
+def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str, days: float = NODE_DAYS) -> bytes:
     """The node certificate for `node_id`, the id the leader assigned, for the key of a self-consistent
-    request. The request's own subject is ignored: a joiner proves it holds the key, the CA names it."""
+    request, valid for `days`. The request's own subject is ignored: a joiner proves it holds the key,
+    the CA names it."""
+    if not _NODE_ID.fullmatch(node_id or ""):
+        raise PkiError(f"not a node id: {node_id!r}")
     if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
         raise PkiError("certificate request missing or too large")
     try:
@@ -151,9 +171,10 @@ def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.subject)
             .public_key(csr.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=365 * NODE_YEARS))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(NODE_DNS_NAME)]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(NODE_DNS_NAME),
+                                                        x509.DNSName(node_dns_name(node_id))]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH,
                                                   x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
@@ -161,10 +182,11 @@ def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str)
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def issue_node_certificate(ca_pem: bytes, ca_key_pem: bytes, node_id: str) -> tuple[bytes, bytes]:
+def issue_node_certificate(ca_pem: bytes, ca_key_pem: bytes, node_id: str,
+                           days: float = NODE_DAYS) -> tuple[bytes, bytes]:
     """(key PEM, certificate PEM) for a node whose key is made here (the mesh's first node)."""
     key = new_key()
-    return key, sign_request(ca_pem, ca_key_pem, certificate_request(key, node_id), node_id)
+    return key, sign_request(ca_pem, ca_key_pem, certificate_request(key, node_id), node_id, days)
 
 
 def fingerprint(ca_pem: bytes) -> str:
@@ -189,6 +211,19 @@ def common_name(cert_pem: bytes) -> str:
     cert = x509.load_pem_x509_certificate(cert_pem)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else ""
+
+
+def node_id_of(cert_pem: bytes) -> str | None:
+    """The node id a node certificate names in its SAN (`ID.quorum-node`) and common name alike; None
+    when they disagree or the SAN names none (a certificate from before ids were in the SAN)."""
+    cn = common_name(cert_pem)
+    return cn if node_dns_name(cn) in certificate_names(cert_pem) else None
+
+
+def lifetime(cert_pem: bytes) -> tuple[float, float]:
+    """(not before, not after) as Unix times."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
 
 
 def signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:

@@ -5,6 +5,10 @@ Each member runs in a network namespace of its own with two links: a "mesh" link
 the members' HTTP between each other, on one bridge) and a "client" link the test uses (on
 another). The partition takes c's mesh link down; the test can still talk to c over its client
 link. Needs root and `ip netns` (skipped without them).
+
+What it checks is what needs meshd processes: the cut-off member's HTTP answers and the majority's gateway. The
+consensus underneath (the minority commits nothing, the majority goes on, the minority catches up; a cut-off
+leader steps down) runs in-process in tests/unit/test_raft_harness_consensus.py, in well under a second.
 """
 
 from __future__ import annotations

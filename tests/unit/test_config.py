@@ -280,3 +280,13 @@ def test_advertise_with_a_port_is_an_error():
 def test_resolved_threads_auto_is_positive_and_explicit_wins():
     assert NodeConfig(threads=0).resolved_threads() >= 1
     assert NodeConfig(threads=5).resolved_threads() == 5
+
+
+def test_security_authorities_auto_or_a_list_of_names(tmp_path):
+    cfg = load_text(tmp_path, '[security]\nauthorities = ["pi5", "tower"]\nnode_cert_days = 7\n')
+    assert cfg.security.authorities == ("pi5", "tower") and cfg.security.node_cert_days == 7
+    for bad in ('"some"', "[]", "[1]", "true"):
+        assert "security.authorities" in str(expect_error(tmp_path, f"[security]\nauthorities = {bad}\n",
+                                                          "security.authorities"))
+    expect_error(tmp_path, "[security]\nnode_cert_days = 0\n", "security.node_cert_days")
+    expect_error(tmp_path, "[security]\ncert = 1\n", "security.cert")

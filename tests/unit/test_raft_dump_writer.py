@@ -21,11 +21,26 @@ from raft.dump_writer import DumpWriter, finish_compaction
 from raft.journal import DurableJournal
 from raft.node import RaftNode, RaftTiming
 from raft.state import MeshState, Session, Turn, apply
-from tests.unit.test_raft_prevote import PASSWORD, addresses, terms, wait_for
+from tests.procs import free_ports
+from tests.unit.test_raft_prevote import PASSWORD, terms
 
 ENTRIES = ((b"\x01", 9, 2), (b"\x01", 8, 2))  # (last, prev) as pysyncobj hands them over
 WAIT_S = 10.0
 ENCODE = snapshot.encode_dump  # not held by the `gate` fixture
+
+
+def addresses(count: int = 3) -> list[str]:
+    base = free_ports(count)
+    return [f"127.0.0.1:{base + i}" for i in range(count)]
+
+
+def wait_for(condition, what: str, limit_s: float = 20.0, nodes=()) -> None:
+    """Polls `condition` (real tick threads run these nodes) until it holds, bounded."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {[n.status() for n in nodes]}")
+        time.sleep(0.01)
 
 
 def test_pinned_to_pysyncobj_0_3_17_async_serializer_hook():

@@ -1,10 +1,9 @@
-"""raft/node.py: a one-member RaftNode in this process, ticked by hand (auto_tick=False)."""
+"""raft/node.py: a one-member RaftNode in this process, on tests/raft_harness.py (ticked by hand on a fake
+clock, its real journal under tmp_path; the TCP transport is tests/unit/test_raft_transport.py's)."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
 
@@ -12,22 +11,28 @@ from raft.commands import AddMember, InitMesh, SetMemberState
 from raft.node import RaftNode, RaftTiming
 from raft.state import Rejected
 from tests.procs import free_ports
+from tests.raft_harness import Cluster
 
-PASSWORD = "unit-test-secret"
 TIMING = RaftTiming(heartbeat_s=0.02, election_min_s=0.1, election_max_s=0.2, connection_retry_s=0.1,
                     leader_fallback_s=0.3)
 
+_cluster: Cluster | None = None  # the open one, for the helpers below (one at a time: see Cluster)
+
+
+@pytest.fixture
+def solo(tmp_path):
+    """A one-member group, not started (start(0) / restart(0) start it)."""
+    global _cluster
+    with Cluster(tmp_path, 1, timing=TIMING, start=False) as c:
+        _cluster = c
+        try:
+            yield c
+        finally:
+            _cluster = None
+
 
 def tick_until(node: RaftNode, condition, what: str, limit_s: float = 20.0):
-    """Ticks the node (each tick waits at most 0.05 s for I/O) until `condition()` is true."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit_s} s waiting for {what}; status: {node.status()}")
-        node.tick(0.05)
+    return _cluster.run_until(condition, what, limit_s)
 
 
 def settle(node: RaftNode, future: Future):
@@ -35,19 +40,9 @@ def settle(node: RaftNode, future: Future):
     return future
 
 
-def new_node(data_dir: Path, applied: list | None = None) -> RaftNode:
-    address = f"127.0.0.1:{free_ports(1)}"
-    return RaftNode(address, [], data_dir, PASSWORD, timing=TIMING, auto_tick=False,
-                    on_applied=None if applied is None else applied.append)
-
-
 @pytest.fixture
-def node(tmp_path):
-    n = new_node(tmp_path / "raft")
-    try:
-        yield n
-    finally:
-        n.close()
+def node(solo):
+    return solo.start(0)
 
 
 def leader(node: RaftNode) -> RaftNode:
@@ -75,18 +70,15 @@ def test_propose_init_mesh_resolves_and_state_shows_it(node):
     assert node.state.applied == 1
 
 
-def test_on_applied_hook_sees_each_accepted_state(tmp_path):
+def test_on_applied_hook_sees_each_accepted_state(solo):
     seen = []
-    n = new_node(tmp_path / "raft", seen)
-    try:
-        leader(n)
-        settle(n, n.propose(init_mesh())).result(timeout=0)
-        with pytest.raises(Rejected):
-            settle(n, n.propose(init_mesh("again"))).result(timeout=0)
-        assert [s.applied for s in seen] == [1]
-        assert seen[-1] is n.state
-    finally:
-        n.close()
+    n = solo.start(0, on_applied=seen.append)
+    leader(n)
+    settle(n, n.propose(init_mesh())).result(timeout=0)
+    with pytest.raises(Rejected):
+        settle(n, n.propose(init_mesh("again"))).result(timeout=0)
+    assert [s.applied for s in seen] == [1]
+    assert seen[-1] is n.state
 
 
 def test_rejected_command_fails_its_future_and_leaves_state_unchanged(node):
@@ -108,32 +100,26 @@ def test_command_before_init_is_rejected(node):
     assert not node.state.initialised
 
 
-def test_restart_on_same_data_dir_recovers_state_from_journal(tmp_path):
-    data_dir = tmp_path / "raft"
-    first = new_node(data_dir)
-    try:
-        leader(first)
-        settle(first, first.propose(init_mesh("kept"))).result(timeout=0)
-        settle(first, first.propose(AddMember("n1", "alpha", "127.0.0.1:1", "127.0.0.1:3", {"cores": 2},
-                                              10.0))).result(timeout=0)
-        expected = first.state
-    finally:
-        first.close()
-    assert (data_dir / "raft.wal").exists()
+def test_restart_on_same_data_dir_recovers_state_from_journal(solo, tmp_path):
+    first = solo.start(0)
+    leader(first)
+    settle(first, first.propose(init_mesh("kept"))).result(timeout=0)
+    settle(first, first.propose(AddMember("n1", "alpha", "127.0.0.1:1", "127.0.0.1:3", {"cores": 2},
+                                          10.0))).result(timeout=0)
+    expected = first.state
+    solo.stop(0)
+    assert (tmp_path / "n0" / "raft.wal").exists()
 
-    second = new_node(data_dir)
-    try:
-        tick_until(second, lambda: second.state == expected, "the journal to be replayed")
-        assert second.state.mesh_id == "kept"
-        assert second.state.members["n1"].name == "alpha"
-        assert second.state.applied == 2
-        leader(second)
-        # The recovered log goes on where it stopped.
-        with pytest.raises(Rejected, match="already initialised"):
-            settle(second, second.propose(init_mesh("new"))).result(timeout=0)
-        assert second.state == expected
-    finally:
-        second.close()
+    second = solo.start(0)
+    tick_until(second, lambda: second.state == expected, "the journal to be replayed")
+    assert second.state.mesh_id == "kept"
+    assert second.state.members["n1"].name == "alpha"
+    assert second.state.applied == 2
+    leader(second)
+    # The recovered log goes on where it stopped.
+    with pytest.raises(Rejected, match="already initialised"):
+        settle(second, second.propose(init_mesh("new"))).result(timeout=0)
+    assert second.state == expected
 
 
 @pytest.mark.parametrize("password", ["", None])
@@ -142,7 +128,6 @@ def test_empty_password_is_refused(tmp_path, password):
         RaftNode(f"127.0.0.1:{free_ports(1)}", [], tmp_path / "raft", password, auto_tick=False)
 
 
-def test_close_twice_is_safe(tmp_path):
-    n = new_node(tmp_path / "raft")
-    n.close()
-    n.close()
+def test_close_twice_is_safe(node):
+    node.close()
+    node.close()

@@ -1,16 +1,15 @@
 """raft/prevote.py: pre-vote and leader stickiness on pysyncobj 0.3.17, so that a restarted or partitioned
 member never deposes a healthy leader (Raft thesis §9.6).
 
-Hand-ticked groups (auto_tick=False, the test thread ticks every member) check the mechanism step by step;
-the restart claim runs real tick threads under load over loopback.
+The groups run on tests/raft_harness.py (real RaftNode and PreVoteSyncObj over an in-memory network on a fake
+clock): the mechanism step by step, and the restart claim under load. Only the handler-registration check starts
+a member over TCP (what the transport calls is what it checks).
 """
 
 from __future__ import annotations
 
 import inspect
-import threading
-import time
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from pathlib import Path
 
 import pysyncobj
@@ -21,45 +20,14 @@ from raft.commands import InitMesh, SetReplicas
 from raft.node import ProposalFailed, RaftNode, RaftTiming
 from raft.prevote import PreVoteSyncObj, should_grant
 from tests.procs import free_ports
+from tests.raft_harness import Cluster
 
 PASSWORD = "prevote-test-secret"
 HAND = RaftTiming(heartbeat_s=0.02, election_min_s=0.15, election_max_s=0.3, connection_retry_s=0.1,
                   leader_fallback_s=0.4)
-# The restart test runs real tick threads on a shared 2-core machine: the production timing (DESIGN.md).
+# The restart claim: the production timing (DESIGN.md).
 LIVE = RaftTiming(heartbeat_s=0.05, election_min_s=0.3, election_max_s=0.6, connection_retry_s=0.5,
                   leader_fallback_s=0.6)
-
-
-def addresses(count: int = 3) -> list[str]:
-    base = free_ports(count)
-    return [f"127.0.0.1:{base + i}" for i in range(count)]
-
-
-def start(root: Path, addrs: list[str], i: int, timing: RaftTiming = HAND, auto_tick: bool = False,
-          prevote: bool = True) -> RaftNode:
-    return RaftNode(addrs[i], [a for a in addrs if a != addrs[i]], root / f"n{i}", PASSWORD, timing,
-                    auto_tick=auto_tick, prevote=prevote)
-
-
-def tick_until(nodes, condition, what: str, limit_s: float = 20.0):
-    deadline = time.monotonic() + limit_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {[n.status() for n in nodes]}")
-        for n in nodes:
-            n.tick(0.005)
-
-
-def one_leader(nodes) -> RaftNode:
-    def ready():
-        leaders = [n for n in nodes if n.is_leader()]
-        return len(leaders) == 1 and all(n.is_ready() and n.leader() == leaders[0].address for n in nodes) \
-            and all(n.partners().get(m.address) for n in nodes for m in nodes if m is not n)
-    tick_until(nodes, ready, "one leader that every member follows")
-    return next(n for n in nodes if n.is_leader())
 
 
 def terms(nodes) -> list[int]:
@@ -73,16 +41,15 @@ def expire_election_timer(node: RaftNode) -> None:
 
 @pytest.fixture
 def group(tmp_path):
-    made: list[RaftNode] = []
+    made: list[Cluster] = []
 
-    def make(prevote: bool = True, count: int = 3) -> list[RaftNode]:
-        addrs = addresses(count)
-        made.extend(start(tmp_path, addrs, i, prevote=prevote) for i in range(count))
-        return made
+    def make(prevote: bool = True, count: int = 3) -> Cluster:
+        made.append(Cluster(tmp_path, count, timing=HAND, prevote=prevote))
+        return made[-1]
 
     yield make
-    for n in made:
-        n.close()
+    for c in made:
+        c.close()
 
 
 # ---- pins: what raft/prevote.py assumes about pysyncobj -------------------------------------------------
@@ -109,7 +76,7 @@ def test_pinned_to_pysyncobj_0_3_17_private_names_and_election_code():
 
 
 def test_a_node_registers_the_pre_vote_handler_and_has_the_private_state(tmp_path):
-    node = start(tmp_path, addresses(1), 0)
+    node = RaftNode(f"127.0.0.1:{free_ports(1)}", [], tmp_path / "n0", PASSWORD, HAND, auto_tick=False)
     try:
         obj = node._obj
         assert isinstance(obj, PreVoteSyncObj)
@@ -124,74 +91,70 @@ def test_a_node_registers_the_pre_vote_handler_and_has_the_private_state(tmp_pat
 
 def test_stock_pysyncobj_lets_a_timed_out_follower_depose_a_healthy_leader(group):
     """What pre-vote is for: pysyncobj 0.3.17 bumps the term at once, and the leader steps down for it."""
-    nodes = group(prevote=False)
-    lead = one_leader(nodes)
+    c = group(prevote=False)
+    lead = c.stable_leader()
     before = lead.status()["term"]
-    follower = next(n for n in nodes if n is not lead)
+    follower = c.others(lead)[0]
     expire_election_timer(follower)
-    tick_until(nodes, lambda: min(terms(nodes)) > before, "the whole group to move to a new term")
+    c.run_until(lambda: min(c.terms()) > before, "the whole group to move to a new term")
     assert follower.status()["term"] > before
 
 
 # ---- pre-vote ---------------------------------------------------------------------------------------------
 
 def test_a_timed_out_follower_asks_first_and_is_refused_while_the_leader_lives(group):
-    nodes = group()
-    lead = one_leader(nodes)
-    before = terms(nodes)
-    follower = next(n for n in nodes if n is not lead)
-    refused = sum(n._obj.prevote.refused for n in nodes)
+    c = group()
+    lead = c.stable_leader()
+    before = c.terms()
+    follower = c.others(lead)[0]
+    refused = sum(n._obj.prevote.refused for n in c.running)
     won = follower._obj.prevote.rounds_won  # the first election's
     for _ in range(3):
         rounds = follower._obj.prevote.rounds_started
         expire_election_timer(follower)
-        tick_until(nodes, lambda: sum(n._obj.prevote.refused for n in nodes) >= refused + 2,
-                   "both members to refuse the pre-vote")
+        c.run_until(lambda: sum(n._obj.prevote.refused for n in c.running) >= refused + 2,
+                    "both members to refuse the pre-vote")
         refused += 2
         assert follower._obj.prevote.rounds_started == rounds + 1
     assert follower._obj.prevote.rounds_won == won
-    assert terms(nodes) == before
-    assert one_leader(nodes) is lead
+    assert c.terms() == before
+    assert c.stable_leader() is lead
 
 
 def test_the_leader_dying_still_elects_a_new_one(group):
-    nodes = group()
-    lead = one_leader(nodes)
+    c = group()
+    lead = c.stable_leader()
     before = lead.status()["term"]
-    lead.close()
-    rest = [n for n in nodes if n is not lead]
-    started = time.monotonic()
-    new = one_leader(rest)
-    assert new is not lead and time.monotonic() - started < 10
+    c.stop(lead)
+    started = c.elapsed_s
+    new = c.stable_leader(limit_s=10)
+    assert new is not lead and c.elapsed_s - started < 10
     assert new.status()["term"] > before
     assert new._obj.prevote.rounds_won >= 1
-    future = new.propose(InitMesh("m", "after", 1.0))
-    tick_until(rest, future.done, "a commit under the new leader")
-    assert future.result(timeout=0)["ok"]
+    assert c.commit(InitMesh("m", "after", 1.0), via=new)["ok"]
 
 
 def test_leadership_transfer_skips_the_pre_vote(group):
-    nodes = group()
-    lead = one_leader(nodes)
-    target = next(n for n in nodes if n is not lead)
+    c = group()
+    lead = c.stable_leader()
+    target = c.others(lead)[0]
     won = target._obj.prevote.rounds_won
 
     def transferred() -> bool:
         if target.is_leader():
             return True
         if lead.is_leader():  # denied while the leader has not seen the target's match index: ask again
-            future = lead.transfer_leadership(target.address)
-            tick_until(nodes, future.done, "the transfer request")
+            c.settle(lead.transfer_leadership(target.address))
         return False
 
-    tick_until(nodes, transferred, "the target to lead")
+    c.run_until(transferred, "the target to lead")
     assert target._obj.prevote.rounds_won == won
 
 
 def test_a_member_behind_the_groups_term_takes_it_from_a_refusal(group):
-    nodes = group()
-    lead = one_leader(nodes)
-    follower = next(n for n in nodes if n is not lead)
+    c = group()
+    lead = c.stable_leader()
+    follower = c.others(lead)[0]
     term = lead.status()["term"]
     obj = follower._obj
     obj.prevote.round = 7
@@ -202,16 +165,18 @@ def test_a_member_behind_the_groups_term_takes_it_from_a_refusal(group):
 
 
 def test_a_partitioned_follower_rejoins_without_raising_the_term(group):
-    nodes = group()
-    lead = one_leader(nodes)
-    before = terms(nodes)
-    follower = next(n for n in nodes if n is not lead)
+    c = group()
+    lead = c.stable_leader()
+    before = c.terms()
+    follower = c.others(lead)[0]
     rounds = follower._obj.prevote.rounds_started
-    cuts = [Cut(follower, n.address, 4 * HAND.election_max_s) for n in nodes if n is not follower]
-    tick_until(nodes, lambda: time.monotonic() > cuts[0].until, "the partition to heal")
+    # Shorter than the connection timeout: as under a flaky link, the connections stay up, the messages are lost.
+    c.network.isolate(follower.address, c.addresses)
+    c.run_for(4 * HAND.election_max_s)
+    c.network.heal()
     assert follower._obj.prevote.rounds_started >= rounds + 2  # it kept asking while cut off
-    assert one_leader(nodes) is lead
-    assert terms(nodes) == before
+    assert c.stable_leader() is lead
+    assert c.terms() == before
 
 
 @pytest.mark.parametrize("change, granted", [
@@ -233,123 +198,75 @@ def test_should_grant(change, granted):
 # ---- the claim: restarting a follower under load changes no leader ----------------------------------------
 
 class Load:
-    """Proposes SetReplicas to `lead`, at most `depth` in flight, until stopped."""
+    """Proposes SetReplicas to `lead` after every step of the cluster, `per_step` at a time (100 a fake second by
+    default), at most `depth` in flight."""
 
-    def __init__(self, lead: RaftNode, depth: int = 8) -> None:
+    def __init__(self, cluster: Cluster, lead: RaftNode, depth: int = 8, per_step: int = 1) -> None:
+        self.cluster = cluster
         self.lead = lead
         self.depth = depth
+        self.per_step = per_step
         self.committed = 0
         self.failed = 0
-        self.errors: list[BaseException] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="raft-load", daemon=True)
+        self._sent = 0
+        self._pending: list[Future] = []
 
     def __enter__(self) -> "Load":
-        self._thread.start()
+        self.cluster.on_step(self.pump)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        assert not self._thread.is_alive()
-        assert not self.errors, self.errors
+        self.cluster.remove_hook(self.pump)
 
-    def _run(self) -> None:
-        pending: set[Future] = set()
-        i = 0
-        try:
-            while not self._stop.is_set():
-                if len(pending) >= self.depth:
-                    wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                else:
-                    i += 1
-                    pending.add(self.lead.propose(SetReplicas("reasoning", i % 60)))
-                for f in [f for f in pending if f.done()]:
-                    pending.discard(f)
-                    if f.exception() is None:
-                        self.committed += 1
-                    elif isinstance(f.exception(), ProposalFailed):  # counted: the claim is on terms
-                        self.failed += 1
-                    else:
-                        raise f.exception()
-        except BaseException as exc:  # handed to the test thread, which fails with it
-            self.errors.append(exc)
+    def pump(self) -> None:
+        waiting = []
+        for f in self._pending:
+            if not f.done():
+                waiting.append(f)
+            elif f.exception() is None:
+                self.committed += 1
+            elif isinstance(f.exception(), ProposalFailed):  # counted: the claim is on terms
+                self.failed += 1
+            else:
+                raise f.exception()
+        self._pending = waiting
+        for _ in range(min(self.per_step, self.depth - len(self._pending))):
+            self._sent += 1
+            self._pending.append(self.lead.propose(SetReplicas("reasoning", self._sent % 60)))
 
 
-def wait_for(condition, what: str, limit_s: float = 20.0, nodes=()):
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {[n.status() for n in nodes]}")
-        time.sleep(0.01)
-
-
-class Cut:
-    """Drops every message between `node` and `peer` (both ways, on `node`'s side; the TCP connection stays up)
-    until `until` (monotonic): a member that hears the rest of the group but not that peer."""
-
-    def __init__(self, node: RaftNode, peer: str, seconds: float) -> None:
-        self.until = time.monotonic() + seconds
-        self.dropped = 0
-        transport = node._obj._SyncObj__transport
-        deliver, send = transport._onMessageReceivedCallback, transport.send
-
-        def filtered_deliver(sender, message):
-            if sender.address == peer and time.monotonic() < self.until:
-                self.dropped += 1
-                return None
-            return deliver(sender, message)
-
-        def filtered_send(to, message):
-            if to.address == peer and time.monotonic() < self.until:
-                self.dropped += 1
-                return False
-            return send(to, message)
-
-        transport._onMessageReceivedCallback = filtered_deliver  # both looked up by name at each call
-        transport.send = filtered_send
-
-
-def restart_under_load(tmp_path: Path, prevote: bool, restarts: int = 10) -> tuple[list[int], list[int], Load]:
+def restart_under_load(root: Path, prevote: bool, restarts: int = 10) -> tuple[list[int], list[int], Load, int]:
     """Restarts the follower the others dial `restarts` times; after each start it hears the other follower but not
     the leader for longer than an election timeout (the leader's packets late or lost, as under load or a
-    partial partition). Returns (terms before, terms after, the load) and leaves nothing running."""
-    addrs = addresses(3)
-    nodes = [start(tmp_path, addrs, i, LIVE, auto_tick=True, prevote=prevote) for i in range(3)]
-    try:
-        wait_for(lambda: sum(n.is_leader() for n in nodes) == 1 and all(n.is_ready() for n in nodes),
-                 "a leader", nodes=nodes)
-        lead = next(n for n in nodes if n.is_leader())
-        lead.propose(InitMesh("m", "restarts", 1.0)).result(timeout=10)
-        wait_for(lambda: all(all(n.partners().values()) for n in nodes), "a fully connected group", nodes=nodes)
-        before = terms(nodes)
-        i = min((i for i, n in enumerate(nodes) if n is not lead), key=lambda i: addrs[i])
-        with Load(lead) as load:
+    partial partition). Returns (terms before, terms after, the load, pre-votes refused by the other two)."""
+    with Cluster(root, 3, timing=LIVE, prevote=prevote) as c:
+        lead = c.stable_leader()
+        c.commit(InitMesh("m", "restarts", 1.0))
+        before = c.terms()
+        i = min(n.address for n in c.others(lead))  # the lower address is dialled
+        with Load(c, lead) as load:
             for _ in range(restarts):
                 committed = load.committed
-                wait_for(lambda: load.committed >= committed + 20 or not lead.is_leader(), "load between restarts",
-                         nodes=nodes)
-                nodes[i].close()
-                nodes[i] = start(tmp_path, addrs, i, LIVE, auto_tick=True, prevote=prevote)
-                cut = Cut(nodes[i], lead.address, 1.5 * LIVE.election_max_s)
-                wait_for(lambda: time.monotonic() > cut.until, "the cut to heal", nodes=nodes)
-                at = max(n.status()["commit_index"] for n in nodes if n is not nodes[i])
-                back = nodes[i]
-                wait_for(lambda: back.status()["last_applied"] >= at and back.leader() is not None
-                         and all(back.partners().values()), "the restarted follower to catch up", nodes=nodes)
-        return before, terms(nodes), load
-    finally:
-        for n in nodes:
-            n.close()
+                c.run_until(lambda: load.committed >= committed + 20 or not lead.is_leader(), "load between restarts")
+                c.stop(i)
+                back = c.start(i)
+                c.network.cut(back.address, lead.address)
+                c.run_for(1.5 * LIVE.election_max_s)
+                c.network.heal(back.address, lead.address)
+                at = max(n.status()["commit_index"] for n in c.others(back))
+                c.run_until(lambda: back.status()["last_applied"] >= at and back.leader() is not None
+                            and all(back.partners().values()), "the restarted follower to catch up")
+        return before, c.terms(), load, sum(n._obj.prevote.refused for n in c.others(c[i]))
 
 
 def test_restarting_a_follower_ten_times_under_load_changes_no_leader(tmp_path):
-    before, after, load = restart_under_load(tmp_path, prevote=True)
+    before, after, load, refused = restart_under_load(tmp_path, prevote=True)
     assert load.committed >= 200
+    assert refused >= 10  # each restarted follower did time out and ask, and was told no
     assert after == before  # no election anywhere: every member's term is the one it started with
 
 
 def test_without_pre_vote_the_same_restarts_depose_the_leader(tmp_path):
     """The claim's control: stock pysyncobj 0.3.17 moves the group to new terms on the same script."""
-    before, after, _ = restart_under_load(tmp_path, prevote=False, restarts=2)
+    before, after, _, _ = restart_under_load(tmp_path, prevote=False, restarts=2)
     assert min(after) > max(before)

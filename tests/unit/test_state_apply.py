@@ -31,6 +31,7 @@ from raft.commands import (
     SessionAppend,
     SessionTurnEnd,
     SessionTurnStart,
+    SetAuthority,
     SetMemberState,
     SetReplicas,
     SetShardState,
@@ -336,6 +337,7 @@ command_strategies = {
     CreateAdminCredential: st.builds(CreateAdminCredential, cred_id=text, name=text, secret_sha256=text,
                                      created_at=floats, node_id=text),
     RevokeAdminCredential: st.builds(RevokeAdminCredential, cred_id=text),
+    SetAuthority: st.builds(SetAuthority, node_id=text, authority=st.booleans()),
 }
 
 
@@ -590,3 +592,12 @@ def test_idle_sessions_expire_and_the_count_is_bounded():
         state = apply(state, SessionTurnStart(f"s{i}", 0, (), 1, 3e5 + i))
     assert len(state.sessions) == MAX_SESSIONS
     assert "s0" not in state.sessions and f"s{MAX_SESSIONS + 2}" in state.sessions
+
+
+def test_set_authority_marks_a_live_member_and_survives_its_removal():
+    state = run(SetAuthority("n1", True), state=setup())
+    assert state.members["n1"].authority
+    gone = run(SetMemberState("n1", "gone"), state=state)
+    assert gone.members["n1"].authority  # the record says the CA key left with it
+    with pytest.raises(Rejected, match="unknown member"):
+        run(SetAuthority("n1", False), state=gone)

@@ -1,0 +1,142 @@
+"""Short-lived node certificates, renewed while the member runs.
+
+A node certificate lasts `security.node_cert_days` (30). Once two thirds of its life have passed (or it is
+from before certificates named the node id in their SAN), `Renewer` makes a new key and has an authority
+sign a request for it (mesh/security/authority.py: here, or over the peer port with the current
+certificate), checks the answer (this mesh's CA, this key, this node id), writes node.key and node.pem, and
+hands the new identity to `LiveIdentity`, which every TLS user of this member reads:
+
+- Raft (raft/tls.py RaftTls.reload): new connections use the new contexts;
+- the peer port's server context and every peer client (mesh/security/peer_tls.py) load it in place, on the
+  event loop that makes their connections;
+- gRPC: the server's credentials fetch it at the next handshake (grpc_tls.server_credentials with a
+  callable); clients make new channels with it (mesh/replicas/remote_shard.py).
+
+Open connections keep the certificate they started with, valid for a third of its life still. A failed
+renewal is retried every RETRY_S and logged; it never stops the member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+import weakref
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import httpx
+
+from mesh.security.authority import NoAuthority
+from mesh.security.pki import (
+    NodeIdentity,
+    PkiError,
+    certificate_request,
+    lifetime,
+    load_identity,
+    new_key,
+    node_id_of,
+    same_key,
+    signed_by,
+)
+
+log = logging.getLogger("quorum.renewal")
+
+RENEW_AT = 2 / 3  # of a certificate's life
+RETRY_S = 60.0
+
+
+class LiveIdentity:
+    """This member's current key and certificate; a renewal replaces it and reloads every context made here."""
+
+    def __init__(self, identity: NodeIdentity) -> None:
+        self._current = identity
+        self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
+        self._listeners: list[Callable[[NodeIdentity], None]] = []
+        self._grpc: tuple[NodeIdentity, object] | None = None
+
+    def __call__(self) -> NodeIdentity:
+        return self._current
+
+    def server_context(self) -> ssl.SSLContext:
+        """A peer-port server context that follows renewals (reloaded on the thread that calls `replace`)."""
+        ctx = self._current.server_context()
+        self._contexts.add(ctx)
+        return ctx
+
+    def grpc_channel_credentials(self):
+        """gRPC client credentials for the current certificate: the same object until it changes."""
+        from mesh.security.grpc_tls import channel_credentials
+
+        if self._grpc is None or self._grpc[0] is not self._current:
+            self._grpc = (self._current, channel_credentials(self._current))
+        return self._grpc[1]
+
+    def on_change(self, listener: Callable[[NodeIdentity], None]) -> None:
+        self._listeners.append(listener)
+
+    def replace(self, identity: NodeIdentity) -> None:
+        before, self._current = self._current, identity
+        for ctx in list(self._contexts):
+            load_identity(ctx, identity, before)
+        for listener in self._listeners:
+            listener(identity)
+
+
+def due(cert_pem: bytes, now: float) -> bool:
+    """Whether a node certificate should be renewed now."""
+    start, end = lifetime(cert_pem)
+    return node_id_of(cert_pem) is None or now >= start + (end - start) * RENEW_AT
+
+
+class Renewer:
+    """Renews this member's certificate through `sign(request body) -> certificate PEM`."""
+
+    def __init__(self, live: LiveIdentity, data_dir: Path, node_id: str, sign: Callable[[dict], Awaitable[bytes]],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.live = live
+        self.data_dir = data_dir
+        self.node_id = node_id
+        self.sign = sign
+        self.clock = clock
+
+    async def renew(self) -> NodeIdentity:
+        """A new key and certificate, written and installed. Raises PkiError, NoAuthority, httpx.HTTPError."""
+        old = self.live()
+        key = await asyncio.to_thread(new_key)
+        cert = await self.sign({"kind": "node", "csr": certificate_request(key, self.node_id).decode()})
+        if not signed_by(cert, old.ca_pem) or not same_key(cert, key) or node_id_of(cert) != self.node_id:
+            raise PkiError("the authority's answer is not a certificate of this mesh for this node and key")
+        _write(self.data_dir / "node.key", key, private=True)
+        _write(self.data_dir / "node.pem", cert)
+        identity = NodeIdentity(key_pem=key, cert_pem=cert, ca_pem=old.ca_pem)
+        self.live.replace(identity)
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(lifetime(cert)[1]))
+        log.info("renewed this member's certificate (valid until %s)", until)
+        return identity
+
+    async def run(self, every_s: float = 3600.0) -> None:
+        """Checks every `every_s` (and at start); renews when due, retrying a failure every RETRY_S."""
+        while True:
+            wait = every_s
+            if due(self.live().cert_pem, self.clock()):
+                try:
+                    await self.renew()
+                except (PkiError, NoAuthority, httpx.HTTPError, OSError, KeyError, ValueError) as exc:
+                    # the old certificate still serves (a third of its life is left): try again soon
+                    log.warning("certificate renewal failed (%s: %s); retrying in %.0f s", type(exc).__name__, exc,
+                                RETRY_S)
+                    wait = min(every_s, RETRY_S)
+            await asyncio.sleep(wait)
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    tmp = path.with_suffix(path.suffix + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
