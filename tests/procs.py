@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -74,13 +75,21 @@ class Meshd:
     def __init__(self, data_dir: Path, *extra: str, backend: str = "llama", threads: int = 1,
                  port: int | None = None, command: str | None = None, name: str | None = None,
                  host: str = "127.0.0.1", listen: str | None = None, advertise: str | None = None,
-                 prefix: tuple[str, ...] = ()) -> None:
+                 prefix: tuple[str, ...] = (), https: bool = False) -> None:
         """`prefix` runs meshd under another command (e.g. `ip netns exec NS`); `host` is the
-        address the test reaches it on; `listen`/`advertise` default to host:port and nothing."""
+        address the test reaches it on; `listen`/`advertise` default to host:port and nothing.
+        `https`: the gateway serves HTTPS with a mesh certificate (gateway.tls = "mesh"), as it must
+        for the control API to answer beyond loopback; the helpers below then trust the mesh CA."""
         self.data_dir = Path(data_dir)
         self.port = port or free_ports(4)
         self.address = f"{host}:{self.port}"
-        self.base_url = f"http://{self.address}"
+        self.https = https
+        self.base_url = f"{'https' if https else 'http'}://{self.address}"
+        if https:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            config = self.data_dir / "mesh.toml"
+            if not config.exists():
+                config.write_text('[gateway]\ntls = "mesh"\n')
         self.name = name or self.data_dir.name
         self.prefix = list(prefix)
         self.common = ["--data-dir", str(self.data_dir), "--listen", listen or self.address, "--name", self.name,
@@ -98,10 +107,21 @@ class Meshd:
         log.close()
         return self
 
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client passes to reach this gateway: the mesh CA over HTTPS (by CA only: the test
+        may reach the member on an address its certificate does not name)."""
+        if not self.https:
+            return True
+        ca = self.data_dir / "ca.pem"
+        context = ssl.create_default_context(cafile=str(ca)) if ca.exists() else ssl.create_default_context()
+        context.check_hostname = False
+        return context
+
     def health(self) -> int:
         try:
-            return httpx.get(f"{self.base_url}/health", timeout=2).status_code
-        except httpx.HTTPError:
+            return httpx.get(f"{self.base_url}/health", timeout=2, verify=self.verify).status_code
+        except (httpx.HTTPError, ssl.SSLError):
             return 0
 
     def wait_ready(self, timeout: float = 120) -> "Meshd":
@@ -126,15 +146,17 @@ class Meshd:
         return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.exists() else {}
 
     def post(self, path: str, body: dict | None = None, timeout: float = 60) -> httpx.Response:
-        return httpx.post(f"{self.base_url}{path}", json=body or {}, timeout=timeout, headers=self.admin_headers())
+        return httpx.post(f"{self.base_url}{path}", json=body or {}, timeout=timeout, headers=self.admin_headers(),
+                          verify=self.verify)
 
     def get_json(self, path: str) -> dict:
-        reply = httpx.get(f"{self.base_url}{path}", timeout=10, headers=self.admin_headers())
+        reply = httpx.get(f"{self.base_url}{path}", timeout=10, headers=self.admin_headers(), verify=self.verify)
         reply.raise_for_status()
         return reply.json()
 
     def status(self) -> dict:
-        return httpx.get(f"{self.base_url}/control/v1/status", timeout=5, headers=self.admin_headers()).json()
+        return httpx.get(f"{self.base_url}/control/v1/status", timeout=5, headers=self.admin_headers(),
+                         verify=self.verify).json()
 
     def meshctl(self, *args: str) -> str:
         """`meshctl ARGS` against this node with its admin credential; its output (fails on an error)."""

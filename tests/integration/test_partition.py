@@ -88,7 +88,8 @@ def net():
 def member(net: Net, root, index: int, name: str, *extra: str, command: str = "join") -> Meshd:
     ns = net.member(index)
     return Meshd(root / name, *extra, command=command, name=name, port=PORT, host=f"10.214.0.{10 + index}",
-                 listen=f"0.0.0.0:{PORT}", advertise=f"10.213.0.{10 + index}", prefix=("ip", "netns", "exec", ns))
+                 listen=f"0.0.0.0:{PORT}", advertise=f"10.213.0.{10 + index}", prefix=("ip", "netns", "exec", ns),
+                 https=True)  # beyond loopback the control API answers only over HTTPS
 
 
 def test_cut_off_minority_refuses_writes_majority_serves_and_it_heals(net, tmp_path):
@@ -116,13 +117,13 @@ def test_cut_off_minority_refuses_writes_majority_serves_and_it_heals(net, tmp_p
         # The minority refuses writes and says so.
         refused = c.post("/control/v1/replicas", {"role": "reasoning", "count": 1}, timeout=60)
         assert refused.status_code == 503 and "majority" in refused.json()["error"]["message"]
-        answer = httpx.post(f"{c.base_url}/v1/chat/completions", timeout=60, headers=auth,
+        answer = httpx.post(f"{c.base_url}/v1/chat/completions", timeout=60, headers=auth, verify=c.verify,
                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "no_leader"
         assert "Retry-After" in answer.headers or "retry-after" in answer.headers
         # The majority keeps serving and committing.
         for node in (a_, b):
-            ok = httpx.post(f"{node.base_url}/v1/chat/completions", timeout=120, headers=auth,
+            ok = httpx.post(f"{node.base_url}/v1/chat/completions", timeout=120, headers=auth, verify=node.verify,
                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
             assert ok.status_code == 200
         assert a_.post("/control/v1/replicas", {"role": "reasoning", "count": 1}).status_code == 200
@@ -132,6 +133,6 @@ def test_cut_off_minority_refuses_writes_majority_serves_and_it_heals(net, tmp_p
         wait_until(lambda: c.status()["raft"]["has_quorum"]
                    and c.status()["raft"]["commit_index"] >= majority_commit, 60, "c to catch up")
         assert c.status()["replicas"] == a_.status()["replicas"]
-        healed = httpx.post(f"{c.base_url}/v1/chat/completions", timeout=120, headers=auth,
+        healed = httpx.post(f"{c.base_url}/v1/chat/completions", timeout=120, headers=auth, verify=c.verify,
                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert healed.status_code == 200
