@@ -3,6 +3,9 @@
 A backend instance is used by one thread at a time (llama.cpp contexts are not thread-safe);
 the engine in shards/engine.py owns that thread. `tokenize` and `token_bytes` read only the
 vocabulary and may be called from any thread.
+
+A backend that decodes several sequences together is a BatchedBackend as well: the engine then
+runs up to `slots` generations at once through start/step/release (shards/slots.py).
 """
 
 from __future__ import annotations
@@ -45,10 +48,28 @@ class Backend(Protocol):
         """Frees the model."""
 
 
+class BatchedBackend(Backend, Protocol):
+    slots: int  # sequences decoded together; n_ctx is each one's window
+
+    def start(self, prompt: list[int], sampling: Sampling, seed: int, forced: tuple[int, ...] = (),
+              resume_kv: bytes = b"", resume_kv_tokens: int = 0, checkpoints: bool = False):
+        """A sequence in a free slot, with generate()'s meaning of the arguments. The sequence has
+        `out` (tokens produced and not yet taken), `done` (no more to come) and `error`."""
+
+    def step(self, sequences: list) -> None:
+        """Advances the sequences together by one decode; new tokens land in each one's `out`."""
+
+    def release(self, sequence) -> None:
+        """Ends a sequence and frees its slot."""
+
+
 def load_backend(kind: str, **options) -> Backend:
-    """`kind` names a file: shards/backend_<kind>.py, which defines `open_backend(**options)`."""
+    """`kind` names a file: shards/backend_<kind>.py, which defines `open_backend(**options)`; "llama"
+    with `slots` > 1 is shards/backend_llama_batch.py."""
     if not kind.isidentifier():
         raise ValueError(f"bad backend name {kind!r}")
+    if kind == "llama" and options.get("slots", 1) > 1:
+        kind = "llama_batch"  # several sequences in one context (continuous batching)
     try:
         module = importlib.import_module(f"shards.backend_{kind}")
     except ModuleNotFoundError as exc:

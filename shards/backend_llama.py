@@ -32,12 +32,17 @@ class LlamaBackend:
         self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads,
                                     n_threads_batch=threads, n_batch=512, logits_all=False,
                                     verbose=False)
-        self._vocab = self._llm._model.vocab
         self.n_ctx = self._llm.n_ctx()
-        self.n_vocab = self._llm.n_vocab()
-        self._template = self._llm.metadata.get("tokenizer.chat_template") or None
-        self.bos_text = self._special_text(self._llm.token_bos())
-        self.eos_text = self._special_text(self._llm.token_eos())
+        self._init_vocab(self._llm._model)
+        log.info("loaded %s (context %d, %d threads)", path, self.n_ctx, threads)
+
+    def _init_vocab(self, model) -> None:
+        """What tokenizing and sampling need from a loaded model (llama_cpp._internals.LlamaModel)."""
+        self._vocab = model.vocab
+        self.n_vocab = model.n_vocab()
+        self._template = model.metadata().get("tokenizer.chat_template") or None
+        self.bos_text = self._special_text(model.token_bos())
+        self.eos_text = self._special_text(model.token_eos())
         self.token_bytes = lru_cache(maxsize=65536)(self.token_bytes)  # type: ignore[method-assign]
         # Candidate buffer for grammar-constrained steps: llama_token_data {id, logit, p}, one per token.
         self._candidates = np.zeros(self.n_vocab, dtype=np.dtype([("id", np.int32), ("logit", np.float32),
@@ -45,13 +50,17 @@ class LlamaBackend:
         self._ids = np.arange(self.n_vocab, dtype=np.int32)
         self._one = llama_cpp.llama_token_data()
         self.greedy_shortcut = True  # see _greedy_pick (tests turn it off to compare with the full pass)
-        log.info("loaded %s (context %d, %d threads)", path, self.n_ctx, threads)
+
+    def _logits(self) -> np.ndarray:
+        """The logits the next token is sampled from (the last decoded position of seq 0)."""
+        raw = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(raw, shape=(self.n_vocab,))
 
     def _special_text(self, token: int) -> str:
         return "" if token < 0 else llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
 
     def tokenize(self, text: str, add_bos: bool) -> list[int]:
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        return self._llm._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def token_bytes(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -245,8 +254,7 @@ class LlamaBackend:
             if not self._allows(grammar, replay):
                 raise ValueError(f"replayed token {replay} is not allowed by the grammar")
             return replay
-        raw = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
-        logits = np.ctypeslib.as_array(raw, shape=(self.n_vocab,))
+        logits = self._logits()
         best = np.argpartition(-logits, top)[:top]
         order = best[np.lexsort((best, -logits[best]))]
         floor = logits[order[-1]]
@@ -259,10 +267,9 @@ class LlamaBackend:
 
     def _candidates_array(self) -> llama_cpp.llama_token_data_array:
         """Every token with its logit at the last position, as llama_sampler_sample builds them."""
-        raw = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
         cand = self._candidates
         cand["id"] = self._ids
-        cand["logit"] = np.ctypeslib.as_array(raw, shape=(self.n_vocab,))
+        cand["logit"] = self._logits()
         cand["p"] = 0.0
         return llama_cpp.llama_token_data_array(data=cand.ctypes.data_as(llama_cpp.llama_token_data_p),
                                                 size=self.n_vocab, selected=-1, sorted=False)
@@ -282,8 +289,7 @@ class LlamaBackend:
 
     def _with_logprobs(self, token: int, top: int) -> TokenStep:
         """Log-probabilities of the model's distribution at the step that chose `token`."""
-        raw = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
-        logits = np.ctypeslib.as_array(raw, shape=(self.n_vocab,)).astype(np.float64)
+        logits = self._logits().astype(np.float64)
         peak = logits.max()
         logz = peak + np.log(np.exp(logits - peak).sum())
         best = np.argpartition(-logits, top)[:top] if top else np.array([], dtype=int)
@@ -295,5 +301,9 @@ class LlamaBackend:
         self._llm.close()
 
 
-def open_backend(path: str, n_ctx: int, threads: int, **_unused) -> LlamaBackend:
+def open_backend(path: str, n_ctx: int, threads: int, slots: int = 1, **_unused) -> LlamaBackend:
+    """One generation at a time. `slots` > 1 is shards/backend_llama_batch.py's (shards/backend.py
+    load_backend picks it): that module builds on this one, so this one never imports it."""
+    if slots != 1:
+        raise ValueError("the llama backend decodes one sequence; load 'llama' with slots > 1 for batching")
     return LlamaBackend(path=path, n_ctx=n_ctx, threads=threads)

@@ -5,11 +5,14 @@ list, chosen by a random generator seeded from the seed and the prompt, and ends
 `reply_tokens` tokens. `delay_s` slows each token down so tests can catch a generation mid-way.
 `reply` replaces the words with a fixed text (say, a tool call for tests of what the gateway
 makes of one). It has no vocabulary to apply a grammar to: Sampling.grammar is ignored.
+`slots` > 1 lets the engine run that many generations at once, one token each per step in turn
+(shards/slots.py): a stand-in for batching, for tests of admission and interleaving.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from typing import Iterator
@@ -25,8 +28,9 @@ class NullBackend:
     eos_text = "<eos>"
 
     def __init__(self, n_ctx: int = 512, reply_tokens: int = 24, delay_s: float = 0.0,
-                 reply: str | None = None) -> None:
+                 reply: str | None = None, slots: int = 1) -> None:
         self.n_ctx = n_ctx
+        self.slots = slots
         self.reply_tokens = reply_tokens if reply is None else len(reply.encode())
         self.delay_s = delay_s
         self.reply = reply
@@ -62,5 +66,8 @@ class NullBackend:
 
 
 def open_backend(n_ctx: int = 512, reply_tokens: int = 24, delay_s: float = 0.0, reply: str | None = None,
-                 **_ignored) -> NullBackend:
-    return NullBackend(n_ctx=n_ctx, reply_tokens=reply_tokens, delay_s=delay_s, reply=reply)
+                 slots: int = 1, **_ignored) -> NullBackend:
+    # A shard process's tests slow it down from outside (it is started by meshd with a HostSpec, which
+    # carries no test knobs): QUORUM_NULL_DELAY_S seconds per token.
+    delay_s = delay_s or float(os.environ.get("QUORUM_NULL_DELAY_S", "0") or 0)
+    return NullBackend(n_ctx=n_ctx, reply_tokens=reply_tokens, delay_s=delay_s, reply=reply, slots=slots)

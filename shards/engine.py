@@ -1,24 +1,25 @@
-"""Runs one backend on one worker thread, with a bounded queue in front of it.
+"""Runs one backend on one worker thread: up to `slots` generations at once, a bounded queue behind.
 
 llama.cpp contexts are not thread-safe, so each shard has exactly one thread that touches its
-backend. Requests wait in a queue of bounded depth (QueueFull beyond it: the gateway answers 429).
+backend. That thread loops: admit queued jobs into free slots (a request joins at the next step),
+advance every running generation by one step (for a batching backend, one llama_decode over all
+of them: shards/backend_llama_batch.py), hand out the tokens, and free the slots of the ended.
+Requests beyond the slots wait in a queue of bounded depth, counted in requests and in prompt
+tokens (QueueFull beyond either: the gateway answers 429).
 A job reports through `emit`, called on the worker thread; the caller bridges it to its loop.
-Setting `job.cancel` stops a generation at the next token (a client that went away).
+Setting `job.cancel` stops a generation at the next step (a client that went away).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
-import random
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from shards.backend import Backend
-from shards.text import TextStream
+from shards.slots import Run, Stepper
 from shards.types import Event, Failed, Finished, QueueFull, Sampling
 
 log = logging.getLogger("quorum.shard")
@@ -39,125 +40,166 @@ class Job:
 
 class Engine:
     def __init__(self, backend: Backend, queue_depth: int, name: str = "shard",
-                 on_finish: Callable[[Finished], None] | None = None) -> None:
+                 on_finish: Callable[[Finished], None] | None = None, queue_tokens: int | None = None) -> None:
         self.backend = backend
         self.on_finish = on_finish  # called on the worker thread for every ended generation
         self.queue_depth = queue_depth
+        # Prompt tokens the queue may hold (not yet prefilled); None: queue_depth full windows.
+        self.queue_tokens = queue_tokens if queue_tokens is not None else queue_depth * backend.n_ctx
         self.name = name
+        self._stepper = Stepper(backend)
+        self.slots = self._stepper.slots
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self._busy = False
+        self._waiting_tokens = 0
+        self._active = 0
         self._closing = threading.Event()
-        self._current: Job | None = None
+        self._runs: list[Run] = []
         self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
+        """Jobs queued for a free slot."""
         return self._waiting
 
     @property
+    def active(self) -> int:
+        """Jobs holding a slot (generating)."""
+        return self._active
+
+    @property
     def busy(self) -> bool:
-        return self._busy
+        return self._active > 0
+
+    @property
+    def load(self) -> int:
+        """Jobs generating or queued (what a router balances on)."""
+        return self._active + self._waiting
 
     def submit(self, jobs: list[Job]) -> None:
         """Queues jobs (all or none) or raises QueueFull; never blocks.
 
-        An idle engine always takes a request, however many choices it asks for; a busy one takes
-        it while the jobs waiting stay within queue_depth.
+        An idle engine always takes a request, however many choices it asks for; otherwise the jobs
+        must fit in the free slots plus queue_depth, and the prompt tokens waiting within queue_tokens.
         """
+        tokens = sum(len(j.prompt) for j in jobs)
         with self._lock:
-            idle = not self._busy and self._waiting == 0
-            if not idle and self._waiting + len(jobs) > self.queue_depth:
+            load = self._active + self._waiting
+            free = max(0, self.slots - load)
+            will_wait = sum(len(j.prompt) for j in jobs[free:])  # what free slots do not take at once
+            if load and (load + len(jobs) > self.slots + self.queue_depth
+                         or self._waiting_tokens + will_wait > self.queue_tokens):
                 raise QueueFull(self.queue_depth)
             self._waiting += len(jobs)
+            self._waiting_tokens += tokens
         for job in jobs:
             self._jobs.put(job)
 
     def close(self) -> None:
-        """Stops the running generation at its next token, tells queued jobs the shard stopped,
+        """Stops the running generations at their next step, tells queued jobs the shard stopped,
         ends the worker and frees the backend."""
         self._closing.set()
-        current = self._current
-        if current is not None:
-            current.cancel.set()
+        for run in list(self._runs):
+            run.job.cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout=30)
         self.backend.close()
 
     def _run(self) -> None:
+        stopping = False
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with self._lock:
-                self._waiting -= 1
-                self._busy = not self._closing.is_set()
-            if self._closing.is_set():
-                job.emit(Failed("the shard is shutting down", retryable=True))
+            while not stopping and len(self._runs) < self.slots:
+                try:
+                    job = self._jobs.get(block=not self._runs)
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                self._admit(job)
+            if not self._runs:
+                if stopping:
+                    return
                 continue
-            self._current = job
-            try:
-                if job.cancel.is_set():
-                    finished = Finished("cancelled", len(job.prompt), 0)
-                else:
-                    finished = self._generate(job)
-                if self.on_finish is not None:
-                    self.on_finish(finished)
-                job.emit(finished)
-            except Exception as exc:  # a backend failure ends this job, not the shard
-                log.exception("%s: generation failed", self.name)
-                job.emit(Failed(f"generation failed: {exc}"))
-            finally:
-                self._current = None
-                with self._lock:
-                    self._busy = False
+            self._step()
 
-    def _generate(self, job: Job) -> Finished:
-        s = job.sampling
-        seed = s.seed if s.seed is not None else random.getrandbits(31)
-        stream = TextStream(self.backend.token_bytes, s.stop + job.stop_texts,
-                            with_logprobs=s.top_logprobs is not None)
-        started = time.perf_counter()
-        first: float | None = None
-        produced, reason = 0, "length"
-        budget = self.backend.n_ctx - len(job.prompt)
-        if s.max_tokens is not None:
-            budget = min(budget, s.max_tokens)
-        steps = self.backend.generate(job.prompt, s, seed, job.forced, resume_kv=job.resume_kv,
-                                      resume_kv_tokens=job.resume_kv_tokens, checkpoints=job.kv_checkpoints)
-        checkpoint: tuple[bytes, int] | None = None  # the latest, until a piece carries it
+    def _admit(self, job: Job) -> None:
+        with self._lock:
+            self._waiting -= 1
+            self._waiting_tokens -= len(job.prompt)
+        if self._closing.is_set():
+            job.emit(Failed("the shard is shutting down", retryable=True))
+            return
+        if job.cancel.is_set():
+            self._ended(job, Finished("cancelled", len(job.prompt), 0))
+            return
+        run = Run(job, self.backend)
+        if run.budget <= 0:
+            run.reason = "length"
+            self._ended(job, run.finish())
+            return
         try:
-            while produced < budget:
-                if job.cancel.is_set():
-                    reason = "cancelled"
-                    break
-                step = next(steps, None)
-                if step is None:
-                    break
-                produced += 1
-                if first is None:
-                    first = time.perf_counter() - started
-                if self.backend.is_end(step.token):
-                    reason = "stop"
-                    break
-                if step.kv:
-                    checkpoint = (step.kv, step.kv_tokens)
-                piece = stream.push(step)
-                if piece is not None:
-                    if checkpoint is not None:
-                        piece = dataclasses.replace(piece, kv=checkpoint[0], kv_tokens=checkpoint[1])
-                        checkpoint = None
-                    job.emit(piece)
-                if stream.stopped:
-                    reason = "stop"
-                    break
-        finally:
-            steps.close()
-        if reason != "cancelled":
-            tail = stream.finish()
-            if tail is not None:
-                job.emit(tail)
-        decode_s = time.perf_counter() - started - (first or 0.0)
-        return Finished(reason, len(job.prompt), produced, first_token_s=first, decode_s=decode_s)
+            run.seq = self._stepper.start(job, run.seed)
+        except Exception as exc:  # a backend failure ends this job, not the shard
+            log.exception("%s: generation failed to start", self.name)
+            job.emit(Failed(f"generation failed: {exc}"))
+            return
+        self._runs.append(run)
+        with self._lock:
+            self._active += 1
+
+    def _step(self) -> None:
+        closing = self._closing.is_set()
+        for run in self._runs:
+            if closing or run.job.cancel.is_set():
+                run.reason = "cancelled"
+        live = [r for r in self._runs if r.reason is None]
+        if live:
+            try:
+                self._stepper.step([r.seq for r in live])
+            except Exception as exc:  # the step itself failed: every generation in it ends, the shard goes on
+                log.exception("%s: a batched step failed", self.name)
+                for run in live:
+                    run.seq.error = exc
+            for run in live:
+                self._hand_out(run)
+        for run in [r for r in self._runs if r.reason is not None]:
+            self._runs.remove(run)
+            with self._lock:
+                self._active -= 1
+            self._release(run)
+
+    def _hand_out(self, run: Run) -> None:
+        seq = run.seq
+        steps, seq.out = seq.out, []
+        for step in steps:
+            run.push(step)
+            if run.reason is not None:
+                return
+        if seq.error is not None:
+            run.reason = "failed"
+        elif seq.done:
+            run.reason = "length"
+
+    def _release(self, run: Run) -> None:
+        try:
+            self._stepper.release(run.seq)
+        except Exception:  # freeing a slot failed: logged; the generation's result stands
+            log.exception("%s: releasing a slot failed", self.name)
+        if run.reason == "failed":
+            exc = run.seq.error
+            log.error("%s: generation failed: %s", self.name, exc, exc_info=exc)
+            run.job.emit(Failed(f"generation failed: {exc}"))
+            return
+        try:
+            self._ended(run.job, run.finish())
+        except Exception as exc:  # a failure finishing the text ends this job, not the shard
+            log.exception("%s: finishing a generation failed", self.name)
+            run.job.emit(Failed(f"generation failed: {exc}"))
+
+    def _ended(self, job: Job, finished: Finished) -> None:
+        if self.on_finish is not None:
+            self.on_finish(finished)
+        job.emit(finished)

@@ -1,7 +1,7 @@
 """The gRPC side of a node: its shards (Generate, Health) and its model files (FetchModel).
 
 Everything that maps between shards/types.py and proto/mesh.proto lives here, for both ends: the
-client in mesh/remote_shard.py imports the converters, the channel options and the error reasons
+client in mesh/replicas/remote_shard.py imports the converters, the channel options and the error reasons
 from this module, so the wire mapping is written once.
 
 Refusals are gRPC statuses with a machine-readable reason in the trailing metadata key

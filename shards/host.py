@@ -4,7 +4,7 @@
 
 llama.cpp and onnxruntime run here, never in meshd: a crash in a model library (SIGSEGV from a
 bad build, GGML_ABORT, the OOM killer) costs this process, and meshd restarts it (see
-mesh/shard_process.py). The process speaks the same Shard service (Generate, Health, Embed) as a
+mesh/replicas/shard_process.py). The process speaks the same Shard service (Generate, Health, Embed) as a
 member's gRPC port, on a Unix socket in meshd's private run directory (mode 0700: only meshd's
 user can connect, the same protection as the member's key file beside it); the server accepts
 only local (UDS) connections.
@@ -44,6 +44,10 @@ class HostSpec:
     socket: str
     parent: int
     chat_template: str | None = None
+    # Generations a llama.cpp shard decodes together (continuous batching, shards/backend_llama_batch.py).
+    # Each slot has its own window of n_ctx tokens, so the KV cache is parallel x n_ctx tokens
+    # (Gemma 3 270M: ~18 KB a token). 1: one generation at a time in a single-sequence context.
+    parallel: int = 4
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -75,13 +79,15 @@ def open_shard(spec: HostSpec):
     """The backend loaded and wrapped: LocalShard for a generator, ContextShard for an encoder."""
     from shards.backend import load_backend
 
-    backend = load_backend(spec.kind, path=spec.path, n_ctx=spec.n_ctx, threads=spec.threads)
     if spec.kind == "onnx":
+        backend = load_backend(spec.kind, path=spec.path, n_ctx=spec.n_ctx, threads=spec.threads)
         from shards.context import ContextShard
 
         return ContextShard(spec.role, spec.model, backend, spec.queue_depth)
     from shards.local import LocalShard
 
+    backend = load_backend(spec.kind, path=spec.path, n_ctx=spec.n_ctx, threads=spec.threads,
+                           slots=max(1, spec.parallel))
     return LocalShard(spec.role, spec.model, backend, spec.queue_depth, spec.chat_template)
 
 

@@ -65,13 +65,16 @@ class LocalShard:
     ready = True
 
     def __init__(self, role: str, model: str, backend: Backend, queue_depth: int,
-                 named_template: str | None, on_finish: Callable[[Finished], None] | None = None) -> None:
+                 named_template: str | None, on_finish: Callable[[Finished], None] | None = None,
+                 queue_tokens: int | None = None) -> None:
         self.role = role
         self.model = model
         self.backend = backend
         self.n_ctx = backend.n_ctx
         self._named_template = named_template
-        self._engine = Engine(backend, queue_depth, name=f"{role}/{model}", on_finish=on_finish)
+        self._engine = Engine(backend, queue_depth, name=f"{role}/{model}", on_finish=on_finish,
+                              queue_tokens=queue_tokens)
+        self.slots = self._engine.slots  # generations decoded together (continuous batching)
 
     @property
     def waiting(self) -> int:
@@ -80,6 +83,15 @@ class LocalShard:
     @property
     def busy(self) -> bool:
         return self._engine.busy
+
+    @property
+    def active(self) -> int:
+        return self._engine.active
+
+    @property
+    def load(self) -> int:
+        """Generations running or queued (mesh/replicas/router.py balances on it when present)."""
+        return self._engine.load
 
     async def chat_prompt(self, messages: list[Message]) -> tuple[list[int], tuple[str, ...]]:
         """Renders and tokenizes a conversation (off the loop: long prompts take a while)."""

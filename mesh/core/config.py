@@ -36,6 +36,7 @@ class NodeConfig:
     raft_port: int = 0  # 0: listen port + 2
     peer_port: int = 0  # 0: listen port + 3 (HTTPS between members: joins and relayed requests)
     threads: int = 0  # 0: the physical cores
+    parallel: int = 0  # generations a llama.cpp shard decodes together; 0: by this machine's memory
 
     @property
     def host(self) -> str:
@@ -73,6 +74,16 @@ class NodeConfig:
         """llama.cpp threads per generating shard: the physical cores unless set. Not half the logical
         cores: Pis, phones and many VMs have no SMT, and half their cores halves decoding speed."""
         return self.threads or physical_cores()
+
+    def resolved_parallel(self) -> int:
+        """Slots per generating shard (continuous batching): each holds its own KV cache of the model's
+        context, so the default follows the machine's memory: 4 from 8 GiB, 2 from 4 GiB, else 1."""
+        if self.parallel:
+            return self.parallel
+        import psutil
+
+        total = psutil.virtual_memory().total
+        return 4 if total >= 8 << 30 else 2 if total >= 4 << 30 else 1
 
     def encoder_threads(self) -> int:
         """onnxruntime threads for a sentence encoder: half of the generators' (its calls are short)."""
@@ -256,6 +267,8 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
                        "models"}, "")
     node = _section(NodeConfig, raw.get("node", {}), "node")
     split_host_port(node.listen, "node.listen")
+    if not 0 <= node.parallel <= 64:
+        raise ConfigError(f"node.parallel: must be 0 (by memory) to 64, got {node.parallel}")
     for key in ("raft_port", "grpc_port", "peer_port"):
         if getattr(node, key) and not 0 < getattr(node, key) < 65536:
             raise ConfigError(f"node.{key}: must be a port number or 0, got {getattr(node, key)}")

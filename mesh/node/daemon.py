@@ -304,7 +304,7 @@ class NodeDaemon:
             log.info("recorded this member's admin credential (admin.token)")
         if not self.witness:
             await register_models(self.cfg.models, self.dd.models_dir, raft.state.models, self.propose,
-                                  self.opts.progress)
+                                  self.opts.progress, self.cfg.node.resolved_parallel())
 
     async def _remember_partners(self, changed: asyncio.Event) -> None:
         """Keeps node.json's partner list current, so a restart finds the group without a token."""

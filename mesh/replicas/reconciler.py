@@ -130,7 +130,8 @@ class Reconciler:
         return HostSpec(role=role, model=model.name, kind=kind, path=str(path), n_ctx=model.context_length,
                         threads=self.cfg.node.encoder_threads() if kind == "onnx" else self.cfg.node.resolved_threads(),
                         queue_depth=self.cfg.gateway.queue_depth,
-                        socket=str(socket), parent=os.getpid(), chat_template=model.chat_template)
+                        socket=str(socket), parent=os.getpid(), chat_template=model.chat_template,
+                        parallel=1 if kind == "onnx" else self.cfg.node.resolved_parallel())
 
     async def _exited(self, shard: ShardProcess, exit_: Exit) -> None:
         """A shard process died on its own: report it, then restart it with back-off, or give up."""

@@ -78,7 +78,10 @@ def test_a_shard_serves_from_its_own_process_and_a_crash_is_reported(tmp_path):
     asyncio.run(main())
 
 
-def test_a_stream_cut_by_a_crash_ends_in_a_retryable_failure(tmp_path):
+def test_a_stream_cut_by_a_crash_ends_in_a_retryable_failure(tmp_path, monkeypatch):
+    # 50 ms a token: the answer cannot be finished (and buffered whole) before the kill lands.
+    monkeypatch.setenv("QUORUM_NULL_DELAY_S", "0.05")
+
     async def main() -> list:
         async def on_exit(_shard, _exit) -> None:
             pass
