@@ -186,14 +186,15 @@ def test_body_over_the_limit_is_413(node):
 
 
 def test_full_queue_answers_429_with_retry_after(node):
-    # This node runs with queue_depth = 1: one generation running, one waiting, the rest refused.
-    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "temperature": 0}
+    # This node runs with queue_depth = 1: its shard's slots (node.parallel: up to 4, by memory) decoding,
+    # one waiting, the rest refused. Twice the most it can hold arrive at once.
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 64, "temperature": 0}
 
     def post(_):
         return httpx.post(f"{node.base_url}/v1/chat/completions", json=body, timeout=120)
 
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(post, range(6)))
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(post, range(10)))
     codes = sorted(a.status_code for a in answers)
     assert 200 in codes and 429 in codes and set(codes) <= {200, 429}
     refused = next(a for a in answers if a.status_code == 429)
