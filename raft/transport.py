@@ -48,7 +48,7 @@ from raft.bounded_server import BoundedServer
 from raft.journal import JournalFailed
 from raft.tls import RECHECK_S, RaftTls
 from raft.transport_limits import TransportLimits, throttled
-from raft.wire import KEY_BYTES, MessageRefused, check_entry, check_message
+from raft.wire import KEY_BYTES, MessageRefused, check_entry, check_message, proposer_may_send
 
 __all__ = ["BoundedConnection", "BoundedServer", "BoundedTransport", "TransportLimits", "PINNED_PYSYNCOBJ"]
 
@@ -175,12 +175,25 @@ class BoundedTransport(TCPTransport):
         try:
             check_message(message, self._syncObj._idToMethod)
             self._check_pieces(node, message)
+            if message["type"] == "apply_command" and self._tls is not None:
+                self._check_proposer(node, message["command"])
             super()._onMessageReceived(node, message)
         except (TypeError, ValueError, KeyError, IndexError) as exc:
             self._pieces.pop(node, None)
             conn = self._connections.get(node)
             if conn is not None:
                 self._refuse(conn, f"malformed message from {node}: {exc!r}")
+
+    def _check_proposer(self, node, command: bytes) -> None:
+        """A command a member forwards for the log that only another member may propose (its own addresses or
+        profile) is refused: with TLS the forwarding member is the node id of its certificate."""
+        conn = self._connections.get(node)
+        body = codec.loads(command[1:], codec.NODES)
+        call_args = body[1] if type(body) is tuple and len(body) >= 2 else ()
+        wire = call_args[0] if call_args else None
+        peer = getattr(conn, "peer_id", None)
+        if peer is not None and type(wire) is dict and not proposer_may_send(peer, wire):
+            raise MessageRefused(f"{peer} may not propose {wire.get('kind')} for {str(wire.get('node_id'))[:40]}")
 
     def _check_pieces(self, node, message) -> None:
         """Bounds what SyncObj accumulates from pieces: an entry sent in 'transmission' pieces (rebuilt here

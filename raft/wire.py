@@ -195,3 +195,18 @@ def _check_append_entries(message: dict, method_ids: Any) -> None:
             raise MessageRefused("append_entries: a snapshot piece is (bytes, is first, is last)")
     elif serialized is True:
         raise MessageRefused("append_entries: serialized is a piece, None or False")
+
+
+# Commands about one member that only that member proposes (a re-announce of its addresses and profile,
+# its profile's changing facts). A join's AddMember (it carries a token) is the leader's own proposal and
+# is never forwarded by a member either.
+_OWN_RECORD = frozenset({"add_member", "update_profile"})
+
+
+def proposer_may_send(peer_id: str, wire: dict) -> bool:
+    """Whether member `peer_id` may forward the command `wire` (a command dict, raft/commands.py encode) to the
+    leader: a member changes only its own record (issue 14: a member's addresses change only over a
+    connection authenticated by that member's certificate)."""
+    if wire.get("kind") not in _OWN_RECORD:
+        return True
+    return wire.get("node_id") == peer_id and wire.get("token_id") is None

@@ -14,8 +14,8 @@ import zlib
 import pytest
 from pysyncobj.encryptor import getEncryptor
 
-from raft.commands import CreateToken, InitMesh, SetMemberState, SetReplicas
-from raft.node import RaftNode
+from raft.commands import AddMember, CreateToken, InitMesh, SetMemberState, SetReplicas
+from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, apply
 from raft.tls import member_authorizer
 from raft.transport import TransportLimits
@@ -230,3 +230,43 @@ def test_as_client_a_member_refuses_a_server_not_bound_to_the_address_it_dialled
     finally:
         node.close()
         listener.close()
+
+
+def test_a_member_changes_only_its_own_addresses_and_profile(mesh):
+    """Issue 14, item 1: a follower forwarding a re-announce of another member (its addresses pointed
+    elsewhere) is refused on the leader; its own re-announce and profile update go through."""
+    _, nodes, addrs = mesh
+    leader = leader_of(nodes)
+    follower_id, follower = next((k, n) for k, n in nodes.items() if n is not leader)
+    victim = next(k for k, n in nodes.items() if n is not follower)
+    before = leader.state.members[victim]
+    forged = AddMember(node_id=victim, name=victim, http_address="10.9.9.9:1", raft_address=addrs[victim],
+                       profile={}, joined_at=time.time())
+    with pytest.raises((ProposalFailed, TimeoutError)):  # refused at the leader: the forward is dropped
+        follower.propose(forged).result(timeout=3)
+    own = AddMember(node_id=follower_id, name=follower_id, http_address="127.0.0.1:7",
+                    raft_address=addrs[follower_id], profile={"cores": 3}, joined_at=time.time())
+    wait_until(lambda: _proposed(follower, own), 30, "the follower's own re-announce to commit")
+    assert leader.state.members[follower_id].http_address == "127.0.0.1:7"
+    still_serving(nodes, leader, 5)
+    assert leader.state.members[victim] == before  # checked after later entries committed: it never was
+
+
+def _proposed(node: RaftNode, cmd) -> bool:
+    """Proposes `cmd` once; True when it committed (False while the connection the refusal dropped is back)."""
+    try:
+        node.propose(cmd).result(timeout=5)
+        return True
+    except (ProposalFailed, TimeoutError):  # while the follower reconnects: the caller retries (bounded)
+        return False
+
+
+def test_the_proposer_rule():
+    from raft.wire import proposer_may_send
+
+    assert proposer_may_send("a", {"kind": "add_member", "node_id": "a", "token_id": None})
+    assert not proposer_may_send("a", {"kind": "add_member", "node_id": "b", "token_id": None})
+    assert not proposer_may_send("a", {"kind": "add_member", "node_id": "a", "token_id": "t"})  # joins: the leader's
+    assert proposer_may_send("a", {"kind": "update_profile", "node_id": "a"})
+    assert not proposer_may_send("a", {"kind": "update_profile", "node_id": "b"})
+    assert proposer_may_send("a", {"kind": "set_replicas", "role": "reasoning", "count": 1})
