@@ -78,6 +78,14 @@ class Engine:
         """Jobs generating or queued (what a router balances on)."""
         return self._active + self._waiting
 
+    def has_room(self, count: int) -> bool:
+        """Whether `count` more generations would be taken now (slots and queue; prompt tokens are checked
+        by submit, once they are known). A hint before the costly work of rendering and tokenizing: a full
+        shard refuses at once instead of after it."""
+        with self._lock:
+            load = self._active + self._waiting
+            return not load or load + count <= self.slots + self.queue_depth
+
     def submit(self, jobs: list[Job]) -> None:
         """Queues jobs (all or none) or raises QueueFull; never blocks.
 

@@ -22,6 +22,7 @@ from shards.types import (
     Finished,
     GenerateRequest,
     Opened,
+    QueueFull,
     Sampling,
     ShardKind,
 )
@@ -114,8 +115,11 @@ class LocalShard:
         """Renders, tokenizes, checks the window and queues every choice of a request.
 
         Raises TemplateError (bad messages for this model), ContextLengthExceeded or QueueFull;
-        once it returns, the request holds its place in the queue.
+        once it returns, the request holds its place in the queue. A full shard refuses (QueueFull)
+        before rendering or tokenizing anything.
         """
+        if not self._engine.has_room(req.n * max(1, len(req.prompts))):
+            raise QueueFull(self._engine.queue_depth)
         if req.messages:
             prompt, stop_texts = await self.chat_prompt(list(req.messages))
             prompts = [prompt]

@@ -111,7 +111,9 @@ def test_the_queue_counts_free_slots_then_queue_depth(engines):
     assert engine.active == 2 and engine.waiting == 0 and engine.load == 2
     waiting = Events()
     queued = job(waiting)
+    assert engine.has_room(1) and not engine.has_room(2)
     engine.submit([queued])
+    assert not engine.has_room(1)  # what a shard asks before it renders and tokenizes a prompt
     with pytest.raises(QueueFull):
         engine.submit([job(Events())])
     assert engine.waiting == 1
