@@ -33,12 +33,43 @@ log = logging.getLogger("quorum.http")
 
 def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
     """The gateway's routes plus `extra_routes` (the control API), behind the request log."""
-    limits = gateway.config.gateway
+    api = OpenAIRoutes(gateway)
+    routes = [*api.routes(),
+              *ollama_routes(gateway, api.read_json),
+              *anthropic_routes(gateway, api.read_json),
+              *responses_routes(gateway, api.read_json),
+              *extra_routes]
+    app = Starlette(routes=routes, exception_handlers={
+        ApiError: _api_error, ClientGone: _client_gone, 404: _not_found, 405: _bad_method,
+        Exception: _internal_error})
+    return RequestLog(BodyLimit(app, gateway.config.gateway.max_body_bytes), gateway.metrics)
 
-    async def read_json(request: Request) -> dict:
+
+class OpenAIRoutes:
+    """OpenAI's routes (/v1/chat/completions, completions, embeddings, models) and the gateway's own
+    (/health, /metrics, /openapi.json); `read_json` is the bounded body reader every API's routes use."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.limits = gateway.config.gateway
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.get_model, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/openapi.json", self.openapi_json, methods=["GET"]),
+        ]
+
+    async def read_json(self, request: Request) -> dict:
+        limit = self.limits.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and _declared_length(declared) > limits.max_body_bytes:
-            raise too_large(limits.max_body_bytes)
+        if declared is not None and _declared_length(declared) > limit:
+            raise too_large(limit)
         if not _json_type(request.headers.get("content-type", "")):
             # A web page may POST text/plain or a form to any origin without a CORS preflight;
             # application/json needs one, which this gateway never grants.
@@ -48,30 +79,32 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         try:
             async for chunk in request.stream():
                 body += chunk
-                if len(body) > limits.max_body_bytes:
-                    raise too_large(limits.max_body_bytes)
+                if len(body) > limit:
+                    raise too_large(limit)
         except ClientDisconnect:
             raise ClientGone() from None
         return parse_json(bytes(body))
 
-    async def chat_completions(request: Request) -> Response:
-        req = parse_chat(await read_json(request), limits)
+    async def chat_completions(self, request: Request) -> Response:
+        gateway = self.gateway
+        req = parse_chat(await self.read_json(request), self.limits)
         session = request.headers.get("x-session-id")
         if session is not None:
             req = dataclasses.replace(req, session_id=check_session_id(session))
-        response = await answer(request, req, gateway.start_chat, gateway.collect_chat, gateway.stream_chat)
+        response = await self.answer(request, req, gateway.start_chat, gateway.collect_chat, gateway.stream_chat)
         if session is not None:
             response.headers["X-Session-Id"] = session
         return response
 
-    async def completions(request: Request) -> Response:
-        req = parse_completion(await read_json(request), limits)
-        return await answer(request, req, gateway.start_completion, gateway.collect_completion,
-                            gateway.stream_completion)
+    async def completions(self, request: Request) -> Response:
+        gateway = self.gateway
+        req = parse_completion(await self.read_json(request), self.limits)
+        return await self.answer(request, req, gateway.start_completion, gateway.collect_completion,
+                                 gateway.stream_completion)
 
-    async def answer(request: Request, req: Any, start: Callable[..., Awaitable[Run]],
+    async def answer(self, request: Request, req: Any, start: Callable[..., Awaitable[Run]],
                      collect: Callable[[Any, Run], Awaitable[dict]], stream: Callable) -> Response:
-        run = await start_run(request, req, start, gateway.metrics)
+        run = await start_run(request, req, start, self.gateway.metrics)
         if isinstance(run, Response):  # the leader's typed events for a relaying member
             return run
         if req.stream:
@@ -82,70 +115,57 @@ def create_app(gateway: Gateway, extra_routes: list[Route] = ()) -> ASGIApp:
         finally:
             run.cancel()
 
-    async def embeddings(request: Request) -> Response:
-        return JSONResponse(await create_embeddings(gateway, await read_json(request)))
+    async def embeddings(self, request: Request) -> Response:
+        return JSONResponse(await create_embeddings(self.gateway, await self.read_json(request)))
 
-    async def list_models(request: Request) -> Response:
+    async def list_models(self, request: Request) -> Response:
         created = int(time.time())
         data = [{"id": name, "object": "model", "created": created, "owned_by": "quorum"}
-                for name in gateway.known_models()]
+                for name in self.gateway.known_models()]
         return JSONResponse({"object": "list", "data": data})
 
-    async def get_model(request: Request) -> Response:
+    async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
-        gateway.check_model(name)
+        self.gateway.check_model(name)
         return JSONResponse({"id": name, "object": "model", "created": int(time.time()), "owned_by": "quorum"})
 
-    async def health(request: Request) -> Response:
+    async def health(self, request: Request) -> Response:
+        gateway = self.gateway
         if not gateway.ready:
             body = unavailable(f"No reasoning replica is ready ({gateway.loading_detail}).",
-                               limits.retry_after_s, code="loading")
+                               self.limits.retry_after_s, code="loading")
             return JSONResponse({"status": "loading", "detail": gateway.loading_detail, **body.body()},
                                 status_code=503, headers=body.headers)
         return JSONResponse({"status": "ok", "models": gateway.served_models()})
 
-    async def metrics(request: Request) -> Response:
-        return Response(gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.gateway.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def openapi_json(request: Request) -> Response:
-        return JSONResponse(openapi(limits))
+    async def openapi_json(self, request: Request) -> Response:
+        return JSONResponse(openapi(self.limits))
 
-    async def api_error(request: Request, exc: ApiError) -> Response:
-        return exc.response()
 
-    async def client_gone(request: Request, exc: ClientGone) -> Response:
-        return Response(status_code=499)
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return exc.response()
 
-    async def internal_error(request: Request, exc: Exception) -> Response:
-        # A bug, not bad input: the traceback goes to the log, the client gets an OpenAI-shaped 500.
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return ApiError(500, "Internal error in the gateway.", type="server_error").response()
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return ApiError(404, f"Unknown path {request.url.path}", code="unknown_url").response()
+async def _client_gone(request: Request, exc: ClientGone) -> Response:
+    return Response(status_code=499)
 
-    async def bad_method(request: Request, exc: HTTPException) -> Response:
-        return ApiError(405, f"Method {request.method} is not allowed on {request.url.path}",
-                        code="method_not_allowed", headers=exc.headers).response()
 
-    routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/embeddings", embeddings, methods=["POST"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi_json, methods=["GET"]),
-        *ollama_routes(gateway, read_json),
-        *anthropic_routes(gateway, read_json),
-        *responses_routes(gateway, read_json),
-        *extra_routes,
-    ]
-    app = Starlette(routes=routes, exception_handlers={
-        ApiError: api_error, ClientGone: client_gone, 404: not_found, 405: bad_method,
-        Exception: internal_error})
-    return RequestLog(BodyLimit(app, limits.max_body_bytes), gateway.metrics)
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # A bug, not bad input: the traceback goes to the log, the client gets an OpenAI-shaped 500.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return ApiError(500, "Internal error in the gateway.", type="server_error").response()
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return ApiError(404, f"Unknown path {request.url.path}", code="unknown_url").response()
+
+
+async def _bad_method(request: Request, exc: HTTPException) -> Response:
+    return ApiError(405, f"Method {request.method} is not allowed on {request.url.path}",
+                    code="method_not_allowed", headers=exc.headers).response()
 
 
 def _json_type(content_type: str) -> bool:
