@@ -85,7 +85,7 @@ def _contexts(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> _Contexts:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cadata=ca_pem.decode())
-        _load_chain(ctx, cert_pem, key_pem)
+        load_chain(ctx, cert_pem, key_pem)
     return _Contexts(server, client)
 
 
@@ -157,7 +157,7 @@ def common_name(cert: dict | None) -> str | None:
     return None
 
 
-def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+def load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
     # ssl loads a key only from a file: a private temporary directory, removed once loaded.
     with tempfile.TemporaryDirectory() as tmp:
         cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"

@@ -19,17 +19,17 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import os
 import re
 import ssl
 from dataclasses import dataclass
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from raft.tls import load_chain
 
 NODE_DNS_NAME = "quorum-node"
 CA_YEARS = 20
@@ -58,7 +58,7 @@ class NodeIdentity:
         verified against the mesh CA when one is sent (joining nodes have none yet)."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        _load_chain(ctx, self.cert_pem, self.key_pem)
+        load_chain(ctx, self.cert_pem, self.key_pem)
         ctx.load_verify_locations(cadata=self.ca_pem.decode())
         ctx.verify_mode = ssl.CERT_OPTIONAL
         return ctx
@@ -66,7 +66,7 @@ class NodeIdentity:
     def client_context(self) -> ssl.SSLContext:
         """TLS to another member: its certificate must come from this mesh's CA; ours goes along."""
         ctx = trusting(self.ca_pem)
-        _load_chain(ctx, self.cert_pem, self.key_pem)
+        load_chain(ctx, self.cert_pem, self.key_pem)
         return ctx
 
 
@@ -74,7 +74,7 @@ def load_identity(ctx: ssl.SSLContext, identity: NodeIdentity, before: NodeIdent
     """Loads `identity` into an existing context: its certificate replaces the one there for new handshakes,
     and its CA is trusted too (`before`'s stays trusted: a CA rotation adds before it drops). Call it on the
     thread that makes the context's connections (for asyncio servers and clients: the loop)."""
-    _load_chain(ctx, identity.cert_pem, identity.key_pem)
+    load_chain(ctx, identity.cert_pem, identity.key_pem)
     if before is None or before.ca_pem != identity.ca_pem:
         ctx.load_verify_locations(cadata=identity.ca_pem.decode())
 
@@ -87,19 +87,6 @@ def trusting(ca_pem: bytes) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=ca_pem.decode())
     return ctx
-
-
-def _load_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    # ssl only loads chains from files: write them to an unlinked-after-use private temp dir.
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cert, key = Path(tmp) / "c.pem", Path(tmp) / "k.pem"
-        cert.write_bytes(cert_pem)
-        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key_pem)
-        ctx.load_cert_chain(cert, key)
 
 
 def _now() -> datetime.datetime:
@@ -154,16 +141,7 @@ def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str,
     the CA names it."""
     if not _NODE_ID.fullmatch(node_id or ""):
         raise PkiError(f"not a node id: {node_id!r}")
-    if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
-        raise PkiError("certificate request missing or too large")
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError:
-        raise PkiError("certificate request is not a PEM CSR") from None
-    if not csr.is_signature_valid:
-        raise PkiError("certificate request signature is invalid")
-    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
-        raise PkiError("certificate request must carry an EC key")
+    csr = _request(csr_pem)
     ca = x509.load_pem_x509_certificate(ca_pem)
     ca_key = serialization.load_pem_private_key(ca_key_pem, None)
     now = _now()
@@ -261,14 +239,7 @@ def sign_gateway_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, names
 
     if not names:
         raise PkiError("a gateway certificate needs at least one name")
-    if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
-        raise PkiError("certificate request missing or too large")
-    try:
-        csr = x509.load_pem_x509_csr(csr_pem)
-    except ValueError:
-        raise PkiError("certificate request is not a PEM CSR") from None
-    if not csr.is_signature_valid or not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
-        raise PkiError("certificate request must carry a valid signature by an EC key")
+    csr = _request(csr_pem)
     alt: list[x509.GeneralName] = []
     for name in dict.fromkeys(names):
         try:
@@ -315,7 +286,7 @@ def server_only_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
     """TLS for a public HTTPS port: this certificate and key, TLS 1.2 or later, no client certificates."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_chain(ctx, cert_pem, key_pem)
+    load_chain(ctx, cert_pem, key_pem)
     return ctx
 
 
@@ -325,3 +296,18 @@ def same_key(cert_pem: bytes, key_pem: bytes) -> bool:
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     return (x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(serialization.Encoding.DER, spki)
             == pub.public_bytes(serialization.Encoding.DER, spki))
+
+
+def _request(csr_pem: bytes) -> x509.CertificateSigningRequest:
+    """A certificate request that proves its EC key (its subject is never used: the CA names what it signs)."""
+    if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
+        raise PkiError("certificate request missing or too large")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise PkiError("certificate request is not a PEM CSR") from None
+    if not csr.is_signature_valid:
+        raise PkiError("certificate request signature is invalid")
+    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+        raise PkiError("certificate request must carry an EC key")
+    return csr
