@@ -10,7 +10,6 @@ certificate file that is missing or not a certificate.
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 
 import httpx
@@ -33,6 +32,7 @@ from mesh.security.pki import (
     new_key,
     sign_gateway_request,
 )
+from tests.asgi_serving import serving
 
 HANDS_OFF = 10.0
 
@@ -57,20 +57,7 @@ def serve_https(tls: ssl.SSLContext, check) -> None:
     """Runs the public server over `tls` on a free loopback port and calls the blocking `check(port)`
     in a thread (the clients under test are synchronous)."""
     async def main():
-        server = public_server(APP, ConnectionLimits(), tls)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        task = asyncio.create_task(server.serve(sockets=[sock]))
-        try:
-            for _ in range(1000):  # bounded: the server binds at once
-                if server.started:
-                    break
-                await asyncio.sleep(0.01)
-            await asyncio.to_thread(check, sock.getsockname()[1])
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(task, HANDS_OFF)
-            sock.close()
+        await serving(public_server(APP, ConnectionLimits(), tls), lambda port: asyncio.to_thread(check, port))
     asyncio.run(main())
 
 

@@ -9,36 +9,18 @@ Hostile input tried here: more connections from one address than the cap; more c
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 
 from mesh.security import http_guard
 from mesh.security.http_guard import ConnectionLimits, public_server
 from mesh.security.peer_tls import peer_server
 from mesh.security.pki import NodeIdentity, create_ca, issue_node_certificate, trusting
-
-HANDS_OFF = 10.0  # the most a test waits for an answer (a hang bound, not a timing check)
+from tests.asgi_serving import HANDS_OFF, serving
 
 
 async def app(scope, receive, send):
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": b"ok"})
-
-
-async def serving(server, check):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(1000):  # bounded: the server binds at once
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        await check(sock.getsockname()[1])
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, HANDS_OFF)
-        sock.close()
 
 
 async def status_of(port: int, context: ssl.SSLContext | None = None) -> tuple[int, asyncio.StreamWriter]:

@@ -9,11 +9,10 @@ Hostile input tried here: a silent connection, half a request head, a body trick
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from mesh.security.http_guard import ConnectionLimits, guarded, guarded_server
+from tests.asgi_serving import HANDS_OFF, serving
 
-HANDS_OFF = 10.0  # the most a test waits for the server to answer or close (a hang bound, not a timing check)
 QUICK = ConnectionLimits(request_timeout_s=0.5, min_bytes_per_s=1000, max_per_address=0)
 
 
@@ -35,20 +34,7 @@ async def app(scope, receive, send):
 
 
 async def with_server(check, limits: ConnectionLimits = QUICK):
-    server = guarded_server(app, guarded(limits))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(1000):  # bounded: the server binds at once
-            if server.started:
-                break
-            await asyncio.sleep(0.01)
-        await check(sock.getsockname()[1])
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, HANDS_OFF)
-        sock.close()
+    await serving(guarded_server(app, guarded(limits)), check)
 
 
 async def rest(reader: asyncio.StreamReader) -> bytes:
