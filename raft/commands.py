@@ -253,12 +253,29 @@ class SetShardState(Command):
     detail: str = ""
 
 
+@dataclass(frozen=True)
+class SetSplit(Command):
+    """A model run as a pipeline (meshctl split): the head member holds its first layers, the output layer and
+    the context, and serves as the model's reasoning replica there; each stage member holds the count of the
+    last layers given, in pipeline order (llama.cpp's RPC backend, reached over the mesh's mutual TLS)."""
+    kind: ClassVar[str] = "set_split"
+    model: str
+    head: str  # node id
+    stages: tuple[tuple[str, int], ...]  # (node id, layers), pipeline order
+
+
+@dataclass(frozen=True)
+class ClearSplit(Command):
+    kind: ClassVar[str] = "clear_split"
+    model: str
+
+
 COMMANDS: dict[str, type[Command]] = {
     cls.kind: cls
     for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
                 RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile, SessionTurnStart,
                 SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey, UpdateProfile, SpendToken,
-                CreateAdminCredential, RevokeAdminCredential, SetAuthority)
+                CreateAdminCredential, RevokeAdminCredential, SetAuthority, SetSplit, ClearSplit)
 }
 
 

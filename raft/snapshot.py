@@ -41,7 +41,7 @@ MAX_DUMP_BYTES = 1024 * 1024 * 1024  # inflated; a state this size would not fit
 _CRC = struct.Struct("<I")
 
 STATE_CLASSES: tuple[type, ...] = (st.MeshState, st.Member, st.Model, st.Shard, st.JoinToken, st.ApiKey,
-                                   st.AdminCredential, st.Pin, st.Unplaced, st.Turn, st.Session,
+                                   st.AdminCredential, st.Pin, st.Unplaced, st.Turn, st.Session, st.Split,
                                    MemberProfile, Gpu, Battery)
 STATE = codec.Profile("state", records={cls.__name__: cls for cls in STATE_CLASSES})
 
@@ -107,13 +107,17 @@ def check_state(state: Any) -> None:
     if type(state) is not st.MeshState:
         raise ValueError(f"the state is a {type(state).__name__}, not a MeshState")
     maps = {"members": st.Member, "models": st.Model, "shards": st.Shard, "tokens": st.JoinToken,
-            "api_keys": st.ApiKey, "admins": st.AdminCredential, "pins": st.Pin, "sessions": st.Session}
+            "api_keys": st.ApiKey, "admins": st.AdminCredential, "pins": st.Pin, "sessions": st.Session,
+            "splits": st.Split}
     for name, cls in maps.items():
         value = getattr(state, name)
         if type(value) is not dict or not all(type(v) is cls for v in value.values()):
             raise ValueError(f"MeshState.{name} is a map to {cls.__name__}")
     if not all(type(s.turns) is tuple and all(type(t) is st.Turn for t in s.turns) for s in state.sessions.values()):
         raise ValueError("a session's turns are Turns")
+    if not all(type(s.stages) is tuple and all(type(x) is tuple and len(x) == 2 for x in s.stages)
+               for s in state.splits.values()):
+        raise ValueError("a split's stages are (node id, layers) pairs")
     if type(state.unplaced) is not tuple or not all(type(u) is st.Unplaced for u in state.unplaced):
         raise ValueError("MeshState.unplaced is a tuple of Unplaced")
     if type(state.model_files) is not dict or not all(type(v) is frozenset for v in state.model_files.values()):

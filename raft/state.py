@@ -17,6 +17,7 @@ from raft.commands import (
     AddMember,
     ApplyPlacement,
     AssignShard,
+    ClearSplit,
     Command,
     CreateAdminCredential,
     CreateApiKey,
@@ -35,6 +36,7 @@ from raft.commands import (
     SetMemberState,
     SetReplicas,
     SetShardState,
+    SetSplit,
     SpendToken,
     UnpinShard,
     UpdateProfile,
@@ -161,6 +163,18 @@ class Unplaced:
 
 
 @dataclass(frozen=True)
+class Split:
+    """A model run as a pipeline (SetSplit): `head` holds the first layers, each stage the last ones."""
+    model: str
+    head: str  # node id
+    stages: tuple[tuple[str, int], ...]  # (node id, layers), pipeline order
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.head, *(node_id for node_id, _ in self.stages))
+
+
+@dataclass(frozen=True)
 class Turn:
     messages: tuple[tuple[str, str], ...]  # what the client added this turn: (role, content)
     prompt_tokens: int
@@ -217,6 +231,7 @@ class MeshState:
     model_files: dict[str, frozenset[str]] = field(default_factory=dict)  # model -> node ids holding it
     # The session log: per named session, each turn's messages, answer tokens and text.
     sessions: dict[str, Session] = field(default_factory=dict)
+    splits: dict[str, Split] = field(default_factory=dict)  # model -> its pipeline (meshctl split)
     applied: int = 0  # commands applied so far (rejected ones excluded)
     # What the session caps evicted since the mesh began (monotonic: metrics read them as counters).
     sessions_evicted: int = 0  # whole sessions, least recently used first: over MAX_SESSIONS or SESSIONS_BYTES
@@ -337,7 +352,10 @@ def _set_member_state(state: MeshState, cmd: SetMemberState) -> MeshState:
         # A removed member's admin credential dies with it (its copy on a lost device opens nothing).
         admins = {k: dataclasses.replace(a, revoked=True) if a.node_id == cmd.node_id else a
                   for k, a in admins.items()}
-    return dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files, admins=admins)
+    # A pipeline needs every one of its members: one that leaves takes the split with it.
+    splits = {m: s for m, s in state.splits.items() if cmd.state != MemberState.GONE or cmd.node_id not in s.members}
+    return dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files, admins=admins,
+                               splits=splits)
 
 
 def _set_authority(state: MeshState, cmd: SetAuthority) -> MeshState:
@@ -458,6 +476,41 @@ def _apply_placement(state: MeshState, cmd: ApplyPlacement) -> MeshState:
         shards[key] = state.shards.get(key) or Shard(role=role, model=model, node_id=node_id)
     unplaced = tuple(Unplaced(r, m, int(n), str(why)) for r, m, n, why in cmd.unplaced)
     return dataclasses.replace(state, shards=shards, unplaced=unplaced)
+
+
+MAX_STAGES = 16
+MAX_STAGE_LAYERS = 4096
+
+
+def _set_split(state: MeshState, cmd: SetSplit) -> MeshState:
+    model = state.models.get(cmd.model)
+    if model is None:
+        raise Rejected(f"unknown model {cmd.model!r}")
+    if "reasoning" not in model.roles:
+        raise Rejected(f"model {cmd.model!r} does not serve reasoning: only a chat model runs as a pipeline")
+    if not isinstance(cmd.stages, tuple) or not 1 <= len(cmd.stages) <= MAX_STAGES:
+        raise Rejected(f"a split has 1 to {MAX_STAGES} stages")
+    for stage in cmd.stages:
+        if not (isinstance(stage, tuple) and len(stage) == 2 and isinstance(stage[0], str)
+                and type(stage[1]) is int and 1 <= stage[1] <= MAX_STAGE_LAYERS):
+            raise Rejected(f"a stage is (member, layers from 1 to {MAX_STAGE_LAYERS}), got {stage!r}")
+    nodes = [cmd.head, *(node_id for node_id, _ in cmd.stages)]
+    if len(set(nodes)) != len(nodes):
+        raise Rejected("the head and every stage of a split are distinct members")
+    for node_id in nodes:
+        member = state.members.get(node_id)
+        if member is None or member.state == MemberState.GONE:
+            raise Rejected(f"unknown member {node_id}")
+        if member.witness:
+            raise Rejected(f"{member.name} is a witness: it holds no model layers")
+    split = Split(cmd.model, cmd.head, tuple((node_id, layers) for node_id, layers in cmd.stages))
+    return dataclasses.replace(state, splits={**state.splits, cmd.model: split})
+
+
+def _clear_split(state: MeshState, cmd: ClearSplit) -> MeshState:
+    if cmd.model not in state.splits:
+        raise Rejected(f"model {cmd.model!r} is not split")
+    return dataclasses.replace(state, splits={m: s for m, s in state.splits.items() if m != cmd.model})
 
 
 def _have_model_file(state: MeshState, cmd: HaveModelFile) -> MeshState:
@@ -598,4 +651,6 @@ _HANDLERS = {
     CreateAdminCredential: _create_admin,
     RevokeAdminCredential: _revoke_admin,
     SetAuthority: _set_authority,
+    SetSplit: _set_split,
+    ClearSplit: _clear_split,
 }

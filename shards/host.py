@@ -18,7 +18,6 @@ The process dies with its parent (PR_SET_PDEATHSIG) and offers itself to the OOM
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -26,10 +25,11 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from shards.child_process import die_with_parent, offer_to_oom_killer
+
 log = logging.getLogger("quorum.shard-host")
 
-PR_SET_PDEATHSIG = 1
-OOM_SCORE_ADJ = 1000  # the most killable: a shard, never meshd, goes when memory runs out
+STAGE_WAIT_S = 60.0  # a split head waits this long for its stages to answer before it gives up (and is retried)
 
 
 @dataclass(frozen=True)
@@ -48,31 +48,20 @@ class HostSpec:
     # Each slot has its own window of n_ctx tokens, so the KV cache is parallel x n_ctx tokens
     # (Gemma 3 270M: ~18 KB a token). 1: one generation at a time in a single-sequence context.
     parallel: int = 4
+    # A layer-split model's head (shards/rpc_head.py): "ENDPOINT=LAYERS" per stage, in pipeline order, each a
+    # loopback endpoint (meshd's tunnel to the stage's member, mesh/replicas/rpc_tunnel.py). The head decodes
+    # one sequence (LlamaBackend, repacking and KV checkpoints off): `parallel` is not used. (): the whole model.
+    stages: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
 
     @classmethod
     def from_json(cls, text: str) -> "HostSpec":
-        return cls(**json.loads(text))
-
-
-def die_with_parent(parent: int) -> None:
-    """SIGKILL this process when the parent dies (Linux); exit now if it already has."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != parent:
-        sys.exit("the parent meshd is gone")
-
-
-def offer_to_oom_killer() -> None:
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(OOM_SCORE_ADJ))
-    except OSError as exc:  # not Linux, or /proc read-only: the OOM killer picks by size alone
-        log.info("could not raise oom_score_adj: %s", exc)
+        raw = json.loads(text)
+        if "stages" in raw:
+            raw["stages"] = tuple(raw["stages"])
+        return cls(**raw)
 
 
 def open_shard(spec: HostSpec):
@@ -86,6 +75,14 @@ def open_shard(spec: HostSpec):
         return ContextShard(spec.role, spec.model, backend, spec.queue_depth)
     from shards.local import LocalShard
 
+    if spec.stages:
+        from shards.rpc_head import Stage, open_split_backend, wait_for_stages
+
+        stages = [Stage.parse(text) for text in spec.stages]
+        wait_for_stages(stages, STAGE_WAIT_S)  # a stage restarted with us may still be starting
+        loaded = open_split_backend(spec.path, spec.n_ctx, spec.threads, stages)
+        log.info("split model loaded in %.1f s; weights (MiB): %s", loaded.load_s, loaded.buffers)
+        return LocalShard(spec.role, spec.model, loaded.backend, spec.queue_depth, spec.chat_template)
     backend = load_backend(spec.kind, path=spec.path, n_ctx=spec.n_ctx, threads=spec.threads,
                            slots=max(1, spec.parallel))
     return LocalShard(spec.role, spec.model, backend, spec.queue_depth, spec.chat_template)
@@ -120,6 +117,9 @@ def main() -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     die_with_parent(spec.parent)
     offer_to_oom_killer()
+    # A GGML_ABORT (a split head whose stage is lost) would otherwise run gdb for a backtrace first: seconds
+    # before meshd sees the exit and the stream fails over. faulthandler prints the Python stack either way.
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     # The parent reads one line on stdout: keep that pipe for it alone, and send whatever else writes to
     # stdout (a C library's printf) to stderr, which the parent logs and keeps draining.
     ready_fd = os.dup(1)

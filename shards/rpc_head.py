@@ -77,6 +77,22 @@ def check_stage(endpoint: str, timeout: float = 5.0) -> tuple[int, int, int]:
     return version
 
 
+def wait_for_stages(stages: Sequence["Stage"], timeout: float, every: float = 0.25) -> None:
+    """Returns once every stage answers the probe (check_stage); StageUnreachable with the last reason after
+    `timeout` s. A protocol mismatch is raised at once: waiting would not change the stage's build."""
+    deadline = time.monotonic() + timeout
+    for stage in stages:
+        while True:
+            try:
+                check_stage(stage.endpoint, timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+                break
+            except StageUnreachable as exc:
+                if "speaks RPC protocol" in str(exc) or time.monotonic() + every > deadline:
+                    raise
+                log.info("waiting for the stage at %s: %s", stage.endpoint, exc)
+                time.sleep(every)  # polling a condition (the stage listening), bounded by the deadline
+
+
 @dataclass(frozen=True)
 class Stage:
     endpoint: str  # host:port of the stage's RPC server, as this process reaches it
@@ -180,6 +196,22 @@ def _split_load(devices: Sequence[int], layers: Sequence[int], output_on_head: b
             internals.LlamaModel = original
 
 
+def _head_backend_class():
+    """LlamaBackend for a head with stages: no KV checkpoints taken or restored. The KV cache of the stages'
+    layers lives on the stages, and llama.cpp's state (de)serialisation reads and writes it a row at a time:
+    one RPC round trip each (thousands per checkpoint; measured in the mesh: a 40-token answer took 4x as long
+    with checkpoints every 8 tokens). A stream resumed from a split head, or onto one, prefills and replays
+    instead, which is exact too (shards/backend_llama.py)."""
+    from shards.backend_llama import LlamaBackend
+
+    class SplitHeadBackend(LlamaBackend):
+        def generate(self, prompt, sampling, seed, forced=(), resume_kv=b"", resume_kv_tokens=0,
+                     checkpoints=False):
+            return super().generate(prompt, sampling, seed, forced, b"", 0, False)
+
+    return SplitHeadBackend
+
+
 def open_split_backend(path: str, n_ctx: int, threads: int, stages: Sequence[Stage],
                        output_on_head: bool = True) -> SplitLoad:
     """LlamaBackend over the model at `path` with its last layers on `stages` (none: the whole model
@@ -189,8 +221,9 @@ def open_split_backend(path: str, n_ctx: int, threads: int, stages: Sequence[Sta
 
     started = time.monotonic()
     devices = [connect_stage(s.endpoint) for s in stages]
+    backend_class = _head_backend_class() if stages else LlamaBackend
     with _split_load(devices, [s.layers for s in stages], output_on_head) as buffers:
-        backend = LlamaBackend(path, n_ctx=n_ctx, threads=threads)
+        backend = backend_class(path, n_ctx=n_ctx, threads=threads)
     return SplitLoad(backend, dict(buffers), time.monotonic() - started)
 
 
@@ -214,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent", type=int, default=None, help="pid whose death ends this process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    from shards.host import die_with_parent, offer_to_oom_killer
+    from shards.child_process import die_with_parent, offer_to_oom_killer
 
     if args.parent is not None:
         die_with_parent(args.parent)

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent", type=int, default=None, help="pid whose death ends this process")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    from shards.host import die_with_parent, offer_to_oom_killer
+    from shards.child_process import die_with_parent, offer_to_oom_killer
 
     if args.parent is not None:
         die_with_parent(args.parent)

@@ -105,6 +105,9 @@ def render_status(st: dict) -> str:
     out.append(table(["ROLE", "MODEL", "NODE", "STATE", "DETAIL"], shards))
     out.append("")
     out.append(table(["ROLE", "DESIRED", "READY", "ON"], replica_rows(st, names)))
+    if st.get("splits"):
+        out.append("")
+        out.append(table(["PIPELINE", "HEAD", "STAGES (LAYERS)", "STATE"], pipeline_rows(st, names)))
     processes = [[p["role"], p["model"], p["state"], p["pid"] or "-", _size(p["rss_bytes"]), p["restarts"],
                   p["detail"]] for p in st.get("local_shards", [])]
     if processes:
@@ -125,6 +128,25 @@ def replica_rows(st: dict, names: dict[str, str]) -> list[list[Any]]:
     witnesses = sorted(m["name"] for m in st["members"] if m.get("witness") and m["state"] != MemberState.GONE)
     rows.append(["witness", "-", len(witnesses), ", ".join(witnesses) or "-"])
     return rows
+
+
+def pipeline_rows(st: dict, names: dict[str, str]) -> list[list[Any]]:
+    """Each split model: its head member, its stages in pipeline order with their layers, and the head's shard state."""
+    rows = []
+    for split in st.get("splits", []):
+        head = next((s for s in st["shards"] if s["role"] == "reasoning" and s["model"] == split["model"]
+                     and s["node_id"] == split["head"]), None)
+        stages = " -> ".join(f"{names.get(s['node_id'], s['node_id'])} ({s['layers']})" for s in split["stages"])
+        rows.append([split["model"], names.get(split["head"], split["head"]), stages,
+                     head["state"] if head else "not placed"])
+    return rows
+
+
+def _stage_arg(text: str) -> dict:
+    name, sep, layers = text.rpartition("=")
+    if not sep or not name or not layers.isdigit() or int(layers) < 1:
+        raise argparse.ArgumentTypeError(f"a stage is NAME=LAYERS (e.g. pi2=9), got {text!r}")
+    return {"node": name, "layers": int(layers)}
 
 
 def render_models(models: list[dict]) -> str:
@@ -162,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     replicas = sub.add_parser("replicas", help="set the desired number of replicas of a role")
     replicas.add_argument("role")
     replicas.add_argument("count", type=int)
+    split = sub.add_parser("split", help="run MODEL as a pipeline: its first layers on --head, its last ones on "
+                                         "each --stage (llama.cpp RPC over the mesh's mutual TLS)")
+    split.add_argument("model")
+    split.add_argument("--head", help="member that holds the first layers and serves the model")
+    split.add_argument("--stage", action="append", default=[], type=_stage_arg, metavar="NAME=LAYERS",
+                       help="a member and how many of the model's last layers it holds; repeat, in pipeline order")
+    split.add_argument("--clear", action="store_true", help="serve the model whole again")
     drain = sub.add_parser("drain", help="move every shard off a node (it stays a member)")
     drain.add_argument("node")
     remove = sub.add_parser("remove", help="take a node out of the mesh (its shards move elsewhere)")
@@ -251,6 +280,16 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "replicas":
         call(mesh, "/control/v1/replicas", {"role": args.role, "count": args.count})
         return f"{args.role}: {args.count} replica(s) desired"
+    if args.command == "split":
+        if args.clear:
+            if args.head or args.stage:
+                raise MeshError("split --clear takes no --head or --stage")
+            return f"{call(mesh, '/control/v1/split', {'model': args.model, 'clear': True})['cleared']}: served whole"
+        if not args.head or not args.stage:
+            raise MeshError("split needs --head NAME and at least one --stage NAME=LAYERS (or --clear)")
+        r = call(mesh, "/control/v1/split", {"model": args.model, "head": args.head, "stages": args.stage})["split"]
+        return f"{r['model']}: head on {r['head']}, stages " + ", ".join(f"{s['node']} ({s['layers']} layers)"
+                                                                     for s in r["stages"])
     if args.command == "drain":
         return f"draining {call(mesh, '/control/v1/drain', {'node': args.node})['draining']}"
     if args.command == "remove":

@@ -34,6 +34,7 @@ from mesh.security.pki import PkiError, fingerprint
 from mesh.security.tokens import BadToken, check_token, new_token
 from raft.commands import (
     AddMember,
+    ClearSplit,
     Command,
     CreateAdminCredential,
     PinShard,
@@ -42,6 +43,7 @@ from raft.commands import (
     RevokeToken,
     SetMemberState,
     SetReplicas,
+    SetSplit,
     SpendToken,
     UnpinShard,
 )
@@ -97,6 +99,7 @@ class Control:
             Route("/control/v1/assign", self.assign, methods=["POST"]),
             Route("/control/v1/unassign", self.unassign, methods=["POST"]),
             Route("/control/v1/replicas", self.replicas, methods=["POST"]),
+            Route("/control/v1/split", self.split, methods=["POST"]),
             Route("/control/v1/drain", self.drain, methods=["POST"]),
             Route("/control/v1/remove", self.remove, methods=["POST"]),
             Route("/control/v1/transfer", self.transfer, methods=["POST"]),
@@ -106,7 +109,10 @@ class Control:
     # -- reads -------------------------------------------------------------------------------
 
     async def status(self, request: Request) -> Response:
-        return JSONResponse(self.d.status())
+        state = self.d.raft.state
+        splits = [{"model": s.model, "head": s.head, "stages": [{"node_id": n, "layers": k} for n, k in s.stages]}
+                  for s in sorted(state.splits.values(), key=lambda s: s.model)]
+        return JSONResponse({**self.d.status(), "splits": splits})
 
     async def models(self, request: Request) -> Response:
         state = self.d.raft.state
@@ -224,6 +230,30 @@ class Control:
             raise bad_request("'count' must be an integer", "count")
         await self._propose(SetReplicas(role=_str(body, "role"), count=count))
         return JSONResponse({"replicas": {body["role"]: count}})
+
+    async def split(self, request: Request) -> Response:
+        """Runs a model as a pipeline: {"model", "head": member, "stages": [{"node": member, "layers": n}, ...]}
+        (pipeline order: each stage holds that many of the model's last layers), or {"model", "clear": true}."""
+        body = await _body(request)
+        state = self.d.raft.state
+        model = _str(body, "model")
+        if body.get("clear") is True:
+            await self._propose(ClearSplit(model))
+            return JSONResponse({"cleared": model})
+        head = self._member(state, _str(body, "head"))
+        stages = body.get("stages")
+        if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+            raise bad_request("'stages' must be a non-empty list of {\"node\": NAME, \"layers\": N}", "stages")
+        pairs = []
+        for stage in stages:
+            layers = stage.get("layers")
+            if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+                raise bad_request("each stage's 'layers' must be a positive integer", "stages")
+            pairs.append((self._member(state, _str(stage, "node")).node_id, layers))
+        await self._propose(SetSplit(model=model, head=head.node_id, stages=tuple(pairs)))
+        names = {m.node_id: m.name for m in state.members.values()}
+        return JSONResponse({"split": {"model": model, "head": head.name,
+                                       "stages": [{"node": names[n], "layers": k} for n, k in pairs]}})
 
     async def drain(self, request: Request) -> Response:
         body = await _body(request)

@@ -19,7 +19,7 @@ from raft.commands import ApplyPlacement
 from raft.node import ProposalFailed, RaftNode
 from raft.profile import MemberProfile
 from raft.state import MeshState, Rejected
-from raft.vocab import MemberState, ShardState
+from raft.vocab import MemberState, Role, ShardState
 
 log = logging.getLogger("quorum.placer")
 
@@ -62,7 +62,8 @@ class Placer:
                    if s.state == ShardState.CRASHED]
         plan = place(nodes, models, state.replicas, pins, current, self.battery, avoid=crashed)
         limited = {n.node_id for n in nodes if n.healthy and self.battery.limited(n, True)}
-        return keep_crashed_until_replaced(keep_until_replaced(plan, state, limited), crashed)
+        plan = keep_crashed_until_replaced(keep_until_replaced(plan, state, limited), crashed)
+        return with_split_heads(plan, state, {n.node_id for n in nodes if n.healthy})
 
     async def step(self) -> bool:
         """Commits a new placement if it differs from the state's; True if it committed one."""
@@ -110,6 +111,18 @@ def keep_crashed_until_replaced(plan: Plan, crashed: list[Assignment]) -> Plan:
     if not keep:
         return plan
     return Plan(tuple(sorted({*plan.assignments, *keep})), plan.unplaced)
+
+
+def with_split_heads(plan: Plan, state: MeshState, healthy: set[str]) -> Plan:
+    """A split model (meshctl split) is served by its head member: the model's reasoning shard there (the
+    reconciler runs it as the pipeline's head) is added to the plan while that member is healthy, beyond the
+    desired replica count, like a pin that memory does not limit (the head holds only part of the layers;
+    placement does not yet charge heads and stages for their shares)."""
+    heads = {Assignment(Role.REASONING, s.model, s.head) for s in state.splits.values()
+             if s.head in healthy and s.model in state.models and Role.REASONING in state.models[s.model].roles}
+    if heads <= set(plan.assignments):
+        return plan
+    return Plan(tuple(sorted({*plan.assignments, *heads})), plan.unplaced)
 
 
 def battery_policy(cfg: PlacementConfig) -> BatteryPolicy:

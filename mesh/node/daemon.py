@@ -215,7 +215,8 @@ class NodeDaemon:
             return fetch_model(*args, credentials=self.live.grpc_channel_credentials(), **kwargs)
 
         self.reconciler = Reconciler(self.record.node_id, self.raft, self.dd.models_dir, self.cfg,
-                                     self.opts.backend, self.metrics, fetch, self.opts.progress, run_dir(self.dd.path))
+                                     self.opts.backend, self.metrics, fetch, self.opts.progress, run_dir(self.dd.path),
+                                     identity=self.live)  # split models: stage tunnels (mesh/replicas/splits.py)
         server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MemberOnly(self._live_member)])
         ShardService(self._local_shards).add_to(server)
         NodeService(self.dd.models_dir).add_to(server)

@@ -12,12 +12,18 @@ RESTART_BACKOFF_S doubling. Its streams resume on another replica or on the rest
 gateway's failover). CRASH_LIMIT crashes within CRASH_WINDOW_S is a crash loop: the shard is
 reported "crashed" with the reason and not started again by this meshd; the placer then moves it
 to another member if one can hold it (mesh/cluster/placer.py). Restarting meshd gives it a fresh chance.
+
+Split models (meshctl split, mesh/replicas/splits.py): on the split's head member, the model's reasoning shard
+process is a pipeline head (HostSpec.stages: one loopback tunnel endpoint per stage, one sequence at a time),
+restarted whenever the recorded split changes; a head whose stage dies aborts, and is restarted like any
+crashed shard once the stage is back. Stage processes and tunnels are the SplitRunner's, stepped here first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import logging
 import os
@@ -29,9 +35,10 @@ from typing import Any, Callable
 from mesh.core.config import MeshConfig
 from mesh.core.metrics import Metrics
 from mesh.replicas.shard_process import Exit, ShardProcess, shard_process
+from mesh.replicas.splits import SplitRunner
 from raft.commands import Command, HaveModelFile, SetShardState
 from raft.node import ProposalFailed, RaftNode
-from raft.state import MeshState, Model, Rejected
+from raft.state import MeshState, Model, Rejected, Split
 from raft.vocab import MemberState, Role, ShardState
 from shards.host import HostSpec
 from shards.model_files import ModelFileError, ensure_model, is_verified, model_path
@@ -51,7 +58,8 @@ _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
 class Reconciler:
     def __init__(self, node_id: str, raft: RaftNode, models_dir: Path, cfg: MeshConfig, backend: str,
                  metrics: Metrics, fetch: Callable[..., Any], progress: bool = False,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, identity: Any = None) -> None:
+        """`identity`: this member's LiveIdentity; without it, split models are served whole here."""
         self.node_id = node_id
         self.raft = raft
         self.models_dir = models_dir
@@ -68,6 +76,10 @@ class Reconciler:
         self.restarts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.last_crash: dict[tuple[str, str], str] = {}  # key -> how its process last died
         self._wake = asyncio.Event()
+        self.splits = None if identity is None else SplitRunner(
+            node_id, lambda: raft.state, identity, cfg.node.host, cfg.node.port, cfg.node.resolved_threads(),
+            self.run_dir, lambda: self._wake.set())
+        self._split_of: dict[tuple[str, str], Split | None] = {}  # the split each local process was started for
 
     async def run(self, changed: asyncio.Event, every_s: float = 1.0) -> None:
         self._wake = changed
@@ -83,9 +95,15 @@ class Reconciler:
         if not self.raft.is_ready():
             return
         state = self.raft.state
+        if self.splits is not None:
+            await self.splits.step(state)
         want = {(s.role, s.model) for s in state.shards_on(self.node_id)} - set(self.given_up)
         for key in sorted(set(self.local) - want):
             await self._unload(key)
+        for key in sorted(set(self.local) & want):
+            if self._split_of.get(key) != self._head_split(key, state):
+                log.info("%s/%s: its split changed; starting its process again", *key)
+                await self._unload(key)
         # Reasoning first: a node is ready (and /health answers 200) once its chat shard is loaded.
         for key in sorted(want - set(self.local), key=lambda k: (k[0] != Role.REASONING, k)):
             if time.monotonic() < self._failed.get(key, 0.0):
@@ -103,8 +121,14 @@ class Reconciler:
             path = await self._model_file(role, model, state)
             if self.node_id not in state.model_files.get(model_name, ()):
                 await self._report(HaveModelFile(self.node_id, model_name))
-            await self._report(SetShardState(role, model_name, self.node_id, ShardState.LOADING, "loading the model"))
-            shard = shard_process(self._spec(role, model, path), self.metrics, self._exited)
+            split = self._head_split(key, state)
+            spec = self._spec(role, model, path)
+            if split is not None:  # the pipeline's head: one sequence, its stages through the tunnels
+                spec = dataclasses.replace(spec, stages=await self.splits.head_stages(split), parallel=1)
+            await self._report(SetShardState(role, model_name, self.node_id, ShardState.LOADING,
+                                             "loading the model" if split is None else
+                                             f"loading the head of a {len(split.stages) + 1}-member pipeline"))
+            shard = shard_process(spec, self.metrics, self._exited)
             await shard.start(LOAD_TIMEOUT_S)
         except Exception as exc:  # a shard that cannot load (no file, a fetch or a start that failed,
             # ShardStartError) is reported and retried later, never fatal to the node
@@ -113,10 +137,27 @@ class Reconciler:
             await self._report(SetShardState(role, model_name, self.node_id, ShardState.FAILED, str(exc)[:300]))
             return
         self.local[key] = shard
+        self._split_of[key] = split
         self.metrics.watch_shard(role, model_name, lambda: shard.waiting, shard.rss)
         self._failed.pop(key, None)
-        await self._report(SetShardState(role, model_name, self.node_id, ShardState.READY))
+        detail = "" if split is None else "pipeline head: " + ", ".join(
+            f"{self._name(state, node_id)}={layers}" for node_id, layers in split.stages)
+        await self._report(SetShardState(role, model_name, self.node_id, ShardState.READY, detail))
         log.info("ready: %s shard of %s", role, model_name)
+
+    def _head_split(self, key: tuple[str, str], state: MeshState) -> Split | None:
+        """The split whose head this shard is: the model's reasoning shard on the split's head member (llama.cpp
+        backends only: the null backend serves a split model whole)."""
+        split = state.splits.get(key[1])
+        if self.splits is None or self.backend != "llama" or key[0] != Role.REASONING or split is None \
+                or split.head != self.node_id:
+            return None
+        return split
+
+    @staticmethod
+    def _name(state: MeshState, node_id: str) -> str:
+        member = state.members.get(node_id)
+        return member.name if member is not None else node_id
 
     def _spec(self, role: str, model: Model, path: Path) -> HostSpec:
         # A sentence encoder (.onnx) runs on onnxruntime whatever backend serves the chat models.
@@ -138,6 +179,7 @@ class Reconciler:
         key = (shard.role, shard.model)
         if self.local.get(key) is shard:
             del self.local[key]
+            self._split_of.pop(key, None)
             self.metrics.unwatch_shard(*key)
         now = time.monotonic()
         crashes = self._crashes.setdefault(key, collections.deque())
@@ -188,6 +230,7 @@ class Reconciler:
 
     async def _unload(self, key: tuple[str, str]) -> None:
         shard = self.local.pop(key)
+        self._split_of.pop(key, None)
         self.metrics.unwatch_shard(*key)
         await shard.stop()
         log.info("stopped %s shard of %s (no longer placed here)", *key)
@@ -195,6 +238,8 @@ class Reconciler:
     async def close(self) -> None:
         for key in list(self.local):
             await self._unload(key)
+        if self.splits is not None:
+            await self.splits.close()
 
     def _report_later(self, cmd: Command) -> None:
         """A progress report that nothing waits for; a failure is only logged."""

@@ -17,6 +17,7 @@ from raft.commands import (
     ApplyPlacement,
     AssignShard,
     BadCommand,
+    ClearSplit,
     Command,
     CreateAdminCredential,
     CreateApiKey,
@@ -35,6 +36,7 @@ from raft.commands import (
     SetMemberState,
     SetReplicas,
     SetShardState,
+    SetSplit,
     SpendToken,
     UnpinShard,
     UpdateProfile,
@@ -338,6 +340,8 @@ command_strategies = {
                                      created_at=floats, node_id=text),
     RevokeAdminCredential: st.builds(RevokeAdminCredential, cred_id=text),
     SetAuthority: st.builds(SetAuthority, node_id=text, authority=st.booleans()),
+    SetSplit: st.builds(SetSplit, model=text, head=text, stages=st.lists(st.tuples(text, ints), max_size=3).map(tuple)),
+    ClearSplit: st.builds(ClearSplit, model=text),
 }
 
 

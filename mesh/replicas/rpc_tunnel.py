@@ -1,0 +1,257 @@
+"""The mutual-TLS tunnel between a split model's head and its stages (llama.cpp RPC carried between members).
+
+llama.cpp's RPC protocol has no authentication and no encryption, and whoever reaches a stage can write its
+memory. So a stage process binds loopback only (shards/rpc_stage.py) and members reach it only through this
+tunnel:
+
+    head process --tcp--> HeadTunnel (head member, 127.0.0.1:EPHEMERAL, one per stage)
+                 --TLS, member certificates both ways--> StageTunnelServer (stage member, tunnel port)
+                 --tcp--> the stage process (stage member, 127.0.0.1:EPHEMERAL)
+
+- The stage member's listener requires a client certificate from the mesh CA naming a member (its node id in
+  the common name and in the SAN `ID.quorum-node`, as every member certificate has), and then asks
+  `authorize(node_id, model)`: only the live head member of that model's split, recorded in Raft, gets the
+  loopback endpoint of the stage serving it. Anyone else (no certificate, another mesh's, a member that is
+  not the head) is closed before a byte reaches the stage.
+- The head member dials with SNI and hostname check on `STAGE_ID.quorum-node`, so only that stage member's
+  certificate completes the handshake (mesh/security/peer_tls.py does the same for the peer port).
+- After the handshake the head sends one line, the model's name, so one tunnel port serves the stages of
+  several split models on a member.
+- The head member's loopback port speaks for this member, so it takes connections only from processes of
+  meshd's own user (the owner of the connecting socket, from /proc/net/tcp), as the shard sockets in meshd's
+  0700 run directory do. Where /proc/net/tcp cannot be read (some Android versions), that check is skipped.
+
+The tunnel port is the member's HTTP listen port + 4 (`tunnel_address_of`), after gRPC (+1), Raft (+2) and the
+peer port (+3); it is bound only while the member holds a stage. Bytes are copied as they come (TCP_NODELAY
+both ways: a decode step is a few small round trips). When either side of a pipe ends, both are closed: a
+stage that dies ends its head's connection at once (the head process then aborts and is restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from typing import Callable
+
+from mesh.security.pki import node_dns_name
+
+log = logging.getLogger("quorum.rpc-tunnel")
+
+TUNNEL_PORT_OFFSET = 4  # from the member's HTTP listen port
+HANDSHAKE_TIMEOUT_S = 5.0  # TLS handshake and the model line
+DIAL_TIMEOUT_S = 10.0
+MAX_MODEL_LINE = 512
+CHUNK = 1 << 16
+
+
+def tunnel_address_of(member) -> str:
+    """host:port of a member's tunnel listener (its HTTP address's host, the port + TUNNEL_PORT_OFFSET)."""
+    host, _, port = member.http_address.rpartition(":")
+    return f"{host}:{int(port) + TUNNEL_PORT_OFFSET}"
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def peer_node_id(cert: dict | None) -> str | None:
+    """The member a verified certificate names: its common name, when the SAN names it too (as `node_id_of`)."""
+    cn = next((value for rdn in (cert or {}).get("subject", ()) for key, value in rdn if key == "commonName"), None)
+    names = {value for kind, value in (cert or {}).get("subjectAltName", ()) if kind == "DNS"}
+    return cn if cn and node_dns_name(cn) in names else None
+
+
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The user owning the other end of a loopback IPv4 connection (Linux /proc/net/tcp); None if unknown."""
+    peer, ours = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+    if not peer or not ours:
+        return None
+
+    def hex_address(address: tuple) -> str:
+        return f"{int.from_bytes(socket.inet_aton(address[0]), 'little'):08X}:{address[1]:04X}"
+
+    local, remote = hex_address(peer), hex_address(ours)  # the peer socket's own view: local = its address
+    try:
+        with open("/proc/net/tcp") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 7 and fields[1] == local and fields[2] == remote:
+                    return int(fields[7])
+    except OSError as exc:  # no /proc, or a system that hides it: the caller decides what unknown means
+        log.debug("cannot read /proc/net/tcp: %s", exc)
+    return None
+
+
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    try:
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:  # asyncio and uvloop set it already on TCP; this only makes sure
+        log.debug("TCP_NODELAY not set: %s", exc)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+        pass  # one side went away (reset, TLS alert): the splice ends and closes both sides
+
+
+async def splice(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                 b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+    """Copies both ways until either side ends, then closes both."""
+    tasks = [asyncio.create_task(_pipe(a[0], b[1])), asyncio.create_task(_pipe(b[0], a[1]))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # CancelledError: the end we asked for
+        await _close(a[1])
+        await _close(b[1])
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError, asyncio.TimeoutError):
+        # closing a connection the peer already dropped may raise; it is closed either way
+        await asyncio.wait_for(writer.wait_closed(), 2.0)
+
+
+class _Connections:
+    """The connections a listener is serving, closed together when it closes."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+
+    def track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # cancelled on purpose
+
+
+class StageTunnelServer:
+    """On a stage member: TLS with a required member certificate, then the stage that `authorize` names."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext,
+                 authorize: Callable[[str, str], str | None]) -> None:
+        """`context`: a server context (this member's certificate, the mesh CA); client certificates are
+        made required here. `authorize(node_id, model)` -> the stage's loopback endpoint, or None."""
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.host, self.port, self.context, self.authorize = host, port, context, authorize
+        self._server: asyncio.AbstractServer | None = None
+        self._connections = _Connections()
+        self.refused = 0  # connections closed before reaching a stage (tests and logs)
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, ssl=self.context,
+                                                  ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+        log.info("stage tunnel listening on %s:%d (mutual TLS, the split's head member only)", self.host, self.port)
+
+    @property
+    def bound_port(self) -> int:
+        return self._server.sockets[0].getsockname()[1] if self._server else 0
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._connections.close()  # first: from Python 3.12 wait_closed() waits for open connections
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.track()
+        caller = peer_node_id(writer.get_extra_info("peercert"))
+        try:
+            line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT_S)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError) as exc:
+            return await self._refuse(writer, f"{caller or 'unknown'} sent no model line ({type(exc).__name__})")
+        model = line.decode("utf-8", "replace").strip() if line.endswith(b"\n") else ""
+        if not model or len(line) > MAX_MODEL_LINE:
+            return await self._refuse(writer, f"{caller or 'unknown'} sent no model line")
+        endpoint = self.authorize(caller, model) if caller else None
+        if endpoint is None:
+            return await self._refuse(writer, f"{caller or 'a caller without a member id'} is not the head of "
+                                              f"{model!r}'s pipeline, or no stage of it runs here")
+        try:
+            stage = await asyncio.wait_for(asyncio.open_connection(*_host_port(endpoint)), DIAL_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError) as exc:
+            return await self._refuse(writer, f"the stage of {model!r} at {endpoint} does not answer: {exc}")
+        _nodelay(writer)
+        _nodelay(stage[1])
+        await splice((reader, writer), stage)
+
+    async def _refuse(self, writer: asyncio.StreamWriter, why: str) -> None:
+        self.refused += 1
+        log.warning("stage tunnel: refused: %s", why)
+        await _close(writer)
+
+
+class HeadTunnel:
+    """On the head member: a loopback port that the head process talks RPC to; each connection is carried
+    over TLS to one stage member's tunnel, which must present that member's certificate."""
+
+    def __init__(self, model: str, target: Callable[[], tuple[str, str] | None],
+                 context: Callable[[], ssl.SSLContext]) -> None:
+        """`target()` -> (tunnel address, node id) of the stage member now (None: no such member);
+        `context()` -> a client context with this member's certificate, trusting the mesh CA."""
+        self.model, self.target, self.context = model, target, context
+        self._server: asyncio.AbstractServer | None = None
+        self._connections = _Connections()
+
+    async def start(self) -> str:
+        """Listens on 127.0.0.1 (a free port); returns the endpoint for the head process."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.endpoint
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}" if self._server else ""
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._connections.close()  # first: from Python 3.12 wait_closed() waits for open connections
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.track()
+        uid = peer_uid(writer)
+        if uid is not None and uid != os.getuid():
+            log.warning("tunnel for %s: refused a local connection from user %d (only meshd's user)", self.model, uid)
+            return await _close(writer)
+        target = self.target()
+        if target is None:
+            log.warning("tunnel for %s: the stage member is gone", self.model)
+            return await _close(writer)
+        address, node_id = target
+        context = self.context()
+        context.check_hostname = True  # against node_id's name, sent as the SNI
+        try:
+            remote = await asyncio.wait_for(
+                asyncio.open_connection(*_host_port(address), ssl=context, server_hostname=node_dns_name(node_id),
+                                        ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S), DIAL_TIMEOUT_S)
+            remote[1].write(self.model.encode() + b"\n")
+            await remote[1].drain()
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            log.warning("tunnel for %s: cannot reach the stage member %s at %s: %s", self.model, node_id, address, exc)
+            return await _close(writer)
+        _nodelay(writer)
+        _nodelay(remote[1])
+        await splice((reader, writer), remote)
