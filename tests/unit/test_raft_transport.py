@@ -520,3 +520,15 @@ def test_limits_are_validated():
     with pytest.raises(ValueError):
         TransportLimits(accept_backoff_min_s=2, accept_backoff_max_s=1)
     assert TransportLimits().max_command_bytes == 2 * 1024 * 1024
+
+
+def test_pysyncobj_leaves_socket_inet_ntop_alone():
+    """pysyncobj 0.3.17 replaces socket.inet_ntop with a Windows-only version on every OS; raft/__init__.py
+    keeps it from doing so (psutil's connection listing and others call it)."""
+    import subprocess
+    import sys
+
+    code = ("import raft.node, socket, psutil; assert socket.inet_ntop(socket.AF_INET, b'\\x7f\\0\\0\\1') == "
+            "'127.0.0.1'; psutil.Process().net_connections('tcp')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
