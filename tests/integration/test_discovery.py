@@ -70,8 +70,10 @@ def running(node: Meshd) -> bool:
     if node.proc.poll() is not None:
         raise RuntimeError(f"meshd exited with {node.proc.returncode}:\n{node.log()}")
     try:
-        raft = node.status()["raft"]
+        raft = node.status().get("raft")
     except httpx.HTTPError:
+        return False
+    if raft is None:  # refused (401) while the joiner is still writing its admin credential
         return False
     return bool(raft["has_quorum"] and raft["leader"])
 
