@@ -9,7 +9,7 @@ _Log hands its MeshState over itself. The serializer is raft/dump_writer.py's, w
 background thread (encode_dump, write_file here).
 
 File: DUMP_MAGIC, u32 crc32 of the body, body = zlib(codec.dumps({"state", "last", "prev", "cluster"},
-STATE)). The state is rebuilt only into the dataclasses of raft/state.py (STATE's registry).
+STATE)). The state is rebuilt only into the dataclasses of raft/records.py (STATE's registry).
 
 A dump written by an earlier version (gzip of a pickle) is converted once, at start (`migrate_legacy_dump`,
 before SyncObj reads it), with an unpickler that allows only raft.state's classes, set/frozenset and
@@ -132,7 +132,8 @@ def check_state(state: Any) -> None:
 # ---- the one-time conversion of an earlier version's dump -----------------------------------------------
 
 LEGACY_DUMP_CLASSES: dict[tuple[str, str], Any] = {
-    **{("raft.state", cls.__name__): cls for cls in STATE_CLASSES},
+    **{("raft.state", cls.__name__): cls for cls in STATE_CLASSES},  # pickles from before raft/records.py
+    **{("raft.records", cls.__name__): cls for cls in STATE_CLASSES},
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     **codec.LEGACY_NODE_CLASSES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-import raft.state as st
+import raft.apply_sessions as st
 from raft import codec, snapshot
 from raft.commands import InitMesh, SessionAppend, SessionTurnEnd, SessionTurnStart
 from raft.session_budget import MESSAGE_OVERHEAD, TOKEN_BYTES, TURN_OVERHEAD, turn_bytes

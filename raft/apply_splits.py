@@ -1,0 +1,49 @@
+"""Apply handlers for models run as pipelines across members (SetSplit, ClearSplit)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from raft.commands import ClearSplit, SetSplit
+from raft.records import MeshState, Rejected, Split
+from raft.vocab import MemberState
+
+MAX_STAGES = 16
+MAX_STAGE_LAYERS = 4096
+
+
+def _set_split(state: MeshState, cmd: SetSplit) -> MeshState:
+    model = state.models.get(cmd.model)
+    if model is None:
+        raise Rejected(f"unknown model {cmd.model!r}")
+    if "reasoning" not in model.roles:
+        raise Rejected(f"model {cmd.model!r} does not serve reasoning: only a chat model runs as a pipeline")
+    if not isinstance(cmd.stages, tuple) or not 1 <= len(cmd.stages) <= MAX_STAGES:
+        raise Rejected(f"a split has 1 to {MAX_STAGES} stages")
+    for stage in cmd.stages:
+        if not (isinstance(stage, tuple) and len(stage) == 2 and isinstance(stage[0], str)
+                and type(stage[1]) is int and 1 <= stage[1] <= MAX_STAGE_LAYERS):
+            raise Rejected(f"a stage is (member, layers from 1 to {MAX_STAGE_LAYERS}), got {stage!r}")
+    nodes = [cmd.head, *(node_id for node_id, _ in cmd.stages)]
+    if len(set(nodes)) != len(nodes):
+        raise Rejected("the head and every stage of a split are distinct members")
+    for node_id in nodes:
+        member = state.members.get(node_id)
+        if member is None or member.state == MemberState.GONE:
+            raise Rejected(f"unknown member {node_id}")
+        if member.witness:
+            raise Rejected(f"{member.name} is a witness: it holds no model layers")
+    split = Split(cmd.model, cmd.head, tuple((node_id, layers) for node_id, layers in cmd.stages))
+    return dataclasses.replace(state, splits={**state.splits, cmd.model: split})
+
+
+def _clear_split(state: MeshState, cmd: ClearSplit) -> MeshState:
+    if cmd.model not in state.splits:
+        raise Rejected(f"model {cmd.model!r} is not split")
+    return dataclasses.replace(state, splits={m: s for m, s in state.splits.items() if m != cmd.model})
+
+
+HANDLERS = {
+    SetSplit: _set_split,
+    ClearSplit: _clear_split,
+}
