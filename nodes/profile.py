@@ -15,6 +15,7 @@
     gpus           [{"vendor": "nvidia"|"amd"|"apple", "name": str, "memory_total": bytes}, ...]
     battery        {"percent": float, "charging": bool | None} or None
     speed          nodes.speed's benchmark in ops/s (higher is faster), measured once per process
+    memory_budget  (local_profile, only when capped) the most bytes this node gives to models (its config)
 
 `probe()` builds the same dict from any root, environ and command runner, so tests can point it at
 captured fixtures; `device_class(root, environ)` is re-exported here for existing callers.
@@ -78,6 +79,9 @@ def probe(root: Path = Path("/"), environ: Mapping[str, str] | None = None, run:
     }
 
 
-def local_profile() -> dict[str, Any]:
-    """This machine's profile (the benchmark runs on the first call only)."""
-    return probe()
+def local_profile(memory_budget: int = 0) -> dict[str, Any]:
+    """This machine's profile (the benchmark runs on the first call only), with the most memory (bytes) it gives
+    to models when capped (`memory_budget`, node.memory_budget_mib; 0: no cap, and no key): placement uses the
+    lower of it and what is free."""
+    profile = probe()
+    return {**profile, "memory_budget": memory_budget} if memory_budget > 0 else profile

@@ -1,15 +1,16 @@
-"""Apply handlers for models run as pipelines across members (SetSplit, ClearSplit)."""
+"""Apply handlers for models run as pipelines across members (SetSplit, ClearSplit, SetStageState)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from raft.commands import ClearSplit, SetSplit
+from raft.commands import STAGE_STATES, ClearSplit, SetSplit, SetStageState
 from raft.records import MeshState, Rejected, Split
 from raft.vocab import MemberState
 
 MAX_STAGES = 16
 MAX_STAGE_LAYERS = 4096
+MAX_STAGE_DETAIL = 500  # characters of a stage's report (SetStageState.detail); a longer one is refused
 
 
 def _set_split(state: MeshState, cmd: SetSplit) -> MeshState:
@@ -24,6 +25,8 @@ def _set_split(state: MeshState, cmd: SetSplit) -> MeshState:
         if not (isinstance(stage, tuple) and len(stage) == 2 and isinstance(stage[0], str)
                 and type(stage[1]) is int and 1 <= stage[1] <= MAX_STAGE_LAYERS):
             raise Rejected(f"a stage is (member, layers from 1 to {MAX_STAGE_LAYERS}), got {stage!r}")
+    if type(cmd.auto) is not bool:
+        raise Rejected("a split's auto flag is true or false")
     nodes = [cmd.head, *(node_id for node_id, _ in cmd.stages)]
     if len(set(nodes)) != len(nodes):
         raise Rejected("the head and every stage of a split are distinct members")
@@ -33,7 +36,9 @@ def _set_split(state: MeshState, cmd: SetSplit) -> MeshState:
             raise Rejected(f"unknown member {node_id}")
         if member.witness:
             raise Rejected(f"{member.name} is a witness: it holds no model layers")
-    split = Split(cmd.model, cmd.head, tuple((node_id, layers) for node_id, layers in cmd.stages))
+    if model.layers and sum(layers for _, layers in cmd.stages) >= model.layers:
+        raise Rejected(f"model {cmd.model!r} has {model.layers} layers: the stages hold fewer, the head the rest")
+    split = Split(cmd.model, cmd.head, tuple((node_id, layers) for node_id, layers in cmd.stages), auto=cmd.auto)
     return dataclasses.replace(state, splits={**state.splits, cmd.model: split})
 
 
@@ -43,7 +48,26 @@ def _clear_split(state: MeshState, cmd: ClearSplit) -> MeshState:
     return dataclasses.replace(state, splits={m: s for m, s in state.splits.items() if m != cmd.model})
 
 
+def _set_stage_state(state: MeshState, cmd: SetStageState) -> MeshState:
+    split = state.splits.get(cmd.model)
+    if split is None:
+        raise Rejected(f"model {cmd.model!r} is not split")
+    order = [node_id for node_id, _ in split.stages]
+    if cmd.node_id not in order:
+        raise Rejected(f"{cmd.node_id} holds no stage of {cmd.model!r}")
+    if cmd.state not in STAGE_STATES:
+        raise Rejected(f"unknown stage state {cmd.state!r} (one of {', '.join(STAGE_STATES)})")
+    if not isinstance(cmd.detail, str) or len(cmd.detail) > MAX_STAGE_DETAIL:
+        raise Rejected(f"a stage's detail is text of at most {MAX_STAGE_DETAIL} characters")
+    states = {n: (s, d) for n, s, d in split.stage_states}
+    states[cmd.node_id] = (cmd.state, cmd.detail)
+    recorded = tuple((n, *states[n]) for n in order if n in states)
+    split = dataclasses.replace(split, stage_states=recorded)
+    return dataclasses.replace(state, splits={**state.splits, cmd.model: split})
+
+
 HANDLERS = {
     SetSplit: _set_split,
     ClearSplit: _clear_split,
+    SetStageState: _set_stage_state,
 }

@@ -93,6 +93,8 @@ class RegisterModel(Command):
     context_length: int
     chat_template: str | None
     memory_bytes: int
+    layers: int = 0  # transformer blocks (GGUF block_count); 0: not split by layers
+    layer_bytes: int = 0  # one block's weights (on average) and its KV cache for the context
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,10 @@ class SetSplit(Command):
     model: str
     head: str  # node id
     stages: tuple[tuple[str, int], ...]  # (node id, layers), pipeline order
+    # Planned by the placer (mesh/cluster/split_planning.py), which replaces or clears it as members come and
+    # go; False for a split pinned by hand (meshctl split, meshctl assign reasoning --node A --node B), which
+    # only a person clears. Left out of an entry while False, so older members still read it.
+    auto: bool = False
 
 
 @dataclass(frozen=True)
@@ -270,12 +276,67 @@ class ClearSplit(Command):
     model: str
 
 
+STAGE_STATES = ("starting", "ready", "failed")
+
+
+@dataclass(frozen=True)
+class SetStageState(Command):
+    """A stage member's report on its stage of a split model: "starting", "ready" or "failed" (a protocol
+    mismatch, an allocation failure, a GGUF that differs, ...) with a one-line `detail`. Only the stage member
+    itself proposes it (raft/wire.py proposer_may_send); a new SetSplit starts every stage's record afresh."""
+    kind: ClassVar[str] = "set_stage_state"
+    model: str
+    node_id: str
+    state: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class RequestCaRotation(Command):
+    """A CA rotation is owed (`meshctl ca rotate`; a removed authority owes one by itself, raft/state.py):
+    a live authority carries it out (RotateCa)."""
+    kind: ClassVar[str] = "request_ca_rotation"
+    reason: str
+
+
+@dataclass(frozen=True)
+class RotateCa(Command):
+    """Authority `node_id` made a new CA (`ca_pem`, its key stays with it): trusted by every member beside the
+    CAs trusted now and signing from now on. `trusted_before`: the CA certificates its ca.pem trusts, which the
+    state adopts when it names none yet (the first rotation). Only that member proposes it (raft/wire.py)."""
+    kind: ClassVar[str] = "rotate_ca"
+    node_id: str
+    ca_pem: str
+    trusted_before: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SetMemberCa(Command):
+    """A member reports which trusted CA signed its current certificate (`ca`) and which signing CA it trusts
+    (`trusts`), as fingerprints; only that member proposes it."""
+    kind: ClassVar[str] = "set_member_ca"
+    node_id: str
+    ca: str
+    trusts: str = ""
+
+
+@dataclass(frozen=True)
+class RetireCas(Command):
+    """Drops every trusted CA but the signing one (`keep`), once every live member's certificate is from it.
+    `force` (meshctl ca finish): without the members that do not trust the new CA yet (away; they must join
+    again): dropped once the others hold certificates from it, which they renew for at once."""
+    kind: ClassVar[str] = "retire_cas"
+    keep: str
+    force: bool = False
+
+
 COMMANDS: dict[str, type[Command]] = {
     cls.kind: cls
     for cls in (InitMesh, AddMember, SetMemberState, RegisterModel, AssignShard, SetShardState, CreateToken,
                 RevokeToken, SetReplicas, PinShard, UnpinShard, ApplyPlacement, HaveModelFile, SessionTurnStart,
                 SessionAppend, SessionTurnEnd, CreateApiKey, RevokeApiKey, UpdateProfile, SpendToken,
-                CreateAdminCredential, RevokeAdminCredential, SetAuthority, SetSplit, ClearSplit)
+                CreateAdminCredential, RevokeAdminCredential, SetAuthority, SetSplit, ClearSplit, SetStageState,
+                RequestCaRotation, RotateCa, SetMemberCa, RetireCas)
 }
 
 
@@ -285,7 +346,8 @@ class BadCommand(ValueError):
 
 # Fields added later that stay out of an entry while they hold their default, so that a member running
 # the version before them still reads the entry (decode fills the default back in).
-_OMITTED_AT_DEFAULT = {("session_turn_start", "owner"): ""}
+_OMITTED_AT_DEFAULT = {("session_turn_start", "owner"): "", ("set_split", "auto"): False,
+                       ("register_model", "layers"): 0, ("register_model", "layer_bytes"): 0}
 
 
 def encode(cmd: Command) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class Member:
     witness: bool = False
     peer_address: str = ""  # HTTPS peer port: joins and requests relayed to the leader
     authority: bool = False  # holds the mesh CA's key (SetAuthority); still True on a member removed holding it
+    ca: str = ""  # fingerprint of the CA that signed its current certificate, as it reports it (SetMemberCa)
+    trusts: str = ""  # fingerprint of the newest CA it trusts, as it reports it (SetMemberCa)
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, MemberProfile):
@@ -47,6 +49,10 @@ class Model:
     context_length: int
     chat_template: str | None
     memory_bytes: int
+    # What splitting the model across members needs (read from the GGUF when registered; 0 in older logs and
+    # for models that are not split by layers: such a model is only ever placed whole).
+    layers: int = 0  # transformer blocks
+    layer_bytes: int = 0  # what one block costs the member holding it: its weights and its KV cache
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,21 @@ class Split:
     model: str
     head: str  # node id
     stages: tuple[tuple[str, int], ...]  # (node id, layers), pipeline order
+    auto: bool = False  # planned by the placer (it re-plans it); False: pinned by hand (older logs too)
+    # (node id, "starting" | "ready" | "failed", detail) per stage that reported (SetStageState), stage order;
+    # a new SetSplit starts it empty.
+    stage_states: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def members(self) -> tuple[str, ...]:
         return (self.head, *(node_id for node_id, _ in self.stages))
+
+    def stage_state(self, node_id: str) -> tuple[str, str] | None:
+        """(state, detail) that stage `node_id` last reported, or None."""
+        return next(((state, detail) for n, state, detail in self.stage_states if n == node_id), None)
+
+    def failed_stages(self) -> tuple[str, ...]:
+        return tuple(n for n, state, _ in self.stage_states if state == "failed")
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,14 @@ class MeshState:
     # The session log: per named session, each turn's messages, answer tokens and text.
     sessions: dict[str, Session] = field(default_factory=dict)
     splits: dict[str, Split] = field(default_factory=dict)  # model -> its pipeline (meshctl split)
+    # The CAs every member trusts (raft/apply_trust.py): (fingerprint, certificate PEM) pairs, () until the first
+    # rotation (each member trusts its ca.pem); `signing_ca` signs new certificates; `ca_rotation_owed` says why
+    # a rotation is owed ("" when none); `ca_made_by` is the authority that made the signing CA.
+    trusted_cas: tuple[tuple[str, str], ...] = ()
+    signing_ca: str = ""
+    ca_rotation_owed: str = ""
+    ca_made_by: str = ""
+    ca_finish: bool = False  # an operator finishes the rotation without the members that do not trust the new CA
     applied: int = 0  # commands applied so far (rejected ones excluded)
     # What the session caps evicted since the mesh began (monotonic: metrics read them as counters).
     sessions_evicted: int = 0  # whole sessions, least recently used first: over MAX_SESSIONS or SESSIONS_BYTES

@@ -118,6 +118,9 @@ def check_state(state: Any) -> None:
     if not all(type(s.stages) is tuple and all(type(x) is tuple and len(x) == 2 for x in s.stages)
                for s in state.splits.values()):
         raise ValueError("a split's stages are (node id, layers) pairs")
+    if not all(type(s.stage_states) is tuple and all(type(x) is tuple and len(x) == 3 for x in s.stage_states)
+               for s in state.splits.values()):
+        raise ValueError("a split's stage states are (node id, state, detail) triples")
     if type(state.unplaced) is not tuple or not all(type(u) is st.Unplaced for u in state.unplaced):
         raise ValueError("MeshState.unplaced is a tuple of Unplaced")
     if type(state.model_files) is not dict or not all(type(v) is frozenset for v in state.model_files.values()):

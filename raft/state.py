@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from raft import apply_credentials, apply_sessions, apply_splits
+from raft import apply_credentials, apply_sessions, apply_splits, apply_trust
 from raft.apply_sessions import (  # noqa: F401 (re-exported)
     MAX_PROMPT_IDS,
     MAX_SESSIONS,
@@ -139,14 +139,20 @@ def _set_member_state(state: MeshState, cmd: SetMemberState) -> MeshState:
                   for k, a in admins.items()}
     # A pipeline needs every one of its members: one that leaves takes the split with it.
     splits = {m: s for m, s in state.splits.items() if cmd.state != MemberState.GONE or cmd.node_id not in s.members}
-    return dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files, admins=admins,
-                               splits=splits)
+    new = dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files, admins=admins,
+                              splits=splits)
+    if cmd.state == MemberState.GONE and member.authority and member.state != MemberState.GONE:
+        # Its copy of the CA key left with it: a rotation is owed (raft/apply_trust.py).
+        new = apply_trust.owe_rotation(new, f"{member.name} held the CA key and was removed")
+    return new
 
 
 def _register_model(state: MeshState, cmd: RegisterModel) -> MeshState:
+    if not all(type(n) is int and n >= 0 for n in (cmd.layers, cmd.layer_bytes)):
+        raise Rejected("a model's layers and layer_bytes are counts of 0 or more")
     model = Model(name=cmd.name, file=cmd.file, sha256=cmd.sha256, size=cmd.size, roles=tuple(cmd.roles),
                   context_length=cmd.context_length, chat_template=cmd.chat_template,
-                  memory_bytes=cmd.memory_bytes)
+                  memory_bytes=cmd.memory_bytes, layers=cmd.layers, layer_bytes=cmd.layer_bytes)
     old = state.models.get(cmd.name)
     if old is not None and old.sha256 != cmd.sha256:
         in_use = [s for s in state.shards.values() if s.model == cmd.name]
@@ -251,4 +257,5 @@ _HANDLERS = {
     **apply_sessions.HANDLERS,
     **apply_credentials.HANDLERS,
     **apply_splits.HANDLERS,
+    **apply_trust.HANDLERS,
 }

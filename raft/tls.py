@@ -4,13 +4,15 @@ Every Raft connection is TLS 1.3 with a certificate on both ends, signed by the 
 common name is the member's node id. TLS runs sans-IO (ssl.SSLObject over two ssl.MemoryBIO) inside
 raft/bounded_connection.py, driven by the same poller events as the plain framing, so the frame cap, the
 per-address cap, the handshake deadline, the EMFILE back-off and the journal barrier hold as they are. With
-TLS on, pysyncobj's Fernet (the password) is off: the mesh secret no longer guards the log.
+TLS on, pysyncobj's Fernet (the password) is off: no mesh-wide secret guards the log (there is none).
 
 Who may talk (`authorize(node_id, raft_address)`, checked by raft/transport.py):
 - as client, once the TLS handshake is done, against the address this member dialled;
 - as server, against the address the peer claims in its first message (pysyncobj's handshake), before any
   Raft message is taken;
-- again on every established connection every `RECHECK_S` (a member removed while connected is dropped).
+- again on every established connection every `RECHECK_S` (a member removed while connected is dropped);
+- when the trusted CAs change (`RaftTls.reload` after a CA rotation dropped one), an established connection
+  whose peer's certificate no trusted CA signed is closed at its next read.
 
 The rule (`member_authorizer`, the default RaftNode uses with its own state):
 - an id the replicated state knows as removed (MemberState.GONE, final: an id is never reused) is refused,
@@ -29,11 +31,17 @@ The rule (`member_authorizer`, the default RaftNode uses with its own state):
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
 from raft.state import MeshState
 from raft.vocab import MemberState
@@ -69,14 +77,39 @@ class RaftTls:
     def from_pem(cls, cert_pem: bytes, key_pem: bytes, ca_pem: bytes, authorize: Authorize | None = None) -> RaftTls:
         """Contexts presenting this member's certificate and trusting exactly the mesh CA (`ca_pem` may hold
         several certificates: the CAs trusted during a rotation), both ways."""
-        return cls([_contexts(cert_pem, key_pem, ca_pem)], authorize)
+        box: list = []
+        box.append(_contexts(cert_pem, key_pem, ca_pem, box))
+        return cls(box, authorize)
 
     def reload(self, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> None:
-        """New connections present `cert_pem` and trust `ca_pem` from now on."""
-        self.box[0] = _contexts(cert_pem, key_pem, ca_pem)
+        """New connections present `cert_pem` and trust `ca_pem` from now on. Open connections whose peer's
+        certificate no CA in `ca_pem` signed (a CA rotation dropped its CA) are closed at their next read."""
+        self.box[0] = _contexts(cert_pem, key_pem, ca_pem, self.box)
+        trusted = [x509.load_pem_x509_certificate(m.group(0)) for m in _PEM_CERT.finditer(ca_pem)]
+        with _LOCK:  # the tick thread adds sessions
+            sessions = list(_SESSIONS)
+        for session in sessions:
+            if _FAMILY.get(session.context) is self.box and not session.revoked and \
+                    not any(_issued(session.peer_der, ca) for ca in trusted):
+                session.revoked = True
 
 
-def _contexts(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> _Contexts:
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.S)
+# Which RaftTls (its box) made a context, and the established sessions: what `reload` checks again.
+_FAMILY: weakref.WeakKeyDictionary[ssl.SSLContext, list] = weakref.WeakKeyDictionary()
+_SESSIONS: weakref.WeakSet[TlsSession] = weakref.WeakSet()
+_LOCK = threading.Lock()
+
+
+def _issued(peer_der: bytes | None, ca: x509.Certificate) -> bool:
+    try:
+        x509.load_der_x509_certificate(peer_der or b"").verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):  # another issuer, another key type, or no certificate
+        return False
+    return True
+
+
+def _contexts(cert_pem: bytes, key_pem: bytes, ca_pem: bytes, box: list | None = None) -> _Contexts:
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname = False  # members are named by node id and Raft address, checked by `authorize`
@@ -86,6 +119,8 @@ def _contexts(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> _Contexts:
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(cadata=ca_pem.decode())
         load_chain(ctx, cert_pem, key_pem)
+        if box is not None:
+            _FAMILY[ctx] = box
     return _Contexts(server, client)
 
 
@@ -109,8 +144,11 @@ class TlsSession:
         self.incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._obj = context.wrap_bio(self.incoming, self._outgoing, server_side=server_side)
+        self.context = context
         self.established = False
         self.peer_id: str | None = None
+        self.peer_der: bytes | None = None
+        self.revoked = False  # its peer's CA is no longer trusted (RaftTls.reload): the next read fails
 
     def handshake(self) -> bool:
         """Advances the handshake; True once it is done. Raises ssl.SSLError (bad certificate, garbage)."""
@@ -121,12 +159,17 @@ class TlsSession:
         self.peer_id = common_name(self._obj.getpeercert())
         if not self.peer_id:  # verified by the CA but naming nobody: not a member certificate
             raise ssl.SSLError("the peer's certificate has no common name")
+        self.peer_der = self._obj.getpeercert(binary_form=True)
         self.established = True
+        with _LOCK:
+            _SESSIONS.add(self)
         return True
 
     def read(self) -> bytes:
         """Every byte of plaintext the ciphertext fed so far holds. Raises ssl.SSLZeroReturnError when the
-        peer closed TLS, ssl.SSLError on a bad record."""
+        peer closed TLS, ssl.SSLError on a bad record or once the peer's CA is no longer trusted."""
+        if self.revoked:
+            raise ssl.SSLError("the peer's certificate is from a CA the mesh no longer trusts")
         parts = []
         while True:
             try:

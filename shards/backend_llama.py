@@ -25,13 +25,24 @@ KV_EVERY = 8  # answer tokens between KV checkpoints (greedy path only)
 # A checkpoint larger than this is not taken: it must ride in a gRPC message (shards/grpc_service.py
 # caps them at 8 MiB) next to the piece or the resumed request. Gemma 3 270M: about 18 KB per token.
 MAX_KV_BYTES = 4 * 1024 * 1024
+# node.kv_cache_type: the KV cache's element type. q8_0 holds about 0.53x the bytes of f16 (Gemma 3 270M: 42 MB
+# a 4096-token slot instead of 77 MB); llama.cpp needs flash attention for a quantized V cache.
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+
+
+def kv_cache_type(name: str) -> int:
+    if name not in KV_CACHE_TYPES:
+        raise ValueError(f"unknown KV cache type {name!r} (known: {', '.join(KV_CACHE_TYPES)})")
+    return KV_CACHE_TYPES[name]
 
 
 class LlamaBackend:
-    def __init__(self, path: str, n_ctx: int, threads: int) -> None:
+    def __init__(self, path: str, n_ctx: int, threads: int, kv_type: str = "f16") -> None:
+        quantized = {} if kv_type == "f16" else {"type_k": kv_cache_type(kv_type), "type_v": kv_cache_type(kv_type),
+                                                 "flash_attn": True}
         self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads,
                                     n_threads_batch=threads, n_batch=512, logits_all=False,
-                                    verbose=False)
+                                    verbose=False, **quantized)
         self.n_ctx = self._llm.n_ctx()
         self._init_vocab(self._llm._model)
         log.info("loaded %s (context %d, %d threads)", path, self.n_ctx, threads)
@@ -301,9 +312,10 @@ class LlamaBackend:
         self._llm.close()
 
 
-def open_backend(path: str, n_ctx: int, threads: int, slots: int = 1, **_unused) -> LlamaBackend:
+def open_backend(path: str, n_ctx: int, threads: int, slots: int = 1, kv_cache_type: str = "f16",
+                 **_unused) -> LlamaBackend:
     """One generation at a time. `slots` > 1 is shards/backend_llama_batch.py's (shards/backend.py
     load_backend picks it): that module builds on this one, so this one never imports it."""
     if slots != 1:
         raise ValueError("the llama backend decodes one sequence; load 'llama' with slots > 1 for batching")
-    return LlamaBackend(path=path, n_ctx=n_ctx, threads=threads)
+    return LlamaBackend(path=path, n_ctx=n_ctx, threads=threads, kv_type=kv_cache_type)

@@ -34,7 +34,7 @@ import numpy as np
 from llama_cpp import _internals
 from llama_cpp._logger import set_verbose
 
-from shards.backend_llama import KV_EVERY, MAX_KV_BYTES, LlamaBackend
+from shards.backend_llama import KV_EVERY, MAX_KV_BYTES, LlamaBackend, kv_cache_type
 from shards.types import Sampling, TokenStep
 
 log = logging.getLogger("quorum.llama")
@@ -61,10 +61,11 @@ class Sequence:
     done: bool = False  # it can produce no more (its window is full)
     error: Exception | None = None
     prompt: list[int] = field(default_factory=list)
+    reused: int = 0  # prompt tokens whose KV was kept from the slot's previous prompt (not prefilled)
 
 
 class LlamaBatchBackend(LlamaBackend):
-    def __init__(self, path: str, n_ctx: int, threads: int, slots: int) -> None:
+    def __init__(self, path: str, n_ctx: int, threads: int, slots: int, kv_type: str = "f16") -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         params = llama_cpp.llama_model_default_params()
@@ -75,6 +76,7 @@ class LlamaBatchBackend(LlamaBackend):
         cp.n_ctx, cp.n_seq_max, cp.kv_unified = n_ctx * slots, slots, False
         cp.n_batch = cp.n_ubatch = N_BATCH
         cp.n_threads = cp.n_threads_batch = threads
+        cp.type_k = cp.type_v = kv_cache_type(kv_type)  # q8_0: flash attention, on by default ("auto") on CPU
         self._context = _internals.LlamaContext(model=self._model, params=cp, verbose=False)
         self._ctx = self._context.ctx
         self._mem = llama_cpp.llama_get_memory(self._ctx)
@@ -125,7 +127,7 @@ class LlamaBatchBackend(LlamaBackend):
         llama_cpp.llama_memory_seq_rm(self._mem, slot, reuse, -1)
         self.reused_tokens += reuse
         seq = Sequence(slot, self._sequence(slot, prompt, sampling, seed, forced, resume_kv, resume_kv_tokens,
-                                            checkpoints, reuse), prompt=list(prompt))
+                                            checkpoints, reuse), prompt=list(prompt), reused=reuse)
         try:
             self._advance(seq, None)
         except Exception:
@@ -318,6 +320,7 @@ class LlamaBatchBackend(LlamaBackend):
         self._model.close()
 
 
-def open_backend(path: str, n_ctx: int, threads: int, slots: int = 4, **_unused) -> LlamaBatchBackend:
+def open_backend(path: str, n_ctx: int, threads: int, slots: int = 4, kv_cache_type: str = "f16",
+                 **_unused) -> LlamaBatchBackend:
     """`slots` sequences decoded together in one context, each with its own window of n_ctx tokens."""
-    return LlamaBatchBackend(path=path, n_ctx=n_ctx, threads=threads, slots=slots)
+    return LlamaBatchBackend(path=path, n_ctx=n_ctx, threads=threads, slots=slots, kv_type=kv_cache_type)

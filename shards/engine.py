@@ -78,13 +78,18 @@ class Engine:
         """Jobs generating or queued (what a router balances on)."""
         return self._active + self._waiting
 
-    def has_room(self, count: int) -> bool:
-        """Whether `count` more generations would be taken now (slots and queue; prompt tokens are checked
-        by submit, once they are known). A hint before the costly work of rendering and tokenizing: a full
-        shard refuses at once instead of after it."""
+    def has_room(self, count: int, tokens: int = 0) -> bool:
+        """Whether `count` more generations of `tokens` prompt tokens each would be taken now (slots and
+        queue; submit checks the real prompt tokens once they are known). A hint before costly work
+        (rendering and tokenizing; the gateway fitting a long chat): a full shard refuses at once."""
         with self._lock:
             load = self._active + self._waiting
-            return not load or load + count <= self.slots + self.queue_depth
+            if not load:
+                return True
+            if load + count > self.slots + self.queue_depth:
+                return False
+            waits = count - max(0, self.slots - load)
+            return waits <= 0 or self._waiting_tokens + waits * tokens <= self.queue_tokens
 
     def submit(self, jobs: list[Job]) -> None:
         """Queues jobs (all or none) or raises QueueFull; never blocks.

@@ -231,7 +231,8 @@ def event_to_proto(index: int, event: Event) -> mesh_pb2.GenerateEvent:
                 for lp in event.logprobs], kv=event.kv, kv_tokens=event.kv_tokens))
     if isinstance(event, Finished):
         finished = mesh_pb2.Finished(index=index, reason=event.reason, prompt_tokens=event.prompt_tokens,
-                                     completion_tokens=event.completion_tokens, decode_s=event.decode_s)
+                                     completion_tokens=event.completion_tokens, decode_s=event.decode_s,
+                                     cached_tokens=event.cached_tokens)
         if event.first_token_s is not None:
             finished.first_token_s = event.first_token_s
         return mesh_pb2.GenerateEvent(finished=finished)
@@ -257,7 +258,7 @@ def event_from_proto(msg: mesh_pb2.GenerateEvent) -> tuple[int, Event]:
         return f.index, Finished(reason=f.reason, prompt_tokens=f.prompt_tokens,
                                  completion_tokens=f.completion_tokens,
                                  first_token_s=f.first_token_s if f.HasField("first_token_s") else None,
-                                 decode_s=f.decode_s)
+                                 decode_s=f.decode_s, cached_tokens=f.cached_tokens)
     if kind == "failed":
         return msg.failed.index, Failed(msg.failed.message, msg.failed.retryable)
     raise ValueError(f"unexpected {kind or 'empty'} event in the middle of a stream")

@@ -52,6 +52,7 @@ class HostSpec:
     # loopback endpoint (meshd's tunnel to the stage's member, mesh/replicas/rpc_tunnel.py). The head decodes
     # one sequence (LlamaBackend, repacking and KV checkpoints off): `parallel` is not used. (): the whole model.
     stages: tuple[str, ...] = ()
+    kv_cache_type: str = "f16"  # node.kv_cache_type: f16, or q8_0 (about half the KV cache's memory)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -83,8 +84,9 @@ def open_shard(spec: HostSpec):
         loaded = open_split_backend(spec.path, spec.n_ctx, spec.threads, stages)
         log.info("split model loaded in %.1f s; weights (MiB): %s", loaded.load_s, loaded.buffers)
         return LocalShard(spec.role, spec.model, loaded.backend, spec.queue_depth, spec.chat_template)
+    extra = {"kv_cache_type": spec.kv_cache_type} if spec.kind == "llama" else {}
     backend = load_backend(spec.kind, path=spec.path, n_ctx=spec.n_ctx, threads=spec.threads,
-                           slots=max(1, spec.parallel))
+                           slots=max(1, spec.parallel), **extra)
     return LocalShard(spec.role, spec.model, backend, spec.queue_depth, spec.chat_template)
 
 

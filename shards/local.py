@@ -116,7 +116,8 @@ class LocalShard:
 
         Raises TemplateError (bad messages for this model), ContextLengthExceeded or QueueFull;
         once it returns, the request holds its place in the queue. A full shard refuses (QueueFull)
-        before rendering or tokenizing anything.
+        before rendering or tokenizing anything, and a chat over the window with QueueFull rather than
+        ContextLengthExceeded when the queue could not take it once fitted into the window.
         """
         if not self._engine.has_room(req.n * max(1, len(req.prompts))):
             raise QueueFull(self._engine.queue_depth)
@@ -126,7 +127,14 @@ class LocalShard:
         else:
             prompts, stop_texts = [await self.text_prompt(p) for p in req.prompts], ()
         for prompt in prompts:
-            self.check_fits(len(prompt), req.sampling.max_tokens)
+            try:
+                self.check_fits(len(prompt), req.sampling.max_tokens)
+            except ContextLengthExceeded:
+                # The gateway fits a chat over the window (embeddings: costly) and brings it back at most a
+                # window long: a shard that could not queue that refuses now, before that work is done.
+                if req.messages and not self._engine.has_room(req.n, self.n_ctx - (req.sampling.max_tokens or 0)):
+                    raise QueueFull(self._engine.queue_depth) from None
+                raise
         work = [(prompt, choice_sampling(req.sampling, req.first_choice + i)) for prompt in prompts
                 for i in range(req.n)]
         gens = self.submit(work, stop_texts, forced=req.resume_tokens, resume_kv=req.resume_kv,

@@ -22,9 +22,13 @@ class RpcUnavailable(RuntimeError):
 
 
 def lib_dir() -> Path:
-    import llama_cpp
+    """llama_cpp/lib, found without importing llama_cpp (meshd itself never loads the model library)."""
+    import importlib.util
 
-    return Path(llama_cpp.__file__).resolve().parent / "lib"
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.origin:
+        raise ImportError("no module named 'llama_cpp'")
+    return Path(spec.origin).resolve().parent / "lib"
 
 
 def available() -> str | None:

@@ -1,6 +1,6 @@
 """A pipeline stage: llama.cpp's RPC server over this machine's CPU, in a process of its own.
 
-    python -m shards.rpc_stage --endpoint 127.0.0.1:0 --cache-dir DIR --threads N --parent PID
+    python -m shards.rpc_stage --endpoint 127.0.0.1:0 --cache-dir DIR --threads N --parent PID [--socket PATH]
 
 A head process (shards/rpc_head.py) holding a model's first layers sends this process the tensors
 of the last ones and, every step, the graph to compute on them. The server,
@@ -11,7 +11,9 @@ killer first, like a shard process (shards/host.py).
 SECURITY: llama.cpp's RPC protocol has no authentication and no encryption, and upstream still fixes
 memory-safety bugs in its server: whoever reaches the port can write this process's memory. A stage
 therefore binds loopback only (anything else is refused here); a head on another member must reach it
-through the mesh's mutual-TLS tunnel, never a port open to the network.
+through the mesh's mutual-TLS tunnel, never a port open to the network. Under meshd (`--socket`) the
+loopback is the stage's own (a private network namespace) and meshd reaches it through a 0600 Unix
+socket, so other users of the machine cannot either (shards/stage_isolation.py).
 
 Protocol with the parent: one JSON line on stdout once the server listens
 ({"ready": true, "endpoint": "127.0.0.1:PORT", "pid": P}); logs on stderr. Port 0 asks the kernel for
@@ -74,8 +76,11 @@ def _listening_port(host: str, port: int) -> int | None:
     return None
 
 
-def _announce_when_listening(host: str, port: int, ready_fd: int, stopped: threading.Event) -> None:
-    """Writes the ready line once the server's socket listens; exits the process if it never does."""
+def _announce_when_listening(host: str, port: int, ready_fd: int, stopped: threading.Event,
+                             front=None, isolated: bool | None = None) -> None:
+    """Writes the ready line once the server's socket listens; exits the process if it never does. `front`:
+    a listening Unix socket (shards/stage_isolation.py) that hands out connections to the server, then the
+    advertised endpoint."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while (bound := _listening_port(host, port)) is None:
         if stopped.is_set():
@@ -85,12 +90,21 @@ def _announce_when_listening(host: str, port: int, ready_fd: int, stopped: threa
             os._exit(3)  # the main thread is inside the C server and cannot be interrupted
         time.sleep(POLL_S)
     endpoint = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+    line = {"ready": True, "endpoint": endpoint, "pid": os.getpid()}
+    if front is not None:
+        from shards.stage_isolation import broker_forever
+
+        threading.Thread(target=broker_forever, args=(front, host, bound), daemon=True, name="stage-front").start()
+        line.update(endpoint=f"unix:{front.getsockname()}", tcp=endpoint, isolated=bool(isolated))
     with os.fdopen(ready_fd, "w") as ready:
-        ready.write(json.dumps({"ready": True, "endpoint": endpoint, "pid": os.getpid()}) + "\n")
-    log.info("serving the CPU over llama.cpp RPC on %s (loopback)", endpoint)
+        ready.write(json.dumps(line) + "\n")
+    log.info("serving the CPU over llama.cpp RPC on %s (%s)", line["endpoint"],
+             "through a Unix socket to a private loopback" if isolated else
+             "through a Unix socket; the server's loopback port is the machine's" if front else "loopback")
 
 
-def serve(endpoint: str, cache_dir: str | None, threads: int, ready_fd: int) -> None:
+def serve(endpoint: str, cache_dir: str | None, threads: int, ready_fd: int, front=None,
+          isolated: bool | None = None) -> None:
     """Runs the RPC server over the CPU device; returns only if the server could not start."""
     from shards import rpc_ggml
 
@@ -104,8 +118,8 @@ def serve(endpoint: str, cache_dir: str | None, threads: int, ready_fd: int) -> 
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     stopped = threading.Event()
-    threading.Thread(target=_announce_when_listening, args=(host, port, ready_fd, stopped), daemon=True,
-                     name="stage-ready").start()
+    threading.Thread(target=_announce_when_listening, args=(host, port, ready_fd, stopped, front, isolated),
+                     daemon=True, name="stage-ready").start()
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     # ctypes releases the GIL for the call: the announcing thread runs while the server blocks.
     start(bind.encode(), cache_dir.encode() if cache_dir else None, threads, 1, devices)
@@ -119,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=None, help="keeps large tensors by hash across reloads")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parent", type=int, default=None, help="pid whose death ends this process")
+    parser.add_argument("--socket", default=None,
+                        help="serve through a Unix socket at this path (mode 0600), the server in a private "
+                             "network namespace where the system allows it (shards/stage_isolation.py)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from shards.child_process import die_with_parent, offer_to_oom_killer
@@ -130,6 +147,17 @@ def main(argv: list[str] | None = None) -> None:
         parse_endpoint(args.endpoint)  # refuse a non-loopback endpoint before loading anything
     except StageError as exc:
         sys.exit(f"rpc_stage: {exc}")
+    front, isolated = None, None
+    if args.socket:
+        from shards.stage_isolation import isolate, private_socket
+
+        why = isolate()  # first: it needs a single-threaded process (ggml not loaded yet)
+        isolated = why is None
+        if why is not None:
+            log.warning("the RPC server's loopback port stays reachable by this machine's other users: %s", why)
+        if args.parent is not None:
+            die_with_parent(args.parent)  # again, in case entering the user namespace cleared it
+        front = private_socket(args.socket)
     # The parent reads one line on stdout: keep that pipe for it alone; the server's own prints
     # (printf to stdout) go to stderr with the logs.
     ready_fd = os.dup(1)
@@ -138,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
 
     faulthandler.enable()
     try:
-        serve(args.endpoint, args.cache_dir, args.threads, ready_fd)
+        serve(args.endpoint, args.cache_dir, args.threads, ready_fd, front, isolated)
     except StageError as exc:
         sys.exit(f"rpc_stage: {exc}")
 

@@ -118,5 +118,6 @@ class Run:
             if tail is not None:
                 self.job.emit(tail)
         decode_s = time.perf_counter() - self.started - (self.first or 0.0)
-        return Finished(reason, len(self.job.prompt), self.produced, first_token_s=self.first, decode_s=decode_s)
+        return Finished(reason, len(self.job.prompt), self.produced, first_token_s=self.first, decode_s=decode_s,
+                        cached_tokens=getattr(self.seq, "reused", 0))
 

@@ -69,6 +69,7 @@ class Finished:
     completion_tokens: int
     first_token_s: float | None = None  # seconds from start of generation to first token
     decode_s: float = 0.0  # seconds spent from first token to the end
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused, not prefilled (prefix reuse)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ fi
 install -m 0755 deploy/termux/sv/meshd/run "$PREFIX/var/service/meshd/run"
 ln -sf "$PREFIX/share/termux-services/svlogger" "$PREFIX/var/service/meshd/log/run"
 # termux-services starts every service unless it has a `down` file: keep meshd down until joined.
-[ -e "$data_dir/mesh.secret" ] || touch "$PREFIX/var/service/meshd/down"
+[ -e "$data_dir/node.pem" ] || touch "$PREFIX/var/service/meshd/down"
 install -m 0755 deploy/termux/boot/start-meshd "$HOME/.termux/boot/start-meshd"
 
 cat <<EOF

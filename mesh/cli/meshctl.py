@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable
 
+from mesh.cli.pipelines import pinned_split, pipeline_rows, stage_failures
 from raft.vocab import MemberState, ShardState
 
 DEFAULT_MESH = "127.0.0.1:8080"
@@ -107,7 +108,9 @@ def render_status(st: dict) -> str:
     out.append(table(["ROLE", "DESIRED", "READY", "ON"], replica_rows(st, names)))
     if st.get("splits"):
         out.append("")
-        out.append(table(["PIPELINE", "HEAD", "STAGES (LAYERS)", "STATE"], pipeline_rows(st, names)))
+        out.append(table(["PIPELINE", "HEAD (LAYERS)", "STAGES (LAYERS, STATE)", "PLANNED", "STATE"],
+                         pipeline_rows(st, names)))
+        out.extend(stage_failures(st, names))
     processes = [[p["role"], p["model"], p["state"], p["pid"] or "-", _size(p["rss_bytes"]), p["restarts"],
                   p["detail"]] for p in st.get("local_shards", [])]
     if processes:
@@ -127,18 +130,6 @@ def replica_rows(st: dict, names: dict[str, str]) -> list[list[Any]]:
         rows.append([role, st.get("replicas", {}).get(role, 0), len(ready), ", ".join(sorted(ready)) or "-"])
     witnesses = sorted(m["name"] for m in st["members"] if m.get("witness") and m["state"] != MemberState.GONE)
     rows.append(["witness", "-", len(witnesses), ", ".join(witnesses) or "-"])
-    return rows
-
-
-def pipeline_rows(st: dict, names: dict[str, str]) -> list[list[Any]]:
-    """Each split model: its head member, its stages in pipeline order with their layers, and the head's shard state."""
-    rows = []
-    for split in st.get("splits", []):
-        head = next((s for s in st["shards"] if s["role"] == "reasoning" and s["model"] == split["model"]
-                     and s["node_id"] == split["head"]), None)
-        stages = " -> ".join(f"{names.get(s['node_id'], s['node_id'])} ({s['layers']})" for s in split["stages"])
-        rows.append([split["model"], names.get(split["head"], split["head"]), stages,
-                     head["state"] if head else "not placed"])
     return rows
 
 
@@ -174,9 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw status as JSON")
     models = sub.add_parser("models", help="the model catalog and which members hold each file")
     models.add_argument("--json", action="store_true")
-    assign = sub.add_parser("assign", help="pin a ROLE shard on a node (the placer keeps it there)")
+    assign = sub.add_parser("assign", help="pin a ROLE shard on a node (the placer keeps it there); reasoning on "
+                                           "several nodes: one model split across them",
+                            description="Pin a ROLE shard on a node. `assign reasoning --node HEAD --node STAGE "
+                                        "[--node STAGE ...]` pins the model split across those members instead: "
+                                        "the first holds its first layers and serves it, the others its last ones "
+                                        "in that order, each a share of the layers in proportion to its memory "
+                                        "(undo with `meshctl split MODEL --clear`).")
     assign.add_argument("role")
-    assign.add_argument("--node", required=True, help="member name or id")
+    assign.add_argument("--node", required=True, action="append", help="member name or id (repeat to split reasoning)")
     assign.add_argument("--model", default=None, help="model (default: the first in the catalog for the role)")
     unassign = sub.add_parser("unassign", help="remove a pin")
     unassign.add_argument("role")
@@ -196,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     remove = sub.add_parser("remove", help="take a node out of the mesh (its shards move elsewhere)")
     remove.add_argument("node")
     remove.add_argument("--force", action="store_true",
-                        help="remove the mesh's last authority too (no node can join or renew afterwards)")
+                        help="remove the mesh's last authority even when no other member may hold the CA key "
+                             "(nothing can rotate the CA, join or renew afterwards)")
     token = sub.add_parser("token", help="join tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_sub.add_parser("create", help="make a join token (printed once)")
@@ -220,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     arevoke.add_argument("admin", metavar="ID_OR_NAME")
     alist = admin_sub.add_parser("list", help="the credentials (ids, names, owners; never the secrets)")
     alist.add_argument("--json", action="store_true")
+    ca = sub.add_parser("ca", help="the mesh CA: rotate it if its key may have leaked")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    crotate = ca_sub.add_parser("rotate", help="make a new CA; every member moves to it and the old one is dropped "
+                                               "(meshctl remove does this by itself for a member that held the key)")
+    crotate.add_argument("--reason", default="an operator asked", help="recorded in the log and the members' logs")
+    ca_sub.add_parser("finish", help="stop waiting for members that are away (remove them and join them "
+                                     "again): the old CA is dropped once the others hold certificates from the new one")
     return p
 
 
@@ -271,8 +276,20 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "models":
         models = call(mesh, "/control/v1/models")["models"]
         return json.dumps(models, indent=2) if args.json else render_models(models)
+    if args.command == "assign" and len(args.node) > 1:
+        if args.role != "reasoning":
+            raise MeshError(f"only reasoning runs split across members; {args.role} takes one --node")
+        try:
+            body, warning = pinned_split(call(mesh, "/control/v1/status"),
+                                         call(mesh, "/control/v1/models")["models"], args.node, args.model)
+        except ValueError as exc:
+            raise MeshError(str(exc)) from None
+        r = call(mesh, "/control/v1/split", body)["split"]
+        return (f"pinned {r['model']} split: head on {r['head']}, stages "
+                + ", ".join(f"{s['node']} ({s['layers']} layers)" for s in r["stages"])
+                + (f"\nwarning: {warning}" if warning else ""))
     if args.command == "assign":
-        r = call(mesh, "/control/v1/assign", {"role": args.role, "node": args.node, "model": args.model})["pinned"]
+        r = call(mesh, "/control/v1/assign", {"role": args.role, "node": args.node[0], "model": args.model})["pinned"]
         return f"pinned {r['role']} ({r['model']}) on {r['node']}"
     if args.command == "unassign":
         r = call(mesh, "/control/v1/unassign", {"role": args.role, "node": args.node})["unpinned"]
@@ -313,6 +330,14 @@ def run(args: argparse.Namespace) -> str:
                        "revoked" if k["revoked"] else "active"] for k in keys])
     if args.command == "admin":
         return _admin(args, lambda path, body=None: call(mesh, path, body))
+    if args.command == "ca" and args.ca_command == "rotate":
+        call(mesh, "/control/v1/ca/rotate", {"reason": args.reason})
+        return "CA rotation requested: an authority makes a new CA and every member moves to it"
+    if args.command == "ca" and args.ca_command == "finish":
+        done = call(mesh, "/control/v1/ca/rotate", {"finish": True})
+        late = done["left_behind"]
+        return ("the old CA is dropped as soon as the members that trust the new one have renewed"
+                + (f"; left behind (remove them, then join them again): {', '.join(late)}" if late else ""))
     raise AssertionError(args.command)
 
 

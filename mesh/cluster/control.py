@@ -24,23 +24,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mesh.cluster.control_credentials import CredentialRoutes, body_of, not_found, required_str
 from mesh.core.errors import ApiError, StartupError, bad_request, unavailable
-from mesh.core.json_body import parse_json
-from mesh.security.admin import credential_fields_ok, new_admin
-from mesh.security.api_keys import new_key
-from mesh.security.authority import Authority, NoAuthority, qualifies, sign_here
-from mesh.security.peer_tls import PEER_KEY
-from mesh.security.pki import PkiError, fingerprint
-from mesh.security.tokens import BadToken, check_token, new_token
+from mesh.security.admin import credential_fields_ok
+from mesh.security.authority import Authority, NoAuthority, qualifies
+from mesh.security.pki import PkiError, fingerprint, split_bundle
+from mesh.security.tokens import BadToken, check_token
 from raft.commands import (
     AddMember,
     ClearSplit,
     Command,
     CreateAdminCredential,
     PinShard,
-    RevokeAdminCredential,
-    RevokeApiKey,
-    RevokeToken,
     SetMemberState,
     SetReplicas,
     SetSplit,
@@ -56,17 +51,11 @@ log = logging.getLogger("quorum.control")
 MEMBERSHIP_CHANGE_TIMEOUT_S = 30.0
 
 
-def not_found(what: str) -> ApiError:
-    return ApiError(404, what, code="not_found")
-
-
 @dataclass(frozen=True)
 class ControlPlane:
     """What the control API may touch on this member, and nothing more."""
     raft: RaftNode
-    ca_pem: bytes
-    ca_key: Callable[[], bytes | None]  # read from the data dir when a join is signed; None: not an authority
-    secret: Callable[[], str]
+    ca_pem: Callable[[], bytes]  # the trusted CAs now, the signing one first (a rotation changes them)
     status: Callable[[], dict]  # meshctl status's view of this member and the mesh
     leader_peer: Callable[[], str | None]  # the leader's HTTPS peer address, if known
     leave: Callable[[], Awaitable[dict]]  # drain, be removed, stop; StartupError if a step times out
@@ -74,7 +63,7 @@ class ControlPlane:
     authorities: str | tuple[str, ...] = "auto"  # security.authorities: who may receive the CA key
 
 
-class Control:
+class Control(CredentialRoutes):
     def __init__(self, plane: ControlPlane | None) -> None:
         self.d = plane
         self._membership = asyncio.Lock()
@@ -86,16 +75,8 @@ class Control:
             Route("/control/v1/ca", self.ca, methods=["GET"]),
             Route("/control/v1/models", self.models, methods=["GET"]),
             Route("/control/v1/sessions/{session_id}", self.session, methods=["GET"]),
-            Route("/control/v1/tokens", self.create_token, methods=["POST"]),
-            Route("/control/v1/tokens/revoke", self.revoke_token, methods=["POST"]),
             Route("/control/v1/join", self.join, methods=["POST"]),
-            Route("/control/v1/sign", self.sign, methods=["POST"]),
-            Route("/control/v1/keys", self.list_keys, methods=["GET"]),
-            Route("/control/v1/keys", self.create_key, methods=["POST"]),
-            Route("/control/v1/keys/revoke", self.revoke_key, methods=["POST"]),
-            Route("/control/v1/admins", self.list_admins, methods=["GET"]),
-            Route("/control/v1/admins", self.create_admin, methods=["POST"]),
-            Route("/control/v1/admins/revoke", self.revoke_admin, methods=["POST"]),
+            *self.credential_routes(),
             Route("/control/v1/assign", self.assign, methods=["POST"]),
             Route("/control/v1/unassign", self.unassign, methods=["POST"]),
             Route("/control/v1/replicas", self.replicas, methods=["POST"]),
@@ -110,7 +91,10 @@ class Control:
 
     async def status(self, request: Request) -> Response:
         state = self.d.raft.state
-        splits = [{"model": s.model, "head": s.head, "stages": [{"node_id": n, "layers": k} for n, k in s.stages]}
+        splits = [{"model": s.model, "head": s.head, "auto": s.auto,
+                   "layers": getattr(state.models.get(s.model), "layers", 0),  # 0: not known
+                   "stages": [{"node_id": n, "layers": k, "state": (s.stage_state(n) or ("", ""))[0],
+                               "detail": (s.stage_state(n) or ("", ""))[1]} for n, k in s.stages]}
                   for s in sorted(state.splits.values(), key=lambda s: s.model)]
         return JSONResponse({**self.d.status(), "splits": splits})
 
@@ -130,83 +114,6 @@ class Control:
                              "turns": [dataclasses.asdict(t) for t in session.turns]})
 
     # -- writes ------------------------------------------------------------------------------
-
-    async def create_token(self, request: Request) -> Response:
-        body = await _body(request)
-        ttl = body.get("ttl_s", 24 * 3600)
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-            raise bad_request("'ttl_s' must be a number of seconds", "ttl_s")
-        uses = body.get("uses", 1)
-        if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= 1000:
-            raise bad_request("'uses' must be a whole number of joins from 1 to 1000", "uses")
-        try:
-            token = new_token(fingerprint(self.d.ca_pem), float(ttl), uses=uses)
-        except ValueError as exc:
-            raise bad_request(str(exc), "ttl_s") from None
-        command = token.command
-        await self._propose(command)
-        log.info("join token %s created (expires in %.0f s, %d join%s)", command.token_id, ttl, uses,
-                 "" if uses == 1 else "s")
-        return JSONResponse({"token": token.text, "token_id": command.token_id, "expires_at": command.expires_at,
-                             "uses": uses})
-
-    async def revoke_token(self, request: Request) -> Response:
-        body = await _body(request)
-        await self._propose(RevokeToken(_str(body, "token_id")))
-        return JSONResponse({"revoked": body["token_id"]})
-
-    async def list_keys(self, request: Request) -> Response:
-        keys = sorted(self.d.raft.state.api_keys.values(), key=lambda k: k.created_at)
-        return JSONResponse({"keys": [{"key_id": k.key_id, "name": k.name, "created_at": k.created_at,
-                                       "revoked": k.revoked} for k in keys]})
-
-    async def create_key(self, request: Request) -> Response:
-        body = await _body(request)
-        name = body.get("name") or "unnamed"
-        if not isinstance(name, str) or len(name) > 64:
-            raise bad_request("'name' must be a string of at most 64 characters", "name")
-        key = new_key(name)
-        await self._propose(key.command)
-        log.info("API key %s (%s) created", key.command.key_id, name)
-        return JSONResponse({"key": key.text, "key_id": key.command.key_id, "name": name})
-
-    async def revoke_key(self, request: Request) -> Response:
-        body = await _body(request)
-        await self._propose(RevokeApiKey(_str(body, "key_id")))
-        return JSONResponse({"revoked": body["key_id"]})
-
-    async def list_admins(self, request: Request) -> Response:
-        state = self.d.raft.state
-        creds = sorted(state.admins.values(), key=lambda c: c.created_at)
-        owner = {m.node_id: m.name for m in state.members.values()}
-        return JSONResponse({"admins": [{"id": c.cred_id, "name": c.name, "created_at": c.created_at,
-                                         "member": owner.get(c.node_id, c.node_id) if c.node_id else None,
-                                         "revoked": c.revoked} for c in creds]})
-
-    async def create_admin(self, request: Request) -> Response:
-        """An operator's credential (printed once by meshctl): not tied to a member."""
-        body = await _body(request)
-        name = _str(body, "name")
-        if len(name) > 64:
-            raise bad_request("'name' must be at most 64 characters", "name")
-        cred = new_admin(name)
-        await self._propose(cred.command)
-        log.info("admin credential %s (%s) created", cred.command.cred_id, name)
-        return JSONResponse({"admin": cred.text, "id": cred.command.cred_id, "name": name})
-
-    async def revoke_admin(self, request: Request) -> Response:
-        """Revokes a credential by id or name (a name must be unambiguous among live credentials)."""
-        body = await _body(request)
-        which = _str(body, "admin")
-        state = self.d.raft.state
-        live = [c for c in state.admins.values() if not c.revoked and which in (c.cred_id, c.name)]
-        if not live:
-            raise not_found(f"No live admin credential with id or name {which!r}.")
-        if len(live) > 1:
-            raise bad_request(f"{len(live)} live credentials are named {which!r}; revoke one by its id.", "admin")
-        await self._propose(RevokeAdminCredential(live[0].cred_id))
-        log.info("admin credential %s (%s) revoked", live[0].cred_id, live[0].name)
-        return JSONResponse({"revoked": live[0].cred_id, "name": live[0].name})
 
     async def assign(self, request: Request) -> Response:
         body = await _body(request)
@@ -262,16 +169,17 @@ class Control:
         return JSONResponse({"draining": member.name})
 
     async def ca(self, request: Request) -> Response:
-        """Public: the mesh CA certificate (a joining node checks it against its token's fingerprint)
-        and where the leader takes joins."""
-        ca_pem = self.d.ca_pem
-        return JSONResponse({"mesh_id": self.d.raft.state.mesh_id, "ca": ca_pem.decode(),
-                             "fingerprint": fingerprint(ca_pem), "leader_peer": self.d.leader_peer()})
+        """Public: the signing CA's certificate (a joining node checks it against its token's fingerprint),
+        every CA trusted now (several during a rotation), and where the leader takes joins."""
+        trusted = split_bundle(self.d.ca_pem())
+        return JSONResponse({"mesh_id": self.d.raft.state.mesh_id, "ca": trusted[0].decode(),
+                             "fingerprint": fingerprint(trusted[0]), "trusted": [c.decode() for c in trusted],
+                             "leader_peer": self.d.leader_peer()})
 
     async def join(self, request: Request) -> Response:
         """Leader only, HTTPS peer port only: checks the token, assigns the node its id, signs its
         certificate for that id, records the member and adds it to Raft; answers with what a member
-        keeps (its id, certificate, secret, CA key)."""
+        keeps (its id, certificate, the trusted CAs, the CA key for an authority)."""
         if request.url.scheme != "https":
             raise bad_request("Joins go to a member's HTTPS peer port after checking its certificate; "
                               "use `meshd join --peer HOST:PORT --token TOKEN`.")
@@ -335,37 +243,17 @@ class Control:
             log.info("%s (%s) joined from %s", cmd.name, node_id, raft_address)
         state = raft.state
         answer = {
-            "mesh_id": state.mesh_id, "mesh_name": state.name, "node_id": node_id, "secret": self.d.secret(),
-            "certificate": certificate.decode(),
+            "mesh_id": state.mesh_id, "mesh_name": state.name, "node_id": node_id,
+            "certificate": certificate.decode(), "trusted": [c.decode() for c in split_bundle(self.d.ca_pem())],
             "partners": sorted(m.raft_address for m in state.live_members() if m.node_id != node_id),
         }
-        ca_key = self.d.ca_key()
+        ca_key = self.d.authority.signing_key()  # the signing CA's (never an old one during a rotation)
         profile = body.get("profile") if isinstance(body.get("profile"), dict) else {}
         if ca_key is not None and qualifies(self.d.authorities, name, str(profile.get("device_class", "")),
                                             bool(body.get("witness"))):
             answer["ca_key"] = ca_key.decode()  # the joiner becomes an authority (it records it at start)
             log.info("%s receives the CA key (security.authorities = %s)", name, self.d.authorities)
         return JSONResponse(answer)
-
-    async def sign(self, request: Request) -> Response:
-        """Authorities only, peer port only: signs a live member's request (mesh/security/authority.py) with
-        this member's own CA key; never forwarded."""
-        caller = request.scope.get(PEER_KEY)
-        state = self.d.raft.state
-        member = state.members.get(caller) if caller else None
-        if member is None or member.state == MemberState.GONE:  # the public port (no certificate), or a stranger
-            raise ApiError(403, "Certificates are signed for live members, over the peer port, only.",
-                           type="permission_error", code="not_a_member")
-        ca_key = self.d.ca_key()
-        if ca_key is None:
-            raise unavailable("This member does not hold the mesh CA key.", 5, code="not_an_authority")
-        body = await _body(request)
-        try:
-            cert = sign_here(self.d.ca_pem, ca_key, body, caller, state, self.d.authority.days)
-        except PkiError as exc:
-            raise bad_request(f"Not signed: {exc}.", "csr") from None
-        log.info("signed a %s certificate for %s (%s)", body.get("kind"), member.name, caller)
-        return JSONResponse({"certificate": cert.decode()})
 
     async def remove(self, request: Request) -> Response:
         """Leader only: drops a member's shards and takes it out of the Raft group."""
@@ -378,15 +266,20 @@ class Control:
             raise unavailable("This member was the leader; leadership is moving. Retry the removal.", 1,
                               code="leader_moved")
         warning = None
-        if member.authority:  # it held the CA key: the key leaves the mesh with it (README: Security)
-            others = [m for m in raft.state.live_members() if m.authority and m.node_id != member.node_id]
-            if not others and body.get("force") is not True:
+        if member.authority:  # it held the CA key: the mesh rotates its CA (mesh/security/ca_rotation.py)
+            live = [m for m in raft.state.live_members() if m.node_id != member.node_id]
+            heirs = [m for m in live if m.authority] or [m for m in live if not m.witness and qualifies(
+                self.d.authorities, m.name, m.profile.device_class, False)]
+            if not heirs and body.get("force") is not True:
                 raise ApiError(409, f"{member.name} is the mesh's last authority (the only member holding the CA "
-                                    f"key): without it no node can join and no certificate can be renewed. Make "
-                                    f"another member an authority first, or send \"force\": true.",
+                                    f"key) and no other member may hold it (security.authorities): the CA could not "
+                                    f"be rotated, no node could join and no certificate be renewed. Let another "
+                                    f"member be an authority first, or send \"force\": true.",
                                code="last_authority")
-            warning = (f"{member.name} held the mesh CA key, which is not rotated: a copy of its data dir can "
-                       f"sign certificates for the ids of live members. Make a new mesh if it was lost.")
+            warning = (f"{member.name} held the mesh CA key: the mesh rotates to a new CA"
+                       + (f", made by {heirs[0].name}" if heirs else " once a member may hold it") +
+                       "; once every member holds a certificate from it, the removed copy of the old key opens "
+                       "nothing. Join tokens made before the rotation stop working.")
             log.warning("removing %s: %s", member.name, warning)
         async with self._membership:
             await self._settle_pending()
@@ -490,13 +383,4 @@ def _model_for(state: MeshState, role: str) -> str:
     raise bad_request(f"No model in the catalog serves role {role!r}.", "role")
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    return parse_json(raw) if raw else {}
-
-
-def _str(body: dict, key: str) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or not value or len(value) > 256:
-        raise bad_request(f"'{key}' is required and must be a non-empty string", key)
-    return value
+_body, _str = body_of, required_str

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from nodes.device_class import NO_MODEL_CLASSES, DeviceClass
+from raft.profile import MemberProfile
 from raft.vocab import MODEL_ROLES, Role
 
 BATTERY_CLASSES = frozenset({DeviceClass.TERMUX_PHONE})  # device classes whose battery limits what they hold
@@ -209,7 +210,7 @@ class _Ledger:
         node = self.nodes.get(shard.node_id)
         if node is None:
             return "no such node in the mesh"
-        if (why := _ineligible(node)) is not None:
+        if (why := ineligible(node)) is not None:
             return why
         if shard.node_id in self.holders[shard.role]:
             return f"node already holds a {shard.role} replica"
@@ -219,7 +220,7 @@ class _Ledger:
 
     def _open(self, role: str) -> list[NodeInfo]:
         """Eligible nodes that hold no replica of `role` yet, by node id."""
-        return [n for n in self.nodes.values() if _ineligible(n) is None and n.node_id not in self.holders[role]]
+        return [n for n in self.nodes.values() if ineligible(n) is None and n.node_id not in self.holders[role]]
 
     def best_node(self, role: str, model: str) -> str | None:
         need = self.models[model].memory_bytes
@@ -239,7 +240,7 @@ class _Ledger:
     def why_not(self, role: str, model: str) -> str:
         if not model:
             return f"no model in the catalog serves {role}"
-        eligible = [n for n in self.nodes.values() if _ineligible(n) is None]
+        eligible = [n for n in self.nodes.values() if ineligible(n) is None]
         if not eligible:
             return "no eligible node: every node is a witness, a router or unhealthy" if self.nodes \
                 else "no eligible node: the mesh has no nodes"
@@ -255,7 +256,8 @@ class _Ledger:
                 f"largest free is {_size(self.free(roomiest.node_id))} on {roomiest.node_id}")
 
 
-def _ineligible(node: NodeInfo) -> str | None:
+def ineligible(node: NodeInfo) -> str | None:
+    """Why `node` holds no model at all (a witness, a router, unhealthy), or None."""
     if node.witness:
         return "a witness holds no model"
     if node.device_class in NO_MODEL_CLASSES:
@@ -263,6 +265,16 @@ def _ineligible(node: NodeInfo) -> str | None:
     if not node.healthy:
         return "node is unhealthy"
     return None
+
+
+def member_memory(profile: MemberProfile, reserve: int) -> int:
+    """What a member can give to shards: its own report when it made one, else available RAM less a reserve;
+    never more than its memory budget (node.memory_budget_mib) when it set one."""
+    if profile.memory_available_for_models is not None:
+        free = profile.memory_available_for_models
+    else:
+        free = max(0, profile.ram_available - reserve)
+    return min(free, profile.memory_budget) if profile.memory_budget > 0 else free
 
 
 def _index(items: Iterable, key: str) -> dict:

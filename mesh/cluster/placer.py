@@ -9,19 +9,33 @@ dropping is seen here, and after `grace_s` the peer's shards move elsewhere).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Callable
 
-from mesh.cluster.placement import BATTERY_ROLES, Assignment, BatteryPolicy, ModelInfo, NodeInfo, Plan, place
+from mesh.cluster.placement import (
+    BATTERY_ROLES,
+    Assignment,
+    BatteryPolicy,
+    ModelInfo,
+    NodeInfo,
+    Plan,
+    Unplaced,
+    ineligible,
+    member_memory,
+    place,
+)
+from mesh.cluster.split_planning import Pipeline, SplitModel, plan_split, still_fits
 from mesh.core.config import PlacementConfig
-from raft.commands import ApplyPlacement
+from raft.commands import ApplyPlacement, ClearSplit, Command, SetSplit
 from raft.node import ProposalFailed, RaftNode
-from raft.profile import MemberProfile
-from raft.state import MeshState, Rejected
+from raft.state import MeshState, Model, Rejected
 from raft.vocab import MemberState, Role, ShardState
 
 log = logging.getLogger("quorum.placer")
+
+FAILED_STAGE_RETRY_S = 120.0  # a member whose stage of a model failed is planned around this long
 
 
 class Placer:
@@ -33,6 +47,7 @@ class Placer:
         self.reserve = reserve_bytes
         self.clock = clock
         self._down_since: dict[str, float] = {}  # raft address -> when this leader lost it
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}  # (model, node) -> (when seen, detail)
 
     def healthy(self, state: MeshState) -> dict[str, bool]:
         """node_id -> usable for shards: active, and reachable (or lost for less than the grace period)."""
@@ -52,6 +67,11 @@ class Placer:
         return out
 
     def plan(self, state: MeshState) -> Plan:
+        return self.planned(state)[0]
+
+    def planned(self, state: MeshState) -> tuple[Plan, Command | None]:
+        """The placement, and the split command (SetSplit or ClearSplit of a split the placer made) that
+        should be committed first, if any."""
         nodes = node_infos(state, self.healthy(state), self.reserve)
         # Catalog order (the order models were registered in the log) decides which model serves a role.
         models = [ModelInfo(name=m.name, roles=tuple(m.roles), memory_bytes=m.memory_bytes)
@@ -60,10 +80,68 @@ class Placer:
         current = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()]
         crashed = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()
                    if s.state == ShardState.CRASHED]
-        plan = place(nodes, models, state.replicas, pins, current, self.battery, avoid=crashed)
+        pipeline, no_split, command = self._split(state, nodes)
+        replicas, placed_on = state.replicas, nodes
+        if pipeline is not None:  # the pipeline is one reasoning replica; its members' memory is taken
+            needs = pipeline.needs(split_model(state.models[pipeline.model]))
+            placed_on = [replace_memory(n, n.memory_available - needs.get(n.node_id, 0)) for n in nodes]
+            replicas = {**replicas, Role.REASONING: max(0, replicas.get(Role.REASONING, 0) - 1)}
+        plan = place(placed_on, models, replicas, pins, current, self.battery, avoid=crashed)
+        if no_split:
+            plan = Plan(plan.assignments, tuple(Unplaced(u.role, u.model, u.missing, f"{u.reason}; {no_split}")
+                                                if (u.role, u.model) == no_split_key(state) else u
+                                                for u in plan.unplaced))
         limited = {n.node_id for n in nodes if n.healthy and self.battery.limited(n, True)}
         plan = keep_crashed_until_replaced(keep_until_replaced(plan, state, limited), crashed)
-        return with_split_heads(plan, state, {n.node_id for n in nodes if n.healthy})
+        return with_split_heads(plan, state, {n.node_id for n in nodes if n.healthy}), command
+
+    def _split(self, state: MeshState, nodes: list[NodeInfo]) -> tuple[Pipeline | None, str, Command | None]:
+        """(the pipeline of the first reasoning model, or None; why none when it needs one; the command that records
+        a change). A split pinned by hand is left as it is (and counted, like an automatic one)."""
+        command: Command | None = None
+        first = next((m for m in state.models.values() if Role.REASONING in m.roles), None)
+        for split in state.splits.values():  # automatic splits of a model that no longer serves reasoning
+            if split.auto and (first is None or split.model != first.name):
+                return None, "", ClearSplit(split.model)
+        if first is None:
+            return None, "", None
+        pinned = state.splits.get(first.name)
+        if pinned is not None and not pinned.auto:
+            return Pipeline(first.name, pinned.head, pinned.stages), "", None
+        model = split_model(first)
+        recorded = state.splits.get(first.name)
+        whole = [n for n in nodes if ineligible(n) is None and not self.battery.limited(n, False)
+                 and n.memory_available >= first.memory_bytes]
+        if whole or state.replicas.get(Role.REASONING, 0) < 1:  # one member holds it whole (or none is wanted)
+            return None, "", ClearSplit(first.name) if recorded is not None else None
+        avoid = self._failed_stages(state, first.name)
+        if recorded is not None:
+            kept = Pipeline(first.name, recorded.head, recorded.stages)
+            why = still_fits(kept, nodes, model, self.battery, avoid)
+            if why is None:
+                return kept, "", None
+            log.info("the pipeline of %s cannot stay: %s", first.name, why)
+        planned = plan_split(nodes, model, self.battery, avoid)
+        if planned.pipeline is None:
+            return None, planned.reason, ClearSplit(first.name) if recorded is not None else None
+        p = planned.pipeline
+        if recorded is None or (recorded.head, recorded.stages) != (p.head, p.stages):
+            command = SetSplit(p.model, p.head, p.stages, auto=True)
+        return p, "", command
+
+    def _failed_stages(self, state: MeshState, model: str) -> dict[str, str]:
+        """node id -> what failed, for members whose stage of `model` reported "failed" within
+        FAILED_STAGE_RETRY_S (remembered here: a new SetSplit starts the recorded states afresh)."""
+        now = self.clock()
+        split = state.splits.get(model)
+        for node_id, stage_state, detail in (split.stage_states if split is not None else ()):
+            if stage_state == "failed" and (model, node_id) not in self._failed:
+                self._failed[(model, node_id)] = (now, detail or "no detail")
+                log.warning("the stage of %s on %s failed (%s): planning around it", model, node_id, detail)
+        for key, (since, _) in list(self._failed.items()):
+            if now - since >= FAILED_STAGE_RETRY_S:
+                del self._failed[key]
+        return {node_id: detail for (m, node_id), (_, detail) in sorted(self._failed.items()) if m == model}
 
     async def step(self) -> bool:
         """Commits a new placement if it differs from the state's; True if it committed one."""
@@ -73,7 +151,15 @@ class Placer:
         state = raft.state
         if not state.initialised or not state.models:
             return False
-        plan = self.plan(state)
+        plan, split_command = self.planned(state)
+        if split_command is not None:  # the pipeline first: the next round places with it in the state
+            try:
+                await asyncio.wrap_future(raft.propose(split_command))
+            except (Rejected, ProposalFailed) as exc:
+                log.info("split not committed: %s", exc)
+                return False
+            log.info("split: %s", _describe(state, split_command))
+            return True
         assignments = tuple((a.role, a.model, a.node_id) for a in plan.assignments)
         unplaced = tuple((u.role, u.model, u.missing, u.reason) for u in plan.unplaced)
         current = tuple(sorted(state.shards))
@@ -138,7 +224,7 @@ def node_infos(state: MeshState, health: dict[str, bool], reserve: int) -> list[
             continue
         battery = m.profile.battery
         out.append(NodeInfo(node_id=m.node_id, device_class=m.profile.device_class,
-                            memory_available=_memory(m.profile, reserve), speed=m.profile.speed,
+                            memory_available=member_memory(m.profile, reserve), speed=m.profile.speed,
                             witness=m.witness, healthy=health.get(m.node_id, False),
                             battery_percent=battery.percent if battery else None,
                             charging=battery.charging if battery else None))
@@ -173,11 +259,26 @@ def _ready(state: MeshState, a: Assignment) -> bool:
     return shard is not None and shard.state == ShardState.READY
 
 
-def _memory(profile: MemberProfile, reserve: int) -> int:
-    """What a member can give to shards: its own report when it made one, else available RAM less a reserve."""
-    if profile.memory_available_for_models is not None:
-        return profile.memory_available_for_models
-    return max(0, profile.ram_available - reserve)
+def split_model(model: Model) -> SplitModel:
+    return SplitModel(model.name, model.memory_bytes, model.layers, model.layer_bytes)
+
+
+def replace_memory(node: NodeInfo, memory: int) -> NodeInfo:
+    return dataclasses.replace(node, memory_available=max(0, memory))
+
+
+def no_split_key(state: MeshState) -> tuple[str, str]:
+    first = next((m.name for m in state.models.values() if Role.REASONING in m.roles), "")
+    return (Role.REASONING, first)
+
+
+def _describe(state: MeshState, cmd: Command) -> str:
+    def name(node_id: str) -> str:
+        return state.members[node_id].name if node_id in state.members else node_id
+
+    if isinstance(cmd, SetSplit):
+        return f"{cmd.model} over {name(cmd.head)} (head) -> " + " -> ".join(f"{name(n)} ({k})" for n, k in cmd.stages)
+    return f"{cmd.model} served whole again (or not at all)"
 
 
 def _names(state: MeshState, keys: set) -> str:

@@ -88,7 +88,8 @@ class ProfileRefresher:
         if member is None or member.state == MemberState.GONE:
             return {}
         live = await asyncio.to_thread(self.read, member.profile.device_class)
-        holds = bool(state.shards_on(self.node_id)) or bool(self.local_shards())
+        holds = bool(state.shards_on(self.node_id)) or bool(self.local_shards()) \
+            or any(self.node_id in split.members for split in state.splits.values())  # a stage holds layers
         fields = changed_facts(member.profile.to_wire(), live, holds)
         if not fields:
             return {}

@@ -37,6 +37,12 @@ class NodeConfig:
     peer_port: int = 0  # 0: listen port + 3 (HTTPS between members: joins and relayed requests)
     threads: int = 0  # 0: the physical cores
     parallel: int = 0  # generations a llama.cpp shard decodes together; 0: by this machine's memory
+    kv_cache_type: str = "f16"  # llama.cpp's KV cache: f16, or q8_0 (about half the memory a slot)
+    memory_budget_mib: int = 0  # the most memory this node gives to models (MiB); 0: whatever it has free
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self.memory_budget_mib << 20
 
     @property
     def host(self) -> str:
@@ -215,7 +221,7 @@ class MeshConfig:
         return tuple(m for m in self.models if role in m.roles)
 
     def with_overrides(self, *, listen: str | None = None, threads: int | None = None,
-                       advertise: str | None = None) -> MeshConfig:
+                       advertise: str | None = None, memory_budget_mib: int | None = None) -> MeshConfig:
         """Command-line flags win over the file; they are validated like the file."""
         node = self.node
         if listen is not None:
@@ -229,6 +235,10 @@ class MeshConfig:
             if threads < 0:
                 raise ConfigError(f"--threads: must be 0 (auto) or a positive integer, got {threads}")
             node = dataclasses.replace(node, threads=threads)
+        if memory_budget_mib is not None:
+            if memory_budget_mib < 0:
+                raise ConfigError(f"--memory-budget: MiB, 0 for no cap; got {memory_budget_mib}")
+            node = dataclasses.replace(node, memory_budget_mib=memory_budget_mib)
         return dataclasses.replace(self, node=node)
 
 
@@ -269,6 +279,8 @@ def parse_config(raw: dict[str, Any]) -> MeshConfig:
     split_host_port(node.listen, "node.listen")
     if not 0 <= node.parallel <= 64:
         raise ConfigError(f"node.parallel: must be 0 (by memory) to 64, got {node.parallel}")
+    if node.kv_cache_type not in ("f16", "q8_0"):
+        raise ConfigError(f"node.kv_cache_type: must be \"f16\" or \"q8_0\", got {node.kv_cache_type!r}")
     for key in ("raft_port", "grpc_port", "peer_port"):
         if getattr(node, key) and not 0 < getattr(node, key) < 65536:
             raise ConfigError(f"node.{key}: must be a port number or 0, got {getattr(node, key)}")

@@ -6,11 +6,17 @@ when it cannot take requests (mesh/replicas/router.py try_replicas), turn the sh
 the API's errors (400, 429, 503), and fit a conversation longer than the window
 (mesh/gateway/context_window.py). The admitted request becomes a Run whose lost replicas are
 replaced by the same admission (mesh/replicas/failover.py).
+
+A named session's turn goes to the replica that served its previous turn while that one is ready
+and has a free slot: it still holds the previous prompt's KV cache, so only the new part of the
+conversation is prefilled (Sessions, below; the router's `prefer`). Otherwise, and after a change of
+leader (this map lives in the leader's memory), the least-loaded replica serves it as any request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -32,6 +38,29 @@ log = logging.getLogger("quorum.gateway")
 # process is restarted within a second or two) before the stream ends in an error.
 RESUME_WAIT_S = 30.0
 RESUME_POLL_S = 0.05
+SESSIONS_KEPT = 4096  # named sessions whose last replica is remembered (the least recently used go)
+
+
+class Sessions:
+    """Which member's replica served each named session's last turn (bounded, least recently used out)."""
+
+    def __init__(self, size: int = SESSIONS_KEPT) -> None:
+        self.size = size
+        self._last: collections.OrderedDict[tuple[str, str, str], str] = collections.OrderedDict()
+
+    def get(self, key: tuple[str, str, str] | None) -> str | None:
+        if key is None or key not in self._last:
+            return None
+        self._last.move_to_end(key)
+        return self._last[key]
+
+    def put(self, key: tuple[str, str, str] | None, node_id: str) -> None:
+        if key is None:
+            return
+        self._last[key] = node_id
+        self._last.move_to_end(key)
+        while len(self._last) > self.size:
+            self._last.popitem(last=False)
 
 
 class Admission:
@@ -43,21 +72,29 @@ class Admission:
         self.metrics = metrics
         self.picker = picker
         self.loading_detail = "starting"
+        self.sessions = Sessions()
 
-    async def open(self, model: str, request: GenerateRequest, resume: ResumeAt | None = None) -> Run:
+    async def open(self, model: str, request: GenerateRequest, resume: ResumeAt | None = None,
+                   session: tuple[str, str] | None = None) -> Run:
         """Admits `request` (only its choice `resume.choice`, going on from `resume.tokens`, when a
-        relaying member resumes a stream a lost leader was answering)."""
+        relaying member resumes a stream a lost leader was answering). `session` (owner, session id)
+        names a session whose previous turn's replica is preferred."""
         started = time.perf_counter()
         request = dataclasses.replace(request, kv_checkpoints=self.config.gateway.kv_checkpoints)
         if resume is not None:
             request = single_choice(request, resume)
+        key = (*session, model) if session is not None else None
+        prefer = self.sessions.get(key)
         try:
-            node_id, opened = await self.admit(model, request, set(), fit=bool(request.messages))
+            node_id, opened = await self.admit(model, request, set(), fit=bool(request.messages), prefer=prefer)
         except ContextLengthExceeded as exc:  # a chat longer than the window: the context role shortens it
             from mesh.gateway.context_window import fit_and_admit  # numpy: only model nodes ever fit
 
             request, node_id, opened = await fit_and_admit(
-                self, request, exc, lambda r: self.admit(model, r, set(), fit=True))
+                self, request, exc, lambda r: self.admit(model, r, set(), fit=True, prefer=prefer))
+        self.sessions.put(key, node_id)
+        if prefer is not None and node_id != prefer:
+            log.debug("session turn on %s, not on %s (its previous replica is gone or full)", node_id, prefer)
         self.metrics.prompt_tokens.labels(model).inc(opened.prompt_tokens)
 
         def reopen(at: ResumeAt, avoid: set[str]):
@@ -70,10 +107,10 @@ class Admission:
                    metrics=self.metrics, retry_after_s=self.config.gateway.retry_after_s)
 
     async def admit(self, model: str, request: GenerateRequest, avoid: set[str],
-                    fit: bool = False) -> tuple[str, Opened]:
-        """Opens `request` on the least-loaded ready replica outside `avoid` (with `fit`, a prompt
-        over the window raises ContextLengthExceeded instead of its 400); a replica that turns
-        out to be unreachable is skipped for the next one.
+                    fit: bool = False, prefer: str | None = None) -> tuple[str, Opened]:
+        """Opens `request` on the least-loaded ready replica outside `avoid` (the one on `prefer` while
+        it has a free slot; with `fit`, a prompt over the window raises ContextLengthExceeded instead of
+        its 400); a replica that turns out to be unreachable is skipped for the next one.
 
         A resume (`avoid` names the lost replicas) with no other replica waits up to RESUME_WAIT_S for
         any replica to be ready again, the lost ones included: a shard process that crashed is
@@ -100,20 +137,21 @@ class Admission:
             except QueueFull as exc:
                 raise queue_full(str(exc), retry_after) from None
 
-        return await try_replicas(lambda avoided: self._pick(model, request, avoided), use, none_left,
+        return await try_replicas(lambda avoided: self._pick(model, request, avoided, prefer), use, none_left,
                                   f"replica of {model}", avoid)
 
-    def _pick(self, model: str, request: GenerateRequest, avoid: set[str]) -> tuple[str, Any]:
+    def _pick(self, model: str, request: GenerateRequest, avoid: set[str],
+              prefer: str | None = None) -> tuple[str, Any]:
         """A grammar-constrained request (tool calls, JSON answers) goes to a tool-use replica of
         the model when one is ready, else to a reasoning replica, which applies the same grammar."""
         if request.sampling.grammar:
             try:
-                picked = self.picker.pick(Role.TOOL_USE, model, avoid)
+                picked = self.picker.pick(Role.TOOL_USE, model, avoid, prefer)
             except NoReplica:
                 pass  # no tool-use replica (the default mesh has none): the reasoning one serves it
             else:
                 self.metrics.routed.labels(Role.TOOL_USE, model).inc()
                 return picked
-        picked = self.picker.pick(Role.REASONING, model, avoid)
+        picked = self.picker.pick(Role.REASONING, model, avoid, prefer)
         self.metrics.routed.labels(Role.REASONING, model).inc()
         return picked

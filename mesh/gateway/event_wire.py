@@ -6,7 +6,7 @@ instead of a rendered stream: a 200 whose headers carry the prompt's token count
 choices, then one JSON object per line (application/x-ndjson), each one event of one choice:
 
     {"i": 0, "text": "Hel", "tokens": [9259], "logprobs": [["Hel", -0.1, [72, 101, 108], [["Hi", -2.3, [72, 105]]]]]}
-    {"i": 0, "finish": "stop", "prompt_tokens": 12, "completion_tokens": 7}
+    {"i": 0, "finish": "stop", "prompt_tokens": 12, "completion_tokens": 7}   (+ "cached_tokens": 64 when reused)
     {"i": 0, "error": "the replica was lost and no other could resume", "retryable": false}
 
 The relaying member renders the client's stream from them itself (mesh/gateway/stream_render.py)
@@ -69,6 +69,8 @@ def encode(index: int, event: Event) -> bytes:
     elif isinstance(event, Finished):
         frame = {"i": index, "finish": event.reason, "prompt_tokens": event.prompt_tokens,
                  "completion_tokens": event.completion_tokens}
+        if event.cached_tokens:
+            frame["cached_tokens"] = event.cached_tokens
     elif isinstance(event, Failed):
         frame = {"i": index, "error": event.message, "retryable": event.retryable}
     else:
@@ -118,7 +120,8 @@ def decode(line: bytes | str) -> tuple[int, Event]:
                              for t, p, b, top in frame.get("logprobs", ()))
             return index, Piece(str(frame["text"]), tuple(int(t) for t in frame["tokens"]), logprobs)
         if "finish" in frame:
-            return index, Finished(str(frame["finish"]), int(frame["prompt_tokens"]), int(frame["completion_tokens"]))
+            return index, Finished(str(frame["finish"]), int(frame["prompt_tokens"]), int(frame["completion_tokens"]),
+                                   cached_tokens=int(frame.get("cached_tokens", 0)))
         if "error" in frame:
             return index, Failed(str(frame["error"]), bool(frame["retryable"]))
     except (ValueError, KeyError, TypeError, RecursionError) as exc:

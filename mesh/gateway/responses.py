@@ -39,8 +39,13 @@ async def sse_chunks(events: AsyncIterator[bytes]) -> AsyncIterator[dict]:
             yield json.loads(data)
 
 
-def usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int | None = None) -> dict:
+    """OpenAI's usage object; a chat's says how many prompt tokens the replica did not prefill because it
+    kept their KV cache from an earlier request (a session's previous turn): prompt_tokens_details."""
+    body = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        body["prompt_tokens_details"] = {"cached_tokens": cached}
+    return body
 
 
 def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob]) -> dict:
@@ -78,7 +83,8 @@ class ChatFormat:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": FINGERPRINT}
 
-    def completion(self, choices: list[ChoiceText], prompt_tokens: int, completion_tokens: int) -> dict:
+    def completion(self, choices: list[ChoiceText], prompt_tokens: int, completion_tokens: int,
+                   cached_tokens: int = 0) -> dict:
         return {
             **self._head("chat.completion"),
             "choices": [
@@ -87,7 +93,7 @@ class ChatFormat:
                  "finish_reason": c.finish_reason}
                 for i, c in enumerate(choices)
             ],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
         }
 
     def chunk(self, index: int, delta: dict, finish_reason: str | None = None,
@@ -100,9 +106,9 @@ class ChatFormat:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         return {**self._head("chat.completion.chunk"), "choices": [],
-                "usage": usage(prompt_tokens, completion_tokens)}
+                "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 class CompletionFormat:
@@ -146,5 +152,5 @@ class CompletionFormat:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         return {**self._head(), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}

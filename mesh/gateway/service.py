@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from mesh.cluster.sessions import SessionLog
 from mesh.core.config import MeshConfig
@@ -27,8 +28,10 @@ from mesh.gateway.validation import ChatRequest, CompletionRequest
 from mesh.replicas.failover import ResumeAt
 from mesh.replicas.router import LocalPicker, Router
 from raft.vocab import GENERATING_ROLES, Role
-from shards.local import LocalShard
 from shards.types import Finished, GenerateRequest, Piece
+
+if TYPE_CHECKING:  # in-process shards are attached in tests only: a witness's gateway never loads the engine
+    from shards.local import LocalShard
 
 log = logging.getLogger("quorum.gateway")
 
@@ -91,8 +94,9 @@ class Gateway:
         relaying member resumes here after the previous leader was lost)."""
         session = SessionTurn(self.sessions, req)
         self.check_model(req.model)
+        named = (session.owner, req.session_id) if req.session_id is not None else None
         run = await self.admission.open(req.model, GenerateRequest(sampling=req.sampling, n=req.n,
-                                                                   messages=session.messages), resume)
+                                                                   messages=session.messages), resume, named)
         if resume is None or resume.choice == 0:  # choice 0 is the session's answer
             run.recorder = session.recorder(run.prompt_tokens, run.resumable.prompt_token_ids)
         return run
@@ -101,7 +105,7 @@ class Gateway:
         fmt = ChatFormat(req.model, req.logprobs)
         choices = [ChoiceText() for _ in range(run.choices)]
         shapers = [ToolShaper(req.tool_use) for _ in choices] if req.tool_use and req.tool_use.calls else None
-        completion = 0
+        completion = cached = 0
         async for index, event in run.events():
             if isinstance(event, Piece):
                 choices[index].add(event)
@@ -110,6 +114,7 @@ class Gateway:
             elif isinstance(event, Finished):
                 choices[index].finish_reason = event.reason
                 completion += event.completion_tokens
+                cached = max(cached, event.cached_tokens)
                 if shapers:
                     shapers[index].finish()
                     choices[index].message = shapers[index].message()
@@ -117,7 +122,7 @@ class Gateway:
                 elif (problem := content_violation(req.tool_use, choices[index].text)) is not None:
                     # A JSON answer the grammar could not hold to the whole schema: said, not hidden.
                     choices[index].message = {"role": "assistant", "content": choices[index].text, "refusal": problem}
-        return fmt.completion(choices, run.prompt_tokens, completion)
+        return fmt.completion(choices, run.prompt_tokens, completion, cached)
 
     def stream_chat(self, req: ChatRequest, run: Run):
         fmt = ChatFormat(req.model, req.logprobs)

@@ -23,12 +23,12 @@ class Renderer(Protocol):
     def event(self, index: int, event: Event) -> list[dict]:
         """The chunk bodies one Piece or Finished of choice `index` becomes."""
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict: ...
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict: ...
 
 
 async def render(run: Run, renderer: Renderer, include_usage: bool) -> AsyncIterator[bytes]:
     """The SSE stream of `run`'s events through `renderer`."""
-    completion = 0
+    completion = cached = 0
     try:
         async for index, event in run.events(stream=True):
             if isinstance(event, Failed):
@@ -38,8 +38,9 @@ async def render(run: Run, renderer: Renderer, include_usage: bool) -> AsyncIter
                 yield sse(body)
             if isinstance(event, Finished):
                 completion += event.completion_tokens
+                cached = max(cached, event.cached_tokens)
         if include_usage:
-            yield sse(renderer.usage_chunk(run.prompt_tokens, completion))
+            yield sse(renderer.usage_chunk(run.prompt_tokens, completion, cached))
         yield sse("[DONE]")
     finally:
         run.cancel()
@@ -74,8 +75,8 @@ class ChatStream:
         return self.fmt.chunk(index, delta, finish_reason=finish_reason, logprobs=logprobs,
                               with_usage_field=self.usage_field)
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return self.fmt.usage_chunk(prompt_tokens, completion_tokens)
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        return self.fmt.usage_chunk(prompt_tokens, completion_tokens, cached_tokens)
 
 
 class ToolCallStream(ChatStream):
@@ -134,5 +135,5 @@ class CompletionStream:
             chunks.append(self.fmt.chunk(index, "", event.reason, None, self.usage_field))
         return chunks
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
-        return self.fmt.usage_chunk(prompt_tokens, completion_tokens)
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        return self.fmt.usage_chunk(prompt_tokens, completion_tokens, cached_tokens)

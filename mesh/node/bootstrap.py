@@ -24,6 +24,7 @@ from mesh.security.pki import (
     create_ca,
     fingerprint,
     issue_node_certificate,
+    make_bundle,
     new_key,
     signed_by,
     trusting,
@@ -39,7 +40,7 @@ log = logging.getLogger("quorum.bootstrap")
 
 
 async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[NodeRecord, str]:
-    """Creates a one-member mesh in `dd`: secret, CA and node certificate, Raft journal with the
+    """Creates a one-member mesh in `dd`: CA and node certificate, Raft journal with the
     mesh's first entries. Returns the node's record and a join token for the next members."""
     dd.prepare()
     record = dd.record(name)
@@ -50,7 +51,7 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
     bind(host, int(port)).close()  # a clear error now, rather than pysyncobj retrying its bind forever
     ca_pem, ca_key = create_ca(record.name)
     key, cert = issue_node_certificate(ca_pem, ca_key, record.node_id, cfg.security.node_cert_days)
-    raft = RaftNode(node.raft_address, [], dd.raft_dir, dd.secret(), raft_timing(cfg), limits=raft_limits(cfg),
+    raft = RaftNode(node.raft_address, [], dd.raft_dir, "", raft_timing(cfg), limits=raft_limits(cfg),
                     journal_sync=cfg.raft.journal_sync, tls=RaftTls.from_pem(cert, key, ca_pem))
     try:
         await until(lambda: raft.is_leader() and raft.is_ready(), "Raft leadership of the new mesh", 30)
@@ -61,7 +62,7 @@ async def init_mesh(dd: DataDir, cfg: MeshConfig, name: str | None) -> tuple[Nod
         commands = [InitMesh(mesh_id=mesh_id, name=record.name, created_at=now),
                     AddMember(node_id=record.node_id, name=record.name, http_address=node.http_address,
                               raft_address=node.raft_address, grpc_address=node.grpc_address,
-                              profile=await asyncio.to_thread(local_profile), joined_at=now,
+                              profile=await asyncio.to_thread(local_profile, node.memory_budget_bytes), joined_at=now,
                               peer_address=node.peer_address),
                     SetAuthority(record.node_id, True),  # the CA is born here: the first authority
                     *(SetReplicas(role, count) for role, count in sorted(cfg.replicas.items()) if role != Role.WITNESS),
@@ -84,9 +85,9 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
 
     1. The token names the mesh CA by fingerprint. The peer's CA certificate (public) must match it.
     2. The join (token, certificate request) goes to the leader's HTTPS peer port, whose certificate
-       must be signed by that CA: the secret is never sent to anything but a member of the mesh.
-    3. The leader answers with this node's certificate (signed by an authority member) and the mesh
-       secret, and with the CA key only when this node qualifies as an authority (security.authorities).
+       must be signed by that CA: the token's secret is never sent to anything but a member of the mesh.
+    3. The leader answers with this node's certificate (signed by an authority member) and the CAs the mesh
+       trusts, and with the CA key only when this node qualifies as an authority (security.authorities).
     A data dir that already belongs to a mesh is left as it is (joining twice is harmless).
     """
     dd.prepare()
@@ -106,16 +107,17 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
             "admin": {"id": admin.command.cred_id, "sha256": admin.command.secret_sha256},
             "http_address": node.http_address, "grpc_address": node.grpc_address,
             "raft_address": node.raft_address, "peer_address": node.peer_address, "witness": witness,
-            "profile": await asyncio.to_thread(local_profile),
+            "profile": await asyncio.to_thread(local_profile, node.memory_budget_bytes),
             "csr": certificate_request(key, "joining").decode()}  # the leader names the certificate
     answer, ca_pem = await _join_through(peer, ca_fingerprint, body)
     node_id = answer.get("node_id")
     cert = answer.get("certificate", "").encode()
     if not isinstance(node_id, str) or not node_id or not signed_by(cert, ca_pem) or common_name(cert) != node_id:
         raise StartupError("the leader answered the join without a certificate for the id it assigned")
-    dd.write_secret(answer["secret"])
     ca_key = answer.get("ca_key")
-    dd.write_identity(key, cert, ca_pem, ca_key.encode() if isinstance(ca_key, str) else None)
+    # During a CA rotation the mesh trusts the older CA too (members not yet renewed): trust what it trusts.
+    others = [c.encode() for c in answer.get("trusted") or () if isinstance(c, str) and c.strip()]
+    dd.write_identity(key, cert, make_bundle(ca_pem, others), ca_key.encode() if isinstance(ca_key, str) else None)
     dd.write_admin_token(admin.text)
     record = dataclasses.replace(record, node_id=node_id, mesh_id=answer["mesh_id"], listen=node.listen,
                                  advertise=node.advertise, witness=witness, partners=tuple(answer["partners"]))

@@ -25,7 +25,7 @@ from mesh.core.metrics import Metrics
 from mesh.gateway.app import create_app
 from mesh.gateway.forward import LeaderForwarder
 from mesh.gateway.service import Gateway
-from mesh.node.credentials import AuthorityKeeper
+from mesh.node.credentials import AuthorityKeeper, trust_keeper
 from mesh.node.leave import leave_mesh
 from mesh.node.startup import bind, peer_address_of, raft_limits, raft_timing, until
 from mesh.node.status import status_view
@@ -35,7 +35,7 @@ from mesh.security.api_keys import ApiKeyCheck
 from mesh.security.api_keys import required as api_keys_required
 from mesh.security.authority import Authority, NoAuthority, authority_peers
 from mesh.security.datadir import DataDir, NodeRecord
-from mesh.security.gateway_tls import gateway_context, gateway_names
+from mesh.security.gateway_tls import MeshGatewayCertificate, gateway_context, gateway_names
 from mesh.security.http_guard import limits_from, public_server
 from mesh.security.peer_tls import PeerGate, StripRelayHeaders, peer_client, peer_server
 from mesh.security.pki import PkiError
@@ -85,10 +85,13 @@ class NodeDaemon:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.live = LiveIdentity(self.identity)  # this member's certificate as renewals replace it
+        if self.dd.retire_secret():  # a data dir from before the mesh secret was retired
+            log.info("deleted mesh.secret from %s: nothing uses it any more", self.dd.path)
         self.admin_token = self.dd.admin_token()
         self.raft: RaftNode | None = None
         self.metrics = Metrics()
         self.reconciler = None
+        self.gateway_cert: MeshGatewayCertificate | None = None
         self.stopping = asyncio.Event()
 
     @property
@@ -103,15 +106,15 @@ class NodeDaemon:
         bind(node.public_host, int(node.raft_address.rpartition(":")[2])).close()  # pysyncobj binds its own address
         bind(node.host, int(node.grpc_address.rpartition(":")[2])).close()  # gRPC binds the listen host
         peer_sock = bind(node.host, int(node.peer_address.rpartition(":")[2]))
-        changes = _Changes(asyncio.get_running_loop(), 4)
+        changes = _Changes(asyncio.get_running_loop(), 5)
         log.info("node %s (%s) starting in %s", record.name, record.node_id, self.dd.path)
         raft_tls = RaftTls.from_pem(self.identity.cert_pem, self.identity.key_pem, self.identity.ca_pem)
         self.live.on_change(lambda i: raft_tls.reload(i.cert_pem, i.key_pem, i.ca_pem))
-        self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, self.dd.secret(),
+        self.raft = raft = RaftNode(node.raft_address, list(record.partners), self.dd.raft_dir, "",
                                     raft_timing(cfg), on_applied=changes.notify, limits=raft_limits(cfg),
                                     journal_sync=cfg.raft.journal_sync, tls=raft_tls)
         signing = peer_client(self.live, 15.0, expect=self._member_at)
-        self.authority = Authority(record.node_id, self.identity.ca_pem, self.dd.ca_key, lambda: raft.state,
+        self.authority = Authority(record.node_id, lambda: self.live().ca_pem, self.dd.ca_key, lambda: raft.state,
                                    lambda: authority_peers(raft.state, record.node_id, peer_address_of),
                                    lambda: signing, cfg.security.node_cert_days)
         try:
@@ -123,11 +126,13 @@ class NodeDaemon:
         self.metrics.watch_sessions(lambda: raft.state)
         placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20,
                         battery=battery_policy(cfg.placement))
-        router = Router(record.node_id, lambda: raft.state, self._local_shards, self._remote_shard)
+        # Another member's replica does not report its slots: assume this member's (node.parallel).
+        router = Router(record.node_id, lambda: raft.state, self._local_shards, self._remote_shard,
+                        default_slots=cfg.node.resolved_parallel())
         gateway = Gateway(cfg, self.metrics, router,
                           SessionLog(raft, cfg.sessions.checkpoint_tokens, cfg.sessions.checkpoint_ms))
-        control = Control(ControlPlane(raft=raft, ca_pem=self.identity.ca_pem, ca_key=self.dd.ca_key,
-                                       secret=self.dd.secret, status=self.status, leader_peer=self.leader_peer,
+        control = Control(ControlPlane(raft=raft, ca_pem=lambda: self.live().ca_pem,
+                                       status=self.status, leader_peer=self.leader_peer,
                                        leave=self.leave, authority=self.authority,
                                        authorities=cfg.security.authorities))
         forwarder = LeaderForwarder(create_app(gateway, control.routes()), self._gateway_here, self._leader_url,
@@ -174,6 +179,13 @@ class NodeDaemon:
                 loops.append(tasks.create_task(_after(announced, keeper.run(changes.events[3])), name="authority"))
                 renewer = Renewer(self.live, self.dd.path, record.node_id, self.authority.sign)
                 loops.append(tasks.create_task(_after(announced, renewer.run()), name="renewal"))
+                trust = trust_keeper(raft, self.dd, record.node_id, cfg, self.live, self.propose, lambda: signing,
+                                     renewer.wake)  # CA rotations (mesh/security/ca_rotation.py)
+                loops.append(tasks.create_task(_after(announced, trust.run(changes.events[4])), name="trust"))
+                if self.gateway_cert is not None:
+                    identity_changed = asyncio.Event()
+                    self.live.on_change(lambda _identity: identity_changed.set())
+                    loops.append(tasks.create_task(self.gateway_cert.run(identity_changed), name="gateway-cert"))
                 if cfg.discovery.advertise:  # mDNS for `meshd join --discover`; never fails the node
                     from mesh.cluster.discovery import advertise
                     from mesh.security.pki import fingerprint
@@ -212,7 +224,8 @@ class NodeDaemon:
         from shards.grpc_service import SERVER_OPTIONS, NodeService, ShardService
 
         def fetch(*args, **kwargs):  # the certificate held now (renewals)
-            return fetch_model(*args, credentials=self.live.grpc_channel_credentials(), **kwargs)
+            return fetch_model(*args, credentials=self.live.grpc_channel_credentials(), expect=self._member_at_grpc,
+                               **kwargs)
 
         self.reconciler = Reconciler(self.record.node_id, self.raft, self.dd.models_dir, self.cfg,
                                      self.opts.backend, self.metrics, fetch, self.opts.progress, run_dir(self.dd.path),
@@ -256,6 +269,10 @@ class NodeDaemon:
         peer = self.leader_peer()
         return f"https://{peer}" if peer is not None else None
 
+    def _member_at_grpc(self, grpc_address: str) -> str | None:
+        """The node id of the live member serving gRPC at `grpc_address` (what a model fetch accepts there)."""
+        return next((m.node_id for m in self.raft.state.live_members() if m.grpc_address == grpc_address), None)
+
     def _member_at(self, peer_address: str) -> str | None:
         """The node id of the live member whose peer port is `peer_address` (what a peer client accepts there)."""
         return next((m.node_id for m in self.raft.state.live_members() if peer_address_of(m) == peer_address), None)
@@ -278,6 +295,10 @@ class NodeDaemon:
             except (NoAuthority, StartupError) as exc:
                 raise PkiError(str(exc)) from None
 
+        if cfg.gateway.tls == "mesh":  # renewed while the member runs, and after a CA rotation
+            self.gateway_cert = MeshGatewayCertificate(self.dd.path, lambda: self.live().ca_pem,
+                                                       gateway_names(cfg.node.advertise, cfg.node.host), sign)
+            return await asyncio.to_thread(self.gateway_cert.context)
         return await asyncio.to_thread(
             gateway_context, cfg.gateway.tls, self.dd.path, cert_file=cfg.gateway.tls_cert,
             key_file=cfg.gateway.tls_key, ca_pem=self.identity.ca_pem,
@@ -292,7 +313,8 @@ class NodeDaemon:
         catalog models this node can provide (assembling packaged ones into the data dir)."""
         raft, record, node = self.raft, self.record, self.cfg.node
         await until(lambda: raft.is_ready() and raft.leader() is not None, "the Raft log to catch up", 300)
-        profile = {**await asyncio.to_thread(local_profile), "threads": self.cfg.node.resolved_threads()}
+        profile = {**await asyncio.to_thread(local_profile, node.memory_budget_bytes),
+                   "threads": self.cfg.node.resolved_threads()}
         await self.propose(AddMember(node_id=record.node_id, name=record.name, http_address=node.http_address,
                                      raft_address=node.raft_address, grpc_address=node.grpc_address,
                                      profile=profile, joined_at=time.time(), witness=record.witness,

@@ -38,6 +38,9 @@ def status_view(raft: RaftNode, record: NodeRecord, cfg: MeshConfig, reconciler)
         "pins": [dataclasses.asdict(p) for p in state.pins.values()],
         "unplaced": [dataclasses.asdict(u) for u in state.unplaced],
         "local_shards": local_shard_status(reconciler),
+        # This member's pipeline stages (mesh/replicas/splits.py): model, layers, pid, state, detail, restarts,
+        # last_exit.
+        "local_stages": splits.status() if (splits := getattr(reconciler, "splits", None)) is not None else [],
         "health": {"ready": ready, "detail": "ok" if ready else "no reasoning replica is ready"},
     }
 

@@ -16,7 +16,9 @@ to another member if one can hold it (mesh/cluster/placer.py). Restarting meshd 
 Split models (meshctl split, mesh/replicas/splits.py): on the split's head member, the model's reasoning shard
 process is a pipeline head (HostSpec.stages: one loopback tunnel endpoint per stage, one sequence at a time),
 restarted whenever the recorded split changes; a head whose stage dies aborts, and is restarted like any
-crashed shard once the stage is back. Stage processes and tunnels are the SplitRunner's, stepped here first.
+crashed shard once the stage is back. A head starts only once every stage reports "ready" in Raft, and loads in
+a task of its own, so other shards here keep being reconciled meanwhile. Stage processes and tunnels are the
+SplitRunner's, stepped here first.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, Callable
 from mesh.core.config import MeshConfig
 from mesh.core.metrics import Metrics
 from mesh.replicas.shard_process import Exit, ShardProcess, shard_process
-from mesh.replicas.splits import SplitRunner
+from mesh.replicas.splits import SplitRunner, stages_pending
 from raft.commands import Command, HaveModelFile, SetShardState
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, Model, Rejected, Split
@@ -53,6 +55,7 @@ RESTART_BACKOFF_MAX_S = 30.0
 CRASH_LIMIT = 4
 CRASH_WINDOW_S = 120.0
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
+_LOST_STAGE = "Remote RPC server crashed"  # ggml's RPC client, aborting a head whose stage went away
 
 
 class Reconciler:
@@ -78,8 +81,11 @@ class Reconciler:
         self._wake = asyncio.Event()
         self.splits = None if identity is None else SplitRunner(
             node_id, lambda: raft.state, identity, cfg.node.host, cfg.node.port, cfg.node.resolved_threads(),
-            self.run_dir, lambda: self._wake.set())
+            self.run_dir, lambda: self._wake.set(), report=self._report, models_dir=models_dir)
         self._split_of: dict[tuple[str, str], Split | None] = {}  # the split each local process was started for
+        # Pipeline heads load in tasks of their own (a head may wait for its stages to answer): key -> (task, split)
+        self._loading: dict[tuple[str, str], tuple[asyncio.Task, Split]] = {}
+        self._waiting_for: dict[tuple[str, str], str] = {}  # a head's key -> the stages it waits for (reported)
 
     async def run(self, changed: asyncio.Event, every_s: float = 1.0) -> None:
         self._wake = changed
@@ -98,17 +104,48 @@ class Reconciler:
         if self.splits is not None:
             await self.splits.step(state)
         want = {(s.role, s.model) for s in state.shards_on(self.node_id)} - set(self.given_up)
+        for key, (task, split) in sorted(self._loading.items()):
+            if key not in want or _placed(self._head_split(key, state)) != _placed(split):
+                log.info("%s/%s: its split changed while its head loaded; loading it again", *key)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)  # cancelled on purpose: _load stops its process
         for key in sorted(set(self.local) - want):
             await self._unload(key)
         for key in sorted(set(self.local) & want):
-            if self._split_of.get(key) != self._head_split(key, state):
+            if _placed(self._split_of.get(key)) != _placed(self._head_split(key, state)):
                 log.info("%s/%s: its split changed; starting its process again", *key)
                 await self._unload(key)
         # Reasoning first: a node is ready (and /health answers 200) once its chat shard is loaded.
         for key in sorted(want - set(self.local), key=lambda k: (k[0] != Role.REASONING, k)):
-            if time.monotonic() < self._failed.get(key, 0.0):
+            if time.monotonic() < self._failed.get(key, 0.0) or key in self._loading:
                 continue
-            await self._load(key, state)
+            split = self._head_split(key, state)
+            if split is None:
+                await self._load(key, state)
+            elif await self._stages_ready(key, split, state):
+                task = asyncio.create_task(self._load(key, state), name=f"head-load-{key[1]}")
+                self._loading[key] = (task, split)
+                task.add_done_callback(lambda t, k=key: self._head_loaded(k, t))
+
+    async def _stages_ready(self, key: tuple[str, str], split: Split, state: MeshState) -> bool:
+        """True once every stage of the split this head belongs to reports "ready" in Raft; until then the
+        head's shard says what it waits for (once per change), and the reconciler goes on with other shards."""
+        pending = stages_pending(split, lambda node_id: self._name(state, node_id))
+        if pending is None:
+            self._waiting_for.pop(key, None)
+            return True
+        if self._waiting_for.get(key) != pending:
+            self._waiting_for[key] = pending
+            self._report_later(SetShardState(*key, self.node_id, ShardState.LOADING,
+                                             f"waiting for its stages: {pending}"[:300]))
+        return False
+
+    def _head_loaded(self, key: tuple[str, str], task: asyncio.Task) -> None:
+        if self._loading.get(key, (None,))[0] is task:
+            del self._loading[key]
+        if not task.cancelled() and task.exception() is not None:  # _load reports its own failures
+            log.error("%s/%s: the head's load ended in %r", *key, task.exception())
+        self._wake.set()
 
     async def _load(self, key: tuple[str, str], state: MeshState) -> None:
         role, model_name = key
@@ -129,7 +166,11 @@ class Reconciler:
                                              "loading the model" if split is None else
                                              f"loading the head of a {len(split.stages) + 1}-member pipeline"))
             shard = shard_process(spec, self.metrics, self._exited)
-            await shard.start(LOAD_TIMEOUT_S)
+            try:
+                await shard.start(LOAD_TIMEOUT_S)
+            except asyncio.CancelledError:  # a head whose split changed while it loaded: no process left behind
+                await shard.stop()
+                raise
         except Exception as exc:  # a shard that cannot load (no file, a fetch or a start that failed,
             # ShardStartError) is reported and retried later, never fatal to the node
             log.warning("%s/%s failed to load: %s", role, model_name, exc)
@@ -172,23 +213,34 @@ class Reconciler:
                         threads=self.cfg.node.encoder_threads() if kind == "onnx" else self.cfg.node.resolved_threads(),
                         queue_depth=self.cfg.gateway.queue_depth,
                         socket=str(socket), parent=os.getpid(), chat_template=model.chat_template,
-                        parallel=1 if kind == "onnx" else self.cfg.node.resolved_parallel())
+                        parallel=1 if kind == "onnx" else self.cfg.node.resolved_parallel(),
+                        kv_cache_type=self.cfg.node.kv_cache_type)
 
     async def _exited(self, shard: ShardProcess, exit_: Exit) -> None:
         """A shard process died on its own: report it, then restart it with back-off, or give up."""
         key = (shard.role, shard.model)
+        # A pipeline head aborts by design when it loses a stage (ggml's RPC client): the stage's fault, not a
+        # crash loop of the head; it starts again once its stages report ready.
+        lost_stage = self._split_of.get(key) is not None and any(
+            _LOST_STAGE in line for line in (*exit_.fatal, *exit_.tail))
         if self.local.get(key) is shard:
             del self.local[key]
             self._split_of.pop(key, None)
             self.metrics.unwatch_shard(*key)
         now = time.monotonic()
         crashes = self._crashes.setdefault(key, collections.deque())
-        crashes.append(now)
+        if not lost_stage:
+            crashes.append(now)
         while crashes and crashes[0] < now - CRASH_WINDOW_S:
             crashes.popleft()
         self.metrics.shard_crashes.labels(*key).inc()
         self.last_crash[key] = f"{time.strftime('%H:%M:%S')} {exit_.describe()}"
-        if len(crashes) >= CRASH_LIMIT:
+        if lost_stage:
+            self._failed.pop(key, None)
+            self.restarts[key] += 1
+            await self._report(SetShardState(*key, self.node_id, ShardState.FAILED,
+                                             f"lost a stage: {exit_.describe()}; restarting with its stages"[:300]))
+        elif len(crashes) >= CRASH_LIMIT:
             reason = (f"crash loop: {len(crashes)} crashes in {CRASH_WINDOW_S:.0f} s, not restarted here; "
                       f"last {exit_.describe()}")
             self.given_up[key] = reason
@@ -236,6 +288,9 @@ class Reconciler:
         log.info("stopped %s shard of %s (no longer placed here)", *key)
 
     async def close(self) -> None:
+        for task, _ in list(self._loading.values()):
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in self._loading.values()), return_exceptions=True)  # on purpose
         for key in list(self.local):
             await self._unload(key)
         if self.splits is not None:
@@ -254,3 +309,9 @@ class Reconciler:
             await asyncio.wait_for(asyncio.wrap_future(self.raft.propose(cmd)), 10.0)
         except (Rejected, ProposalFailed, TimeoutError) as exc:
             log.info("state report %s not committed: %s", type(cmd).__name__, exc or "timeout")
+
+
+def _placed(split: Split | None) -> tuple | None:
+    """A split's placement (head, stages), without the stages' reported states: a head restarts only when
+    its pipeline changes, not each time a stage reports."""
+    return None if split is None else (split.head, split.stages)

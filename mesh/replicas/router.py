@@ -1,4 +1,6 @@
-"""Which replica answers a request: a ready shard of the role and model, least loaded first.
+"""Which replica answers a request: a ready shard of the role and model, least loaded first, or the
+one a named session's previous turn ran on while it has a free slot (it still holds that turn's
+prompt in its KV cache, so the next turn prefills only what is new: shards/backend_llama_batch.py).
 
 The replicated state says which shards are ready where; shards on this node are called in
 process, the others over gRPC (one RemoteShard per node, role and model, kept while it is used).
@@ -66,7 +68,8 @@ class LocalPicker:
     def model_roles(self, model: str) -> tuple[str, ...]:
         return tuple(sorted({r for r, m in self.shards if m == model}))
 
-    def pick(self, role: str, model: str, exclude: set[str] = frozenset()) -> tuple[str, Replica]:
+    def pick(self, role: str, model: str, exclude: set[str] = frozenset(),
+             prefer: str | None = None) -> tuple[str, Replica]:
         shard = self.shards.get((role, model))
         if shard is None or "local" in exclude:
             raise NoReplica(f"no ready {role} replica of {model!r}")
@@ -75,8 +78,9 @@ class LocalPicker:
 
 class Router:
     def __init__(self, node_id: str, state: Callable[[], MeshState], local: Callable[[], dict],
-                 remote: Callable[[str, str, str, str], Any]) -> None:
+                 remote: Callable[[str, str, str, str], Any], default_slots: int = 1) -> None:
         self.node_id = node_id
+        self.default_slots = default_slots  # slots of a replica that does not say (another member's)
         self._state = state
         self._local = local  # () -> {(role, model): LocalShard} loaded on this node
         self._make_remote = remote  # (address, role, model, node_id) -> RemoteShard
@@ -94,8 +98,10 @@ class Router:
         state = self._state()
         return sorted({s.model for s in state.shards.values() if s.role == role and self._usable(state, s)})
 
-    def pick(self, role: str, model: str, exclude: set[str] = frozenset()) -> tuple[str, Replica]:
-        """(node id, replica) of the least-loaded ready replica not on a node in `exclude`."""
+    def pick(self, role: str, model: str, exclude: set[str] = frozenset(),
+             prefer: str | None = None) -> tuple[str, Replica]:
+        """(node id, replica) of the least-loaded ready replica not on a node in `exclude`; the one on
+        `prefer` (a session's previous turn ran there) while it is ready and has a free slot."""
         state = self._state()
         candidates = []
         for shard in state.shards_for(role, model):
@@ -106,6 +112,9 @@ class Router:
                 candidates.append((_load(replica), shard.node_id != self.node_id, shard.node_id, replica))
         if not candidates:
             raise NoReplica(f"no ready {role} replica of {model!r}")
+        for load, _, node_id, replica in candidates:
+            if node_id == prefer and load < slots_of(replica, self.default_slots):
+                return node_id, replica
         best = min(candidates, key=lambda c: c[:3])
         return best[2], best[3]
 
@@ -129,6 +138,15 @@ class Router:
         remotes, self._remote = list(self._remote.values()), {}
         for remote in remotes:
             await remote.close()
+
+
+def slots_of(replica: Any, default: int) -> int:
+    """Generations a replica decodes at once: its `slots` (an in-process shard), its shard process's
+    `spec.parallel`, else `default` (a remote replica does not report it)."""
+    slots = getattr(replica, "slots", None)
+    if slots is None:
+        slots = getattr(getattr(replica, "spec", None), "parallel", None)
+    return max(1, int(slots if slots is not None else default))
 
 
 def _load(replica: Any) -> int:

@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable, Sequence
 import grpc
 from tqdm import tqdm
 
-from mesh.security.grpc_tls import TARGET_NAME_OPTION
+from mesh.security.grpc_tls import TARGET_NAME_OPTION, target_for
 from proto import mesh_pb2
 from shards.grpc_service import TRANSFER_OPTIONS
 from shards.model_files import ModelFileError, is_verified, model_path
@@ -45,7 +45,8 @@ async def fetch_model(address: str | Sequence[str], file: str, sha256: str, mode
                       progress: bool = False, attempts: int = 3, *,
                       credentials: grpc.ChannelCredentials | None = None,
                       backoff_s: float = 0.5,
-                      on_progress: Callable[[str, int, int], None] | None = None) -> Path:
+                      on_progress: Callable[[str, int, int], None] | None = None,
+                      expect: Callable[[str], str | None] | None = None) -> Path:
     """Downloads `file` into `models_dir` from a peer (host:port) or the first of several peers
     that can serve it, verifies its sha256, stamps it, and returns its path.
 
@@ -58,6 +59,8 @@ async def fetch_model(address: str | Sequence[str], file: str, sha256: str, mode
     asked again. Raises ModelFileError when no round gives a verified file. A file already
     present and stamped with `sha256` is returned without any network traffic.
     `on_progress(peer, done_bytes, total_bytes)` is called at every ~10% of the file.
+    `expect(address)` -> node id: TLS accepts only that member's certificate at that address (None: no live
+    member there, not asked); without it, any member's (tools, tests).
     """
     sha256 = sha256.lower()
     path = model_path(Path(models_dir), file)
@@ -74,7 +77,7 @@ async def fetch_model(address: str | Sequence[str], file: str, sha256: str, mode
     for attempt in range(1, attempts + 1):
         for i, peer in enumerate(list(peers)):
             try:
-                await _download(peer, file, sha256, partial, credentials, progress, on_progress)
+                await _download(peer, file, sha256, partial, credentials, progress, on_progress, expect)
             except _PeerFailed as exc:
                 log.warning("fetching %s from %s failed: %s", file, peer, exc)
                 errors.append(f"{peer}: {exc}")
@@ -103,13 +106,20 @@ async def fetch_model(address: str | Sequence[str], file: str, sha256: str, mode
 
 async def _download(peer: str, file: str, sha256: str, partial: Path,
                     credentials: grpc.ChannelCredentials | None, progress: bool,
-                    on_progress: Callable[[str, int, int], None] | None = None) -> None:
+                    on_progress: Callable[[str, int, int], None] | None = None,
+                    expect: Callable[[str], str | None] | None = None) -> None:
     """Appends the rest of the file from `peer` to `partial`; returns when it holds it all."""
     offset = await asyncio.to_thread(_size_or_zero, partial)
     if credentials is None:
         channel = grpc.aio.insecure_channel(peer, options=TRANSFER_OPTIONS)
     else:
-        channel = grpc.aio.secure_channel(peer, credentials, options=(*TRANSFER_OPTIONS, TARGET_NAME_OPTION))
+        name = TARGET_NAME_OPTION
+        if expect is not None:  # the member this address belongs to, and no other (a removed one posing as it)
+            node_id = expect(peer)
+            if node_id is None:
+                raise _PeerFailed("no live member of this mesh serves gRPC there", permanent=True)
+            name = target_for(node_id)
+        channel = grpc.aio.secure_channel(peer, credentials, options=(*TRANSFER_OPTIONS, name))
     async with channel:
         fetch = channel.unary_stream(FETCH_MODEL,
                                      request_serializer=mesh_pb2.FetchModelRequest.SerializeToString,

@@ -36,7 +36,8 @@ from raft.state import MeshState
 
 PREFIX = "qadm2"
 PUBLIC = frozenset({"/control/v1/ca", "/control/v1/join",
-                    "/control/v1/sign"})  # a live member's certificate on the peer port, checked by the route
+                    # a live member's certificate on the peer port, checked by the route
+                    "/control/v1/sign", "/control/v1/ca-key"})
 
 
 @dataclass(frozen=True)

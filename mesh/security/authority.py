@@ -25,7 +25,7 @@ from typing import Callable
 
 import httpx
 
-from mesh.security.pki import PkiError, sign_gateway_request, sign_request
+from mesh.security.pki import PkiError, same_key, sign_gateway_request, sign_request
 from raft.state import MeshState
 from raft.vocab import MemberState
 
@@ -79,20 +79,26 @@ class Authority:
     """Signs with the CA key here when this member holds it (`ca_key()` not None), else through an authority
     member (`peers()`: their peer addresses, `client()`: an identity-checked peer client)."""
     node_id: str
-    ca_pem: bytes
+    ca_pem: Callable[[], bytes]  # the trusted CAs, the signing one first (they change with a rotation)
     ca_key: Callable[[], bytes | None]
     state: Callable[[], MeshState]
     peers: Callable[[], list[str]]
     client: Callable[[], httpx.AsyncClient]
     days: float = 30
 
+    def signing_key(self) -> bytes | None:
+        """This member's CA key when it is the signing CA's (during a rotation an authority may still hold the
+        old one until it fetches the new: it never signs with it)."""
+        key = self.ca_key()
+        return key if key is not None and same_key(self.ca_pem(), key) else None
+
     def here(self) -> bool:
-        return self.ca_key() is not None
+        return self.signing_key() is not None
 
     async def sign(self, body: dict, timeout_s: float = 10.0) -> bytes:
-        key = self.ca_key()
+        key = self.signing_key()
         if key is not None:
-            return sign_here(self.ca_pem, key, body, self.node_id, self.state(), self.days)
+            return sign_here(self.ca_pem(), key, body, self.node_id, self.state(), self.days)
         peers = self.peers()
         if not peers:
             raise NoAuthority("no member of the mesh that holds the CA key is known (security.authorities)")

@@ -1,17 +1,21 @@
 """Everything a node keeps lives in its data dir:
 
-    mesh.secret      the mesh secret (0600): guards nothing any more (Raft is mutual TLS with node.pem,
-                     admin credentials are recorded per member); still written, and handed to joiners
-                     over TLS, because its presence marks a data dir that belongs to a mesh
-    admin.token      the admin credential meshctl sends to the control API (0600; derived from the secret)
-    ca.pem, ca.key   the mesh CA's certificate, and its key on authority members only (0600; see
-                     mesh/security/authority.py)
+    admin.token      this member's admin credential, which meshctl sends to the control API (0600; its
+                     sha256 is in the log, revoked with the member)
+    ca.pem, ca.key   the CAs the mesh trusts (the signing one first; several during a rotation), and the
+                     signing CA's key on authority members only (0600; see mesh/security/authority.py)
+    ca-next.pem, ca-next.key  a CA an authority made for a rotation, until the log makes it the signing one
+                     (mesh/security/ca_rotation.py)
     node.pem, node.key  this node's certificate (signed by the mesh CA, renewed while it runs:
                      mesh/security/renewal.py) and key (0600)
     node.json        this node's id, name, mesh, addresses and last known Raft partners
     mesh.toml        optional configuration (else the built-in defaults)
     raft/            pysyncobj's journal and full dump
     models/          model files and their verification stamps
+
+node.pem marks a data dir that belongs to a mesh. Data dirs from before kept a mesh-wide `mesh.secret` (once
+the Raft password and the admin credential's root; it guarded nothing at the end, but every member and every
+removed one held it): `retire_secret` deletes it at start.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import json
 import os
 import secrets
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.security.pki import NodeIdentity
 
-_IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "ca.key")
+_IDENTITY_FILES = ("node.key", "node.pem", "ca.pem", "ca.key", "ca-next.pem", "ca-next.key")
 
 
 def default_data_dir() -> Path:
@@ -76,19 +81,10 @@ class DataDir:
         self.raft_dir.mkdir(exist_ok=True, mode=0o700)
         self.models_dir.mkdir(exist_ok=True)
 
-    def secret(self) -> str:
-        """The mesh secret, created (0600) on first use."""
-        path = self.path / "mesh.secret"
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
-        if path.stat().st_mode & 0o077:
-            os.chmod(path, 0o600)
-        value = path.read_text().strip()
-        if len(value) < 32:
-            raise ValueError(f"{path} holds no usable secret; delete it to make a new mesh")
-        return value
+    def retire_secret(self) -> bool:
+        """Deletes (overwritten first) the mesh.secret of a data dir made before it was retired; whether there
+        was one."""
+        return _shred(self.path / "mesh.secret")
 
     def record(self, name: str | None = None) -> NodeRecord:
         """This node's record: created on first use (a new id; the name from --name or the host)."""
@@ -113,17 +109,13 @@ class DataDir:
             os.replace(tmp, path)
 
     def forget_mesh(self, record: NodeRecord) -> None:
-        """After leaving: drop the Raft journal, the secret, the admin token and the certificates
+        """After leaving: drop the Raft journal, the admin token and the certificates
         (models stay); keep id and name."""
         for path in self.raft_dir.iterdir():
             path.unlink()
         for name in ("mesh.secret", "admin.token", *_IDENTITY_FILES):
             (self.path / name).unlink(missing_ok=True)
         self.save(record)
-
-    def write_secret(self, value: str) -> None:
-        """Stores a mesh secret received when joining (0600)."""
-        _write_private(self.path / "mesh.secret", value.strip() + "\n")
 
     # -- certificates and the admin credential -------------------------------------------------
 
@@ -154,17 +146,48 @@ class DataDir:
 
     def drop_ca_key(self) -> bool:
         """Deletes ca.key (overwritten first: a plain unlink leaves the bytes on disk); whether there was one."""
-        path = self.path / "ca.key"
+        return _shred(self.path / "ca.key")
+
+    # -- a CA rotation (mesh/security/ca_rotation.py) ------------------------------------------
+
+    def write_trust(self, bundle: bytes) -> None:
+        """ca.pem: the CAs the mesh trusts now, the signing one first."""
+        _write_private(self.path / "ca.pem", bundle.decode(), mode=0o644)
+
+    def write_ca_key(self, key_pem: bytes) -> None:
+        """ca.key: the signing CA's key (the key it replaces is overwritten first)."""
+        _shred(self.path / "ca.key")
+        _write_private(self.path / "ca.key", key_pem.decode())
+
+    def next_ca(self) -> tuple[bytes, bytes] | None:
+        """(certificate, key) of a CA this authority made and proposed, not yet signing (ca-next.pem/.key)."""
         try:
-            size = path.stat().st_size
+            return (self.path / "ca-next.pem").read_bytes(), (self.path / "ca-next.key").read_bytes()
         except FileNotFoundError:
-            return False
-        with open(path, "r+b") as f:
-            f.write(secrets.token_bytes(size))
-            f.flush()
-            os.fsync(f.fileno())
-        path.unlink()
-        return True
+            return None
+
+    def write_next_ca(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """Kept before the rotation is proposed: once the log makes it the signing CA, its key is here."""
+        _write_private(self.path / "ca-next.key", key_pem.decode())
+        _write_private(self.path / "ca-next.pem", cert_pem.decode(), mode=0o644)
+
+    def next_ca_age(self) -> float:
+        """Seconds since ca-next.key was written (0 when there is none)."""
+        try:
+            return max(0.0, time.time() - (self.path / "ca-next.key").stat().st_mtime)
+        except FileNotFoundError:
+            return 0.0
+
+    def drop_next_ca(self) -> None:
+        _shred(self.path / "ca-next.key")
+        (self.path / "ca-next.pem").unlink(missing_ok=True)
+
+    def install_next_ca(self) -> None:
+        """The log made the next CA the signing one: its key becomes ca.key."""
+        pending = self.next_ca()
+        if pending is not None:
+            self.write_ca_key(pending[1])
+            self.drop_next_ca()
 
     def admin_token(self) -> str:
         """This member's admin credential (admin.token, 0600, where meshctl on this machine finds it);
@@ -180,11 +203,27 @@ class DataDir:
         _write_private(self.path / "admin.token", text + "\n")
 
 
-def _write_private(path: Path, text: str) -> None:
+def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
     """Writes a 0600 file whole: a reader (meshctl, a test) sees the old content or the new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(tmp, 0o600)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def _shred(path: Path) -> bool:
+    """Overwrites, then deletes, a key file; whether there was one."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    with open(path, "r+b") as f:
+        f.write(secrets.token_bytes(size))
+        f.flush()
+        os.fsync(f.fileno())
+    path.unlink()
+    return True

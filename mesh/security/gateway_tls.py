@@ -4,8 +4,10 @@ credential need not cross a LAN in clear.
 - "files": the operator's certificate and key (`gateway.tls_cert`, `gateway.tls_key`, PEM; relative
   paths are in the data dir), e.g. from their own CA or ACME.
 - "mesh": a certificate from the mesh CA for this member's names (`gateway_names`), kept in the data
-  dir as gateway.pem / gateway.key (0600), made again at start when missing, for other names, for
-  another key, or within RENEW_BEFORE_S of expiry. Clients trust the mesh CA (ca.pem, in every data
+  dir as gateway.pem / gateway.key (0600), made again when missing, for other names, for another key,
+  within RENEW_BEFORE_S of expiry, or once a CA rotation made another CA the signing one: at start, and
+  while the member runs (MeshGatewayCertificate: hourly, and whenever this member's certificate or trusted
+  CAs change). Clients trust the mesh CA (ca.pem, in every data
   dir and at GET /control/v1/ca). The request goes to a `Signer`: `local_signer` on an authority (it holds
   the CA key), else the daemon's signer that sends it to an authority over the peer port
   (mesh/security/authority.py; the request carries the key, the signer names the hosts).
@@ -17,9 +19,12 @@ redirect would teach it to keep doing so.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +34,7 @@ from mesh.security.pki import (
     certificate_names,
     expires_within,
     gateway_request,
+    lifetime,
     new_key,
     same_key,
     server_only_context,
@@ -36,7 +42,9 @@ from mesh.security.pki import (
     signed_by,
 )
 
-RENEW_BEFORE_S = 30 * 86400  # a mesh-issued gateway certificate (90 days) is renewed at start within 30 days of expiry
+log = logging.getLogger("quorum.gateway")
+
+RENEW_BEFORE_S = 30 * 86400  # a mesh-issued gateway certificate (90 days) is renewed within 30 days of expiry
 CERT_FILE, KEY_FILE = "gateway.pem", "gateway.key"
 
 Signer = Callable[[bytes, tuple[str, ...]], bytes]  # (certificate request PEM, names) -> certificate PEM
@@ -98,11 +106,59 @@ def gateway_context(mode: str, data_dir: Path, *, cert_file: str = "", key_file:
                                f"certificate and its key ({exc.reason or exc})") from None
     if sign is None:
         raise StartupError("gateway.tls = \"mesh\": this member cannot have a certificate signed by the mesh CA")
-    try:
-        cert, key = mesh_certificate(data_dir, ca_pem, names, sign)
-    except (OSError, PkiError) as exc:
-        raise StartupError(f"gateway.tls = \"mesh\": no certificate for the gateway: {exc}") from None
-    return server_only_context(cert, key)
+    return MeshGatewayCertificate(data_dir, lambda: ca_pem, names, sign).context()
+
+
+class MeshGatewayCertificate:
+    """gateway.tls = "mesh" while the member runs: the certificate is made again once it no longer fits (within
+    RENEW_BEFORE_S of expiry, other names, or not from the signing CA after a CA rotation) and served from the
+    next handshake on (the context's SNI callback, which runs for every ClientHello, switches to it)."""
+
+    def __init__(self, data_dir: Path, ca_pem: Callable[[], bytes], names: tuple[str, ...], sign: Signer) -> None:
+        self.data_dir, self.ca_pem, self.names, self.sign = data_dir, ca_pem, names, sign
+        self._cert = b""
+        self._serving: ssl.SSLContext | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The public port's context (blocking: it may have a certificate signed); StartupError if none."""
+        try:
+            cert, key = mesh_certificate(self.data_dir, self.ca_pem(), self.names, self.sign)
+        except (OSError, PkiError) as exc:
+            raise StartupError(f"gateway.tls = \"mesh\": no certificate for the gateway: {exc}") from None
+        self._cert, self._serving = cert, server_only_context(cert, key)
+        base = server_only_context(cert, key)
+        base.sni_callback = self._switch
+        return base
+
+    def _switch(self, ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        ssl_object.context = self._serving
+
+    def refresh(self) -> bool:
+        """Makes a new certificate if the stored one no longer fits (blocking); whether it did. Raises PkiError,
+        OSError."""
+        cert, key = mesh_certificate(self.data_dir, self.ca_pem(), self.names, self.sign)
+        if cert == self._cert:
+            return False
+        self._cert, self._serving = cert, server_only_context(cert, key)
+        log.info("the gateway's HTTPS certificate was made again (valid until %s)",
+                 time.strftime("%Y-%m-%d", time.gmtime(lifetime(cert)[1])))
+        return True
+
+    async def run(self, changed: asyncio.Event, every_s: float = 3600.0) -> None:
+        """Checks every `every_s` and whenever `changed` is set (this member's certificate or trusted CAs)."""
+        wait = every_s
+        while True:
+            try:
+                await asyncio.wait_for(changed.wait(), wait)
+            except TimeoutError:
+                pass  # the periodic check
+            changed.clear()
+            wait = every_s
+            try:
+                await asyncio.to_thread(self.refresh)
+            except (PkiError, OSError, ValueError) as exc:  # the current one still serves: retried in a minute
+                log.warning("could not renew the gateway's HTTPS certificate: %s", exc)
+                wait = min(every_s, 60.0)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -21,14 +21,15 @@ second, is kept forever: a LAN neighbour could hold every connection slot a memb
   join flood cannot take the slots relayed requests need.
 - uvicorn's `limit_concurrency` (MAX_CONNECTIONS) stays the overall bound: beyond it requests get 503.
 
-A TLS connection reaches this protocol once its handshake is done; asyncio bounds a handshake to
-60 s on its own.
+A TLS connection reaches this protocol once its handshake is done; the handshake itself must finish
+within `request_timeout_s` (QuietServer), or the connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -65,11 +66,28 @@ def limits_from(gateway: Any) -> ConnectionLimits:
 
 
 class QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the daemon decides when to stop."""
+    """uvicorn without its own signal handling (the daemon decides when to stop), whose TLS handshakes must
+    finish within `handshake_s` (asyncio's own bound is 60 s; a connection counts against the caps only
+    once it is done)."""
+
+    def __init__(self, config: uvicorn.Config, handshake_s: float = HEADER_TIMEOUT_S) -> None:
+        super().__init__(config)
+        self.handshake_s = handshake_s
 
     @contextlib.contextmanager
     def capture_signals(self):  # type: ignore[override]
         yield
+
+    async def startup(self, sockets: list | None = None) -> None:
+        if self.config.ssl is None:
+            return await super().startup(sockets)
+        # uvicorn passes no ssl_handshake_timeout to create_server: give it one for the listeners it makes now
+        loop = asyncio.get_running_loop()
+        loop.create_server = functools.partial(type(loop).create_server, loop, ssl_handshake_timeout=self.handshake_s)
+        try:
+            await super().startup(sockets)
+        finally:
+            del loop.create_server  # the loop's own method again
 
 
 _RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client's side of h11: a request still (or about to be) arriving
@@ -233,7 +251,7 @@ def guarded_server(app: Any, protocol: type[GuardedH11Protocol], ssl_context: ss
                             timeout_graceful_shutdown=3, timeout_keep_alive=30, limit_concurrency=MAX_CONNECTIONS)
     config.load()
     config.ssl = ssl_context
-    return QuietServer(config)
+    return QuietServer(config, protocol.limits.request_timeout_s)
 
 
 def public_server(app: Any, limits: ConnectionLimits, ssl_context: ssl.SSLContext | None = None) -> QuietServer:

@@ -137,6 +137,7 @@ class MemberTransport(httpx.AsyncBaseTransport):
         self._context = self._loaded.client_context()
         self._context.check_hostname = True  # against ID.quorum-node, sent as the SNI below
         self._pools: dict[str, httpx.AsyncHTTPTransport] = {}
+        self._retired: list[httpx.AsyncHTTPTransport] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         host = request.url.host
@@ -145,8 +146,16 @@ class MemberTransport(httpx.AsyncBaseTransport):
         if node_id is None:
             raise httpx.ConnectError(f"no live member of this mesh listens at {address}", request=request)
         current = self._identity()
-        if current is not self._loaded:  # renewed: new handshakes present the new certificate
-            load_identity(self._context, current, self._loaded)
+        if current is not self._loaded:
+            if current.ca_pem != self._loaded.ca_pem:
+                # The trusted CAs changed (a rotation): a context's trust store only grows, so a new context,
+                # and new pools for it; the old pools finish what they carry and close with the transport.
+                self._context = current.client_context()
+                self._context.check_hostname = True
+                self._retired.extend(self._pools.values())
+                self._pools = {}
+            else:  # renewed: new handshakes present the new certificate
+                load_identity(self._context, current, self._loaded)
             self._loaded = current
         pool = self._pools.get(node_id)
         if pool is None:
@@ -155,7 +164,8 @@ class MemberTransport(httpx.AsyncBaseTransport):
         return await pool.handle_async_request(request)
 
     async def aclose(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
+        pools, self._pools = [*self._pools.values(), *self._retired], {}
+        self._retired = []
         for pool in pools:
             await pool.aclose()
 

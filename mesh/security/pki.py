@@ -36,6 +36,7 @@ CA_YEARS = 20
 NODE_DAYS = 30  # a node certificate's life; renewed after two thirds of it (mesh/security/renewal.py)
 MAX_CSR_BYTES = 4096
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")  # a DNS label: node ids are 12 hex digits
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.S)
 
 
 class PkiError(ValueError):
@@ -102,11 +103,13 @@ def new_key() -> bytes:
     return _key_pem(ec.generate_private_key(ec.SECP256R1()))
 
 
-def create_ca(mesh_name: str) -> tuple[bytes, bytes]:
-    """(CA certificate PEM, CA key PEM) for a new mesh."""
+def create_ca(mesh_name: str, label: str = "") -> tuple[bytes, bytes]:
+    """(CA certificate PEM, CA key PEM) for a new mesh, or a new CA of a mesh (`label`, e.g. the date of a
+    rotation, keeps its name apart from the CA it replaces)."""
     key = ec.generate_private_key(ec.SECP256R1())
+    label = f" {label}" if label else ""
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quorum mesh"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"Quorum mesh CA {mesh_name}"[:64])])
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"Quorum mesh CA {mesh_name}"[:64 - len(label)] + label)])
     now = _now()
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -176,6 +179,21 @@ def fingerprint(ca_pem: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
 
+def split_bundle(pem: bytes) -> list[bytes]:
+    """The certificates of a PEM bundle (ca.pem during a CA rotation holds several: the signing CA first)."""
+    return [m.group(0) + b"\n" for m in _PEM_CERT.finditer(pem)]
+
+
+def make_bundle(signing: bytes, others: list[bytes] | tuple[bytes, ...] = ()) -> bytes:
+    """A trust bundle: the signing CA first (what `fingerprint` and the signer read), then the others."""
+    return b"".join([signing.strip() + b"\n", *(o.strip() + b"\n" for o in others if o.strip() != signing.strip())])
+
+
+def issuer_of(cert_pem: bytes, bundle: bytes) -> str | None:
+    """The fingerprint of the CA in `bundle` that signed `cert_pem` (and whose validity period holds), or None."""
+    return next((fingerprint(ca) for ca in split_bundle(bundle) if signed_by(cert_pem, ca)), None)
+
+
 def check_fingerprint(ca_pem: bytes, expected: str) -> None:
     """Raises PkiError unless `ca_pem` is the CA the join token names."""
     import hmac
@@ -205,7 +223,8 @@ def lifetime(cert_pem: bytes) -> tuple[float, float]:
 
 
 def signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
-    """Whether `cert_pem` was issued by the CA `ca_pem` (signature and validity period)."""
+    """Whether `cert_pem` was issued by the CA `ca_pem` (signature and validity period; of a bundle, the first:
+    the signing CA)."""
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         ca = x509.load_pem_x509_certificate(ca_pem)

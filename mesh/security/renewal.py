@@ -13,7 +13,10 @@ hands the new identity to `LiveIdentity`, which every TLS user of this member re
   callable); clients make new channels with it (mesh/replicas/remote_shard.py).
 
 Open connections keep the certificate they started with, valid for a third of its life still. A failed
-renewal is retried every RETRY_S and logged; it never stops the member.
+renewal is retried every RETRY_S and logged; it never stops the member. A CA rotation (mesh/security/
+ca_rotation.py) asks the renewer for a certificate from the new CA (`wake`) once every member trusts it; the
+trusted CAs travel in NodeIdentity.ca_pem, and the peer port's server context switches to a fresh context
+at each handshake, so dropping a CA takes effect there too (a context's trust store only grows).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from mesh.security.pki import (
     NodeIdentity,
     PkiError,
     certificate_request,
+    issuer_of,
     lifetime,
     load_identity,
     new_key,
@@ -56,15 +60,26 @@ class LiveIdentity:
         self._contexts: weakref.WeakSet[ssl.SSLContext] = weakref.WeakSet()
         self._listeners: list[Callable[[NodeIdentity], None]] = []
         self._grpc: tuple[NodeIdentity, object] | None = None
+        self._server: tuple[NodeIdentity, ssl.SSLContext] | None = None
 
     def __call__(self) -> NodeIdentity:
         return self._current
 
     def server_context(self) -> ssl.SSLContext:
-        """A peer-port server context that follows renewals (reloaded on the thread that calls `replace`)."""
+        """A peer-port server context that follows renewals and the trusted CAs: each handshake switches (in
+        the SNI callback, which OpenSSL runs for every ClientHello, with or without a name) to a context made
+        from the identity held then, so a CA the mesh no longer trusts is refused at once (a context's trust
+        store can only grow)."""
         ctx = self._current.server_context()
         self._contexts.add(ctx)
+        ctx.sni_callback = self._switch
         return ctx
+
+    def _switch(self, ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        current = self._current
+        if self._server is None or self._server[0] is not current:
+            self._server = (current, current.server_context())
+        ssl_object.context = self._server[1]
 
     def grpc_channel_credentials(self):
         """gRPC client credentials for the current certificate: the same object until it changes."""
@@ -86,7 +101,8 @@ class LiveIdentity:
 
 
 def due(cert_pem: bytes, now: float) -> bool:
-    """Whether a node certificate should be renewed now."""
+    """Whether a node certificate should be renewed now: two thirds of its life gone (a CA rotation asks
+    through Renewer.wake)."""
     start, end = lifetime(cert_pem)
     return node_id_of(cert_pem) is None or now >= start + (end - start) * RENEW_AT
 
@@ -101,17 +117,25 @@ class Renewer:
         self.node_id = node_id
         self.sign = sign
         self.clock = clock
+        self._wake = asyncio.Event()
+        self._forced = False
+
+    def wake(self) -> None:
+        """Renews now, until a certificate from the signing CA is installed (a CA rotation asks, once every
+        member trusts the new CA: mesh/security/ca_rotation.py)."""
+        self._forced = True
+        self._wake.set()
 
     async def renew(self) -> NodeIdentity:
         """A new key and certificate, written and installed. Raises PkiError, NoAuthority, httpx.HTTPError."""
-        old = self.live()
         key = await asyncio.to_thread(new_key)
         cert = await self.sign({"kind": "node", "csr": certificate_request(key, self.node_id).decode()})
-        if not signed_by(cert, old.ca_pem) or not same_key(cert, key) or node_id_of(cert) != self.node_id:
+        trusted = self.live().ca_pem  # the trusted CAs now (a rotation may have moved on meanwhile)
+        if issuer_of(cert, trusted) is None or not same_key(cert, key) or node_id_of(cert) != self.node_id:
             raise PkiError("the authority's answer is not a certificate of this mesh for this node and key")
         _write(self.data_dir / "node.key", key, private=True)
         _write(self.data_dir / "node.pem", cert)
-        identity = NodeIdentity(key_pem=key, cert_pem=cert, ca_pem=old.ca_pem)
+        identity = NodeIdentity(key_pem=key, cert_pem=cert, ca_pem=trusted)
         self.live.replace(identity)
         until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(lifetime(cert)[1]))
         log.info("renewed this member's certificate (valid until %s)", until)
@@ -121,15 +145,23 @@ class Renewer:
         """Checks every `every_s` (and at start); renews when due, retrying a failure every RETRY_S."""
         while True:
             wait = every_s
-            if due(self.live().cert_pem, self.clock()):
+            if self._forced or due(self.live().cert_pem, self.clock()):
                 try:
-                    await self.renew()
+                    renewed = await self.renew()
+                    if signed_by(renewed.cert_pem, self.live().ca_pem):
+                        self._forced = False
+                    else:  # an authority that has not applied the rotation yet signed it: ask again soon
+                        wait = min(every_s, RETRY_S)
                 except (PkiError, NoAuthority, httpx.HTTPError, OSError, KeyError, ValueError) as exc:
                     # the old certificate still serves (a third of its life is left): try again soon
                     log.warning("certificate renewal failed (%s: %s); retrying in %.0f s", type(exc).__name__, exc,
                                 RETRY_S)
                     wait = min(every_s, RETRY_S)
-            await asyncio.sleep(wait)
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                pass  # the periodic check
+            self._wake.clear()
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:

@@ -8,10 +8,11 @@
    tests/base_install.py). Once every member is ready and the replicas are loaded, one window of
    --idle-s seconds with no requests measures:
    - witness RSS (psutil) when ready and at the end of the window;
-   - model node overhead: RSS minus the resident part of the GGUF file mapping. llama.cpp mmaps the
+   - model node overhead: RSS of meshd and of its shard processes (each model shard runs in a child
+     process, shards/host.py) minus the resident part of the GGUF file mapping. llama.cpp mmaps the
      weights read-only from the file; psutil's memory_maps() gives each mapping's resident bytes, and
      those of the mapping whose path ends in .gguf are subtracted (what stays is Python, llama.cpp's
-     KV cache and compute buffers, gRPC, the gateway). USS is shown too;
+     KV cache and compute buffers, gRPC, the gateway). Each process is shown on its own line too;
    - idle CPU: the process's user+system CPU seconds over the window / the window (100% = one core);
    - Raft traffic: TCP payload bytes on every connection to or from a member's Raft port, from the
      kernel's per-socket counters (`ss -tin`: bytes_received at each end, so every byte counts once,
@@ -95,6 +96,20 @@ def resident_by_kind(pid: int) -> dict[str, int]:
         else:
             kinds["other files"] += m.rss
     return kinds
+
+
+def node_memory(pid: int) -> list[tuple[str, int, dict[str, int]]]:
+    """(label, RSS, resident_by_kind) of meshd and of each of its shard processes."""
+    daemon = psutil.Process(pid)
+    out = [("meshd", daemon.memory_info().rss, resident_by_kind(pid))]
+    for child in daemon.children(recursive=True):
+        try:
+            args = child.cmdline()
+            label = "shard process " + next((a.split('"role": "')[1].split('"')[0] for a in args if '"role"' in a), "?")
+            out.append((label, child.memory_info().rss, resident_by_kind(child.pid)))
+        except (psutil.Error, IndexError):  # a child that ended between the listing and the read: not counted
+            continue
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -208,10 +223,7 @@ def measure(args, root: Path) -> list[Row]:
         raft_payload, raft_segments, raft_churn = traffic(sockets0, sockets1, raft_ports)
         all_payload, all_segments, all_churn = traffic(sockets0, sockets1, all_ports)
         rss_idle = {name: psutil.Process(pids[name]).memory_full_info() for name in WITNESSES}
-        model = {}
-        for name in MODEL_NODES:
-            info = psutil.Process(pids[name]).memory_full_info()
-            model[name] = (info.rss, resident_by_kind(pids[name]))
+        model = {name: node_memory(pids[name]) for name in MODEL_NODES}
     finally:
         kill_all(nodes)
 
@@ -224,9 +236,13 @@ def measure(args, root: Path) -> list[Row]:
         rows.append(Row(f"  witness {name} USS after {window:.0f} s idle (not shared)", rss_idle[name].uss / MB, "MB",
                         None))
     for name in MODEL_NODES:
-        rss, kinds = model[name]
-        rows.append(Row(f"model node {name} ({'+'.join(roles[name])}) RSS - resident GGUF", (rss - kinds["gguf"]) / MB,
-                        "MB", 150))
+        procs = model[name]
+        rss = sum(r for _, r, _ in procs)
+        kinds = {k: sum(kk[k] for _, _, kk in procs) for k in procs[0][2]}
+        rows.append(Row(f"model node {name} ({'+'.join(roles[name])}) RSS - resident GGUF, {len(procs)} processes",
+                        (rss - kinds["gguf"]) / MB, "MB", 150))
+        for label, r, kk in procs:
+            rows.append(Row(f"  model node {name}: {label} RSS - resident GGUF", (r - kk["gguf"]) / MB, "MB", None))
         for kind, size in kinds.items():
             rows.append(Row(f"  model node {name}: {kind}", size / MB, "MB", None))
     for name in nodes:

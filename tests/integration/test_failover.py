@@ -3,6 +3,7 @@ stream completes, and at temperature 0 it equals an uninterrupted run, token for
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 
@@ -214,3 +215,25 @@ def test_a_generation_resumed_from_a_kv_checkpoint_continues_exactly(mesh, caplo
                 assert caplog.records, "an unusable checkpoint is refused, and the resume replays instead"
     finally:
         backend.close()
+
+
+def test_a_session_turn_goes_to_the_replica_holding_its_prefix(mesh):
+    """Turn 1 lands on the replica the router does not pick first (that one is busy); once both are idle,
+    turn 2 still goes there and prefills only what is new: its usage reports the reused prompt tokens."""
+    client = openai.OpenAI(base_url=f"{mesh['a'].base_url}/v1", api_key="x", max_retries=0, timeout=120)
+    story = "I keep a small garden behind the house, with tomatoes, beans, basil and two apple trees. " * 6
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        other = pool.submit(stream, client)  # an unnamed stream on the router's first choice
+        first_choice = serving(mesh)
+        first = chat(mesh["a"], "garden-7", story + "What should I plant next spring?")
+        assert first.status_code == 200, first.text
+        other.result()
+    wait_until(lambda: not any(s["busy"] for n in ("b", "c") for s in mesh[n].status()["local_shards"]), 60,
+               "the replicas to be idle")
+    second = chat(mesh["a"], "garden-7", "And what about the autumn?")
+    assert second.status_code == 200, second.text
+    usage = second.json()["usage"]
+    assert usage["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]
+    assert first.json()["usage"]["prompt_tokens_details"]["cached_tokens"] < 64
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 64, (
+        f"turn 2 reused no prefix: it did not go back to the replica of turn 1 (not {first_choice.name})")

@@ -30,9 +30,9 @@ def test_first_run_creates_restart_resumes(tmp_path):
         assert first.interrupt() == 0, first.log()
     assert "node" in first.log() and "stopped" in first.log()
 
-    # What the first run made: a private secret, the journal, the verified model file.
-    secret = data_dir / "mesh.secret"
-    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    # What the first run made: a private key (no mesh-wide secret any more), the journal, the verified model file.
+    assert stat.S_IMODE(os.stat(data_dir / "node.key").st_mode) == 0o600
+    assert not (data_dir / "mesh.secret").exists()
     assert (data_dir / "raft" / "raft.wal").exists()
     assert (data_dir / "models" / "gemma-3-270m-q4_k_m.gguf.verified").exists()
 

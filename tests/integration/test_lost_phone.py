@@ -1,11 +1,11 @@
 """A lost phone opens nothing (#14's acceptance), against real meshd processes (null backend) on loopback.
 
-Three members: `a` (made the mesh: an authority), `b` (this machine's class, the reasoning replica) and
-`phone`, started with TERMUX_VERSION set so that it profiles as a termux-phone (nodes/device_class.py rule
-2): it never receives the CA key. The phone is removed and its process killed; an attacker holding a copy
-of everything in its data dir (node.key, node.pem, ca.pem, admin.token, mesh.secret, node.json, the Raft
-journal; no ca.key) and the token it joined with tries every door, while a client of `a` and `b` keeps
-chatting. Doors tried, each refused:
+Four members: `a` (made the mesh: an authority), `b` and `c` (this machine's class; `c` holds the
+reasoning replica) and `phone`, started with TERMUX_VERSION set so that it profiles as a termux-phone
+(nodes/device_class.py rule 2): it never receives the CA key. The phone is removed and its process
+killed; an attacker holding a copy of everything in its data dir (node.key, node.pem, ca.pem, admin.token,
+node.json, the Raft journal; no ca.key, and no mesh.secret any more) and the token it joined with tries every
+door, while a client of `a` and `b` keeps chatting. Doors tried, each refused:
 
 - Raft: TLS to every member's Raft port with the phone's certificate, claiming its own and the others'
   addresses: the connection is closed;
@@ -13,11 +13,17 @@ chatting. Doors tried, each refused:
 - gRPC as server: a listener with the phone's certificate at an address a member dials for b: the
   member's own client (RemoteShard, which expects b's id) fails the handshake (the same dial expecting the
   phone's id gets through TLS: the refusal is the id check);
-- the peer port, as client (status, a relayed chat, a certificate signing) and as server (a member's peer
+- the peer port, as client (status, a relayed chat, a certificate signing, the CA key) and as server (a member's peer
   client dialling it for the leader): 403 / handshake refused;
 - the control API with the phone's admin.token (on loopback and through the peer port): 401 / 403;
-- the gateway with the admin.token and the old mesh secret as API keys: 401;
+- the gateway with the admin.token as an API key: 401;
 - a rejoin with the token the phone joined with (spent) and with a fresh data dir: refused.
+
+Then `b`, an authority (desktop class: it received the CA key, as `c` did), is removed and killed while a
+client chats through `a` and `c` (#14 item 4, removal revokes): the mesh rotates its CA (a new CA trusted beside
+the old, every member renewed under it, the old one dropped: mesh/security/ca_rotation.py), the client sees no
+failed request, and an attacker holding a copy of b's data dir mints a certificate for c's live id with b's
+ca.key: Raft, gRPC and the peer port refuse it at the handshake.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from mesh.replicas.remote_shard import RemoteShard
 from mesh.security.datadir import DataDir
 from mesh.security.grpc_tls import channel_credentials, server_credentials
 from mesh.security.peer_tls import peer_client
-from mesh.security.pki import NodeIdentity
+from mesh.security.pki import NodeIdentity, fingerprint, issue_node_certificate, issuer_of, make_bundle, split_bundle
 from proto import mesh_pb2
 from shards.types import NotReady
 from tests.procs import Meshd, free_ports, join_token, kill_all, ready_replicas, wait_until
@@ -80,9 +86,11 @@ class Client(threading.Thread):
                 self.served += 1
 
 
-@pytest.fixture
-def mesh(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    """a (made the mesh), b and c (desktop class: authorities too), phone; the reasoning replica on c."""
     nodes: dict[str, Meshd] = {}
+    tmp_path = tmp_path_factory.mktemp("mesh")
     try:
         a = nodes["a"] = Meshd(tmp_path / "a", command="start", backend="null")
         a.data_dir.mkdir(parents=True)
@@ -90,20 +98,20 @@ def mesh(tmp_path, monkeypatch):
         a.init()
         a.start().wait_ready()
         tokens = {}
-        for name in ("b", "phone"):
+        for name in ("b", "phone", "c"):
             tokens[name] = join_token(a)
             node = nodes[name] = Meshd(tmp_path / name, "--peer", a.address, "--token", tokens[name],
                                        command="join", backend="null")
             node.data_dir.mkdir(parents=True)
             (node.data_dir / "mesh.toml").write_text(KEYS)
-            with monkeypatch.context() as env:
+            with pytest.MonkeyPatch.context() as env:
                 if name == "phone":
                     env.setenv("TERMUX_VERSION", "0.118.0")  # profiles as a termux-phone
                 node.start()
             wait_until(lambda n=node: n.health() == 200, 120, f"{name} to join")
         a.post("/control/v1/replicas", {"role": "reasoning", "count": 1}).raise_for_status()
-        a.post("/control/v1/assign", {"role": "reasoning", "node": "b"}).raise_for_status()
-        wait_until(lambda: ready_replicas(a) == ["b"], 120, "the replica on b")
+        a.post("/control/v1/assign", {"role": "reasoning", "node": "c"}).raise_for_status()
+        wait_until(lambda: ready_replicas(a) == ["c"], 120, "the replica on c")
         yield nodes, tokens
     finally:
         kill_all(nodes)
@@ -124,7 +132,7 @@ def test_a_removed_phones_copied_data_dir_opens_no_door(mesh, tmp_path):
     shutil.copytree(phone.data_dir, loot)  # everything the lost phone holds
     stolen = identity(phone)
     admin = (loot / "admin.token").read_text().strip()
-    secret = (loot / "mesh.secret").read_text().strip()
+    assert not (loot / "mesh.secret").exists(), "the mesh secret is retired: nothing to steal"
     assert a.post("/control/v1/remove", {"node": "phone"}).status_code == 200
     phone.kill()
     wait_until(lambda: all(m["state"] == "gone" for n in (a, b) for m in n.status()["members"]
@@ -156,6 +164,7 @@ def test_a_removed_phones_copied_data_dir_opens_no_door(mesh, tmp_path):
             assert peer.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
                              json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]}).status_code == 403
             assert peer.post(f"{base}/control/v1/sign", json={"kind": "node", "csr": "x"}).status_code == 403
+            assert peer.post(f"{base}/control/v1/ca-key", json={}).status_code == 403
             assert peer.post(f"{base}/control/v1/tokens", headers=auth, json={}).status_code == 403
 
         # The peer port as server: a's peer client, sent to the attacker's address as the leader's, refuses it.
@@ -163,7 +172,7 @@ def test_a_removed_phones_copied_data_dir_opens_no_door(mesh, tmp_path):
 
         # The control API and the gateway with what the phone held.
         for node in (a, b):
-            for presented in (admin, secret):
+            for presented in (admin,):
                 auth = {"Authorization": f"Bearer {presented}"}
                 assert httpx.post(f"{node.base_url}/control/v1/tokens", json={}, headers=auth,
                                   timeout=10).status_code in (401, 403)
@@ -181,6 +190,84 @@ def test_a_removed_phones_copied_data_dir_opens_no_door(mesh, tmp_path):
         client.join(60)
     assert not client.failures, client.failures
     assert "phone" not in {m["name"] for m in a.status()["members"] if m["state"] != "gone"}
+
+
+def on_ca(node: Meshd, fp: str) -> bool:
+    """Whether `node` trusts exactly the CA `fp` and holds a certificate from it (its data dir)."""
+    me = identity(node)
+    return [fingerprint(c) for c in split_bundle(me.ca_pem)] == [fp] and issuer_of(me.cert_pem, me.ca_pem) == fp
+
+
+def test_a_removed_authoritys_copy_of_the_ca_key_opens_no_door_once_the_ca_rotated(mesh, tmp_path):
+    nodes, _ = mesh
+    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    wait_until(lambda: {m["name"] for m in a.status()["members"] if m["authority"] and m["state"] != "gone"}
+               >= {"a", "b", "c"}, 60, "a, b and c recorded as authorities")
+    ids = {m["name"]: m["node_id"] for m in a.status()["members"]}
+    old = (a.data_dir / "ca.pem").read_bytes()
+    loot = tmp_path / "loot"
+    shutil.copytree(b.data_dir, loot)  # everything the lost machine holds, the CA key included
+    assert (loot / "ca.key").exists()
+    key = a.post("/control/v1/keys", {"name": "rotation client"}).json()["key"]
+
+    client = Client([a, c], key)
+    client.start()
+    try:
+        wait_until(lambda: client.served >= 2, 30, "the client to be served")
+        removed = a.post("/control/v1/remove", {"node": "b"})
+        assert removed.status_code == 200 and "rotates to a new CA" in removed.json()["warning"], removed.text
+        b.kill()
+        new = wait_until(lambda: next((fp for fp in [fingerprint(a.get_json("/control/v1/ca")["ca"].encode())]
+                                       if fp != fingerprint(old)), None), 30, "a new signing CA")
+        wait_until(lambda: on_ca(a, new) and on_ca(c, new), 60, "a and c on the new CA alone")
+        wait_until(lambda: len(c.get_json("/control/v1/ca")["trusted"]) == 1, 30, "the old CA dropped")
+        served = client.served
+        wait_until(lambda: client.served >= served + 2, 30, "the client to be served after the rotation")
+    finally:
+        client.stop.set()
+        client.join(60)
+    assert not client.failures, client.failures
+
+    # The attacker: b's copy of the old CA key signs a certificate for c's live id. It trusts every CA the
+    # mesh ever had (/control/v1/ca is public), so what is tested is the members' refusal.
+    stolen_key, cert = issue_node_certificate(old, (loot / "ca.key").read_bytes(), ids["c"])
+    forged = NodeIdentity(stolen_key, cert, make_bundle(a.get_json("/control/v1/ca")["ca"].encode(), [old]))
+    for target in (a, c):  # Raft
+        try:
+            with tls_client(ports(target)["raft"], forged.client_context()) as s:
+                s.sendall(typed_frame(ports(c)["raft"]))
+                assert closed_by_peer(s, 10), f"{target.name} kept a Raft connection from the old CA"
+        except ssl.SSLError:
+            pass  # refused during the handshake
+    # gRPC: the handshake fails (UNAVAILABLE), not a call refused after it (c's id is live)
+    assert asyncio.run(grpc_health(ports(c)["grpc"], channel_credentials(forged))) == grpc.StatusCode.UNAVAILABLE
+    with httpx.Client(verify=forged.client_context(), timeout=10) as peer:  # the peer port: nothing signed for it
+        with pytest.raises(httpx.TransportError):
+            peer.post(f"https://{ports(a)['peer']}/control/v1/sign", json={"kind": "node", "csr": "x"})
+    with httpx.Client(verify=identity(c).client_context(), timeout=10) as member:  # c's renewed certificate
+        assert member.get(f"https://{ports(a)['peer']}/control/v1/ca").status_code == 200
+    assert (a.data_dir / "ca.key").read_bytes() != (loot / "ca.key").read_bytes()
+    # c, the authority that did not make the CA, fetched its key from the one that did (and holds no other)
+    wait_until(lambda: (c.data_dir / "ca.key").read_bytes() == (a.data_dir / "ca.key").read_bytes(), 30,
+               "c to hold the new CA key")
+    assert "holds the new CA key" in c.log() or "this member's new CA signs" in c.log()
+
+
+def test_an_operator_rotates_the_ca_with_meshctl(mesh):
+    """`meshctl ca rotate` (a key suspected leaked): a new CA, every live member on it alone, requests served."""
+    nodes, _ = mesh
+    a, c = nodes["a"], nodes["c"]
+    with pytest.raises(RuntimeError, match="No CA rotation is under way"):
+        a.meshctl("ca", "finish")
+    before = fingerprint(a.get_json("/control/v1/ca")["ca"].encode())
+    assert "CA rotation requested" in a.meshctl("ca", "rotate", "--reason", "a drill")
+    new = wait_until(lambda: next((fp for fp in [fingerprint(c.get_json("/control/v1/ca")["ca"].encode())]
+                                   if fp != before), None), 30, "a new signing CA")
+    wait_until(lambda: on_ca(a, new) and on_ca(c, new), 60, "a and c on the new CA alone")
+    key = a.post("/control/v1/keys", {"name": "after the drill"}).json()["key"]
+    reply = httpx.post(f"{a.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                       json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert reply.status_code == 200, reply.text
 
 
 async def grpc_health(address: str, creds: grpc.ChannelCredentials) -> grpc.StatusCode:

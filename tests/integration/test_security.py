@@ -146,7 +146,7 @@ def test_bad_tokens_and_foreign_meshes_are_refused_and_removed_members_lose_grpc
             assert n.proc.wait(timeout=60) == 1
             expected = "refused the join" if label == "made-up" else "does not match the token's fingerprint"
             assert expected in n.log(), n.log()
-            assert not (n.data_dir / "mesh.secret").exists()
+            assert not (n.data_dir / "node.pem").exists()
         finally:
             n.kill()
     d = join(tmp_path, a, "d", good)

@@ -151,9 +151,11 @@ def test_a_prompt_sharing_a_cached_prefix_reuses_it_and_answers_the_same(engine,
     answer = alone(engine, history)
     follow = history + answer + backend.tokenize("<end_of_turn>\n<start_of_turn>user\nAnd then?", add_bos=False)
     before = backend.reused_tokens
-    reused_answer = alone(engine, follow)
+    reused_run = submit(engine, follow).wait()
+    reused_answer = reused_run.tokens
     reused = backend.reused_tokens - before
     assert reused >= len(history) - len(history) % CHUNK >= CHUNK, "the previous turn's prompt was not prefilled again"
+    assert reused_run.end.cached_tokens == reused, "the answer's usage reports the reused tokens"
     backend.prefix_reuse = False  # the engine is idle between these runs
     try:
         fresh_answer = alone(engine, follow)

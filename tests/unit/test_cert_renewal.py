@@ -65,7 +65,7 @@ def test_renewal_writes_a_new_key_and_every_context_follows(ca, tmp_path):
     raft_tls = RaftTls.from_pem(old.cert_pem, old.key_pem, old.ca_pem)
     live.on_change(lambda i: raft_tls.reload(i.cert_pem, i.key_pem, i.ca_pem))
     before = raft_tls.server_context
-    authority = Authority("n1", ca[0], lambda: ca[1], MeshState, list, lambda: None, days=30)
+    authority = Authority("n1", lambda: ca[0], lambda: ca[1], MeshState, list, lambda: None, days=30)
 
     async def go() -> tuple[bytes, bytes]:
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=live.server_context())

@@ -168,7 +168,7 @@ def test_procd_script_starts_a_joined_witness(tmp_path):
     assert done.returncode == 1 and "belongs to no mesh" in done.stderr  # not joined yet: nothing started
     assert not record.exists()
 
-    (data / "mesh.secret").write_text("x" * 64 + "\n")
+    (data / "node.pem").write_text("a certificate\n")  # what marks a data dir that belongs to a mesh
     done = run()
     assert done.returncode == 0, done.stderr
     params = {}
@@ -192,8 +192,8 @@ def _termux_home(tmp_path: Path, joined: bool) -> dict[str, str]:
     (quorum / ".venv" / "bin" / "meshd").symlink_to(MESHD)
     data = home / ".local" / "share" / "quorum"
     data.mkdir(parents=True)
-    if joined:  # a secret without node.json: meshd itself must refuse it, proving its flags parsed
-        (data / "mesh.secret").write_text("x" * 64 + "\n")
+    if joined:  # a certificate without node.json: meshd itself must refuse it, proving its flags parsed
+        (data / "node.pem").write_text("a certificate\n")
     (home / ".config" / "quorum").mkdir(parents=True)
     (home / ".config" / "quorum" / "meshd.env").write_text(f"QUORUM_HOME={quorum}\nMESH_DATA_DIR={data}\n")
     path = ":".join(p for p in os.environ["PATH"].split(":") if not (Path(p) / "termux-wake-lock").exists())

@@ -119,3 +119,22 @@ def test_a_body_at_the_minimum_rate_outlives_the_base_deadline():
         assert await asyncio.wait_for(reader.readexactly(4), HANDS_OFF) == b"3000"
         writer.close()
     asyncio.run(with_server(check))
+
+
+def test_a_tls_handshake_that_never_comes_is_cut_at_the_deadline():
+    """A connection to an HTTPS port that sends nothing (or half a ClientHello) is closed after
+    request_timeout_s, not asyncio's 60 s."""
+    from mesh.security.pki import create_ca, issue_node_certificate, server_only_context
+
+    ca, ca_key = create_ca("t")
+    key, cert = issue_node_certificate(ca, ca_key, "n1")
+
+    async def check(port):
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        half = await asyncio.open_connection("127.0.0.1", port)
+        half[1].write(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, never finished
+        started = asyncio.get_running_loop().time()
+        assert await rest(silent[0]) == b"" and await rest(half[0]) == b""
+        assert asyncio.get_running_loop().time() - started < HANDS_OFF  # not asyncio's 60 s
+
+    asyncio.run(serving(guarded_server(app, guarded(QUICK), server_only_context(cert, key)), check))

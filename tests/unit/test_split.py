@@ -110,8 +110,16 @@ def test_meshctl_status_shows_each_pipeline():
           "splits": [{"model": "gemma", "head": "a", "stages": [{"node_id": "b", "layers": 5},
                                                                 {"node_id": "c", "layers": 4}]}]}
     names = {"a": "alpha", "b": "beta", "c": "gamma"}
-    assert pipeline_rows(st, names) == [["gemma", "alpha", "beta (5) -> gamma (4)", "ready"]]
+    assert pipeline_rows(st, names) == [["gemma", "alpha", "beta (5) -> gamma (4)", "pinned", "ready"]]
     assert "beta (5) -> gamma (4)" in render_status(st)
+    # Planned by the placer, with the model's layer count and each stage's reported state.
+    st["splits"] = [{"model": "gemma", "head": "a", "auto": True, "layers": 18,
+                     "stages": [{"node_id": "b", "layers": 5, "state": "ready", "detail": ""},
+                                {"node_id": "c", "layers": 4, "state": "failed", "detail": "cannot allocate 40 MiB"}]}]
+    assert pipeline_rows(st, names) == [["gemma", "alpha (9)", "beta (5, ready) -> gamma (4, failed)", "auto", "ready"]]
+    shown = render_status(st)
+    assert "gemma: the stage on gamma failed: cannot allocate 40 MiB" in shown
+    assert "HEAD (LAYERS)" in shown and "STAGES (LAYERS, STATE)" in shown
 
 
 def test_a_stage_member_lets_only_the_live_head_through_to_that_models_stage():

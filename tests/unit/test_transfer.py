@@ -237,3 +237,41 @@ async def _refusal(channel: grpc.aio.Channel, file: str, sha256: str, offset: in
         async for _ in call(mesh_pb2.FetchModelRequest(file=file, sha256=sha256, offset=offset)):
             pass
     return caught.value
+
+
+def test_a_fetch_accepts_only_the_member_the_address_belongs_to(tmp_path, source, content):
+    """With `expect` (the daemon's: the live member whose gRPC address it is), TLS takes only that member's
+    certificate: another member's certificate at that address (a removed one posing as a model source)
+    fails the handshake, and an address no live member has is not dialled."""
+    from mesh.security.grpc_tls import channel_credentials, server_credentials
+    from mesh.security.pki import NodeIdentity, create_ca, issue_node_certificate
+
+    models, sha256 = source
+    ca, ca_key = create_ca("t")
+    source_member = NodeIdentity(*issue_node_certificate(ca, ca_key, "source"), ca)
+    fetcher = NodeIdentity(*issue_node_certificate(ca, ca_key, "fetcher"), ca)
+
+    async def main():
+        server = grpc.aio.server()
+        NodeService(models).add_to(server)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(source_member))
+        await server.start()
+        address, creds = f"127.0.0.1:{port}", channel_credentials(fetcher)
+        try:
+            for who, dest in ((lambda a: "victim", "as-victim"), (lambda a: None, "nobody")):
+                with pytest.raises(ModelFileError) as refused:
+                    await fetch_model(address, FILE, sha256, tmp_path / dest, attempts=1, credentials=creds,
+                                      expect=who)
+                assert not (tmp_path / dest / FILE).exists()
+                yield str(refused.value)
+            yield await fetch_model(address, FILE, sha256, tmp_path / "ok", credentials=creds,
+                                    expect=lambda a: "source")
+        finally:
+            await server.stop(0)
+
+    async def collect():
+        return [item async for item in main()]
+
+    as_victim, nobody, path = run(collect())
+    assert "UNAVAILABLE" in as_victim and "no live member" in nobody
+    assert path.read_bytes() == content

@@ -1,0 +1,159 @@
+"""A named session's next turn goes to the replica that served its previous turn (it still holds that
+prompt's KV cache) while it is ready and has a free slot; otherwise to the least-loaded one.
+
+The router reads the real replicated state (raft/records.py) and the gateway's admission opens real
+in-process shards (LocalShard, null backend) standing in for each member's replica."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mesh.core.config import MeshConfig
+from mesh.core.metrics import Metrics
+from mesh.gateway.admission import Admission, Sessions
+from mesh.replicas.router import Router, slots_of
+from raft.records import Member, MeshState, Shard
+from shards.backend_null import NullBackend
+from shards.local import LocalShard
+from shards.types import GenerateRequest, Message, Sampling
+
+MODEL = "m"
+
+
+def state(ready: dict[str, str]) -> MeshState:
+    """Members a (this node), b and c, each with a reasoning shard of MODEL in the state given."""
+    members = {n: Member(n, n, f"h:{i}", f"h:{i + 10}", {}, "active", 1.0, grpc_address=f"h:{i + 20}")
+               for i, n in enumerate("abc")}
+    return MeshState(members=members, shards={("reasoning", MODEL, n): Shard("reasoning", MODEL, n, st)
+                                              for n, st in ready.items()})
+
+
+class Replicas:
+    """One in-process shard per member (the router's 'remote' replicas are these, keyed by address)."""
+
+    def __init__(self, slots: int) -> None:
+        self.by_node = {n: LocalShard("reasoning", MODEL,
+                                      NullBackend(n_ctx=1024, reply_tokens=400, delay_s=0.01, slots=slots),
+                                      queue_depth=4, named_template="gemma") for n in "abc"}
+        self.node_of = {f"h:{i + 20}": n for i, n in enumerate("abc")}
+
+    def remote(self, address: str, role: str, model: str, node_id: str) -> LocalShard:
+        return self.by_node[self.node_of[address]]
+
+    def close(self) -> None:
+        for shard in self.by_node.values():
+            shard.close()
+
+
+@pytest.fixture
+def replicas():
+    made: list[Replicas] = []
+
+    def make(slots: int) -> Replicas:
+        made.append(Replicas(slots))
+        return made[-1]
+    yield make
+    for r in made:
+        r.close()
+
+
+def router(replicas: Replicas, ready: dict[str, str]) -> Router:
+    local = {("reasoning", MODEL): replicas.by_node["a"]} if ready.get("a") == "ready" else {}
+    return Router("a", lambda: state(ready), lambda: local, replicas.remote)
+
+
+def test_the_previous_replica_is_preferred_while_it_has_a_free_slot(replicas):
+    r = replicas(slots=2)
+    pick = router(r, {"a": "ready", "b": "ready", "c": "ready"}).pick
+    assert pick("reasoning", MODEL)[0] == "a", "least loaded, then this node"
+    assert pick("reasoning", MODEL, prefer="c")[0] == "c"
+
+    async def busy_c():
+        opened = await r.by_node["c"].open(GenerateRequest(Sampling(max_tokens=200), prompts=("x",)))
+        assert pick("reasoning", MODEL, prefer="c")[0] == "c", "one of two slots taken: still c"
+        second = await r.by_node["c"].open(GenerateRequest(Sampling(max_tokens=200), prompts=("y",)))
+        assert r.by_node["c"].load == 2
+        assert pick("reasoning", MODEL, prefer="c")[0] == "a", "c is full: the least-loaded one"
+        opened.cancel()
+        second.cancel()
+    asyncio.run(busy_c())
+
+
+def test_a_gone_or_excluded_previous_replica_falls_back(replicas):
+    r = replicas(slots=1)
+    assert router(r, {"a": "ready", "b": "ready", "c": "loading"}).pick("reasoning", MODEL, prefer="c")[0] == "a"
+    assert router(r, {"a": "ready", "b": "ready"}).pick("reasoning", MODEL, prefer="c")[0] == "a"
+    full = router(r, {"a": "ready", "b": "ready", "c": "ready"})
+    assert full.pick("reasoning", MODEL, {"c"}, prefer="c")[0] == "a", "a lost replica is avoided"
+    assert full.pick("reasoning", MODEL, prefer="zz")[0] == "a"
+
+
+def test_slots_of_a_replica():
+    class Spec:
+        parallel = 3
+
+    class Process:
+        spec = Spec()
+    assert slots_of(Process(), 1) == 3
+    assert slots_of(object(), 2) == 2
+    assert slots_of(type("S", (), {"slots": 4})(), 1) == 4
+
+
+def test_sessions_map_is_bounded_and_least_recently_used_goes():
+    s = Sessions(size=2)
+    s.put(("k", "one", MODEL), "a")
+    s.put(("k", "two", MODEL), "b")
+    assert s.get(("k", "one", MODEL)) == "a"  # now the most recent
+    s.put(("k", "three", MODEL), "c")
+    assert s.get(("k", "two", MODEL)) is None and s.get(("k", "one", MODEL)) == "a"
+    assert s.get(None) is None and s.get(("other-key", "one", MODEL)) is None
+
+
+def test_admission_sends_each_turn_of_a_session_where_the_last_one_ran(replicas):
+    r = replicas(slots=1)
+    admission = Admission(MeshConfig(), Metrics(), router(r, {"a": "ready", "b": "ready", "c": "ready"}))
+    turn = GenerateRequest(Sampling(max_tokens=3, temperature=0), messages=(Message("user", "hi"),))
+
+    async def run():
+        # a and b are busy with other work, so the session's first turn lands on c ...
+        hold = [await r.by_node[n].open(GenerateRequest(Sampling(max_tokens=500), prompts=("z",))) for n in "ab"]
+        first = await admission.open(MODEL, turn, session=("key", "trip"))
+        assert first.resumable.node_id == "c"
+        async for _ in first.events():
+            pass
+        for opened in hold:
+            opened.cancel()
+        await wait_idle(r)
+        # ... and its next turns follow it there, though a (this node, least loaded on ties) is free.
+        for _ in range(2):
+            later = await admission.open(MODEL, turn, session=("key", "trip"))
+            assert later.resumable.node_id == "c"
+            async for _ in later.events():
+                pass
+        other = await admission.open(MODEL, turn, session=("key", "another"))
+        assert other.resumable.node_id == "a", "a new session goes to the least-loaded replica"
+        async for _ in other.events():
+            pass
+        # c full: the turn goes elsewhere, and the session follows it there.
+        hold = await r.by_node["c"].open(GenerateRequest(Sampling(max_tokens=500), prompts=("z",)))
+        moved = await admission.open(MODEL, turn, session=("key", "trip"))
+        assert moved.resumable.node_id != "c"
+        async for _ in moved.events():
+            pass
+        hold.cancel()
+        await wait_idle(r)
+        again = await admission.open(MODEL, turn, session=("key", "trip"))
+        assert again.resumable.node_id == moved.resumable.node_id
+        async for _ in again.events():
+            pass
+    asyncio.run(run())
+
+
+async def wait_idle(r: Replicas) -> None:
+    for _ in range(2000):
+        if all(s.load == 0 for s in r.by_node.values()):
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the replicas did not go idle")

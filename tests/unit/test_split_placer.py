@@ -1,0 +1,211 @@
+"""The placer splits a model that fits no member (issue #17) through a real one-member Raft group: it records the
+pipeline (SetSplit, auto), places its head, keeps it while it runs, plans around a stage that failed or a member
+that left, says why when nothing can hold the model, and serves the model whole again once a member can. Also:
+the layer figures the catalog records, read from the real GGUF; the memory budget; `meshctl assign` with several
+nodes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from mesh.cli.meshctl import build_parser
+from mesh.cli.pipelines import pinned_split
+from mesh.cluster.placement import member_memory
+from mesh.cluster.placer import Placer
+from mesh.core.config import DEFAULT_MODEL, ConfigError, MeshConfig, parse_config
+from nodes.profile import local_profile
+from raft.commands import (
+    AddMember,
+    ClearSplit,
+    CreateToken,
+    InitMesh,
+    RegisterModel,
+    SetMemberState,
+    SetReplicas,
+    SetSplit,
+    SetStageState,
+)
+from raft.node import RaftNode, RaftTiming
+from raft.profile import MemberProfile
+from raft.state import Split
+from tests.procs import free_ports
+
+MIB, GIB = 1 << 20, 1 << 30
+MEMORY, LAYER = 485_896_896, 7_990_272  # the default model's figures (test_split_planning.py)
+TIMING = RaftTiming(heartbeat_s=0.02, election_min_s=0.1, election_max_s=0.2, connection_retry_s=0.1,
+                    leader_fallback_s=0.3)
+
+
+def profile(mib: int, **kw) -> dict:
+    return {"device_class": "desktop", "memory_available_for_models": mib * MIB, "speed": 10.0, **kw}
+
+
+async def _placer_splits(raft: RaftNode) -> None:
+    async def propose(cmd):
+        return await asyncio.wait_for(asyncio.wrap_future(raft.propose(cmd)), 30)
+
+    async def member(node_id: str, port: int, facts: dict, witness: bool = False) -> None:
+        await propose(AddMember(node_id, node_id, f"127.0.0.1:{port}", f"127.0.0.1:{port + 2}", facts, 3.0,
+                                token_id="t", witness=witness))
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not (raft.is_leader() and raft.is_ready()):
+        assert asyncio.get_running_loop().time() < deadline, "the one-member group did not elect itself"
+        await asyncio.sleep(0.02)
+    # a: 8 GiB free but a budget of 400 MiB (node.memory_budget_mib); b 400 MiB; a witness and a router with
+    # plenty that never hold layers.
+    for cmd in (InitMesh("mesh-1", "m", 1.0),
+                AddMember("a", "a", "127.0.0.1:1", raft.address, profile(8192, memory_budget=400 * MIB), 2.0),
+                CreateToken("t", "c" * 64, 1.0, 1e9, uses=9)):
+        await propose(cmd)
+    await member("b", 10, profile(400))
+    await member("w", 20, profile(4096), witness=True)
+    await member("r", 30, profile(4096, device_class="openwrt-router"))
+    await propose(RegisterModel("gemma", "g.gguf", "a" * 64, 253_113_024, ("reasoning",), 4096, "gemma", MEMORY,
+                                layers=18, layer_bytes=LAYER))
+    await propose(SetReplicas("reasoning", 1))
+    placer = Placer(raft, grace_s=3600, reserve_bytes=0)
+
+    assert await placer.step()  # the pipeline first
+    assert raft.state.splits == {"gemma": Split("gemma", "a", (("b", 12),), auto=True)}
+    assert await placer.step()  # then its head, as the model's reasoning shard
+    assert set(raft.state.shards) == {("reasoning", "gemma", "a")} and raft.state.unplaced == ()
+    assert not await placer.step()  # stable
+
+    await member("c", 40, profile(300))
+    assert not await placer.step()  # a running pipeline is kept, not re-planned for another
+
+    await propose(SetStageState("gemma", "b", "failed", "cannot allocate 60 MiB"))
+    assert await placer.step()
+    assert raft.state.splits["gemma"] == Split("gemma", "a", (("c", 12),), auto=True)  # around b; states afresh
+    assert not await placer.step()
+
+    await propose(SetMemberState("c", "gone"))  # the stage member leaves: its split goes with it
+    assert raft.state.splits == {}
+    assert await placer.step()  # b failed, c gone: nothing can hold it, and the placement says why
+    assert set(raft.state.shards) == set()
+    (unplaced,) = raft.state.unplaced
+    assert (unplaced.role, unplaced.model, unplaced.missing) == ("reasoning", "gemma", 1)
+    for words in ("b (its stage failed: cannot allocate 60 MiB)", "w (a witness holds no model)",
+                  "r (an openwrt-router holds no model)", "a split needs 2 members that hold models, 1 can"):
+        assert words in unplaced.reason
+
+    await member("d", 50, profile(2048))  # a member that holds it whole: served whole, no split
+    assert await placer.step()
+    assert set(raft.state.shards) == {("reasoning", "gemma", "d")} and raft.state.splits == {}
+    assert not await placer.step()
+
+    # Pinned by hand: the placer leaves it, keeps its head, and counts it as the one reasoning replica wanted.
+    await propose(SetSplit("gemma", "a", (("b", 9),)))
+    assert await placer.step()
+    assert raft.state.splits["gemma"].auto is False
+    assert set(raft.state.shards) == {("reasoning", "gemma", "a")}
+    await propose(SetReplicas("reasoning", 2))
+    assert await placer.step()
+    assert set(raft.state.shards) == {("reasoning", "gemma", "a"), ("reasoning", "gemma", "d")}
+    await propose(SetReplicas("reasoning", 1))
+    await propose(ClearSplit("gemma"))
+    assert await placer.step()  # d again
+    assert set(raft.state.shards) == {("reasoning", "gemma", "d")}
+    await propose(SetSplit("gemma", "a", (("b", 9),), auto=True))  # an automatic one where d holds it whole
+    assert await placer.step()
+    assert raft.state.splits == {}
+
+
+def test_the_placer_splits_a_model_no_member_holds_and_plans_again_when_a_stage_fails(tmp_path):
+    raft = RaftNode(f"127.0.0.1:{free_ports(1)}", [], tmp_path / "raft", "unit-test-secret", TIMING)
+    try:
+        asyncio.run(asyncio.wait_for(_placer_splits(raft), 120))
+    finally:
+        raft.close()
+
+
+def test_the_layer_figures_are_read_from_the_real_gguf(tmp_path):
+    gguf = pytest.importorskip(DEFAULT_MODEL.package)
+    from shards.gguf_layers import GgufError, read_layer_facts
+    from shards.model_files import ensure_model
+
+    path = ensure_model(tmp_path, DEFAULT_MODEL.file, gguf.EXPECTED_SHA256, DEFAULT_MODEL.package, progress=False)
+    facts = read_layer_facts(path)
+    assert (facts.architecture, facts.layers) == ("gemma3", 18)
+    assert facts.kv_bytes_per_token_layer == 1024  # 1 KV head of 256 for K and V, f16: the catalog's 18 KiB / 18
+    # Every byte of the data section is a tensor's: the blocks and the rest (embeddings: 170 MB) add up.
+    assert sum(facts.layer_weights) + facts.other_weights < path.stat().st_size
+    assert path.stat().st_size - sum(facts.layer_weights) - facts.other_weights < 8 << 20  # the header
+    assert 160e6 < facts.other_weights < 190e6 and 3e6 < facts.mean_layer_weights < 4.5e6
+    assert facts.layer_bytes(4096) == facts.mean_layer_weights + 4096 * 1024 == LAYER
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(path.read_bytes()[:4096])
+    with pytest.raises(GgufError, match="truncated"):
+        read_layer_facts(damaged)
+    other = tmp_path / "not.gguf"
+    other.write_bytes(b"GGML" + bytes(64))
+    with pytest.raises(GgufError, match="not a GGUF"):
+        read_layer_facts(other)
+
+
+def test_a_memory_budget_caps_what_placement_counts():
+    cfg = parse_config({"node": {"memory_budget_mib": 400}})
+    assert cfg.node.memory_budget_bytes == 400 * MIB
+    assert MeshConfig().with_overrides(memory_budget_mib=300).node.memory_budget_mib == 300
+    with pytest.raises(ConfigError, match="memory-budget"):
+        MeshConfig().with_overrides(memory_budget_mib=-1)
+    assert local_profile(400 * MIB)["memory_budget"] == 400 * MIB
+    assert "memory_budget" not in local_profile()  # no cap, no key
+    capped = MemberProfile.from_wire(profile(8192, memory_budget=400 * MIB))
+    assert member_memory(capped, 0) == 400 * MIB
+    assert member_memory(MemberProfile.from_wire(profile(300, memory_budget=400 * MIB)), 0) == 300 * MIB
+    assert member_memory(MemberProfile.from_wire(profile(300)), 0) == 300 * MIB
+
+
+def test_meshctl_assign_with_several_nodes_pins_a_split_shared_by_memory():
+    args = build_parser().parse_args(["assign", "reasoning", "--node", "alpha", "--node", "beta"])
+    assert args.node == ["alpha", "beta"]
+    assert build_parser().parse_args(["assign", "context", "--node", "alpha"]).node == ["alpha"]
+    st = {"members": [{"node_id": "a", "name": "alpha", "state": "active", "profile": profile(420)},
+                      {"node_id": "b", "name": "beta", "state": "active", "profile": profile(300)},
+                      {"node_id": "c", "name": "gamma", "state": "active", "profile": profile(300)}]}
+    models = [{"name": "gemma", "roles": ["reasoning"], "memory_bytes": MEMORY, "layers": 18, "layer_bytes": LAYER},
+              {"name": "minilm", "roles": ["context"], "memory_bytes": 1, "layers": 0, "layer_bytes": 0}]
+    body, warning = pinned_split(st, models, ["alpha", "beta", "c"], None)
+    assert warning == ""
+    assert body["model"] == "gemma" and body["head"] == "alpha"
+    assert [s["node"] for s in body["stages"]] == ["beta", "gamma"]
+    assert body["stages"][0]["layers"] == body["stages"][1]["layers"]
+    assert sum(s["layers"] for s in body["stages"]) < 18
+    with pytest.raises(ValueError, match="no member 'zeta'"):
+        pinned_split(st, models, ["alpha", "zeta"], None)
+    with pytest.raises(ValueError, match="no model 'minilm' serves reasoning"):
+        pinned_split(st, models, ["alpha", "beta"], "minilm")
+    with pytest.raises(ValueError, match="no layer figures"):
+        pinned_split(st, [{**models[0], "layers": 0}], ["alpha", "beta"], None)
+
+
+def test_a_stage_member_keeps_its_recorded_memory_like_a_member_holding_a_shard():
+    """Its stage lowers the free memory it reads; refreshing the profile then would count the stage twice and
+    push the pipeline off it (mesh/cluster/profile_refresh.py)."""
+    from mesh.cluster.profile_refresh import ProfileRefresher
+    from raft.state import MeshState, apply
+
+    state = MeshState()
+    for cmd in (InitMesh("m", "m", 1.0), AddMember("a", "a", "h:1", "h:3", profile(400), 2.0),
+                CreateToken("t", "c" * 64, 1.0, 1e9),
+                AddMember("b", "b", "h:4", "h:6", profile(400), 3.0, token_id="t"),
+                RegisterModel("gemma", "g.gguf", "a" * 64, 1, ("reasoning",), 4096, None, MEMORY, 18, LAYER)):
+        state = apply(state, cmd)
+    proposed = []
+
+    async def propose(cmd):
+        proposed.append(cmd)
+
+    def read(device_class: str) -> dict:
+        return {"battery": None, "ram_total": 8 * GIB, "ram_available": 100 * MIB,
+                "memory_available_for_models": 100 * MIB}
+
+    split = apply(state, SetSplit("gemma", "a", (("b", 12),), auto=True))
+    assert asyncio.run(ProfileRefresher("b", lambda: split, propose, read=read).refresh()) == {}
+    assert proposed == []
+    assert asyncio.run(ProfileRefresher("b", lambda: state, propose, read=read).refresh())  # no split: refreshed
+    assert len(proposed) == 1
