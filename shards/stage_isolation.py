@@ -109,7 +109,13 @@ def receive_connection(path: str, timeout: float = 10.0) -> socket.socket:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as broker:
         broker.settimeout(timeout)
         broker.connect(path)
-        message, fds, _, _ = socket.recv_fds(broker, 16, 1)
+        # Close-on-exec as soon as it arrives: an inherited copy in a shard process meshd starts would keep this
+        # connection open after meshd closes it, and the stage's RPC server, which serves one connection at a time,
+        # would wait on it for as long as that child lives (seen: 2 minutes). MSG_CMSG_CLOEXEC where the kernel
+        # honours it, and set_inheritable, which always does.
+        message, fds, _, _ = socket.recv_fds(broker, 16, 1, getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+    for fd in fds:
+        os.set_inheritable(fd, False)
     if message != b"ok" or len(fds) != 1:
         for fd in fds:
             os.close(fd)

@@ -139,8 +139,12 @@ def advertised_addresses(node: NodeConfig) -> list[str]:
     return outside or found
 
 
-async def advertise(cfg: MeshConfig, mesh_id: str, node_id: str, name: str, ca: str = "") -> None:
-    """Announces this member on the LAN until cancelled, then says goodbye.
+async def advertise(cfg: MeshConfig, mesh_id: str, node_id: str, name: str,
+                    ca: Callable[[], str] = lambda: "", changed: asyncio.Event | None = None) -> None:
+    """Announces this member on the LAN until cancelled, then says goodbye. `ca` gives the fingerprint of the
+    CA that signs now (join tokens carry it); each time `changed` is set (this member's identity changed: a
+    renewal, a CA rotation) the advertisement is updated when it differs, so `meshd join --discover` with a
+    token made after a rotation still finds this member.
 
     Discovery is a convenience: nothing that goes wrong here (no multicast, no interface, a name
     clash) stops the node. It logs one line and returns; joins through --peer work as before.
@@ -156,17 +160,34 @@ async def advertise(cfg: MeshConfig, mesh_id: str, node_id: str, name: str, ca: 
                 raise DiscoveryError(f"{node.advertise or node.host} has no IPv4 address to advertise")
             azc = await _zeroconf(node.host)
             label = instance_label(name, node_id)
-            info = AsyncServiceInfo(service, f"{label}.{service}", port=node.port,
-                                    server=f"quorum-{node_id[:12]}.local.",
-                                    properties=encode_txt(Advert(mesh_id, node.port, name, ca)),
-                                    parsed_addresses=addresses)
+            advertised = ca()
+
+            def service_info(fingerprint: str, instance: str) -> AsyncServiceInfo:
+                return AsyncServiceInfo(service, instance, port=node.port,
+                                        server=f"quorum-{node_id[:12]}.local.",
+                                        properties=encode_txt(Advert(mesh_id, node.port, name, fingerprint)),
+                                        parsed_addresses=addresses)
+            info = service_info(advertised, f"{label}.{service}")
             await (await azc.async_register_service(info, allow_name_change=True))
         except Exception as exc:  # noqa: BLE001 -- see the docstring: discovery must never take the node down
             log.warning("not advertised on the LAN (%s: %s); members can still join with --peer",
                         type(exc).__name__, exc)
             return
         log.info("advertised on the LAN as %r (%s) at %s", info.name, service, ", ".join(addresses))
-        await asyncio.Event().wait()  # until the daemon cancels this task at shutdown
+        changed = changed or asyncio.Event()  # never set: advertise as is until the daemon cancels this task
+        while True:
+            await changed.wait()
+            changed.clear()
+            if ca() == advertised:
+                continue
+            advertised = ca()
+            info = service_info(advertised, info.name)  # the name zeroconf settled on (allow_name_change)
+            try:
+                await (await azc.async_update_service(info))
+            except Exception as exc:  # noqa: BLE001 -- as above: discovery never takes the node down
+                log.warning("could not update the LAN advertisement (%s: %s)", type(exc).__name__, exc)
+                continue
+            log.info("LAN advertisement updated: the mesh CA changed")
     finally:
         if azc is not None:
             await _close(azc)

@@ -20,7 +20,7 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from mesh.core.config import MeshConfig
 from mesh.core.errors import bad_request, queue_full, unavailable
@@ -72,7 +72,13 @@ class Admission:
         self.metrics = metrics
         self.picker = picker
         self.loading_detail = "starting"
+        # Why no replica of a model serves, from the mesh's state (the daemon sets it: mesh/cluster/readiness.py);
+        # None falls back to loading_detail.
+        self.unready_reason: Callable[[str], str | None] = lambda model: None
         self.sessions = Sessions()
+
+    def unready(self, model: str) -> str:
+        return self.unready_reason(model) or self.loading_detail
 
     async def open(self, model: str, request: GenerateRequest, resume: ResumeAt | None = None,
                    session: tuple[str, str] | None = None) -> Run:
@@ -122,7 +128,7 @@ class Admission:
             if time.monotonic() < deadline:
                 await asyncio.sleep(RESUME_POLL_S)
                 return set()
-            raise unavailable(f"No replica of '{model}' is ready ({self.loading_detail}).", retry_after,
+            raise unavailable(f"No replica of '{model}' is ready ({self.unready(model)}).", retry_after,
                               code="loading" if not avoided else "no_replica")
 
         async def use(shard: Any) -> Opened:

@@ -132,9 +132,9 @@ class OpenAIRoutes:
     async def health(self, request: Request) -> Response:
         gateway = self.gateway
         if not gateway.ready:
-            body = unavailable(f"No reasoning replica is ready ({gateway.loading_detail}).",
-                               self.limits.retry_after_s, code="loading")
-            return JSONResponse({"status": "loading", "detail": gateway.loading_detail, **body.body()},
+            detail = gateway.unready_detail()
+            body = unavailable(f"No reasoning replica is ready ({detail}).", self.limits.retry_after_s, code="loading")
+            return JSONResponse({"status": "loading", "detail": detail, **body.body()},
                                 status_code=503, headers=body.headers)
         return JSONResponse({"status": "ok", "models": gateway.served_models()})
 

@@ -73,6 +73,11 @@ class Gateway:
     def served_models(self) -> list[str]:
         return self.picker.ready_models(Role.REASONING)
 
+    def unready_detail(self) -> str:
+        """Why no reasoning replica serves (for /health): the reason for the catalog's first chat model."""
+        model = next((m.name for m in self.config.models if Role.REASONING in m.roles), None)
+        return self.admission.unready(model) if model is not None else self.loading_detail
+
     def known_models(self) -> list[str]:
         """Models this gateway answers for: its own catalog and the mesh's."""
         return sorted({m.name for m in self.config.models} | set(self.picker.known_models()))

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -17,6 +17,7 @@ from mesh.cluster.catalog import register_models
 from mesh.cluster.control import Control, ControlPlane
 from mesh.cluster.placer import Placer, battery_policy
 from mesh.cluster.profile_refresh import ProfileRefresher
+from mesh.cluster.readiness import why_no_replica
 from mesh.cluster.sessions import SessionLog
 from mesh.cluster.witness import LeadershipHandoff
 from mesh.core.config import MeshConfig
@@ -42,7 +43,7 @@ from mesh.security.pki import PkiError
 from mesh.security.renewal import LiveIdentity, Renewer
 from nodes.profile import local_profile
 from raft.commands import AddMember, Command
-from raft.node import RaftNode
+from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState
 from raft.tls import RaftTls
 from raft.vocab import MemberState
@@ -131,6 +132,7 @@ class NodeDaemon:
                         default_slots=cfg.node.resolved_parallel())
         gateway = Gateway(cfg, self.metrics, router,
                           SessionLog(raft, cfg.sessions.checkpoint_tokens, cfg.sessions.checkpoint_ms))
+        gateway.admission.unready_reason = lambda model: why_no_replica(raft.state, model)
         control = Control(ControlPlane(raft=raft, ca_pem=lambda: self.live().ca_pem,
                                        status=self.status, leader_peer=self.leader_peer,
                                        leave=self.leave, authority=self.authority,
@@ -190,8 +192,10 @@ class NodeDaemon:
                     from mesh.cluster.discovery import advertise
                     from mesh.security.pki import fingerprint
 
-                    ca = fingerprint(self.identity.ca_pem)
-                    loops.append(tasks.create_task(advertise(cfg, record.mesh_id, record.node_id, record.name, ca),
+                    ca_changed = asyncio.Event()
+                    self.live.on_change(lambda _identity: ca_changed.set())
+                    loops.append(tasks.create_task(advertise(cfg, record.mesh_id, record.node_id, record.name,
+                                                             lambda: fingerprint(self.live().ca_pem), ca_changed),
                                                    name="discovery"))
                 ending = tasks.create_task(_first(stop.wait(), self.stopping.wait()), name="stop")
                 await asyncio.wait({serving, peering, ending}, return_when=asyncio.FIRST_COMPLETED)
@@ -315,18 +319,20 @@ class NodeDaemon:
         await until(lambda: raft.is_ready() and raft.leader() is not None, "the Raft log to catch up", 300)
         profile = {**await asyncio.to_thread(local_profile, node.memory_budget_bytes),
                    "threads": self.cfg.node.resolved_threads()}
-        await self.propose(AddMember(node_id=record.node_id, name=record.name, http_address=node.http_address,
-                                     raft_address=node.raft_address, grpc_address=node.grpc_address,
-                                     profile=profile, joined_at=time.time(), witness=record.witness,
-                                     peer_address=node.peer_address))
-        fresh = await ensure_member_credential(raft.state, record.node_id, record.name, self.admin_token,
-                                               self.propose)
+        # An election at this moment (pre-vote at start-up) must not end this member: each step is tried again.
+        await self.propose_until_taken(AddMember(
+            node_id=record.node_id, name=record.name, http_address=node.http_address, raft_address=node.raft_address,
+            grpc_address=node.grpc_address, profile=profile, joined_at=time.time(), witness=record.witness,
+            peer_address=node.peer_address))
+        fresh = await ensure_member_credential(
+            raft.state, record.node_id, record.name, self.admin_token,
+            lambda cmd: self.propose_until_taken(cmd, applied=lambda: cmd.cred_id in raft.state.admins))
         if fresh is not None:  # a data dir from before credentials were recorded in the log, or a lost one
             self.dd.write_admin_token(fresh)
             self.admin_token = fresh
             log.info("recorded this member's admin credential (admin.token)")
         if not self.witness:
-            await register_models(self.cfg.models, self.dd.models_dir, raft.state.models, self.propose,
+            await register_models(self.cfg.models, self.dd.models_dir, raft.state.models, self.propose_until_taken,
                                   self.opts.progress, self.cfg.node.resolved_parallel())
 
     async def _remember_partners(self, changed: asyncio.Event) -> None:
@@ -343,6 +349,24 @@ class NodeDaemon:
 
     async def propose(self, cmd: Command, timeout: float = 30.0) -> dict:
         return await asyncio.wait_for(asyncio.wrap_future(self.raft.propose(cmd)), timeout)
+
+    async def propose_until_taken(self, cmd: Command, within_s: float = 120.0,
+                                  applied: Callable[[], bool] = lambda: False) -> dict:
+        """propose(), tried again while the log cannot take the command (a leader change, no leader yet, a
+        timeout), for up to `within_s`; a command the state refuses (Rejected) is not tried again. A failed
+        proposal may still have been committed: `applied` tells, for a command that is not idempotent."""
+        deadline, delay = time.monotonic() + within_s, 0.2
+        while True:
+            try:
+                return await self.propose(cmd)
+            except (ProposalFailed, asyncio.TimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("%s not taken (%s); trying again", type(cmd).__name__, exc or "timed out")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                if applied():
+                    return {}
 
     async def leave(self) -> dict:
         """Drains this node, has the leader remove it from the group, forgets the mesh, and stops."""

@@ -7,6 +7,8 @@ runs alternate configuration by configuration, and every stage is a real stage p
   whole-plain    the whole model with repacking off: the kernels a split runs, so its exact reference
   split          9 of 18 blocks on one stage, embeddings and output layer on the head (rpc_head's plan)
   split-out      9 blocks and the output layer on the stage (llama.cpp's own placement), for comparison
+  split3         6 + 6 blocks on two stages (a pipeline of three processes)
+  split-cold     as split, on a fresh stage with an empty tensor cache (every weight crosses the wire at load)
 at 1 thread each and at the best thread count (physical cores; head and stage each get that many).
 Prints median decode tokens/s, time to first token, load time, split/whole ratios (issue target:
 >= 0.9 for 2 stages on loopback), MiB of weights on the stage, and loopback bytes per generated token
@@ -45,6 +47,8 @@ CONFIGS = {  # name -> (head flags, needs a stage)
     "whole-plain": ([], False),
     "split": (["--stage", "{endpoint}=" + str(STAGE_LAYERS)], True),
     "split-out": (["--stage", "{endpoint}=" + str(STAGE_LAYERS), "--output-on-stage"], True),
+    "split3": (["--stage", "{endpoint}=6", "--stage", "{endpoint2}=6"], True),
+    "split-cold": (["--stage", "{cold}=" + str(STAGE_LAYERS)], True),
 }
 
 
@@ -92,10 +96,15 @@ def run_head(model: str, flags: list[str], threads: int, tokens: int) -> dict:
 
 def bench(model: str, threads: int, runs: int, tokens: int, cache: Path) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
-    with start_stage(cache_dir=cache, threads=threads, stderr=subprocess.DEVNULL) as stage:
+    with start_stage(cache_dir=cache, threads=threads, stderr=subprocess.DEVNULL) as stage, \
+            start_stage(cache_dir=cache.with_name(cache.name + "-2"), threads=threads,
+                        stderr=subprocess.DEVNULL) as stage2:
         for i in range(runs):
             for name, (flags, _) in CONFIGS.items():
-                r = run_head(model, [f.format(endpoint=stage.endpoint) for f in flags], threads, tokens)
+                with tempfile.TemporaryDirectory() as empty, \
+                        start_stage(cache_dir=Path(empty), threads=threads, stderr=subprocess.DEVNULL) as cold:
+                    endpoints = {"endpoint": stage.endpoint, "endpoint2": stage2.endpoint, "cold": cold.endpoint}
+                    r = run_head(model, [f.format(**endpoints) for f in flags], threads, tokens)
                 results[name].append(r)
                 print(f"  threads {threads} run {i + 1} {name:12s} {r['decode_tok_s']:6.1f} tok/s  "
                       f"ttft {r['ttft_s'] * 1000:6.0f} ms  load {r['load_s']:.2f} s", flush=True)
@@ -111,6 +120,9 @@ def report(threads: int, results: dict[str, list[dict]]) -> None:
         print(f"  {name:12s} {med[name]:7.1f} {statistics.median(r['ttft_s'] for r in rs) * 1000:8.0f} "
               f"{statistics.median(r['load_s'] for r in rs):7.2f} {stage_mib:10.1f} "
               f"{statistics.median(r['lo_per_token'] for r in rs) / 1024:13.1f}")
+    print(f"  split3/whole {med['split3'] / med['whole']:.2f}x; load without the stage cache "
+          f"{statistics.median(r['load_s'] for r in results['split-cold']):.2f} s, with it "
+          f"{statistics.median(r['load_s'] for r in results['split']):.2f} s")
     print(f"  split/whole {med['split'] / med['whole']:.2f}x, "
           f"split/whole-plain {med['split'] / med['whole-plain']:.2f}x, "
           f"split-out/whole {med['split-out'] / med['whole']:.2f}x, whole-plain/whole "

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from mesh.cluster.discovery import advertise, browse
-from mesh.core.config import MeshConfig, NodeConfig
+from mesh.core.config import DiscoveryConfig, MeshConfig, NodeConfig
 from tests.procs import REPO, Meshd, guarded, join_token, kill_all, wait_until
 
 MDNS_GROUP = "224.0.0.251"
@@ -156,6 +156,37 @@ def test_join_discover_with_nobody_advertising_fails_within_its_timeout(tmp_path
         assert "no member of the token's mesh answered on the LAN" in joiner.log()
     finally:
         joiner.kill()
+
+
+def test_the_advertisement_follows_a_ca_rotation():
+    """After a CA rotation join tokens carry the new CA's fingerprint, and `join --discover` matches members by
+    it: each advertisement is updated when the member's identity changes (the real advertise and browse, on
+    loopback)."""
+    service = service_type()
+    cfg = MeshConfig(node=NodeConfig(listen="127.0.0.1:18080"), discovery=DiscoveryConfig(service=service))
+    mesh_id, signing = "b" * 32, ["old-ca-fingerprint"]
+
+    async def drill() -> tuple[list[str], list[str]]:
+        changed = asyncio.Event()
+        task = asyncio.create_task(advertise(cfg, mesh_id, "0123456789abcdef", "a", lambda: signing[0], changed))
+
+        async def cas_seen(want: str) -> list[str]:
+            for _ in range(30):  # bounded: each browse waits up to 2 s
+                seen = [c.ca for c in await browse(service, "127.0.0.1", 2.0, mesh_id)]
+                if seen == [want]:
+                    break
+            return seen
+        try:
+            before = await cas_seen("old-ca-fingerprint")
+            signing[0] = "new-ca-fingerprint"
+            changed.set()
+            return before, await cas_seen("new-ca-fingerprint")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    before, after = asyncio.run(asyncio.wait_for(drill(), 120))
+    assert before == ["old-ca-fingerprint"] and after == ["new-ca-fingerprint"]
 
 
 def test_advertise_returns_with_one_line_when_mdns_cannot_start(caplog):

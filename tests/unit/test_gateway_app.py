@@ -559,3 +559,28 @@ def test_the_sdks_send_json():
         ollama.Client(host="http://h", transport=transport).chat(model="m", messages=[{"role": "user",
                                                                                       "content": "hi"}])
     assert len(seen) == 3 and all(ct.startswith("application/json") for ct in seen), seen
+
+
+def test_a_model_nothing_can_hold_is_503_at_once_with_the_placers_reason():
+    """The 503 (and /health) say why no replica serves, from the replicated state: the placement's shortfall
+    for the model (here a split that found no members), else its shards that are not ready."""
+    from mesh.cluster.readiness import why_no_replica
+    from raft.state import MeshState, Shard, Unplaced
+
+    reason = "split across members: a head needs 250 MiB for the embeddings and one layer"
+    state = MeshState(mesh_id="m", unplaced=(Unplaced("reasoning", MODEL, 1, reason),))
+
+    async def main():
+        async with mesh(attach=False) as m:
+            m.gateway.admission.unready_reason = lambda model: why_no_replica(state, model)
+            reply = await m.client.post(CHAT, json=body())
+            assert reason in assert_error(reply, 503, "loading")["message"]
+            health = await m.client.get("/health")
+            assert health.status_code == 503 and reason in health.json()["detail"]
+    run(main())
+    loading = MeshState(mesh_id="m", shards={("reasoning", MODEL, "n1"): Shard("reasoning", MODEL, "n1", "loading",
+                                                                              "waiting for its stages: n2")})
+    assert why_no_replica(loading, MODEL) == "reasoning on n1: loading (waiting for its stages: n2)"
+    ready = MeshState(mesh_id="m", shards={("reasoning", MODEL, "n1"): Shard("reasoning", MODEL, "n1", "ready")})
+    assert why_no_replica(ready, MODEL) is None  # the state explains nothing: the gateway's own detail
+    assert why_no_replica(MeshState(mesh_id="m"), MODEL) == "no member holds it yet"

@@ -308,6 +308,9 @@ def test_only_meshd_reaches_a_stage_not_another_process_on_the_machine(tmp_path)
             host_port = next(a for a in psutil.Process(stage.pid).cmdline() if a.startswith("127.0.0.1:"))
             tcp = await asyncio.to_thread(_tcp_port_of, stage.pid)
             sock = await asyncio.to_thread(receive_connection, str(tmp_path / "stage.sock"))  # as meshd dials it
+            # Close-on-exec: a shard process meshd starts meanwhile must not keep the connection (and with it the
+            # stage, which serves one connection at a time) open after meshd closes it. Seen in CI: 2 minutes.
+            assert not sock.get_inheritable()
             sock.setblocking(False)
             reader, writer = await asyncio.open_connection(sock=sock)
             writer.write(rpc_ggml._HELLO)
