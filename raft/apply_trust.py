@@ -84,7 +84,9 @@ def _set_member_ca(state: MeshState, cmd: SetMemberCa) -> MeshState:
             raise Rejected("a CA fingerprint is 43 characters")
         if state.trusted_cas and all(known != fp for known, _ in state.trusted_cas):
             raise Rejected("that CA is not trusted by the mesh")
-    member = dataclasses.replace(member, ca=cmd.ca, trusts=cmd.trusts)
+    if not isinstance(cmd.cert, str) or len(cmd.cert) not in (0, 43):
+        raise Rejected("a certificate fingerprint is 43 characters")
+    member = dataclasses.replace(member, ca=cmd.ca, trusts=cmd.trusts, cert=cmd.cert or member.cert)
     return dataclasses.replace(state, members={**state.members, cmd.node_id: member})
 
 

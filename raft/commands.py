@@ -313,11 +313,13 @@ class RotateCa(Command):
 @dataclass(frozen=True)
 class SetMemberCa(Command):
     """A member reports which trusted CA signed its current certificate (`ca`) and which signing CA it trusts
-    (`trusts`), as fingerprints; only that member proposes it."""
+    (`trusts`), as fingerprints, and the fingerprint of that certificate itself (`cert`: the peer port signs
+    and hands out keys only to a member presenting the certificate it recorded); only that member proposes it."""
     kind: ClassVar[str] = "set_member_ca"
     node_id: str
     ca: str
     trusts: str = ""
+    cert: str = ""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class Member:
     authority: bool = False  # holds the mesh CA's key (SetAuthority); still True on a member removed holding it
     ca: str = ""  # fingerprint of the CA that signed its current certificate, as it reports it (SetMemberCa)
     trusts: str = ""  # fingerprint of the newest CA it trusts, as it reports it (SetMemberCa)
+    cert: str = ""  # fingerprint of its current certificate, as it reports it (SetMemberCa); "" before it has
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, MemberProfile):

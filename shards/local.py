@@ -132,7 +132,8 @@ class LocalShard:
             except ContextLengthExceeded:
                 # The gateway fits a chat over the window (embeddings: costly) and brings it back at most a
                 # window long: a shard that could not queue that refuses now, before that work is done.
-                if req.messages and not self._engine.has_room(req.n, self.n_ctx - (req.sampling.max_tokens or 0)):
+                fitted = max(0, self.n_ctx - (req.sampling.max_tokens or 0))  # the prompt tokens it comes back with
+                if req.messages and not self._engine.has_room(req.n, fitted):
                     raise QueueFull(self._engine.queue_depth) from None
                 raise
         work = [(prompt, choice_sampling(req.sampling, req.first_choice + i)) for prompt in prompts

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import struct
+import time
 
 log = logging.getLogger("quorum.stage-isolation")
 
@@ -83,7 +84,12 @@ def broker_forever(server: socket.socket, host: str, port: int) -> None:
     process's namespace) and hands it over as a file descriptor (SCM_RIGHTS): meshd then talks to the server
     directly, with no copy in between. A connection that cannot be opened is answered b"no"."""
     while True:
-        client, _ = server.accept()
+        try:
+            client, _ = server.accept()
+        except OSError as exc:  # out of descriptors, an aborted connection: this one is lost, the next may come
+            log.warning("could not accept a connection from meshd: %s", exc)
+            time.sleep(0.1)  # a back-off, so a lasting error (EMFILE) does not spin
+            continue
         with client:
             try:
                 upstream = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)

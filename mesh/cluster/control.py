@@ -36,6 +36,7 @@ from raft.commands import (
     Command,
     CreateAdminCredential,
     PinShard,
+    SetAuthority,
     SetMemberState,
     SetReplicas,
     SetSplit,
@@ -251,8 +252,14 @@ class Control(CredentialRoutes):
         profile = body.get("profile") if isinstance(body.get("profile"), dict) else {}
         if ca_key is not None and qualifies(self.d.authorities, name, str(profile.get("device_class", "")),
                                             bool(body.get("witness"))):
-            answer["ca_key"] = ca_key.decode()  # the joiner becomes an authority (it records it at start)
-            log.info("%s receives the CA key (security.authorities = %s)", name, self.d.authorities)
+            # Recorded before the key leaves: a joiner lost before its daemon first starts still holds the key,
+            # and its removal must start a CA rotation. Not recorded, not handed out (it joins without it).
+            try:
+                await self._propose(SetAuthority(node_id, True))
+                answer["ca_key"] = ca_key.decode()
+                log.info("%s receives the CA key (security.authorities = %s)", name, self.d.authorities)
+            except ApiError as exc:
+                log.warning("%s joins without the CA key: its authority was not recorded (%s)", name, exc)
         return JSONResponse(answer)
 
     async def remove(self, request: Request) -> Response:

@@ -24,7 +24,7 @@ from mesh.security.admin import new_admin
 from mesh.security.api_keys import new_key
 from mesh.security.authority import qualifies, sign_here
 from mesh.security.ca_rotation import CA_KEY_PATH
-from mesh.security.peer_tls import PEER_KEY
+from mesh.security.peer_tls import PEER_CERT_KEY, PEER_KEY
 from mesh.security.pki import PkiError, fingerprint
 from mesh.security.tokens import new_token
 from raft.apply_trust import untrusting
@@ -147,12 +147,21 @@ class CredentialRoutes:
         return JSONResponse({"revoked": live[0].cred_id, "name": live[0].name})
 
     def _peer_member(self, request: Request, what: str) -> Member:
-        """The live member whose certificate the peer-port connection carries; 403 for anyone else."""
+        """The live member whose certificate the peer-port connection carries; 403 for anyone else.
+
+        Once a member has recorded its certificate (SetMemberCa), only that very certificate counts: during a CA
+        rotation the old CA is still trusted, and a removed authority's copy of its key can mint a certificate for
+        any live id; with it, it must get neither a certificate from the new CA nor the new CA's key."""
         caller = request.scope.get(PEER_KEY)
         member = self.d.raft.state.members.get(caller) if caller else None
         if member is None or member.state == MemberState.GONE:  # the public port (no certificate), or a stranger
             raise ApiError(403, f"{what} live members, over the peer port, only.", type="permission_error",
                            code="not_a_member")
+        if member.cert and request.scope.get(PEER_CERT_KEY) != member.cert:
+            log.warning("refused a certificate for %s (%s) that is not the one it recorded", member.name,
+                        member.node_id)
+            raise ApiError(403, f"{what} live members presenting the certificate they recorded, only.",
+                           type="permission_error", code="not_the_recorded_certificate")
         return member
 
     async def sign(self, request: Request) -> Response:

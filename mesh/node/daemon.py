@@ -44,7 +44,7 @@ from mesh.security.renewal import LiveIdentity, Renewer
 from nodes.profile import local_profile
 from raft.commands import AddMember, Command
 from raft.node import ProposalFailed, RaftNode
-from raft.state import MeshState
+from raft.state import MeshState, Rejected
 from raft.tls import RaftTls
 from raft.vocab import MemberState
 
@@ -355,10 +355,15 @@ class NodeDaemon:
         """propose(), tried again while the log cannot take the command (a leader change, no leader yet, a
         timeout), for up to `within_s`; a command the state refuses (Rejected) is not tried again. A failed
         proposal may still have been committed: `applied` tells, for a command that is not idempotent."""
-        deadline, delay = time.monotonic() + within_s, 0.2
+        deadline, delay, tries = time.monotonic() + within_s, 0.2, 0
         while True:
+            tries += 1
             try:
                 return await self.propose(cmd)
+            except Rejected:
+                if tries > 1 and applied():  # an earlier try committed after all; this one found it done
+                    return {}
+                raise
             except (ProposalFailed, asyncio.TimeoutError) as exc:
                 if time.monotonic() + delay > deadline:
                     raise

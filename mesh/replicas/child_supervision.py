@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ TAIL_LINES = 20  # stderr lines kept for the report of a crash
 FATAL = re.compile(r"Fatal Python error|GGML_ASSERT|GGML_ABORT|Error: |terminate called|Remote RPC server crashed")
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 DRAIN_S = 2.0  # how long the stderr pump may take to read what a dead process wrote last
+STARTUP_EXIT_S = 10.0  # a process that wrote no ready line yet still runs: killed after this long
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,14 @@ class SupervisedChild:
         await self._on_exit(self, exit_)
 
     async def _startup_failed(self) -> Exit:
-        """The process ended before it was ready: how, with what it wrote (the watch was not started yet)."""
-        code = await self._proc.wait()
+        """The process ended (or wrote something else than its ready line) before it was ready: how, with what it
+        wrote (the watch was not started yet). One still running is killed after STARTUP_EXIT_S."""
+        try:
+            code = await asyncio.wait_for(self._proc.wait(), STARTUP_EXIT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):  # it ended just now
+                self._proc.kill()
+            code = await self._proc.wait()
         await self._drain_logs()
         await self._cancel_tasks()
         return self._exit(code)

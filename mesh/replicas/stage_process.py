@@ -102,10 +102,14 @@ class StageProcess(SupervisedChild):
         except TimeoutError:
             await self.stop()
             raise StageStartError(f"the stage process did not listen within {timeout_s:.0f} s") from None
-        ready = json.loads(line) if line else {}
-        if not ready.get("ready"):
+        try:
+            ready = json.loads(line) if line else {}
+            endpoint = ready["endpoint"] if isinstance(ready, dict) and ready.get("ready") else None
+        except (ValueError, KeyError, TypeError):  # not its ready line: the process is not the stage we expect
+            endpoint = None
+        if not isinstance(endpoint, str):
             raise StageStartError(f"the stage process {(await self._startup_failed()).describe()}")
-        self.endpoint = ready["endpoint"]
+        self.endpoint = endpoint
         self.isolated = bool(ready.get("isolated"))
         self._watch_from_now()
         self._tasks.append(asyncio.create_task(self._freeze_watch(), name=f"{self.label}-freeze"))

@@ -108,8 +108,9 @@ class TrustKeeper:
             self._renewal_asked = state.signing_ca
             self.renew()  # every member trusts the signing CA: a certificate from it, now
         issuer, trusts = issuer_of(current.cert_pem, current.ca_pem), fingerprint(current.ca_pem)
-        if issuer is not None and (issuer, trusts) != (me.ca, me.trusts):
-            await self._propose(SetMemberCa(self.node_id, issuer, trusts), "report this member's CAs")
+        cert = fingerprint(current.cert_pem)
+        if issuer is not None and (issuer, trusts, cert) != (me.ca, me.trusts, me.cert):
+            await self._propose(SetMemberCa(self.node_id, issuer, trusts, cert), "report this member's CAs")
         if len(state.trusted_cas) > 1 and self.leader() == self.node_id:
             away = set(untrusting(state))
             renewing = [name for name in behind(state) if name not in away]
@@ -200,7 +201,11 @@ class TrustKeeper:
     async def run(self, changed: asyncio.Event) -> None:
         """Checks now, after every applied change, and every BUSY_S while a rotation is under way."""
         while True:
-            busy = await self.check()
+            try:
+                busy = await self.check()
+            except Exception:  # noqa: BLE001 - a disk or reply error must not end meshd; the next check retries
+                log.exception("CA rotation check failed")
+                busy = True
             try:
                 await asyncio.wait_for(changed.wait(), BUSY_S if busy else 60.0)
             except TimeoutError:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from mesh.core.errors import StartupError
+from mesh.security.authority import NoAuthority
 from mesh.security.pki import (
     PkiError,
     certificate_names,
@@ -156,7 +157,8 @@ class MeshGatewayCertificate:
             wait = every_s
             try:
                 await asyncio.to_thread(self.refresh)
-            except (PkiError, OSError, ValueError) as exc:  # the current one still serves: retried in a minute
+            except (PkiError, NoAuthority, OSError, ValueError, KeyError) as exc:  # the current one still serves:
+                # retried in a minute (no authority reachable, or one that refused this member's certificate)
                 log.warning("could not renew the gateway's HTTPS certificate: %s", exc)
                 wait = min(every_s, 60.0)
 

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.core.errors import ApiError
 from mesh.security.http_guard import ConnectionLimits, GuardedH11Protocol, QuietServer, guarded, guarded_server
-from mesh.security.pki import NodeIdentity, load_identity, node_dns_name
+from mesh.security.pki import NodeIdentity, der_fingerprint, load_identity, node_dns_name
 from raft.state import MeshState
 from raft.vocab import MemberState
 
@@ -31,6 +31,7 @@ log = logging.getLogger("quorum.peer")
 
 JOIN_PATH = "/control/v1/join"
 PEER_KEY = "quorum.peer_node"  # scope key: the node id in the client's verified certificate, or None
+PEER_CERT_KEY = "quorum.peer_cert"  # scope key: that certificate's fingerprint (pki.cert_fingerprint), or None
 
 
 class PeerProtocol(GuardedH11Protocol):
@@ -42,11 +43,13 @@ class PeerProtocol(GuardedH11Protocol):
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         ssl_object = transport.get_extra_info("ssl_object")
         self.peer_node = node_id = _common_name(ssl_object.getpeercert() if ssl_object is not None else None)
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None and node_id is not None else None
+        cert = der_fingerprint(der) if der else None
         super().connection_made(transport)
         app = self.app
 
         async def with_peer(scope: Scope, receive: Receive, send: Send) -> None:
-            scope[PEER_KEY] = node_id
+            scope[PEER_KEY], scope[PEER_CERT_KEY] = node_id, cert
             await app(scope, receive, send)
 
         self.app = with_peer

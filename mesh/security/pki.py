@@ -171,11 +171,16 @@ def issue_node_certificate(ca_pem: bytes, ca_key_pem: bytes, node_id: str,
 
 
 def fingerprint(ca_pem: bytes) -> str:
-    """sha256 of the CA certificate (DER), base64url without padding: 43 characters."""
+    """sha256 of the (first) certificate (DER), base64url without padding: 43 characters."""
     try:
         der = x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER)
     except ValueError:
         raise PkiError("not a PEM certificate") from None
+    return der_fingerprint(der)
+
+
+def der_fingerprint(der: bytes) -> str:
+    """fingerprint() of a certificate already in DER (what a TLS connection's getpeercert(True) gives)."""
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
 

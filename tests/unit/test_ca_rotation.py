@@ -382,3 +382,38 @@ def test_the_mesh_secret_of_an_older_data_dir_is_deleted_and_nothing_makes_a_new
     assert dd.retire_secret() and not (tmp_path / "mesh.secret").exists()
     assert not dd.retire_secret()
     assert not hasattr(dd, "secret") and not hasattr(dd, "write_secret")
+
+
+def test_during_a_rotation_a_certificate_minted_with_the_stolen_old_key_gets_no_new_certificate_nor_key(cas):
+    """The attacker: a removed authority with its copy of the old CA key, while the old CA is still trusted (a
+    member is away). It mints a certificate for a live member's id (ids are public) and calls the peer port's
+    /sign and /ca-key as that member. Once the member has recorded its certificate (SetMemberCa), only that
+    very certificate counts: the forged one is refused; the member's own passes."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from mesh.cluster.control_credentials import CredentialRoutes
+    from mesh.core.errors import ApiError
+    from mesh.security.peer_tls import PEER_CERT_KEY, PEER_KEY
+    from raft.commands import SetMemberCa
+
+    (old_pem, old_key), _ = cas
+    _, real = issue_node_certificate(old_pem, old_key, "a")
+    _, forged = issue_node_certificate(old_pem, old_key, "a")  # the thief's: same CA, same id, its own key
+    state = apply(mesh("a", "b"), SetMemberCa("a", fingerprint(old_pem), fingerprint(old_pem), fingerprint(real)))
+    assert state.members["a"].cert == fingerprint(real)
+    routes = CredentialRoutes()
+    routes.d = SimpleNamespace(raft=SimpleNamespace(state=state))
+
+    def caller(cert_pem: bytes) -> Request:
+        return Request({"type": "http", "headers": [], PEER_KEY: "a", PEER_CERT_KEY: fingerprint(cert_pem)})
+
+    assert routes._peer_member(caller(real), "Certificates are signed for").node_id == "a"
+    with pytest.raises(ApiError) as refused:
+        routes._peer_member(caller(forged), "Certificates are signed for")
+    assert refused.value.status == 403 and refused.value.code == "not_the_recorded_certificate"
+    # A member that has not recorded one yet (just joined) is taken by its id, as before.
+    fresh = CredentialRoutes()
+    fresh.d = SimpleNamespace(raft=SimpleNamespace(state=mesh("a", "b")))
+    assert fresh._peer_member(caller(forged), "Certificates are signed for").node_id == "a"

@@ -53,3 +53,11 @@ def test_it_gives_up_after_its_time():
     with pytest.raises(ProposalFailed):
         until_taken(log, within_s=0.5)
     assert 2 <= log.calls < 10
+
+
+def test_a_lost_answer_that_commits_after_the_retry_was_sent_is_not_an_error():
+    """The first try's answer was lost, the retry went out, then the first committed: the retry is Rejected
+    ("already exists"), and the command is done."""
+    log = Log(ProposalFailed("leader_changed"), Rejected("admin credential id c1 already exists"))
+    seen = iter([False, True])  # not yet applied before the retry; applied when the retry is refused
+    assert until_taken(log, applied=lambda: next(seen)) == {} and log.calls == 2
