@@ -52,6 +52,7 @@ class AddMember(Command):
     witness: bool = False
     token_id: str | None = None
     peer_address: str = ""  # the HTTPS peer port (joins, relayed requests); "" in logs from before it
+    authority: bool = False  # a join whose answer carries the CA key (only a new member's is taken)
 
     def __post_init__(self) -> None:
         if not isinstance(self.profile, MemberProfile):

@@ -108,7 +108,7 @@ def _add_member(state: MeshState, cmd: AddMember) -> MeshState:
         member = Member(node_id=cmd.node_id, name=cmd.name, http_address=cmd.http_address,
                         raft_address=cmd.raft_address, profile=cmd.profile, state="active",
                         joined_at=cmd.joined_at, grpc_address=cmd.grpc_address, witness=cmd.witness,
-                        peer_address=cmd.peer_address)
+                        peer_address=cmd.peer_address, authority=cmd.authority is True)
     return dataclasses.replace(state, members={**state.members, cmd.node_id: member})
 
 

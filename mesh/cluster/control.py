@@ -36,7 +36,6 @@ from raft.commands import (
     Command,
     CreateAdminCredential,
     PinShard,
-    SetAuthority,
     SetMemberState,
     SetReplicas,
     SetSplit,
@@ -227,11 +226,17 @@ class Control(CredentialRoutes):
                 log.warning("join of %s not signed: %s", name, exc)
                 raise unavailable(f"No authority member (one holding the mesh CA key) could sign the certificate: "
                                   f"{exc}.", 5, code="no_authority") from None
+            profile = body.get("profile") if isinstance(body.get("profile"), dict) else {}
+            ca_key = self.d.authority.signing_key()  # the signing CA's (never an old one during a rotation)
+            if ca_key is not None and not qualifies(self.d.authorities, name, str(profile.get("device_class", "")),
+                                                    bool(body.get("witness"))):
+                ca_key = None
+            # Recorded with the member (authority): one lost before its daemon first starts still holds the key,
+            # and its removal must start a CA rotation.
             cmd = AddMember(node_id=node_id, name=name, http_address=http_address,
-                            raft_address=raft_address, grpc_address=grpc_address,
-                            profile=body.get("profile") if isinstance(body.get("profile"), dict) else {},
+                            raft_address=raft_address, grpc_address=grpc_address, profile=profile,
                             joined_at=now, witness=bool(body.get("witness")), token_id=token_id,
-                            peer_address=peer_address)
+                            peer_address=peer_address, authority=ca_key is not None)
             try:
                 await self._propose(cmd)
             except ApiError as exc:
@@ -248,18 +253,9 @@ class Control(CredentialRoutes):
             "certificate": certificate.decode(), "trusted": [c.decode() for c in split_bundle(self.d.ca_pem())],
             "partners": sorted(m.raft_address for m in state.live_members() if m.node_id != node_id),
         }
-        ca_key = self.d.authority.signing_key()  # the signing CA's (never an old one during a rotation)
-        profile = body.get("profile") if isinstance(body.get("profile"), dict) else {}
-        if ca_key is not None and qualifies(self.d.authorities, name, str(profile.get("device_class", "")),
-                                            bool(body.get("witness"))):
-            # Recorded before the key leaves: a joiner lost before its daemon first starts still holds the key,
-            # and its removal must start a CA rotation. Not recorded, not handed out (it joins without it).
-            try:
-                await self._propose(SetAuthority(node_id, True))
-                answer["ca_key"] = ca_key.decode()
-                log.info("%s receives the CA key (security.authorities = %s)", name, self.d.authorities)
-            except ApiError as exc:
-                log.warning("%s joins without the CA key: its authority was not recorded (%s)", name, exc)
+        if ca_key is not None:
+            answer["ca_key"] = ca_key.decode()  # the joiner is an authority (recorded with it: AddMember)
+            log.info("%s receives the CA key (security.authorities = %s)", name, self.d.authorities)
         return JSONResponse(answer)
 
     async def remove(self, request: Request) -> Response:

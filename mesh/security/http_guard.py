@@ -81,13 +81,20 @@ class QuietServer(uvicorn.Server):
     async def startup(self, sockets: list | None = None) -> None:
         if self.config.ssl is None:
             return await super().startup(sockets)
-        # uvicorn passes no ssl_handshake_timeout to create_server: give it one for the listeners it makes now
+        # uvicorn passes no ssl_handshake_timeout to create_server: give it one for the listeners it makes now.
+        # Servers starting at once (the gateway and the peer port) share the patch: the last one out removes it.
         loop = asyncio.get_running_loop()
-        loop.create_server = functools.partial(type(loop).create_server, loop, ssl_handshake_timeout=self.handshake_s)
+        starting = getattr(loop, "_quorum_tls_startups", 0)
+        if not starting:
+            loop.create_server = functools.partial(type(loop).create_server, loop,
+                                                   ssl_handshake_timeout=self.handshake_s)
+        loop._quorum_tls_startups = starting + 1
         try:
             await super().startup(sockets)
         finally:
-            del loop.create_server  # the loop's own method again
+            loop._quorum_tls_startups -= 1
+            if not loop._quorum_tls_startups:
+                del loop.create_server  # the loop's own method again
 
 
 _RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client's side of h11: a request still (or about to be) arriving

@@ -417,3 +417,20 @@ def test_during_a_rotation_a_certificate_minted_with_the_stolen_old_key_gets_no_
     fresh = CredentialRoutes()
     fresh.d = SimpleNamespace(raft=SimpleNamespace(state=mesh("a", "b")))
     assert fresh._peer_member(caller(forged), "Certificates are signed for").node_id == "a"
+
+
+def test_a_joiner_given_the_ca_key_is_an_authority_from_its_addmember_and_its_removal_owes_a_rotation():
+    """The join answer carries the CA key; the AddMember that records the joiner says so, so a device lost
+    before its daemon first starts (and records SetAuthority) still starts a rotation when removed. A member's
+    own re-announce cannot make it an authority."""
+    from raft.commands import AddMember, CreateToken
+
+    state = apply(apply(MeshState(), InitMesh("m1", "t", 1.0)),
+                  AddMember("a", "a", "h:1", "h:2", {}, 1.0))
+    state = apply(state, CreateToken("t1", "0" * 64, 1.0, 100.0))
+    state = apply(state, AddMember("b", "b", "h:3", "h:4", {}, 2.0, token_id="t1", authority=True))
+    assert state.members["b"].authority and not state.members["a"].authority
+    assert apply(state, SetMemberState("b", "gone")).ca_rotation_owed
+    again = apply(state, AddMember("a", "a", "h:5", "h:2", {}, 3.0, authority=True))  # a's own re-announce
+    assert not again.members["a"].authority
+    assert decode(encode(AddMember("b", "b", "h:3", "h:4", {}, 2.0, authority=True))).authority is True

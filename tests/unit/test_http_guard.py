@@ -138,3 +138,41 @@ def test_a_tls_handshake_that_never_comes_is_cut_at_the_deadline():
         assert asyncio.get_running_loop().time() - started < HANDS_OFF  # not asyncio's 60 s
 
     asyncio.run(serving(guarded_server(app, guarded(QUICK), server_only_context(cert, key)), check))
+
+
+def test_two_https_servers_starting_at_once_both_bound_the_handshake():
+    """meshd starts the gateway and the peer port together: on asyncio's own loop (no uvloop) the handshake
+    patch of one must not be taken away under the other (it ended meshd with an AttributeError)."""
+    import socket
+
+    from mesh.security.pki import create_ca, issue_node_certificate, server_only_context
+
+    ca, ca_key = create_ca("t")
+    key, cert = issue_node_certificate(ca, ca_key, "n1")
+
+    async def both():
+        servers = [guarded_server(app, guarded(QUICK), server_only_context(cert, key)) for _ in range(2)]
+        socks = [socket.socket() for _ in servers]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        tasks = [asyncio.create_task(server.serve(sockets=[sock])) for server, sock in zip(servers, socks)]
+        try:
+            for _ in range(1000):  # bounded: both bind at once
+                if all(server.started for server in servers) or any(task.done() for task in tasks):
+                    break
+                await asyncio.sleep(0.01)
+            assert not any(task.done() for task in tasks), [task.exception() for task in tasks if task.done()]
+            for sock in socks:
+                silent = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+                started = asyncio.get_running_loop().time()
+                assert await rest(silent[0]) == b""
+                assert asyncio.get_running_loop().time() - started < HANDS_OFF  # not asyncio's 60 s
+        finally:
+            for server in servers:
+                server.should_exit = True
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), HANDS_OFF)
+            for sock in socks:
+                sock.close()
+        assert "create_server" not in vars(asyncio.get_running_loop())  # the loop's own method again
+
+    asyncio.run(both())
