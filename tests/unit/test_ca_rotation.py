@@ -321,17 +321,24 @@ def test_raft_connections_from_a_dropped_ca_close_at_their_next_read_and_the_oth
         forged[1].read()
 
 
-def test_no_member_renews_under_the_new_ca_until_every_member_trusts_it(cas, tmp_path):
-    """A member away during the rotation (a phone asleep) reaches the others when it returns only if they
-    still present certificates it trusts: renewals wait until every live member reports the new CA trusted."""
+def rotating_a_and_c(cas, tmp_path) -> tuple["Log", DataDir]:
+    """Members a (the authority that made the new CA) and c, mid-rotation; a's data dir still holds its old-CA
+    certificate."""
     (old, old_key), (new, _) = cas
-    state = apply(apply(mesh("a", "c", authorities=("a",)), RequestCaRotation("drill")),
-                  RotateCa("a", new.decode(), (old.decode(),)))
-    log = Log(state)
+    log = Log(apply(apply(mesh("a", "c", authorities=("a",)), RequestCaRotation("drill")),
+                    RotateCa("a", new.decode(), (old.decode(),))))
     dd = DataDir(tmp_path / "a")
     dd.prepare()
     key, cert = issue_node_certificate(old, old_key, "a")
     dd.write_identity(key, cert, old, None)
+    return log, dd
+
+
+def test_no_member_renews_under_the_new_ca_until_every_member_trusts_it(cas, tmp_path):
+    """A member away during the rotation (a phone asleep) reaches the others when it returns only if they
+    still present certificates it trusts: renewals wait until every live member reports the new CA trusted."""
+    (old, old_key), (new, _) = cas
+    log, dd = rotating_a_and_c(cas, tmp_path)
     asked: list[str] = []
     keeper = TrustKeeper("a", dd, LiveIdentity(dd.identity()), lambda: log.state, lambda: "a", log.propose,
                          lambda m: True, lambda m: b"", lambda: asked.append("renew"))
@@ -349,13 +356,7 @@ def test_an_operator_finishes_a_rotation_without_a_member_that_is_away(cas, tmp_
     """meshctl ca finish while c is away: a renews at once, and the leader drops the old CA once it has;
     c, which never learnt the new CA, is left behind (it joins again)."""
     (old, old_key), (new, new_key) = cas
-    state = apply(apply(mesh("a", "c", authorities=("a",)), RequestCaRotation("drill")),
-                  RotateCa("a", new.decode(), (old.decode(),)))
-    log = Log(state)
-    dd = DataDir(tmp_path / "a")
-    dd.prepare()
-    key, cert = issue_node_certificate(old, old_key, "a")
-    dd.write_identity(key, cert, old, None)
+    log, dd = rotating_a_and_c(cas, tmp_path)
     live = LiveIdentity(dd.identity())
     asked: list[str] = []
     keeper = TrustKeeper("a", dd, live, lambda: log.state, lambda: "a", log.propose, lambda m: True,
