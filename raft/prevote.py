@@ -18,7 +18,8 @@ tests/unit/test_raft_prevote.py; `PINNED_PYSYNCOBJ` refuses any other version):
   the deadline is set to 0 and SyncObj's own code runs the election on that tick.
 - `_SyncObj__onMessageReceived` (the callback SyncObj.__init__ hands the transport, looked up on the
   instance, so this subclass's attribute is the one registered): takes 'pre_vote' and 'pre_vote_response'
-  itself, notes leader contact (an append_entries SyncObj will accept), and hands everything else on.
+  itself, notes leader contact (an append_entries SyncObj will accept), keeps entries it already holds from
+  pysyncobj's truncation (raft/append_guard.py), and hands everything else on.
 The two message types are in raft/wire.py's schema. Every member must run this code: a member without it
 refuses 'pre_vote' frames (unknown type) and drops the connection.
 """
@@ -32,6 +33,8 @@ from pysyncobj import SyncObj
 from pysyncobj.monotonic import monotonic as monotonic_time
 from pysyncobj.syncobj import _RAFT_STATE
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
+
+from raft import append_guard
 
 log = logging.getLogger("quorum.raft.prevote")
 
@@ -153,7 +156,19 @@ class PreVoteSyncObj(SyncObj):
             return
         if kind == "append_entries" and message["term"] >= self._term():
             self.prevote.leader_contact = monotonic_time()  # SyncObj takes this sender as its leader
+            if message.get("prevLogIdx", self._log_index()) < self._log_index():  # raft/append_guard.py
+                action, value = append_guard.trim(message, self._SyncObj__getEntries(message["prevLogIdx"]))
+                if action == "known":  # all held already: no truncation, success up to what it vouched for
+                    beat = {k: v for k, v in message.items() if k not in ("prevLogIdx", "prevLogTerm", "entries")}
+                    beat["commit_index"] = min(message["commit_index"], value)
+                    SyncObj._SyncObj__onMessageReceived(self, node, beat)  # term, leader, timer, commit index
+                    self._SyncObj__sendNextNodeIdx(node, nextNodeIdx=value + 1, success=True)
+                    return
+                message = value
         SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _log_index(self) -> int:
+        return self._SyncObj__getCurrentLogIndex()
 
     def _on_pre_vote(self, node, message: dict) -> None:
         if self._SyncObj__selfNode is None:
