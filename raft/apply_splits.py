@@ -66,6 +66,17 @@ def _set_stage_state(state: MeshState, cmd: SetStageState) -> MeshState:
     return dataclasses.replace(state, splits={**state.splits, cmd.model: split})
 
 
+def placer_split(state: MeshState, model: str, head: str, stages: tuple) -> MeshState:
+    """The split change an ApplyPlacement carries: the placer's own pipeline for `model` (head and stages), or its
+    split cleared (empty head). A split pinned by hand is only a person's to change."""
+    current = state.splits.get(model)
+    if current is not None and not current.auto:
+        raise Rejected(f"model {model!r} is split by hand: only meshctl changes it")
+    if not head:
+        return _clear_split(state, ClearSplit(model))
+    return _set_split(state, SetSplit(model, head, stages, auto=True))
+
+
 HANDLERS = {
     SetSplit: _set_split,
     ClearSplit: _clear_split,

@@ -157,6 +157,14 @@ class ApplyPlacement(Command):
     kind: ClassVar[str] = "apply_placement"
     assignments: tuple[tuple[str, str, str], ...]
     unplaced: tuple[tuple[str, str, int, str], ...] = ()
+    # A change to the placer's own split of a model (mesh/cluster/split_planning.py), committed in the same entry
+    # as the placement that goes with it, so no member ever sees a pipeline's new head or stages without the
+    # shards placed for them, or its old head's shard without the split (which it would then load whole):
+    # split_model names the model; split_head empty clears its split, else SetSplit(split_model, split_head,
+    # split_stages, auto=True). Left out of an entry while empty.
+    split_model: str = ""
+    split_head: str = ""
+    split_stages: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -350,7 +358,9 @@ class BadCommand(ValueError):
 # Fields added later that stay out of an entry while they hold their default, so that a member running
 # the version before them still reads the entry (decode fills the default back in).
 _OMITTED_AT_DEFAULT = {("session_turn_start", "owner"): "", ("set_split", "auto"): False,
-                       ("register_model", "layers"): 0, ("register_model", "layer_bytes"): 0}
+                       ("register_model", "layers"): 0, ("register_model", "layer_bytes"): 0,
+                       ("apply_placement", "split_model"): "", ("apply_placement", "split_head"): "",
+                       ("apply_placement", "split_stages"): ()}
 
 
 def encode(cmd: Command) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class MemberProfile:
     battery: Battery | None = None  # None: no battery
     speed: float = 0.0  # the local benchmark's score; higher is faster
     threads: int = 0  # the threads the member's shards decode with (0: not reported)
+    parallel: int = 0  # the sequences each of its generating shards decodes at once (node.parallel; 0: not reported)
     memory_budget: int = 0  # bytes: the most it gives to models (node.memory_budget_mib); 0: no cap
 
     @classmethod
@@ -74,6 +75,7 @@ class MemberProfile:
             battery=_battery(wire.get("battery")),
             speed=_float(wire.get("speed")) or 0.0,
             threads=_int(wire.get("threads")),
+            parallel=_int(wire.get("parallel")),
             memory_budget=_int(wire.get("memory_budget")),
         )
 

@@ -218,6 +218,8 @@ def _unpin_shard(state: MeshState, cmd: UnpinShard) -> MeshState:
 
 
 def _apply_placement(state: MeshState, cmd: ApplyPlacement) -> MeshState:
+    if cmd.split_model:  # the placer's split change first, in the same entry (all or nothing: handlers are pure)
+        state = apply_splits.placer_split(state, cmd.split_model, cmd.split_head, cmd.split_stages)
     shards = {}
     for role, model, node_id in cmd.assignments:
         member = state.members.get(node_id)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +28,10 @@ _BLOCK = 1 << 20
 
 class ModelFileError(RuntimeError):
     """A model file is missing, cannot be assembled, or does not match its sha256."""
+
+
+class VerifyStopped(RuntimeError):
+    """verify() was asked to stop before it knew (no verdict: neither a match nor a mismatch)."""
 
 
 def model_path(models_dir: Path, file: str) -> Path:
@@ -45,14 +50,17 @@ def is_verified(path: Path, sha256: str) -> bool:
     return stamp == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
 
 
-def verify(path: Path, sha256: str, progress: bool = True) -> None:
-    """Hashes `path`; raises ModelFileError on a mismatch, stamps the file on a match."""
+def verify(path: Path, sha256: str, progress: bool = True, stop: threading.Event | None = None) -> None:
+    """Hashes `path`; raises ModelFileError on a mismatch, stamps the file on a match. `stop`: once set, the
+    hashing ends early with VerifyStopped (a thread that hashes for a caller that went away)."""
     if is_verified(path, sha256):
         return
     digest = hashlib.sha256()
     size = path.stat().st_size
     with path.open("rb") as f, _bar(size, f"verifying {path.name}", progress) as bar:
         while block := f.read(_BLOCK):
+            if stop is not None and stop.is_set():
+                raise VerifyStopped(f"verifying {path.name} was stopped")
             digest.update(block)
             bar.update(len(block))
     if digest.hexdigest() != sha256:

@@ -109,12 +109,18 @@ def _send(client: socket.socket, message: bytes, fds: list[int]) -> None:
         log.info("could not hand a connection to meshd: %s", exc)
 
 
-def receive_connection(path: str, timeout: float = 10.0) -> socket.socket:
+def receive_connection(path: str, timeout: float = 10.0, deadline: float | None = None) -> socket.socket:
     """meshd's side of `broker_forever`: a TCP connection to the stage's RPC server, from the stage's Unix
-    socket at `path` (blocking: run it in a thread). OSError when the stage hands none over."""
+    socket at `path` (blocking: run it in a thread). The whole call, connecting and waiting for the handover
+    together, ends by `deadline` (time.monotonic()), else `timeout` seconds from now: give it the caller's own
+    deadline, so the thread is done when its caller stops waiting. OSError when the stage hands none over,
+    TimeoutError when the deadline passes first."""
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as broker:
-        broker.settimeout(timeout)
+        broker.settimeout(_left(deadline, path))
         broker.connect(path)
+        broker.settimeout(_left(deadline, path))
         # Close-on-exec as soon as it arrives: an inherited copy in a shard process meshd starts would keep this
         # connection open after meshd closes it, and the stage's RPC server, which serves one connection at a time,
         # would wait on it for as long as that child lives (seen: 2 minutes). MSG_CMSG_CLOEXEC where the kernel
@@ -127,3 +133,10 @@ def receive_connection(path: str, timeout: float = 10.0) -> socket.socket:
             os.close(fd)
         raise ConnectionRefusedError(f"the stage at {path} handed over no connection ({message!r})")
     return socket.socket(fileno=fds[0])
+
+
+def _left(deadline: float, path: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"the stage at {path} handed over no connection in time")
+    return left

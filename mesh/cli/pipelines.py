@@ -7,6 +7,7 @@ from typing import Any
 
 from mesh.cluster.placement import NodeInfo, member_memory
 from mesh.cluster.split_planning import SplitModel, pinned_pipeline
+from mesh.core.config import PlacementConfig
 from raft.profile import MemberProfile
 from raft.vocab import MemberState
 
@@ -34,8 +35,9 @@ def stage_failures(st: dict, names: dict[str, str]) -> list[str]:
 
 def pinned_split(st: dict, models: list[dict], nodes: list[str], model_name: str | None) -> tuple[dict, str]:
     """The /control/v1/split body for `meshctl assign reasoning --node HEAD --node STAGE ...` (layer shares by
-    each member's memory, mesh/cluster/split_planning.py), and a warning ("" when none). ValueError: no such
-    member or model, or no pipeline of those members."""
+    each member's memory, mesh/cluster/split_planning.py, less the placement reserve of the member that answered
+    `st`, as the placer counts it), and a warning ("" when none). ValueError: no such member or model, or no
+    pipeline of those members."""
     serving = [m for m in models if "reasoning" in m["roles"]]
     if model_name is None and len(serving) != 1:
         raise ValueError("name the model to split with --model (" + (", ".join(m["name"] for m in serving)
@@ -44,15 +46,25 @@ def pinned_split(st: dict, models: list[dict], nodes: list[str], model_name: str
     if model is None:
         raise ValueError(f"no model {model_name!r} serves reasoning")
     live = [m for m in st["members"] if m["state"] != MemberState.GONE]
+    reserve = placement_reserve(st)
     members = []
     for name in nodes:
         member = next((m for m in live if name in (m["name"], m["node_id"])), None)
         if member is None:
             raise ValueError(f"no member {name!r}")
-        free = member_memory(MemberProfile.from_wire(member.get("profile")), 256 << 20)
+        free = member_memory(MemberProfile.from_wire(member.get("profile")), reserve)
         members.append(NodeInfo(member["node_id"], "", free, 0.0))
     split_model = SplitModel(model["name"], model["memory_bytes"], model.get("layers", 0), model.get("layer_bytes", 0))
     pipeline, warning = pinned_pipeline(split_model, members)
     names = {m["node_id"]: m["name"] for m in live}
     return ({"model": model["name"], "head": names[pipeline.head],
              "stages": [{"node": names[n], "layers": k} for n, k in pipeline.stages]}, warning)
+
+
+def placement_reserve(st: dict) -> int:
+    """Bytes placement keeps free on a member that reports no memory figure of its own: the `placement.reserve_mib`
+    of the member that answered the status (its mesh.toml), the default where an older member does not say."""
+    reserve = (st.get("node") or {}).get("reserve_mib")
+    if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0:
+        reserve = PlacementConfig().reserve_mib
+    return reserve << 20

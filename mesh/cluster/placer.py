@@ -30,7 +30,7 @@ from mesh.cluster.split_planning import Pipeline, SplitModel, plan_split, still_
 from mesh.core.config import PlacementConfig
 from raft.commands import ApplyPlacement, ClearSplit, Command, SetSplit
 from raft.node import ProposalFailed, RaftNode
-from raft.state import MeshState, Model, Rejected
+from raft.state import MeshState, Model, Rejected, Split
 from raft.vocab import MemberState, Role, ShardState
 
 log = logging.getLogger("quorum.placer")
@@ -70,8 +70,8 @@ class Placer:
         return self.planned(state)[0]
 
     def planned(self, state: MeshState) -> tuple[Plan, Command | None]:
-        """The placement, and the split command (SetSplit or ClearSplit of a split the placer made) that
-        should be committed first, if any."""
+        """The placement, and the change to the placer's split (SetSplit or ClearSplit) that goes with it, if any:
+        both are committed in one ApplyPlacement entry."""
         nodes = node_infos(state, self.healthy(state), self.reserve)
         # Catalog order (the order models were registered in the log) decides which model serves a role.
         models = [ModelInfo(name=m.name, roles=tuple(m.roles), memory_bytes=m.memory_bytes)
@@ -80,54 +80,84 @@ class Placer:
         current = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()]
         crashed = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()
                    if s.state == ShardState.CRASHED]
-        pipeline, no_split, command = self._split(state, nodes)
-        replicas, placed_on = state.replicas, nodes
-        if pipeline is not None:  # the pipeline is one reasoning replica; its members' memory is taken
+        split = self._split(state, nodes)
+        replicas, placed_on, avoid = state.replicas, nodes, list(crashed)
+        if split.pipeline is not None:  # the pipeline's members give its shares; it counts as one reasoning replica
+            pipeline = split.pipeline
             needs = pipeline.needs(split_model(state.models[pipeline.model]))
             placed_on = [replace_memory(n, n.memory_available - needs.get(n.node_id, 0)) for n in nodes]
-            replicas = {**replicas, Role.REASONING: max(0, replicas.get(Role.REASONING, 0) - 1)}
-        plan = place(placed_on, models, replicas, pins, current, self.battery, avoid=crashed)
-        if no_split:
-            plan = Plan(plan.assignments, tuple(Unplaced(u.role, u.model, u.missing, f"{u.reason}; {no_split}")
-                                                if (u.role, u.model) == no_split_key(state) else u
-                                                for u in plan.unplaced))
+            if split.bridging:  # ...unless it only bridges until a whole replica, placed now elsewhere, is ready
+                avoid += [Assignment(Role.REASONING, pipeline.model, m) for m in pipeline.members]
+            else:
+                replicas = {**replicas, Role.REASONING: max(0, replicas.get(Role.REASONING, 0) - 1)}
+        plan = place(placed_on, models, replicas, pins, current, self.battery, avoid=avoid)
+        if split.no_split:
+            plan = Plan(plan.assignments, tuple(
+                Unplaced(u.role, u.model, u.missing, f"{u.reason}; {split.no_split}")
+                if (u.role, u.model) == no_split_key(state) else u for u in plan.unplaced))
+        healthy = {n.node_id for n in nodes if n.healthy}
+        # The heads first, so that a ready whole replica leaving a battery-limited member is kept until the
+        # pipeline replacing it is ready (make before break).
+        plan = with_split_heads(plan, state, splits_after(state, split.command), healthy)
         limited = {n.node_id for n in nodes if n.healthy and self.battery.limited(n, True)}
         plan = keep_crashed_until_replaced(keep_until_replaced(plan, state, limited), crashed)
-        return with_split_heads(plan, state, {n.node_id for n in nodes if n.healthy}), command
+        return plan, split.command
 
-    def _split(self, state: MeshState, nodes: list[NodeInfo]) -> tuple[Pipeline | None, str, Command | None]:
-        """(the pipeline of the first reasoning model, or None; why none when it needs one; the command that records
-        a change). A split pinned by hand is left as it is (and counted, like an automatic one)."""
-        command: Command | None = None
+    def _split(self, state: MeshState, nodes: list[NodeInfo]) -> SplitDecision:
+        """The pipeline of the first reasoning model (or none), why none when it needs one, and the change that
+        records it. A split pinned by hand is left as it is (and counted, like an automatic one)."""
         first = next((m for m in state.models.values() if Role.REASONING in m.roles), None)
         for split in state.splits.values():  # automatic splits of a model that no longer serves reasoning
             if split.auto and (first is None or split.model != first.name):
-                return None, "", ClearSplit(split.model)
+                return SplitDecision(command=ClearSplit(split.model))
         if first is None:
-            return None, "", None
-        pinned = state.splits.get(first.name)
-        if pinned is not None and not pinned.auto:
-            return Pipeline(first.name, pinned.head, pinned.stages), "", None
-        model = split_model(first)
+            return SplitDecision()
         recorded = state.splits.get(first.name)
-        whole = [n for n in nodes if ineligible(n) is None and not self.battery.limited(n, False)
-                 and n.memory_available >= first.memory_bytes]
-        if whole or state.replicas.get(Role.REASONING, 0) < 1:  # one member holds it whole (or none is wanted)
-            return None, "", ClearSplit(first.name) if recorded is not None else None
+        if recorded is not None and not recorded.auto:
+            return SplitDecision(Pipeline(first.name, recorded.head, recorded.stages))
+        model = split_model(first)
+        kept = None if recorded is None else Pipeline(first.name, recorded.head, recorded.stages)
         avoid = self._failed_stages(state, first.name)
-        if recorded is not None:
-            kept = Pipeline(first.name, recorded.head, recorded.stages)
+
+        def holds_whole(node_id: str) -> bool:  # battery hysteresis: a holder keeps it down to the lower mark
+            return (Role.REASONING, first.name, node_id) in state.shards and (kept is None or node_id != kept.head)
+
+        whole = [n for n in nodes if ineligible(n) is None and not self.battery.limited(n, holds_whole(n.node_id))
+                 and n.memory_available >= first.memory_bytes]
+        if state.replicas.get(Role.REASONING, 0) < 1:  # no reasoning replica is wanted
+            return SplitDecision(command=ClearSplit(first.name) if recorded is not None else None)
+        if whole:  # one member holds it whole
+            if kept is not None and self._bridges(state, kept, nodes, whole, model, avoid):
+                return SplitDecision(kept, bridging=True)
+            return SplitDecision(command=ClearSplit(first.name) if recorded is not None else None)
+        if kept is not None:
             why = still_fits(kept, nodes, model, self.battery, avoid)
             if why is None:
-                return kept, "", None
+                return SplitDecision(kept)
             log.info("the pipeline of %s cannot stay: %s", first.name, why)
         planned = plan_split(nodes, model, self.battery, avoid)
         if planned.pipeline is None:
-            return None, planned.reason, ClearSplit(first.name) if recorded is not None else None
+            return SplitDecision(no_split=planned.reason,
+                                 command=ClearSplit(first.name) if recorded is not None else None)
         p = planned.pipeline
         if recorded is None or (recorded.head, recorded.stages) != (p.head, p.stages):
-            command = SetSplit(p.model, p.head, p.stages, auto=True)
-        return p, "", command
+            return SplitDecision(p, command=SetSplit(p.model, p.head, p.stages, auto=True))
+        return SplitDecision(p)
+
+    def _bridges(self, state: MeshState, kept: Pipeline, nodes: list[NodeInfo], whole: list[NodeInfo],
+                 model: SplitModel, avoid: dict[str, str]) -> bool:
+        """Make before break, from a pipeline back to a whole replica: the running pipeline (its head ready) keeps
+        serving while a member outside it loads the model whole, until that replica is ready. Not when only a
+        pipeline member could hold it whole (its memory is the pipeline's: break before make), nor when the
+        pipeline can no longer run."""
+        def ready(node_id: str) -> bool:
+            shard = state.shards.get((Role.REASONING, kept.model, node_id))
+            return shard is not None and shard.state == ShardState.READY
+
+        if not ready(kept.head) or any(ready(n.node_id) for n in whole if n.node_id != kept.head):
+            return False
+        outside = [n for n in whole if n.node_id not in kept.members]
+        return bool(outside) and still_fits(kept, nodes, model, self.battery, avoid) is None
 
     def _failed_stages(self, state: MeshState, model: str) -> dict[str, str]:
         """node id -> what failed, for members whose stage of `model` reported "failed" within
@@ -152,26 +182,26 @@ class Placer:
         if not state.initialised or not state.models:
             return False
         plan, split_command = self.planned(state)
-        if split_command is not None:  # the pipeline first: the next round places with it in the state
-            try:
-                await asyncio.wrap_future(raft.propose(split_command))
-            except (Rejected, ProposalFailed) as exc:
-                log.info("split not committed: %s", exc)
-                return False
-            log.info("split: %s", _describe(state, split_command))
-            return True
         assignments = tuple((a.role, a.model, a.node_id) for a in plan.assignments)
         unplaced = tuple((u.role, u.model, u.missing, u.reason) for u in plan.unplaced)
         current = tuple(sorted(state.shards))
         known = tuple((u.role, u.model, u.missing, u.reason) for u in state.unplaced)
-        if assignments == current and unplaced == known:
+        if assignments == current and unplaced == known and split_command is None:
             return False
+        split_fields = {}
+        if isinstance(split_command, SetSplit):
+            split_fields = dict(split_model=split_command.model, split_head=split_command.head,
+                                split_stages=split_command.stages)
+        elif isinstance(split_command, ClearSplit):
+            split_fields = dict(split_model=split_command.model)
         try:
-            await asyncio.wrap_future(raft.propose(ApplyPlacement(assignments, unplaced)))
+            await asyncio.wrap_future(raft.propose(ApplyPlacement(assignments, unplaced, **split_fields)))
         except (Rejected, ProposalFailed) as exc:
             # The state moved under us (a member left) or leadership changed: the next round retries.
             log.info("placement not committed: %s", exc)
             return False
+        if split_command is not None:
+            log.info("split: %s", _describe(state, split_command))
         added = set(assignments) - set(current)
         dropped = set(current) - set(assignments)
         log.info("placement: +%s -%s%s", _names(state, added) or "none", _names(state, dropped) or "none",
@@ -199,16 +229,36 @@ def keep_crashed_until_replaced(plan: Plan, crashed: list[Assignment]) -> Plan:
     return Plan(tuple(sorted({*plan.assignments, *keep})), plan.unplaced)
 
 
-def with_split_heads(plan: Plan, state: MeshState, healthy: set[str]) -> Plan:
-    """A split model (meshctl split) is served by its head member: the model's reasoning shard there (the
-    reconciler runs it as the pipeline's head) is added to the plan while that member is healthy, beyond the
-    desired replica count, like a pin that memory does not limit (the head holds only part of the layers;
-    placement does not yet charge heads and stages for their shares)."""
-    heads = {Assignment(Role.REASONING, s.model, s.head) for s in state.splits.values()
+def with_split_heads(plan: Plan, state: MeshState, splits: dict[str, Split], healthy: set[str]) -> Plan:
+    """A split model is served by its head member: the model's reasoning shard there (the reconciler runs it as
+    the pipeline's head) is added to the plan while that member is healthy, beyond the desired replica count, like
+    a pin that memory does not limit (the head holds only part of the layers). `splits`: the splits as they will
+    be once the plan is committed (the entry carries the placer's own split change)."""
+    heads = {Assignment(Role.REASONING, s.model, s.head) for s in splits.values()
              if s.head in healthy and s.model in state.models and Role.REASONING in state.models[s.model].roles}
     if heads <= set(plan.assignments):
         return plan
     return Plan(tuple(sorted({*plan.assignments, *heads})), plan.unplaced)
+
+
+def splits_after(state: MeshState, command: Command | None) -> dict[str, Split]:
+    """The state's splits once `command` (the placer's SetSplit or ClearSplit, or None) is applied."""
+    if isinstance(command, SetSplit):
+        return {**state.splits, command.model: Split(command.model, command.head, command.stages, auto=True)}
+    if isinstance(command, ClearSplit):
+        return {m: s for m, s in state.splits.items() if m != command.model}
+    return dict(state.splits)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitDecision:
+    """What the placer decided for the first reasoning model's split: the pipeline that serves it (or None),
+    why there is none when one is needed, the change to record, and whether the pipeline only bridges until a
+    whole replica placed beside it is ready."""
+    pipeline: Pipeline | None = None
+    no_split: str = ""
+    command: Command | None = None
+    bridging: bool = False
 
 
 def battery_policy(cfg: PlacementConfig) -> BatteryPolicy:

@@ -28,7 +28,9 @@ def status_view(raft: RaftNode, record: NodeRecord, cfg: MeshConfig, reconciler)
     return {
         "mesh": {"id": state.mesh_id, "name": state.name, "created_at": state.created_at},
         "node": {"id": record.node_id, "name": record.name, "listen": cfg.node.listen,
-                 "witness": record.witness, "heavy_modules": heavy_modules_loaded()},
+                 "witness": record.witness, "heavy_modules": heavy_modules_loaded(),
+                 # what placement keeps free on a member that reports no figure of its own (meshctl's split shares)
+                 "reserve_mib": cfg.placement.reserve_mib},
         "raft": raft.status(),
         "members": members,
         "models": [{**dataclasses.asdict(m), "holders": sorted(state.model_files.get(m.name, ()))}

@@ -7,7 +7,8 @@ died (a faulthandler dump of every thread's stack would push them out of the tai
 its own (a crash, the OOM killer, a kill), `on_exit` gets an Exit that says how. `stop()` ends it on purpose:
 SIGTERM, SIGKILL after STOP_GRACE_S, and `on_exit` is not called.
 
-mesh/replicas/shard_process.py and mesh/replicas/stage_process.py build on it.
+mesh/replicas/shard_process.py and mesh/replicas/stage_process.py build on it. `child_socket` names the Unix
+socket a child listens on.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import signal
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 TAIL_LINES = 20  # stderr lines kept for the report of a crash
@@ -29,6 +33,21 @@ FATAL = re.compile(r"Fatal Python error|GGML_ASSERT|GGML_ABORT|Error: |terminate
 STOP_GRACE_S = 5.0  # SIGTERM, then SIGKILL after this long
 DRAIN_S = 2.0  # how long the stderr pump may take to read what a dead process wrote last
 STARTUP_EXIT_S = 10.0  # a process that wrote no ready line yet still runs: killed after this long
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
+_short_dirs: dict[Path | None, Path] = {}  # a run directory too deep for a socket path (or none) -> a short one
+
+
+def child_socket(run_dir: Path | None, key: str, prefix: str = "") -> Path:
+    """Where the child process named `key` ("reasoning/gemma", a stage's model) listens: PREFIX + 12 hex digits of
+    its sha256 + ".sock" in meshd's private run directory (0700). Without one, or where that path would pass
+    SOCKET_PATH_MAX, in a short private directory instead (mkdtemp: mode 0700), made once per run directory and
+    kept for meshd's life, so every child of one run directory finds the same place."""
+    name = f"{prefix}{hashlib.sha256(key.encode()).hexdigest()[:12]}.sock"
+    if run_dir is not None and len(str(run_dir / name)) <= SOCKET_PATH_MAX:
+        return run_dir / name
+    if run_dir not in _short_dirs:
+        _short_dirs[run_dir] = Path(tempfile.mkdtemp(prefix="quorum-run-"))
+    return _short_dirs[run_dir] / name
 
 
 @dataclass(frozen=True)

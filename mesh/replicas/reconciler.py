@@ -16,9 +16,13 @@ to another member if one can hold it (mesh/cluster/placer.py). Restarting meshd 
 Split models (meshctl split, mesh/replicas/splits.py): on the split's head member, the model's reasoning shard
 process is a pipeline head (HostSpec.stages: one loopback tunnel endpoint per stage, one sequence at a time),
 restarted whenever the recorded split changes; a head whose stage dies aborts, and is restarted like any
-crashed shard once the stage is back. A head starts only once every stage reports "ready" in Raft, and loads in
-a task of its own, so other shards here keep being reconciled meanwhile. Stage processes and tunnels are the
-SplitRunner's, stepped here first.
+crashed shard once the stage is back. A head starts only once every stage reports "ready" in Raft (after losing a
+stage: a "ready" reported since, STALE_READY_S at most), and loads in a task of its own, so other shards here keep
+being reconciled meanwhile. Stage processes and tunnels are the SplitRunner's, stepped here first.
+
+A model is never loaded whole here beyond the memory this member gives to models (unless pinned here by hand):
+the placement never asks for it, and a moment where the state seems to (a split cleared by hand before the
+placement follows) would otherwise end in the OOM killer.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import logging
 import os
 import tempfile
@@ -34,8 +37,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mesh.cluster.placement import member_memory
 from mesh.core.config import MeshConfig
 from mesh.core.metrics import Metrics
+from mesh.replicas.child_supervision import child_socket
 from mesh.replicas.shard_process import Exit, ShardProcess, shard_process
 from mesh.replicas.splits import SplitRunner, stages_pending
 from raft.commands import Command, HaveModelFile, SetShardState
@@ -54,8 +59,10 @@ RESTART_BACKOFF_S = 1.0  # after the 2nd crash; doubles with each, up to RESTART
 RESTART_BACKOFF_MAX_S = 30.0
 CRASH_LIMIT = 4
 CRASH_WINDOW_S = 120.0
-_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
 _LOST_STAGE = "Remote RPC server crashed"  # ggml's RPC client, aborting a head whose stage went away
+# A head that lost a stage waits for its stages to report again (the stage member says "starting" as it restarts
+# its stage) before trusting a "ready" recorded before the loss; at most this long, for a loss only the head saw.
+STALE_READY_S = 10.0
 
 
 class Reconciler:
@@ -86,6 +93,9 @@ class Reconciler:
         # Pipeline heads load in tasks of their own (a head may wait for its stages to answer): key -> (task, split)
         self._loading: dict[tuple[str, str], tuple[asyncio.Task, Split]] = {}
         self._waiting_for: dict[tuple[str, str], str] = {}  # a head's key -> the stages it waits for (reported)
+        # A head that lost a stage: key -> (its split's placement and stage states then, when)
+        self._lost: dict[tuple[str, str], tuple[tuple | None, tuple, float]] = {}
+        self._too_big: dict[tuple[str, str], str] = {}  # shards refused here as too big to load whole (reported)
 
     async def run(self, changed: asyncio.Event, every_s: float = 1.0) -> None:
         self._wake = changed
@@ -104,6 +114,9 @@ class Reconciler:
         if self.splits is not None:
             await self.splits.step(state)
         want = {(s.role, s.model) for s in state.shards_on(self.node_id)} - set(self.given_up)
+        for stale in (self._waiting_for, self._lost, self._too_big):
+            for key in set(stale) - want:
+                del stale[key]
         for key, (task, split) in sorted(self._loading.items()):
             if key not in want or _placed(self._head_split(key, state)) != _placed(split):
                 log.info("%s/%s: its split changed while its head loaded; loading it again", *key)
@@ -121,6 +134,8 @@ class Reconciler:
                 continue
             split = self._head_split(key, state)
             if split is None:
+                if not self._fits_whole(key, state):
+                    continue
                 await self._load(key, state)
             elif await self._stages_ready(key, split, state):
                 task = asyncio.create_task(self._load(key, state), name=f"head-load-{key[1]}")
@@ -131,6 +146,13 @@ class Reconciler:
         """True once every stage of the split this head belongs to reports "ready" in Raft; until then the
         head's shard says what it waits for (once per change), and the reconciler goes on with other shards."""
         pending = stages_pending(split, lambda node_id: self._name(state, node_id))
+        lost = self._lost.get(key)
+        if lost is not None:
+            placed, states, since = lost
+            if (_placed(split), split.stage_states) == (placed, states) and time.monotonic() - since < STALE_READY_S:
+                pending = pending or "their reports since one was lost"
+            else:
+                del self._lost[key]
         if pending is None:
             self._waiting_for.pop(key, None)
             return True
@@ -138,6 +160,25 @@ class Reconciler:
             self._waiting_for[key] = pending
             self._report_later(SetShardState(*key, self.node_id, ShardState.LOADING,
                                              f"waiting for its stages: {pending}"[:300]))
+        return False
+
+    def _fits_whole(self, key: tuple[str, str], state: MeshState) -> bool:
+        """False for a model that this member cannot hold whole (its recorded memory for models, its budget): the
+        placement never asks that, but a member can see it for a moment (a split cleared or moved by hand before
+        the placement follows) and loading it would end in the OOM killer. Reported once; a pin is obeyed."""
+        model, member = state.models.get(key[1]), state.members.get(self.node_id)
+        if self.backend == "null" or model is None or member is None or (key[0], self.node_id) in state.pins:
+            return True
+        free = member_memory(member.profile, 0)
+        if model.memory_bytes <= free:
+            self._too_big.pop(key, None)
+            return True
+        why = (f"{model.name} needs {model.memory_bytes >> 20} MiB whole, this member gives "
+               f"{free >> 20} MiB to models: waiting for the placement")
+        if self._too_big.get(key) != why:
+            self._too_big[key] = why
+            log.warning("%s/%s: not loaded whole here: %s", *key, why)
+            self._report_later(SetShardState(*key, self.node_id, ShardState.LOADING, why[:300]))
         return False
 
     def _head_loaded(self, key: tuple[str, str], task: asyncio.Task) -> None:
@@ -203,11 +244,7 @@ class Reconciler:
     def _spec(self, role: str, model: Model, path: Path) -> HostSpec:
         # A sentence encoder (.onnx) runs on onnxruntime whatever backend serves the chat models.
         kind = "onnx" if ShardKind.of_file(model.file) is ShardKind.ENCODER else self.backend
-        name = hashlib.sha256(f"{role}/{model.name}".encode()).hexdigest()[:12]
-        socket = self.run_dir / f"{name}.sock"
-        if len(str(socket)) > _SOCKET_PATH_MAX:
-            self.run_dir = Path(tempfile.mkdtemp(prefix="quorum-run-"))
-            socket = self.run_dir / f"{name}.sock"
+        socket = child_socket(self.run_dir, f"{role}/{model.name}")
         socket.unlink(missing_ok=True)  # left by a process that crashed
         return HostSpec(role=role, model=model.name, kind=kind, path=str(path), n_ctx=model.context_length,
                         threads=self.cfg.node.encoder_threads() if kind == "onnx" else self.cfg.node.resolved_threads(),
@@ -223,6 +260,9 @@ class Reconciler:
         # crash loop of the head; it starts again once its stages report ready.
         lost_stage = self._split_of.get(key) is not None and any(
             _LOST_STAGE in line for line in (*exit_.fatal, *exit_.tail))
+        if lost_stage:  # its stages' "ready" predates the loss: wait for them to report again (_stages_ready)
+            split = self.raft.state.splits.get(key[1])
+            self._lost[key] = (_placed(split), () if split is None else split.stage_states, time.monotonic())
         if self.local.get(key) is shard:
             del self.local[key]
             self._split_of.pop(key, None)

@@ -4,6 +4,10 @@ prompt in its KV cache, so the next turn prefills only what is new: shards/backe
 
 The replicated state says which shards are ready where; shards on this node are called in
 process, the others over gRPC (one RemoteShard per node, role and model, kept while it is used).
+A replica's free slots: its own count where it has one (a shard process of this member); for another
+member's, what that member reports in its profile (node.parallel, raft/profile.py), one for a pipeline head
+(a split model's head decodes one sequence: mesh/replicas/reconciler.py), and this member's own figure only
+for a member that does not say (one from before the profile carried it).
 """
 
 from __future__ import annotations
@@ -80,7 +84,7 @@ class Router:
     def __init__(self, node_id: str, state: Callable[[], MeshState], local: Callable[[], dict],
                  remote: Callable[[str, str, str, str], Any], default_slots: int = 1) -> None:
         self.node_id = node_id
-        self.default_slots = default_slots  # slots of a replica that does not say (another member's)
+        self.default_slots = default_slots  # slots of a replica whose member does not say (this member's own)
         self._state = state
         self._local = local  # () -> {(role, model): LocalShard} loaded on this node
         self._make_remote = remote  # (address, role, model, node_id) -> RemoteShard
@@ -113,10 +117,19 @@ class Router:
         if not candidates:
             raise NoReplica(f"no ready {role} replica of {model!r}")
         for load, _, node_id, replica in candidates:
-            if node_id == prefer and load < slots_of(replica, self.default_slots):
+            if node_id == prefer and load < slots_of(replica, self.reported_slots(state, role, model, node_id)):
                 return node_id, replica
         best = min(candidates, key=lambda c: c[:3])
         return best[2], best[3]
+
+    def reported_slots(self, state: MeshState, role: str, model: str, node_id: str) -> int:
+        """The slots member `node_id`'s replica of role/model decodes with, as the state says: one for a pipeline
+        head, else the member's profile (node.parallel), else `default_slots` (a member that does not report it)."""
+        split = state.splits.get(model)
+        if role == Role.REASONING and split is not None and split.head == node_id:
+            return 1
+        member = state.members.get(node_id)
+        return (member.profile.parallel if member is not None else 0) or self.default_slots
 
     def _usable(self, state: MeshState, shard) -> bool:
         member = state.members.get(shard.node_id)
@@ -142,7 +155,7 @@ class Router:
 
 def slots_of(replica: Any, default: int) -> int:
     """Generations a replica decodes at once: its `slots` (an in-process shard), its shard process's
-    `spec.parallel`, else `default` (a remote replica does not report it)."""
+    `spec.parallel`, else `default` (a remote replica: what its member reports, Router.reported_slots)."""
     slots = getattr(replica, "slots", None)
     if slots is None:
         slots = getattr(getattr(replica, "spec", None), "parallel", None)

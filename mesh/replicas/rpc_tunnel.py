@@ -41,6 +41,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from typing import Callable
 
 from mesh.replicas.tunnel_wire import deadlines, model_line, nodelay, read_model_line
@@ -102,7 +103,8 @@ async def _dial_stage(endpoint: str) -> tuple[asyncio.StreamReader, asyncio.Stre
         return await asyncio.open_connection(*_host_port(endpoint))
     from shards.stage_isolation import receive_connection
 
-    sock = await asyncio.to_thread(receive_connection, endpoint[5:], DIAL_TIMEOUT_S)
+    deadline = time.monotonic() + DIAL_TIMEOUT_S  # the thread ends by the caller's own wait
+    sock = await asyncio.to_thread(receive_connection, endpoint[5:], deadline=deadline)
     sock.setblocking(False)
     return await asyncio.open_connection(sock=sock)
 
@@ -322,21 +324,33 @@ class HeadTunnel(_Listener):
         """While the head process is connected: a ping to the stage member's meshd every PING_EVERY_S on a
         connection of its own. Silence for SILENT_S (its meshd or machine frozen, the network cut without a
         reset: the kernel may still acknowledge, so TCP alone would wait) closes the head's connections, so the
-        head aborts and its streams resume elsewhere. A refusal is not silence: tried again."""
+        head aborts and its streams resume elsewhere. A refusal answers (a stage restarting: its meshd runs, its
+        port is closed): dialled again. Any other failure to get a pong (a handshake that times out on a frozen
+        meshd, whose kernel still accepts) counts toward the silence."""
+        heard = asyncio.get_running_loop().time()
+
+        def left() -> float:
+            return heard + SILENT_S - asyncio.get_running_loop().time()
+
         while self._spliced:
             await asyncio.sleep(PING_EVERY_S)  # first: a connection refused at once ends before any ping
             try:
-                reader, writer = await asyncio.wait_for(self._dial(ping=True), SILENT_S)
-            except asyncio.TimeoutError:
-                return await self._silent()
-            except (OSError, ssl.SSLError) as exc:  # refused (a stage restarting): not silence
+                reader, writer = await asyncio.wait_for(self._dial(ping=True), max(left(), 0.01))
+            except ConnectionRefusedError as exc:
+                heard = asyncio.get_running_loop().time()
+                log.debug("tunnel for %s: heartbeat refused: %s", self.model, exc)
+                continue
+            except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+                if left() <= 0:
+                    return await self._silent()
                 log.debug("tunnel for %s: no heartbeat connection: %s", self.model, exc)
                 continue
             try:
                 while self._spliced:
                     writer.write(b"ping\n")
-                    if not await asyncio.wait_for(reader.readline(), SILENT_S):
+                    if not await asyncio.wait_for(reader.readline(), max(left(), 0.01)):
                         break  # the stage member closed it (its stage ended): dialled again
+                    heard = asyncio.get_running_loop().time()
                     await asyncio.sleep(PING_EVERY_S)
             except asyncio.TimeoutError:
                 return await self._silent()

@@ -14,7 +14,8 @@ least one. Only the live head member of that model's split is let through, to th
 
 Each stage's state goes to Raft (SetStageState, proposed by this member for itself whenever Raft's record
 differs from what this member knows): "starting"; "ready" once the stage listens; "failed" with a one-line
-reason when it cannot serve: this member's copy of the GGUF differs from the mesh's (sha256), the stage
+reason when it cannot serve: this member's copy of the GGUF differs from the mesh's (sha256: hashed in a
+task of its own, off the event loop, mesh/replicas/copy_check.py; the stage stays "starting" meanwhile), the stage
 cannot allocate its share, the head runs another llama.cpp build (RPC protocol), it failed to start, or it
 crash-loops. A failed stage is tried again after FAILED_RETRY_S (the placer may meanwhile plan around it).
 
@@ -27,21 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from mesh.replicas.child_supervision import Exit
+from mesh.replicas.child_supervision import Exit, child_socket
+from mesh.replicas.copy_check import CopyCheck
 from mesh.replicas.rpc_tunnel import TUNNEL_PORT_OFFSET, HeadTunnel, StageTunnelServer, tunnel_address_of
 from mesh.replicas.stage_process import StageProcess, StageStartError
 from raft.commands import Command, SetStageState
 from raft.state import MeshState, Split
 from raft.vocab import MemberState
 from shards import rpc_ggml
-from shards.model_files import ModelFileError, model_path, verify
+from shards.model_files import ModelFileError, model_path
 
 log = logging.getLogger("quorum.splits")
 
@@ -50,7 +50,6 @@ RESTART_BACKOFF_MAX_S = 30.0
 CRASH_WINDOW_S = 120.0
 CRASH_LOOP = 4  # exits within CRASH_WINDOW_S that make the stage "failed" (still restarted)
 FAILED_RETRY_S = 60.0  # a stage that could not serve (a bad GGUF, no memory, another build) is tried again
-SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
 RETRY_BIND_S = 5.0  # the tunnel port was taken: try again after this long
 STARTING, READY, FAILED = "starting", "ready", "failed"
 
@@ -89,10 +88,9 @@ class SplitRunner:
         self._exits: dict[str, collections.deque[float]] = {}
         self._not_before: dict[str, float] = {}  # model -> monotonic time its stage may start again
         self._server_not_before = 0.0
-        self._bad_copy: dict[str, tuple[int, int, str]] = {}  # model -> (size, mtime_ns, reason) of a bad GGUF
+        self.copies = CopyCheck(wake)  # this member's copies of split models' GGUFs, hashed off the loop
         self._reporting: dict[str, asyncio.Task] = {}  # model -> its SetStageState in flight
         self._protocol = _protocol()
-        self._socket_dir: Path | None = None  # a short private directory, when cache_dir's path is too long
 
     def local_stages(self, state: MeshState) -> dict[str, int]:
         """model -> layers, for every split with a stage on this member."""
@@ -111,6 +109,7 @@ class SplitRunner:
                          "to try it afresh" if failed_out else "no longer placed here")
         for model in sorted(set(self.states) - set(want)):
             del self.states[model]
+        self.copies.keep(set(want))
         for model, layers in sorted(want.items()):
             if model not in self.stages and now >= self._not_before.get(model, 0.0):
                 await self._start_stage(state, model, layers)
@@ -161,6 +160,7 @@ class SplitRunner:
         return out
 
     async def close(self) -> None:
+        await self.copies.close()
         for task in list(self._reporting.values()):
             task.cancel()
         await asyncio.gather(*self._reporting.values(), return_exceptions=True)  # cancelled on purpose
@@ -203,13 +203,17 @@ class SplitRunner:
             del self._reporting[model]
 
     async def _start_stage(self, state: MeshState, model: str, layers: int) -> None:
-        self._set(model, STARTING, f"{layers} layers")
-        bad = await self._check_copy(state, model)
+        checked, bad = self._copy_verdict(state, model)
+        if not checked:  # being hashed in a task of its own: this step goes on, the verdict wakes the next one
+            self._set(model, STARTING, f"{layers} layers; checking this member's copy of the model (sha256)")
+            return
         if bad is not None:
             self._fail(model, bad)
             return
+        self._set(model, STARTING, f"{layers} layers")
         cache = self.cache_dir / "stage-cache" if self.cache_dir is not None else None
-        stage = StageProcess(model, layers, self.threads, cache, self._exited, self._fault, self._socket_path(model))
+        stage = StageProcess(model, layers, self.threads, cache, self._exited, self._fault,
+                             child_socket(self.cache_dir, model, prefix="stage-"))
         try:
             await stage.start()
         except (StageStartError, OSError) as exc:  # reported and retried after a back-off, never fatal to meshd
@@ -222,38 +226,18 @@ class SplitRunner:
         self._set(model, READY, f"{layers} layers, RPC protocol {protocol}"
                                 + ("" if stage.isolated else "; its RPC port is open to this machine's users"))
 
-    async def _check_copy(self, state: MeshState, model: str) -> str | None:
-        """Why this member's copy of the model's GGUF cannot be trusted (its sha256 differs from the mesh's),
-        or None (it matches, or there is no copy here: the head sends the tensors)."""
+    def _copy_verdict(self, state: MeshState, model: str) -> tuple[bool, str | None]:
+        """(known, reason) for this member's copy of the model's GGUF (mesh/replicas/copy_check.py): a reason when
+        its sha256 differs from the mesh's; (True, None) when it matches or there is no copy here (the head sends
+        the tensors); (False, None) while it is being hashed."""
         record = state.models.get(model)
         if record is None or self.models_dir is None:
-            return None
+            return True, None
         try:
             path = model_path(self.models_dir, record.file)
-            st = path.stat()
-        except (ModelFileError, OSError):  # no copy here (or a name that cannot be one): nothing to check
-            return None
-        known = self._bad_copy.get(model)
-        if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
-            return known[2]
-        try:
-            await asyncio.to_thread(verify, path, record.sha256, False)
-        except (ModelFileError, OSError) as exc:
-            reason = f"this member's copy of {record.file} differs from the mesh's (sha256 check: {exc})"
-            self._bad_copy[model] = (st.st_size, st.st_mtime_ns, reason)
-            return reason
-        self._bad_copy.pop(model, None)
-        return None
-
-    def _socket_path(self, model: str) -> Path:
-        """Where the stage of `model` listens: a Unix socket in meshd's private run directory (0700)."""
-        name = f"stage-{hashlib.sha256(model.encode()).hexdigest()[:12]}.sock"
-        directory = self.cache_dir
-        if directory is None or len(str(directory / name)) > SOCKET_PATH_MAX:
-            if self._socket_dir is None:
-                self._socket_dir = Path(tempfile.mkdtemp(prefix="quorum-stage-"))  # mode 0700
-            directory = self._socket_dir
-        return directory / name
+        except ModelFileError:  # a name that cannot be a file here: no copy to check
+            return True, None
+        return self.copies.verdict(model, path, record.sha256)
 
     def _fail(self, model: str, reason: str) -> None:
         self._not_before[model] = time.monotonic() + FAILED_RETRY_S

@@ -89,6 +89,8 @@ def test_placement_is_visible_in_meshctl_status_json(mesh):
     st = json.loads(done.stdout)
     ready = [s for s in st["shards"] if s["role"] == "reasoning" and s["state"] == "ready"]
     assert len(ready) == st["replicas"]["reasoning"] == 1
+    assert st["node"]["reserve_mib"] == 256  # placement.reserve_mib, which meshctl's pinned split shares count
+    assert all(m["profile"]["parallel"] >= 1 for m in st["members"])  # each member's slots, for session routing
     table = meshctl(mesh["a"], "status")
     assert table.returncode == 0 and "MEMBER" in table.stdout and "reasoning" in table.stdout
 

@@ -38,6 +38,7 @@ def test_this_machines_profile_reads_into_the_record_and_back():
     ({"cpu_features": ["avx2", 3, None]}, "cpu_features", ("avx2",)),
     ({"memory_available_for_models": None}, "memory_available_for_models", None),
     ({"board": "x" * 10_000}, "board", "x" * 256),
+    ({"parallel": "four"}, "parallel", 0),  # as from a member that does not say: routing uses its own figure
 ])
 def test_odd_facts_fall_back_to_defaults_instead_of_rejecting_the_member(wire, field, expected):
     assert getattr(MemberProfile.from_wire(wire), field) == expected

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from mesh.core.config import MeshConfig
 from mesh.core.metrics import Metrics
 from mesh.gateway.admission import Admission, Sessions
+from mesh.replicas.remote_shard import RemoteShard
 from mesh.replicas.router import Router, slots_of
-from raft.records import Member, MeshState, Shard
+from raft.records import Member, MeshState, Shard, Split
 from shards.backend_null import NullBackend
+from shards.grpc_service import SERVER_OPTIONS, ShardService
 from shards.local import LocalShard
 from shards.types import GenerateRequest, Message, Sampling
 
@@ -157,3 +160,53 @@ async def wait_idle(r: Replicas) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the replicas did not go idle")
+
+
+def test_another_members_free_slots_come_from_its_profile_not_this_members():
+    """Member a routes to b and c over real gRPC (RemoteShard, which reports no slots of its own). b says it
+    decodes 2 sequences at once (its profile's `parallel`), c says nothing (a member from before the field), and a
+    pipeline's head decodes one: a session stays on its replica while that replica has a free slot by its own
+    figure, this member's (1 here) standing in only for c."""
+    long = GenerateRequest(Sampling(max_tokens=400), prompts=("x",))
+
+    async def run():
+        shards = {n: LocalShard("reasoning", MODEL, NullBackend(n_ctx=1024, reply_tokens=400, delay_s=0.01, slots=2),
+                                queue_depth=4, named_template="gemma") for n in "bc"}
+        servers, ports = [], {}
+        for n, shard in shards.items():
+            server = grpc.aio.server(options=SERVER_OPTIONS)
+            ShardService(lambda s=shard: {("reasoning", MODEL): s}).add_to(server)
+            ports[n] = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            servers.append(server)
+        profiles = {"a": {"parallel": 1}, "b": {"parallel": 2}, "c": {}}
+        members = {n: Member(n, n, f"h:{i}", f"h:{i + 10}", profiles[n], "active", 1.0,
+                             grpc_address=f"127.0.0.1:{ports.get(n, 1)}") for i, n in enumerate("abc")}
+        shard_records = {("reasoning", MODEL, n): Shard("reasoning", MODEL, n, "ready") for n in "bc"}
+        whole = MeshState(members=members, shards=shard_records)
+        split = MeshState(members=members, shards=shard_records, splits={MODEL: Split(MODEL, "b", (("c", 5),))})
+        current = [whole]
+        router = Router("a", lambda: current[0], dict,
+                        lambda address, role, model, node_id: RemoteShard(address, role, model, node_id),
+                        default_slots=1)
+        held = []
+        try:
+            assert [router.reported_slots(s, "reasoning", MODEL, n) for s in (whole, split) for n in "bc"] \
+                == [2, 1, 1, 1]
+            held.append(await router.pick("reasoning", MODEL)[1].open(long))  # b: one of its two slots
+            assert router.pick("reasoning", MODEL, prefer="b")[0] == "b", "b has a free slot by its own figure"
+            current[0] = split
+            assert router.pick("reasoning", MODEL, prefer="b")[0] == "c", "a pipeline head decodes one sequence"
+            current[0] = whole
+            held.append(await router.pick("reasoning", MODEL, prefer="c")[1].open(long))  # c: idle, preferred
+            assert router.pick("reasoning", MODEL, prefer="c")[0] == "b", "c does not say: this member's 1 slot"
+        finally:
+            for opened in held:
+                opened.cancel()
+            await router.close()
+            for server in servers:
+                await server.stop(None)
+            for shard in shards.values():
+                shard.close()
+
+    asyncio.run(asyncio.wait_for(run(), 30))

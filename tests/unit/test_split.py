@@ -10,7 +10,18 @@ import pytest
 from mesh.cli.meshctl import build_parser, pipeline_rows, render_status
 from mesh.cluster.placement import Assignment, Plan
 from mesh.cluster.placer import with_split_heads
-from raft.commands import AddMember, ClearSplit, CreateToken, InitMesh, RegisterModel, SetMemberState, SetSplit
+from raft.commands import (
+    AddMember,
+    ApplyPlacement,
+    ClearSplit,
+    CreateToken,
+    InitMesh,
+    RegisterModel,
+    SetMemberState,
+    SetSplit,
+    decode,
+    encode,
+)
 from raft.snapshot import decode_dump, encode_dump
 from raft.state import MeshState, Rejected, Split, apply
 from shards.host import HostSpec
@@ -75,11 +86,31 @@ def test_splits_survive_the_full_dump():
 def test_the_placer_keeps_the_heads_replica_beyond_the_desired_count():
     state = apply(mesh(), SetSplit("gemma", "a", (("b", 9),)))
     plan = Plan((Assignment("reasoning", "gemma", "b"),), ())
-    planned = with_split_heads(plan, state, healthy={"a", "b", "c"})
+    planned = with_split_heads(plan, state, state.splits, healthy={"a", "b", "c"})
     assert planned.assignments == (Assignment("reasoning", "gemma", "a"), Assignment("reasoning", "gemma", "b"))
-    assert with_split_heads(planned, state, healthy={"a", "b", "c"}) is planned  # already there: unchanged
-    assert with_split_heads(plan, state, healthy={"b", "c"}) is plan  # an unhealthy head is not kept
-    assert with_split_heads(plan, mesh(), healthy={"a", "b"}) is plan  # no split, nothing added
+    assert with_split_heads(planned, state, state.splits, healthy={"a", "b", "c"}) is planned  # already there
+    assert with_split_heads(plan, state, state.splits, healthy={"b", "c"}) is plan  # an unhealthy head is not kept
+    assert with_split_heads(plan, mesh(), {}, healthy={"a", "b"}) is plan  # no split, nothing added
+
+
+def test_a_placement_entry_carries_the_placers_split_all_or_nothing():
+    state = mesh()
+    both = apply(state, ApplyPlacement((("reasoning", "gemma", "a"),), (), split_model="gemma", split_head="a",
+                                       split_stages=(("b", 9),)))
+    assert both.splits["gemma"] == Split("gemma", "a", (("b", 9),), auto=True)
+    assert set(both.shards) == {("reasoning", "gemma", "a")}
+    cleared = apply(both, ApplyPlacement((("reasoning", "gemma", "c"),), (), split_model="gemma"))
+    assert cleared.splits == {} and set(cleared.shards) == {("reasoning", "gemma", "c")}
+    with pytest.raises(Rejected):  # a bad split rejects the placement too: nothing applied
+        apply(state, ApplyPlacement((("reasoning", "gemma", "a"),), (), split_model="gemma", split_head="a",
+                                    split_stages=(("a", 9),)))
+    by_hand = apply(state, SetSplit("gemma", "a", (("b", 9),)))
+    with pytest.raises(Rejected, match="by hand"):  # the placer never changes a split a person pinned
+        apply(by_hand, ApplyPlacement((), (), split_model="gemma"))
+    wire = ApplyPlacement((("reasoning", "gemma", "a"),), (), split_model="gemma", split_head="a",
+                          split_stages=(("b", 9),))
+    assert decode(encode(wire)) == wire
+    assert set(encode(ApplyPlacement((), ()))) == {"kind", "assignments", "unplaced"}  # older members read it
 
 
 def test_a_heads_spec_carries_its_stages_through_json():

@@ -7,6 +7,8 @@ nodes."""
 from __future__ import annotations
 
 import asyncio
+import types
+from pathlib import Path
 
 import pytest
 
@@ -15,17 +17,23 @@ from mesh.cli.pipelines import pinned_split
 from mesh.cluster.placement import member_memory
 from mesh.cluster.placer import Placer
 from mesh.core.config import DEFAULT_MODEL, ConfigError, MeshConfig, parse_config
+from mesh.core.metrics import Metrics
+from mesh.replicas.child_supervision import Exit
+from mesh.replicas.reconciler import Reconciler
 from nodes.profile import local_profile
 from raft.commands import (
     AddMember,
     ClearSplit,
     CreateToken,
     InitMesh,
+    PinShard,
     RegisterModel,
     SetMemberState,
     SetReplicas,
+    SetShardState,
     SetSplit,
     SetStageState,
+    UpdateProfile,
 )
 from raft.node import RaftNode, RaftTiming
 from raft.profile import MemberProfile
@@ -68,9 +76,8 @@ async def _placer_splits(raft: RaftNode) -> None:
     await propose(SetReplicas("reasoning", 1))
     placer = Placer(raft, grace_s=3600, reserve_bytes=0)
 
-    assert await placer.step()  # the pipeline first
+    assert await placer.step()  # the pipeline and its head (the model's reasoning shard), in one entry
     assert raft.state.splits == {"gemma": Split("gemma", "a", (("b", 12),), auto=True)}
-    assert await placer.step()  # then its head, as the model's reasoning shard
     assert set(raft.state.shards) == {("reasoning", "gemma", "a")} and raft.state.unplaced == ()
     assert not await placer.step()  # stable
 
@@ -118,6 +125,108 @@ def test_the_placer_splits_a_model_no_member_holds_and_plans_again_when_a_stage_
     raft = RaftNode(f"127.0.0.1:{free_ports(1)}", [], tmp_path / "raft", "unit-test-secret", TIMING)
     try:
         asyncio.run(asyncio.wait_for(_placer_splits(raft), 120))
+    finally:
+        raft.close()
+
+
+async def _transitions(raft: RaftNode, tmp_path: Path) -> None:
+    """Between a pipeline and a whole replica, both ways, the one serving stays until the other is ready; a phone's
+    battery between the two thresholds does not flip the choice; no entry ever leaves an old head without its
+    split."""
+    async def propose(cmd):
+        return await asyncio.wait_for(asyncio.wrap_future(raft.propose(cmd)), 30)
+
+    async def ready(node_id: str) -> None:
+        await propose(SetShardState("reasoning", "gemma", node_id, "ready"))
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not (raft.is_leader() and raft.is_ready()):
+        assert asyncio.get_running_loop().time() < deadline, "the one-member group did not elect itself"
+        await asyncio.sleep(0.02)
+    entries: list[tuple] = []  # (splits, shards) after each placement the placer commits
+
+    async def step() -> bool:
+        stepped = await placer.step()
+        if stepped:
+            entries.append((dict(raft.state.splits), set(raft.state.shards)))
+        return stepped
+
+    for cmd in (InitMesh("mesh-1", "m", 1.0),
+                AddMember("a", "a", "127.0.0.1:1", raft.address, profile(400), 2.0),
+                CreateToken("t", "c" * 64, 1.0, 1e9, uses=9),
+                AddMember("b", "b", "127.0.0.1:10", "127.0.0.1:12", profile(400), 3.0, token_id="t"),
+                RegisterModel("gemma", "g.gguf", "a" * 64, 253_113_024, ("reasoning",), 4096, "gemma", MEMORY,
+                              layers=18, layer_bytes=LAYER),
+                SetReplicas("reasoning", 1)):
+        await propose(cmd)
+    placer = Placer(raft, grace_s=3600, reserve_bytes=0)
+    assert await step()
+    assert raft.state.splits["gemma"].head == "a"
+    await ready("a")
+
+    # Pipeline -> whole: d can hold it; the running pipeline serves until d's replica is ready.
+    await propose(AddMember("d", "d", "127.0.0.1:20", "127.0.0.1:22", profile(2048), 4.0, token_id="t"))
+    assert await step()
+    assert raft.state.splits["gemma"].head == "a"
+    assert set(raft.state.shards) == {("reasoning", "gemma", "a"), ("reasoning", "gemma", "d")}
+    assert not await step()  # waiting for d
+    await ready("d")
+    assert await step()
+    assert raft.state.splits == {} and set(raft.state.shards) == {("reasoning", "gemma", "d")}
+
+    # Whole -> pipeline: d is a phone whose battery drops. Between the thresholds (30-40 %) it keeps the model.
+    phone = {"device_class": "termux-phone", "battery": {"percent": 35.0, "charging": True}}
+    await propose(UpdateProfile("d", phone))
+    assert not await step()
+    await propose(UpdateProfile("d", {"battery": {"percent": 20.0, "charging": True}}))
+    assert await step()  # a pipeline over a and b; d's ready replica stays until the head is ready
+    assert raft.state.splits["gemma"].head == "a"
+    assert set(raft.state.shards) == {("reasoning", "gemma", "a"), ("reasoning", "gemma", "d")}
+    assert not await step()
+    await ready("a")
+    assert await step()
+    assert set(raft.state.shards) == {("reasoning", "gemma", "a")}
+    # Charged again to 35 %: below the mark a phone without the model takes it at (40 %), so nothing moves.
+    await propose(UpdateProfile("d", {"battery": {"percent": 35.0, "charging": True}}))
+    assert not await step()
+
+    # The reconciler's guard for a moment the placement never asks for (a split cleared by hand before the
+    # placement follows): a member does not load whole a model beyond what it gives to models, unless pinned.
+    def reconciler(node_id: str) -> Reconciler:
+        return Reconciler(node_id, raft, tmp_path, MeshConfig(), "llama", Metrics(), fetch=None, run_dir=tmp_path)
+
+    key = ("reasoning", "gemma")
+    assert not reconciler("b")._fits_whole(key, raft.state)
+    assert reconciler("d")._fits_whole(key, raft.state)
+    await propose(PinShard("reasoning", "gemma", "b"))
+    assert reconciler("b")._fits_whole(key, raft.state)  # a person's pin is obeyed
+
+    # A head that lost its stage does not trust the stage's "ready" recorded before the loss: it waits for the
+    # stage member to report again (it says "starting" as it restarts its stage).
+    head = reconciler("a")
+    await propose(SetStageState("gemma", "b", "ready", "12 layers"))
+    split = raft.state.splits["gemma"]
+    assert await head._stages_ready(key, split, raft.state)
+    head._split_of[key] = split  # as when its process was started
+    crash = Exit(-6, ("ggml_abort: Remote RPC server crashed or returned malformed response",))
+    await head._exited(types.SimpleNamespace(role="reasoning", model="gemma"), crash)
+    assert not await head._stages_ready(key, raft.state.splits["gemma"], raft.state)
+    await propose(SetStageState("gemma", "b", "starting", "restarting in 0 s after: killed by SIGKILL"))
+    assert not await head._stages_ready(key, raft.state.splits["gemma"], raft.state)
+    await propose(SetStageState("gemma", "b", "ready", "12 layers"))
+    assert await head._stages_ready(key, raft.state.splits["gemma"], raft.state)
+
+    for splits, shards in entries:  # every head recorded had its shard placed in the same entry, and the reverse
+        heads = {("reasoning", s.model, s.head) for s in splits.values()}
+        assert heads <= shards
+        for key in shards - heads:
+            assert key[2] not in {s.head for s in splits.values()}
+
+
+def test_the_placer_moves_between_a_pipeline_and_a_whole_replica_make_before_break(tmp_path):
+    raft = RaftNode(f"127.0.0.1:{free_ports(1)}", [], tmp_path / "raft", "unit-test-secret", TIMING)
+    try:
+        asyncio.run(asyncio.wait_for(_transitions(raft, tmp_path), 120))
     finally:
         raft.close()
 

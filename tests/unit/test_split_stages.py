@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,50 @@ def test_a_stage_member_gone_silent_costs_the_head_its_connection(monkeypatch):
         thread.join(WAIT_S)
     assert got == b""
     assert 0.9 < after_s < 15  # SILENT_S, give or take a ping; generous on a busy machine
+
+
+def test_a_stage_member_frozen_before_the_heartbeat_connects_is_silence_not_a_refusal(monkeypatch):
+    """The heartbeat must dial while the stage member's meshd is frozen: its kernel accepts the TCP connection and
+    the TLS handshake never ends. That is silence (the head's connection is closed after SILENT_S), not a
+    refusal that is tried again for good."""
+    from mesh.replicas import rpc_tunnel
+
+    monkeypatch.setattr(rpc_tunnel, "PING_EVERY_S", 0.1)
+    monkeypatch.setattr(rpc_tunnel, "SILENT_S", 1.0)
+    monkeypatch.setattr(rpc_tunnel, "HANDSHAKE_TIMEOUT_S", 0.3)  # below SILENT_S, as 5 s is below 6 s
+    frozen = socket.create_server(("127.0.0.1", 0), backlog=128)  # listens, never accepts: a frozen meshd
+    # (its kernel takes up to the backlog: with a small one the dials would hang at connect instead)
+
+    async def run() -> tuple[bytes, float]:
+        stage, endpoint = await echo_stage()
+        server = StageTunnelServer("127.0.0.1", 0, STAGE.server_context(), lambda caller, model: endpoint)
+        await server.start()
+        targets = iter([f"127.0.0.1:{server.bound_port}"])  # the data connection reaches it; later dials do not
+
+        def target() -> tuple[str, str]:
+            return next(targets, f"127.0.0.1:{frozen.getsockname()[1]}"), "stage1"
+
+        tunnel = HeadTunnel("m", target, HEAD.client_context)
+        host, port = (await tunnel.start()).rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"ping")
+            assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+            started = time.monotonic()
+            got = await asyncio.wait_for(reader.read(4), 20)  # b"": the tunnel closed the head's connection
+            return got, time.monotonic() - started
+        finally:
+            writer.close()
+            await tunnel.close()
+            await server.close()
+            stage.close()
+
+    try:
+        got, after_s = asyncio.run(run())
+    finally:
+        frozen.close()
+    assert got == b""
+    assert after_s < 15  # SILENT_S and a handshake or two; generous on a busy machine
 
 
 def test_a_head_of_another_llama_cpp_build_is_refused_and_the_stage_says_why():
@@ -253,6 +298,7 @@ async def settle(runner: SplitRunner, recorder: Recorder, until) -> None:
         assert time.monotonic() < deadline, f"runner never settled: {runner.status()}"
         await runner.step(recorder.state)
         await asyncio.gather(*runner._reporting.values(), return_exceptions=True)
+        await asyncio.sleep(0.01)  # lets a check in a task of its own run, as the reconciler's wait between steps does
 
 
 def test_a_stage_whose_gguf_differs_from_the_mesh_fails_with_the_reason(tmp_path):
@@ -260,7 +306,8 @@ def test_a_stage_whose_gguf_differs_from_the_mesh_fails_with_the_reason(tmp_path
 
     async def run():
         try:
-            await settle(runner, recorder, lambda: recorder.state.splits["split-me"].stage_state("b") is not None)
+            await settle(runner, recorder,  # "starting" while it hashes (in a task of its own), then "failed"
+                         lambda: (recorder.state.splits["split-me"].stage_state("b") or ("",))[0] == "failed")
         finally:
             await runner.close()
 
