@@ -6,7 +6,9 @@ bundle with both CAs, cross-over, then the old one dropped):
   (RequestCaRotation); a rotation not owed is refused, so of two authorities that race, one wins;
 - RotateCa comes from a live authority (or, when none is live, from a live member that is not a witness: it
   becomes the authority); its CA joins the trusted set and signs from then on; the first rotation adopts the
-  CAs its proposer trusted before (`trusted_before`), which the state did not name yet;
+  CAs its proposer trusted before (`trusted_before`), which the state did not name yet; each of them must be one
+  self-signed CA certificate with a key of ours (`ca_fingerprint`), judged from its bytes alone (cryptography,
+  which every member has: raft/tls.py needs it too), so every member gives the same verdict;
 - each member reports the newest CA it trusts and the one that signed its certificate (SetMemberCa); members
   renew under the new CA only once every live member trusts it (`untrusting`), so a member that was away
   (a phone asleep) still reaches the others when it returns, learns the new CA, and the rotation goes on;
@@ -19,11 +21,17 @@ bundle with both CAs, cross-over, then the old one dropped):
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import hashlib
-import ssl
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from raft.commands import RequestCaRotation, RetireCas, RotateCa, SetMemberCa
+from raft.pem import CERT_BLOCK
 from raft.records import MeshState, Rejected
 from raft.vocab import MemberState
 
@@ -31,15 +39,69 @@ MAX_TRUSTED = 8  # CAs trusted at once: a rotation every removal, each finished 
 MAX_CA_PEM = 4096
 
 
+CA_CURVES = ("secp256r1", "secp384r1")  # EC keys a CA may have (meshd makes P-256)
+CA_RSA_BITS = (2048, 4096)  # or RSA keys of that many bits, at least and at most
+CA_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
 def ca_fingerprint(pem: str) -> str:
-    """sha256 of the certificate's DER, base64url without padding (mesh/security/pki.py fingerprint)."""
-    if not isinstance(pem, str) or len(pem) > MAX_CA_PEM:
+    """The fingerprint (sha256 of the DER, base64url without padding: mesh/security/pki.py fingerprint) of a CA
+    certificate the mesh may trust; Rejected, with the reason, unless `pem` is one PEM certificate that is a CA
+    (basicConstraints CA=true; keyCertSign when it says its key usage), self-signed, with a key and a signature
+    hash of ours. Every member writes what the log trusts into its ca.pem, so one proposer (a compromised
+    authority) must not get a malformed CA there. The verdict depends on the bytes alone (no clock), so every
+    member, and every replay of the log, gives the same one."""
+    if not isinstance(pem, str) or len(pem) > MAX_CA_PEM or not pem.isascii():
         raise Rejected("a CA certificate is a PEM string of at most 4 KB")
+    raw = pem.strip().encode()
+    block = CERT_BLOCK.match(raw)  # the first block: it must be all there is
+    if block is None or block.end() != len(raw):
+        raise Rejected("not a PEM certificate: a CA is one PEM certificate block and nothing else")
+    body = b"".join(block.group(0).splitlines()[1:-1])
     try:
-        der = ssl.PEM_cert_to_DER_cert(pem.strip() + "\n")
-    except ValueError:
-        raise Rejected("not a PEM certificate") from None
+        der = base64.b64decode(body, validate=True)
+        cert = x509.load_der_x509_certificate(der)
+    except (binascii.Error, ValueError):
+        raise Rejected("not a PEM certificate: its body is not a DER X.509 certificate") from None
+    _check_ca(cert)
     return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
+def _check_ca(cert: x509.Certificate) -> None:
+    try:
+        extensions = cert.extensions
+        constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise Rejected("not a CA certificate: it has no basicConstraints (CA=true)") from None
+    except ValueError as exc:  # duplicate or malformed extensions
+        raise Rejected(f"not a CA certificate: its extensions do not parse ({exc})") from None
+    if not constraints.ca:
+        raise Rejected("not a CA certificate: basicConstraints says CA=false")
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        usage = None  # no key usage: any, certificate signing included
+    if usage is not None and not usage.key_cert_sign:
+        raise Rejected("not a CA certificate: its key usage does not allow signing certificates")
+    try:
+        key = cert.public_key()
+        digest = cert.signature_hash_algorithm
+    except (ValueError, UnsupportedAlgorithm):
+        raise Rejected("a CA key is EC P-256 or P-384, or RSA of 2048 to 4096 bits") from None
+    if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in CA_CURVES) and \
+            not (isinstance(key, rsa.RSAPublicKey) and CA_RSA_BITS[0] <= key.key_size <= CA_RSA_BITS[1]):
+        raise Rejected("a CA key is EC P-256 or P-384, or RSA of 2048 to 4096 bits")
+    if not isinstance(digest, CA_HASHES):
+        raise Rejected("a CA certificate is signed with SHA-256, SHA-384 or SHA-512")
+    if cert.issuer != cert.subject:
+        raise Rejected("a CA certificate of the mesh is self-signed: its issuer is not its subject")
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        raise Rejected("a CA certificate of the mesh is self-signed: its signature does not verify with its own key") \
+            from None
+    if cert.not_valid_before_utc >= cert.not_valid_after_utc:
+        raise Rejected("a CA certificate's validity ends before it begins")
 
 
 def owe_rotation(state: MeshState, reason: str) -> MeshState:

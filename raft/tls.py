@@ -31,7 +31,6 @@ The rule (`member_authorizer`, the default RaftNode uses with its own state):
 from __future__ import annotations
 
 import os
-import re
 import ssl
 import tempfile
 import threading
@@ -43,6 +42,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from raft.pem import cert_blocks
 from raft.state import MeshState
 from raft.vocab import MemberState
 
@@ -85,7 +85,7 @@ class RaftTls:
         """New connections present `cert_pem` and trust `ca_pem` from now on. Open connections whose peer's
         certificate no CA in `ca_pem` signed (a CA rotation dropped its CA) are closed at their next read."""
         self.box[0] = _contexts(cert_pem, key_pem, ca_pem, self.box)
-        trusted = [x509.load_pem_x509_certificate(m.group(0)) for m in _PEM_CERT.finditer(ca_pem)]
+        trusted = [x509.load_pem_x509_certificate(block) for block in cert_blocks(ca_pem)]
         with _LOCK:  # the tick thread adds sessions
             sessions = list(_SESSIONS)
         for session in sessions:
@@ -94,7 +94,6 @@ class RaftTls:
                 session.revoked = True
 
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.S)
 # Which RaftTls (its box) made a context, and the established sessions: what `reload` checks again.
 _FAMILY: weakref.WeakKeyDictionary[ssl.SSLContext, list] = weakref.WeakKeyDictionary()
 _SESSIONS: weakref.WeakSet[TlsSession] = weakref.WeakSet()

@@ -198,9 +198,12 @@ def _check_append_entries(message: dict, method_ids: Any) -> None:
 
 
 # Commands about one member that only that member proposes (a re-announce of its addresses and profile,
-# its profile's changing facts, the state of its stage of a split model, the CA it made, its certificate's CA).
-# A join's AddMember (it carries a token) is the leader's own proposal and is never forwarded by a member either.
-_OWN_RECORD = frozenset({"add_member", "update_profile", "set_stage_state", "rotate_ca", "set_member_ca"})
+# its profile's changing facts, the state of its stage of a split model, the CA it made, its certificate's CA,
+# whether it holds the CA key: else a member could clear another authority's flag, and that one's removal would
+# owe no CA rotation). A join's AddMember (it carries a token) is the leader's own proposal and is never forwarded
+# by a member either; so is the authority a joiner receives with the CA key (AddMember.authority).
+_OWN_RECORD = frozenset({"add_member", "update_profile", "set_stage_state", "rotate_ca", "set_member_ca",
+                         "set_authority"})
 
 
 def proposer_may_send(peer_id: str, wire: dict) -> bool:

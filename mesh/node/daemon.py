@@ -127,7 +127,7 @@ class NodeDaemon:
         self.metrics.watch_sessions(lambda: raft.state)
         placer = Placer(raft, cfg.placement.grace_s, cfg.placement.reserve_mib << 20,
                         battery=battery_policy(cfg.placement))
-        # Another member's replica does not report its slots: assume this member's (node.parallel).
+        # Another member's slots come from its profile (its node.parallel); this member's stand in where none says.
         router = Router(record.node_id, lambda: raft.state, self._local_shards, self._remote_shard,
                         default_slots=cfg.node.resolved_parallel())
         gateway = Gateway(cfg, self.metrics, router,
@@ -147,8 +147,8 @@ class NodeDaemon:
                           hosts=(node.host, node.public_host), max_inflight=cfg.gateway.max_inflight_per_key,
                           retry_after_s=cfg.gateway.retry_after_s)
         limits = limits_from(cfg.gateway)
-        peers = peer_server(PeerGate(app, lambda: raft.state), self.identity, limits, is_member=self._live_member,
-                            context=self.live.server_context())
+        peers = peer_server(PeerGate(app, lambda: raft.state, lambda: self.live().ca_pem), self.identity, limits,
+                            is_member=self._live_member, context=self.live.server_context())
         public = StripRelayHeaders(app)
         if enforce:
             log.info("the gateway requires API keys (gateway.api_keys = %s)", cfg.gateway.api_keys)
@@ -234,7 +234,8 @@ class NodeDaemon:
         self.reconciler = Reconciler(self.record.node_id, self.raft, self.dd.models_dir, self.cfg,
                                      self.opts.backend, self.metrics, fetch, self.opts.progress, run_dir(self.dd.path),
                                      identity=self.live)  # split models: stage tunnels (mesh/replicas/splits.py)
-        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[MemberOnly(self._live_member)])
+        member_only = MemberOnly(self._live_member, lambda: self.live().ca_pem)  # a live id, from a CA trusted now
+        server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[member_only])
         ShardService(self._local_shards).add_to(server)
         NodeService(self.dd.models_dir).add_to(server)
         host = self.cfg.node.host
@@ -305,8 +306,7 @@ class NodeDaemon:
             return await asyncio.to_thread(self.gateway_cert.context)
         return await asyncio.to_thread(
             gateway_context, cfg.gateway.tls, self.dd.path, cert_file=cfg.gateway.tls_cert,
-            key_file=cfg.gateway.tls_key, ca_pem=self.identity.ca_pem,
-            names=gateway_names(cfg.node.advertise, cfg.node.host), sign=sign)
+            key_file=cfg.gateway.tls_key)
 
     def _live_member(self, node_id: str) -> bool:
         member = self.raft.state.members.get(node_id)
@@ -318,7 +318,7 @@ class NodeDaemon:
         raft, record, node = self.raft, self.record, self.cfg.node
         await until(lambda: raft.is_ready() and raft.leader() is not None, "the Raft log to catch up", 300)
         profile = {**await asyncio.to_thread(local_profile, node.memory_budget_bytes),
-                   "threads": self.cfg.node.resolved_threads()}
+                   "threads": self.cfg.node.resolved_threads(), "parallel": self.cfg.node.resolved_parallel()}
         # An election at this moment (pre-vote at start-up) must not end this member: each step is tried again.
         await self.propose_until_taken(AddMember(
             node_id=record.node_id, name=record.name, http_address=node.http_address, raft_address=node.raft_address,

@@ -8,15 +8,19 @@ way):
 1. owed (a removed authority, or an operator's request): a live authority makes a new CA, keeps its key as
    ca-next.key, and proposes RotateCa. The leader, when it is an authority, goes first; the others follow
    STAGGER_S apart, and the log takes only the first. With no live authority left, a member that may hold the
-   key (security.authorities) makes it, and becomes the authority.
+   key (security.authorities) makes it, and becomes the authority. A proposal whose outcome is unknown (no
+   majority then) is proposed again, the same CA, every AGAIN_S while the rotation is owed; ca-next.key is
+   shredded only once no entry can make its CA the signing one (the log rotated to another CA), never on a
+   timer.
 2. every member trusts the CAs the log names (ca.pem: the signing one first; Raft, gRPC, the peer port and its
    clients reload from it) and reports so (SetMemberCa: the newest CA it trusts, the CA of its certificate).
    Once every live member trusts the new CA, each renews its certificate under it (mesh/security/renewal.py)
    and reports that. Renewing only then keeps a member that was away (a phone asleep) able to reach the
    others when it returns: they still present certificates it trusts until it has learnt the new CA. The
-   authority that made the CA installs its key; every other authority fetches it from that one over the peer
-   port (POST CA_KEY_PATH, its own certificate; only a live member recorded as an authority gets it) and
-   never signs with the old one.
+   authority that made the CA installs its key; every other authority fetches it over the peer port (POST
+   CA_KEY_PATH, its own recorded certificate; only a live member recorded as an authority gets it) from the
+   maker, or, when the maker is away, from any other live authority that holds it by then, and never signs
+   with the old one.
 3. once every live member reports the signing CA, the leader retires the others (RetireCas): from then on a
    certificate signed with the removed member's copy of the old key is refused at every handshake.
 
@@ -57,7 +61,7 @@ log = logging.getLogger("quorum.trust")
 CA_KEY_PATH = "/control/v1/ca-key"
 STAGGER_S = 3.0  # between authorities in line to make a new CA
 BUSY_S = 2.0  # how often to check while a rotation is under way
-STALE_S = 120.0  # a CA this member proposed that the log has not taken by then is dropped (and made again)
+AGAIN_S = 30.0  # a CA this member proposed that the log has not taken (nor settled otherwise) is proposed again
 
 
 def signing_pem(state: MeshState) -> bytes | None:
@@ -70,6 +74,13 @@ def trust_bundle(state: MeshState) -> bytes | None:
     if signing is None:
         return None
     return make_bundle(signing, [pem.encode() for fp, pem in state.trusted_cas if fp != state.signing_ca])
+
+
+def key_sources(state: MeshState, node_id: str) -> list[Member]:
+    """Whom an authority asks for the signing CA's key: the live authority that made the CA first, then every
+    other live authority (one that fetched it already hands it on); never itself."""
+    line = [m for m in state.live_members() if m.authority and m.node_id != node_id]
+    return sorted(line, key=lambda m: (m.node_id != state.ca_made_by, m.node_id))
 
 
 def rotators(state: MeshState, leader: str | None, may_hold: Callable[[Member], bool]) -> list[str]:
@@ -89,7 +100,8 @@ class TrustKeeper:
                  renew: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
         self.node_id, self.dd, self.live, self.state, self.leader = node_id, dd, live, state, leader
         self.propose, self.may_hold, self.fetch_key, self.renew, self.clock = propose, may_hold, fetch_key, renew, clock
-        self._owed_since: float | None = None
+        self._owed_since: float | None = None  # since when this member has been in line for the rotation owed
+        self._proposed_at: float | None = None  # when this member last proposed the CA in ca-next.pem
         self._renewal_asked = ""  # the signing CA this member last asked the renewer for a certificate from
 
     async def check(self) -> bool:
@@ -102,6 +114,8 @@ class TrustKeeper:
         await self._keys(state, me)
         if state.ca_rotation_owed:
             await self._rotate(state)
+        else:  # settled (by this member's RotateCa or another's): the next rotation owed waits its turn afresh
+            self._owed_since = None
         current = self.live()
         if state.trusted_cas and not signed_by(current.cert_pem, current.ca_pem) \
                 and (not untrusting(state) or state.ca_finish) and self._renewal_asked != state.signing_ca:
@@ -135,40 +149,54 @@ class TrustKeeper:
                  state.signing_ca[:12])
 
     async def _keys(self, state: MeshState, me: Member) -> None:
-        """Installs the key of a CA this member made once the log signs with it; fetches the signing key from
-        its maker when this member is an authority holding an older one."""
+        """Installs the key of a CA this member made once the log signs with it, and shreds it once the log can no
+        longer make it sign; fetches the signing key when this member is an authority holding an older one."""
         pending = self.dd.next_ca()
         if pending is not None:
             made = fingerprint(pending[0])
             if made == state.signing_ca:
                 self.dd.install_next_ca()
+                self._proposed_at = None
                 log.info("this member's new CA signs from now on")
-            elif all(fp != made for fp, _ in state.trusted_cas) and (
-                    not state.ca_rotation_owed or self.dd.next_ca_age() > STALE_S):
-                self.dd.drop_next_ca()  # another authority's CA was taken, or the proposal was lost
+            elif any(fp == made for fp, _ in state.trusted_cas) or not state.ca_rotation_owed:
+                # Dead: another CA was rotated in after it, or instead of it (a RotateCa settles what is owed, and
+                # the log takes one per rotation owed: a late copy of this proposal is refused).
+                self.dd.drop_next_ca()
+                self._proposed_at = None
+                log.info("shredded the CA this member made for a rotation (%s): the log rotated to %s", made[:12],
+                         state.signing_ca[:12])
+            # else: owed and not taken yet: _rotate proposes the same CA again
         signing = signing_pem(state)
         key = self.dd.ca_key()
         if signing is None or key is None or not me.authority or same_key(signing, key):
             return
-        maker = state.members.get(state.ca_made_by)
-        if maker is None or maker.state == MemberState.GONE or maker.node_id == self.node_id:
+        reasons = []
+        for source in key_sources(state, self.node_id):
+            try:
+                new = await self.fetch_key(source)
+                if not same_key(signing, new):
+                    raise PkiError("the key does not match the signing CA")
+            except (httpx.HTTPError, PkiError, KeyError, TypeError, ValueError, TimeoutError) as exc:
+                # unreachable, refused, not holding it yet, or not the key: the next authority, then the next check
+                reasons.append(f"{source.name}: {type(exc).__name__}: {exc}")
+                continue
+            self.dd.write_ca_key(new)
+            log.info("holds the new CA key (from %s); the old one is deleted", source.name)
             return
-        try:
-            new = await self.fetch_key(maker)
-            if not same_key(signing, new):
-                raise PkiError("the key does not match the signing CA")
-        except (httpx.HTTPError, PkiError, KeyError, TypeError, ValueError, TimeoutError) as exc:
-            # unreachable, refused, or not the key: this member signs nothing meanwhile, and asks again next check
-            log.warning("could not fetch the new CA key from %s (%s: %s); retrying", maker.name, type(exc).__name__,
-                        exc)
-            return
-        self.dd.write_ca_key(new)
-        log.info("holds the new CA key (from %s); the old one is deleted", maker.name)
+        if reasons:  # this member signs nothing meanwhile, and asks again next check
+            log.warning("could not fetch the new CA key (%s); retrying", "; ".join(reasons))
 
     async def _rotate(self, state: MeshState) -> None:
         line = rotators(state, self.leader(), self.may_hold)
-        if self.node_id not in line or self.dd.next_ca() is not None:
-            self._owed_since = None if self.node_id not in line else self._owed_since
+        if self.node_id not in line:
+            self._owed_since = None
+            return
+        pending = self.dd.next_ca()
+        if pending is not None:  # proposed, outcome unknown: the same CA again (its key may be the one the log takes)
+            now = self.clock()
+            if self._proposed_at is None or now - self._proposed_at >= AGAIN_S:
+                self._proposed_at = now
+                await self._propose_ca(state, pending[0])
             return
         now = self.clock()
         self._owed_since = self._owed_since if self._owed_since is not None else now
@@ -176,15 +204,17 @@ class TrustKeeper:
             return
         cert, key = await asyncio.to_thread(create_ca, state.name, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
         self.dd.write_next_ca(cert, key)
+        self._proposed_at = now
+        await self._propose_ca(state, cert)
+
+    async def _propose_ca(self, state: MeshState, cert: bytes) -> None:
         before = tuple(pem.decode() for pem in split_bundle(self.live().ca_pem))
         outcome = await self._propose(RotateCa(self.node_id, cert.decode(), before), "rotate the CA")
         if outcome is True:
             self._owed_since = None
             log.warning("made a new mesh CA (%s) because %s; every member moves to it", fingerprint(cert)[:12],
                         state.ca_rotation_owed)
-        elif outcome is False:
-            self.dd.drop_next_ca()
-        # None: the log may still take it; its key stays until it does, or for STALE_S (_keys)
+        # False (refused) or None (unknown): ca-next.key stays until the log settles the rotation (_keys)
 
     async def _propose(self, cmd: Command, what: str) -> bool | None:
         """True once applied, False when the state refused it, None when the outcome is unknown."""

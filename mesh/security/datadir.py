@@ -25,7 +25,6 @@ import json
 import os
 import secrets
 import socket
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,13 +169,6 @@ class DataDir:
         """Kept before the rotation is proposed: once the log makes it the signing CA, its key is here."""
         _write_private(self.path / "ca-next.key", key_pem.decode())
         _write_private(self.path / "ca-next.pem", cert_pem.decode(), mode=0o644)
-
-    def next_ca_age(self) -> float:
-        """Seconds since ca-next.key was written (0 when there is none)."""
-        try:
-            return max(0.0, time.time() - (self.path / "ca-next.key").stat().st_mtime)
-        except FileNotFoundError:
-            return 0.0
 
     def drop_next_ca(self) -> None:
         _shred(self.path / "ca-next.key")

@@ -90,24 +90,22 @@ def _still_good(cert: bytes, key: bytes, ca_pem: bytes, names: tuple[str, ...]) 
         return False
 
 
-def gateway_context(mode: str, data_dir: Path, *, cert_file: str = "", key_file: str = "", ca_pem: bytes = b"",
-                    names: tuple[str, ...] = (), sign: Signer | None = None) -> ssl.SSLContext | None:
-    """The public port's TLS context for `mode` ("off": None); a StartupError says what is wrong."""
+def gateway_context(mode: str, data_dir: Path, *, cert_file: str = "", key_file: str = "") -> ssl.SSLContext | None:
+    """The public port's TLS context for `mode` "off" (None) or "files"; a StartupError says what is wrong. "mesh"
+    is MeshGatewayCertificate's (it renews while the member runs)."""
     if mode == "off":
         return None
-    if mode == "files":
-        cert_path, key_path = data_dir / cert_file, data_dir / key_file  # an absolute path stays itself
-        try:
-            return server_only_context(cert_path.read_bytes(), key_path.read_bytes())
-        except OSError as exc:
-            raise StartupError(f"gateway.tls_cert / gateway.tls_key: cannot read {exc.filename}: {exc.strerror}") \
-                from None
-        except ssl.SSLError as exc:
-            raise StartupError(f"gateway.tls_cert / gateway.tls_key: {cert_path} and {key_path} are not a PEM "
-                               f"certificate and its key ({exc.reason or exc})") from None
-    if sign is None:
-        raise StartupError("gateway.tls = \"mesh\": this member cannot have a certificate signed by the mesh CA")
-    return MeshGatewayCertificate(data_dir, lambda: ca_pem, names, sign).context()
+    if mode != "files":
+        raise ValueError(f"gateway.tls = {mode!r}: MeshGatewayCertificate serves \"mesh\"")
+    cert_path, key_path = data_dir / cert_file, data_dir / key_file  # an absolute path stays itself
+    try:
+        return server_only_context(cert_path.read_bytes(), key_path.read_bytes())
+    except OSError as exc:
+        raise StartupError(f"gateway.tls_cert / gateway.tls_key: cannot read {exc.filename}: {exc.strerror}") \
+            from None
+    except ssl.SSLError as exc:
+        raise StartupError(f"gateway.tls_cert / gateway.tls_key: {cert_path} and {key_path} are not a PEM "
+                           f"certificate and its key ({exc.reason or exc})") from None
 
 
 class MeshGatewayCertificate:

@@ -3,7 +3,9 @@
 Both ends present a certificate from the mesh CA (mesh/security/pki.py); a peer from another mesh fails the
 handshake. The server also checks, on every call, that the certificate's node id belongs to a live
 member of the replicated member list, so a removed member's certificate, still validly signed, is
-refused with PERMISSION_DENIED.
+refused with PERMISSION_DENIED, and that its CA is one this member still trusts: an HTTP/2 connection opened
+before a CA rotation retired its certificate's CA (a removed authority's copy of the old key) serves no call
+after it.
 
 A client asks for the certificate of the member it means to reach (`target_for(node_id)`: the DNS name
 `ID.quorum-node` only that member's certificate holds), so a removed member, or any other member, cannot
@@ -19,7 +21,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from mesh.security.pki import NODE_DNS_NAME, NodeIdentity, node_dns_name
+from mesh.security.pki import NODE_DNS_NAME, NodeIdentity, node_dns_name, still_trusted
 
 log = logging.getLogger("quorum.grpc")
 
@@ -68,10 +70,12 @@ def peer_node_id(context: Any) -> str | None:
 
 
 class MemberOnly(grpc.aio.ServerInterceptor):
-    """Refuses every call whose client certificate does not name a live member."""
+    """Refuses every call whose client certificate does not name a live member, or (with `trusted()`: the CAs
+    this member trusts now, its ca.pem) is from a CA it no longer trusts."""
 
-    def __init__(self, is_member: Callable[[str], bool]) -> None:
+    def __init__(self, is_member: Callable[[str], bool], trusted: Callable[[], bytes] | None = None) -> None:
         self.is_member = is_member
+        self.trusted = trusted
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
         handler = await continuation(details)
@@ -90,6 +94,12 @@ class MemberOnly(grpc.aio.ServerInterceptor):
                 log.warning("gRPC %s refused: %s", method,
                             "no client certificate" if node_id is None else f"node {node_id} is not a member")
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not a member of this mesh")
+            cert = (context.auth_context().get("x509_pem_cert") or [None])[0]
+            if self.trusted is not None and not still_trusted(cert, self.trusted()):
+                log.warning("gRPC %s from %s refused: its certificate is from a CA the mesh no longer trusts", method,
+                            node_id)
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    "the client certificate is from a CA this mesh no longer trusts")
 
         if inspect.isasyncgenfunction(behavior):
             async def stream(request: Any, context: Any):

@@ -4,26 +4,30 @@ Two things travel here: joins (a new node, which has no certificate yet, sends i
 certificate request only after checking this port's certificate against the token's CA fingerprint)
 and requests a member relays to the leader (chat streams, completions, control calls), which carry
 the member's own certificate. Everything but a join needs a client certificate from the mesh CA whose
-node id is a live member; anything else is refused with 403 before the app sees it.
+node id is a live member, from a CA this member still trusts (checked on every request: a keep-alive
+connection opened before a CA rotation retired its certificate's CA serves nothing after it); anything else is
+refused with 403 before the app sees it.
 
 The other way, `peer_client` sends a request only to the member the address belongs to
 (`expect(host:port)` -> its node id, from the replicated member list): TLS must present that member's
 certificate (the name `ID.quorum-node` in its SAN), so a removed member, or any other one, posing as the
-leader's peer port is refused before a byte of the request (API keys, admin credentials) leaves.
+leader's peer port is refused before a byte of the request (API keys, admin credentials) leaves. Once the
+trusted CAs change, its connection pools built with the old trust take no request and are closed (at its next
+request, or when the last response one carries is closed).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any, Callable, ClassVar
+from typing import Any, AsyncIterator, Awaitable, Callable, ClassVar
 
 import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.core.errors import ApiError
 from mesh.security.http_guard import ConnectionLimits, GuardedH11Protocol, QuietServer, guarded, guarded_server
-from mesh.security.pki import NodeIdentity, der_fingerprint, load_identity, node_dns_name
+from mesh.security.pki import NodeIdentity, der_fingerprint, load_identity, node_dns_name, still_trusted
 from raft.state import MeshState
 from raft.vocab import MemberState
 
@@ -32,6 +36,7 @@ log = logging.getLogger("quorum.peer")
 JOIN_PATH = "/control/v1/join"
 PEER_KEY = "quorum.peer_node"  # scope key: the node id in the client's verified certificate, or None
 PEER_CERT_KEY = "quorum.peer_cert"  # scope key: that certificate's fingerprint (pki.cert_fingerprint), or None
+PEER_DER_KEY = "quorum.peer_der"  # scope key: that certificate (DER), or None
 
 
 class PeerProtocol(GuardedH11Protocol):
@@ -49,7 +54,7 @@ class PeerProtocol(GuardedH11Protocol):
         app = self.app
 
         async def with_peer(scope: Scope, receive: Receive, send: Send) -> None:
-            scope[PEER_KEY], scope[PEER_CERT_KEY] = node_id, cert
+            scope[PEER_KEY], scope[PEER_CERT_KEY], scope[PEER_DER_KEY] = node_id, cert, der
             await app(scope, receive, send)
 
         self.app = with_peer
@@ -71,11 +76,14 @@ def _common_name(cert: dict | None) -> str | None:
 
 
 class PeerGate:
-    """ASGI middleware for the peer port: joins pass; the rest needs a live member's certificate."""
+    """ASGI middleware for the peer port: joins pass; the rest needs a live member's certificate, from a CA this
+    member trusts now (`trusted()`: its ca.pem; pki.still_trusted)."""
 
-    def __init__(self, app: ASGIApp, state: Callable[[], MeshState]) -> None:
+    def __init__(self, app: ASGIApp, state: Callable[[], MeshState], trusted: Callable[[], bytes] | None = None
+                 ) -> None:
         self.app = app
         self.state = state
+        self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] != JOIN_PATH:
@@ -86,6 +94,13 @@ class PeerGate:
                 log.warning("peer request to %s refused: %s", scope["path"], why)
                 await ApiError(403, f"This port serves mesh members only ({why}).", type="permission_error",
                                code="not_a_member").response()(scope, receive, send)
+                return
+            if self.trusted is not None and not still_trusted(scope.get(PEER_DER_KEY), self.trusted()):
+                log.warning("peer request to %s from %s refused: its certificate is from a CA the mesh no longer "
+                            "trusts", scope["path"], node_id)
+                await ApiError(403, "This connection's client certificate is from a CA this mesh no longer trusts "
+                               "(retired by a CA rotation); connect again with a current certificate.",
+                               type="permission_error", code="ca_retired").response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -131,7 +146,10 @@ def peer_client(identity: Identity, timeout: httpx.Timeout | float = 30.0,
 class MemberTransport(httpx.AsyncBaseTransport):
     """Each request goes over TLS that accepts only the certificate of the member at its address (the SNI
     and hostname check name `ID.quorum-node`), in one connection pool per member id: a pooled connection
-    verified for one member is never used for another."""
+    verified for one member is never used for another. When the trusted CAs change, the pools built with the
+    old trust are retired at the next request: none takes a new one, and each is closed then, or, while it
+    carries requests, when the last of their responses is closed (a relayed stream finishes on the connection it
+    started on)."""
 
     def __init__(self, identity: Identity, expect: Callable[[str], str | None]) -> None:
         self._identity = identity if callable(identity) else (lambda: identity)
@@ -140,7 +158,8 @@ class MemberTransport(httpx.AsyncBaseTransport):
         self._context = self._loaded.client_context()
         self._context.check_hostname = True  # against ID.quorum-node, sent as the SNI below
         self._pools: dict[str, httpx.AsyncHTTPTransport] = {}
-        self._retired: list[httpx.AsyncHTTPTransport] = []
+        self._retired: set[httpx.AsyncHTTPTransport] = set()
+        self._busy: dict[httpx.AsyncHTTPTransport, int] = {}  # pool -> requests whose response is not closed
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         host = request.url.host
@@ -151,26 +170,65 @@ class MemberTransport(httpx.AsyncBaseTransport):
         current = self._identity()
         if current is not self._loaded:
             if current.ca_pem != self._loaded.ca_pem:
-                # The trusted CAs changed (a rotation): a context's trust store only grows, so a new context,
-                # and new pools for it; the old pools finish what they carry and close with the transport.
+                # The trusted CAs changed (a rotation): a context's trust store only grows, so a new context, and
+                # new pools for it; the old ones are closed once idle.
                 self._context = current.client_context()
                 self._context.check_hostname = True
-                self._retired.extend(self._pools.values())
+                self._retired.update(self._pools.values())
                 self._pools = {}
             else:  # renewed: new handshakes present the new certificate
                 load_identity(self._context, current, self._loaded)
             self._loaded = current
+            await self._close_idle()
         pool = self._pools.get(node_id)
         if pool is None:
             pool = self._pools[node_id] = httpx.AsyncHTTPTransport(verify=self._context)
         request.extensions = {**request.extensions, "sni_hostname": node_dns_name(node_id)}
-        return await pool.handle_async_request(request)
+        self._busy[pool] = self._busy.get(pool, 0) + 1
+        try:
+            response = await pool.handle_async_request(request)
+        except BaseException:
+            await self._done(pool)
+            raise
+        response.stream = _Released(response.stream, lambda: self._done(pool))
+        return response
+
+    async def _done(self, pool: httpx.AsyncHTTPTransport) -> None:
+        self._busy[pool] -= 1
+        if not self._busy[pool]:
+            del self._busy[pool]
+            await self._close_idle()
+
+    async def _close_idle(self) -> None:
+        idle = [pool for pool in self._retired if pool not in self._busy]
+        self._retired.difference_update(idle)
+        for pool in idle:
+            await pool.aclose()
 
     async def aclose(self) -> None:
         pools, self._pools = [*self._pools.values(), *self._retired], {}
-        self._retired = []
+        self._retired = set()
         for pool in pools:
             await pool.aclose()
+
+
+class _Released(httpx.AsyncByteStream):
+    """A response body that tells its transport when it is closed (the request no longer holds its pool)."""
+
+    def __init__(self, inner: Any, done: Callable[[], Awaitable[None]]) -> None:
+        self._inner, self._done, self._closed = inner, done, False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if not self._closed:
+                self._closed = True
+                await self._done()
 
 
 def peer_url(address: str, path: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import re
 import ssl
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from raft.pem import cert_blocks
 from raft.tls import load_chain
 
 NODE_DNS_NAME = "quorum-node"
@@ -36,7 +38,6 @@ CA_YEARS = 20
 NODE_DAYS = 30  # a node certificate's life; renewed after two thirds of it (mesh/security/renewal.py)
 MAX_CSR_BYTES = 4096
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}")  # a DNS label: node ids are 12 hex digits
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.S)
 
 
 class PkiError(ValueError):
@@ -186,7 +187,7 @@ def der_fingerprint(der: bytes) -> str:
 
 def split_bundle(pem: bytes) -> list[bytes]:
     """The certificates of a PEM bundle (ca.pem during a CA rotation holds several: the signing CA first)."""
-    return [m.group(0) + b"\n" for m in _PEM_CERT.finditer(pem)]
+    return cert_blocks(pem)
 
 
 def make_bundle(signing: bytes, others: list[bytes] | tuple[bytes, ...] = ()) -> bytes:
@@ -197,6 +198,31 @@ def make_bundle(signing: bytes, others: list[bytes] | tuple[bytes, ...] = ()) ->
 def issuer_of(cert_pem: bytes, bundle: bytes) -> str | None:
     """The fingerprint of the CA in `bundle` that signed `cert_pem` (and whose validity period holds), or None."""
     return next((fingerprint(ca) for ca in split_bundle(bundle) if signed_by(cert_pem, ca)), None)
+
+
+def still_trusted(cert: bytes | None, trusted: bytes) -> bool:
+    """Whether a peer's certificate (DER, or PEM as gRPC gives it), which its TLS handshake verified, is from one
+    of the CAs this member trusts now (`trusted`: its ca.pem, which follows the log). A connection outlives the
+    trust it was opened under; the peer port and gRPC ask this on every request, so one opened with a certificate
+    of a CA since retired (a removed authority's copy of the old key) serves nothing after RetireCas: a held
+    connection gets no more than a new one would."""
+    return bool(cert) and _issued_by_any(cert, trusted)
+
+
+@functools.lru_cache(maxsize=256)  # per (certificate, trusted CAs): a signature check per connection, not per call
+def _issued_by_any(cert: bytes, trusted: bytes) -> bool:
+    try:
+        leaf = x509.load_pem_x509_certificate(cert) if cert.startswith(b"-----") else \
+            x509.load_der_x509_certificate(cert)
+    except ValueError:
+        return False
+    for pem in split_bundle(trusted):
+        try:
+            leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(pem))
+        except (ValueError, TypeError, InvalidSignature):  # another issuer, another key type
+            continue
+        return True
+    return False
 
 
 def check_fingerprint(ca_pem: bytes, expected: str) -> None:

@@ -23,7 +23,8 @@ Then `b`, an authority (desktop class: it received the CA key, as `c` did), is r
 client chats through `a` and `c` (#14 item 4, removal revokes): the mesh rotates its CA (a new CA trusted beside
 the old, every member renewed under it, the old one dropped: mesh/security/ca_rotation.py), the client sees no
 failed request, and an attacker holding a copy of b's data dir mints a certificate for c's live id with b's
-ca.key: Raft, gRPC and the peer port refuse it at the handshake.
+ca.key: Raft, gRPC and the peer port refuse it at the handshake, and the peer-port and gRPC connections it opened
+with it before the removal, and kept open, serve nothing once the old CA is retired.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from mesh.security.peer_tls import peer_client
 from mesh.security.pki import NodeIdentity, fingerprint, issue_node_certificate, issuer_of, make_bundle, split_bundle
 from proto import mesh_pb2
 from shards.types import NotReady
+from tests.integration.held_connections import HeldConnections
 from tests.procs import Meshd, free_ports, join_token, kill_all, ready_replicas, wait_until
 from tests.unit.raft_tls_mesh import closed_by_peer, tls_client, typed_frame
 
@@ -209,6 +211,11 @@ def test_a_removed_authoritys_copy_of_the_ca_key_opens_no_door_once_the_ca_rotat
     shutil.copytree(b.data_dir, loot)  # everything the lost machine holds, the CA key included
     assert (loot / "ca.key").exists()
     key = a.post("/control/v1/keys", {"name": "rotation client"}).json()["key"]
+    # Before the removal, the thief opens connections to a as c, with a certificate b's ca.key mints, and holds them.
+    held = HeldConnections(NodeIdentity(*issue_node_certificate(old, (loot / "ca.key").read_bytes(), ids["c"]), old),
+                           ports(a)["peer"], ports(a)["grpc"])
+    held.start()
+    wait_until(lambda: held.peer and held.grpc, 30, "the thief's connections to be open")
 
     client = Client([a, c], key)
     client.start()
@@ -221,12 +228,25 @@ def test_a_removed_authoritys_copy_of_the_ca_key_opens_no_door_once_the_ca_rotat
                                        if fp != fingerprint(old)), None), 30, "a new signing CA")
         wait_until(lambda: on_ca(a, new) and on_ca(c, new), 60, "a and c on the new CA alone")
         wait_until(lambda: len(c.get_json("/control/v1/ca")["trusted"]) == 1, 30, "the old CA dropped")
+        wait_until(lambda: len(a.get_json("/control/v1/ca")["trusted"]) == 1, 30, "the old CA dropped on a")
+        count = len(held.peer)
+        wait_until(lambda: len(held.peer) > count + 1, 30, "the thief's next requests")
         served = client.served
         wait_until(lambda: client.served >= served + 2, 30, "the client to be served after the rotation")
     finally:
         client.stop.set()
         client.join(60)
+        held.stop.set()
+        held.join(60)
     assert not client.failures, client.failures
+    # The thief's connections, opened before the removal, served it until the old CA was retired, then nothing;
+    # one peer connection throughout (its client port), and no gRPC reconnect (that would fail its handshake).
+    assert held.peer[0][0] == 200 and held.peer[-1][0] == 403, held.peer
+    assert {port for _, port in held.peer} == {held.peer[0][1]} and set(held.peer) <= {(200, held.peer[0][1]),
+                                                                                       (403, held.peer[0][1])}
+    assert held.grpc[-1] == grpc.StatusCode.PERMISSION_DENIED and grpc.StatusCode.UNAVAILABLE not in held.grpc, \
+        held.grpc
+    assert held.grpc[0] == grpc.StatusCode.OK, held.grpc
 
     # The attacker: b's copy of the old CA key signs a certificate for c's live id. It trusts every CA the
     # mesh ever had (/control/v1/ca is public), so what is tested is the members' refusal.

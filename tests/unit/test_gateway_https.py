@@ -21,7 +21,14 @@ from starlette.routing import Route
 
 from mesh.cli import meshctl
 from mesh.core.errors import StartupError
-from mesh.security.gateway_tls import CERT_FILE, gateway_context, gateway_names, local_signer, mesh_certificate
+from mesh.security.gateway_tls import (
+    CERT_FILE,
+    MeshGatewayCertificate,
+    gateway_context,
+    gateway_names,
+    local_signer,
+    mesh_certificate,
+)
 from mesh.security.http_guard import ConnectionLimits, public_server
 from mesh.security.pki import (
     NodeIdentity,
@@ -64,8 +71,8 @@ def serve_https(tls: ssl.SSLContext, check) -> None:
 def mesh_tls(tmp_path, ca) -> ssl.SSLContext:
     ca_pem, ca_key = ca
     (tmp_path / "ca.pem").write_bytes(ca_pem)
-    return gateway_context("mesh", tmp_path, ca_pem=ca_pem, names=gateway_names("", "127.0.0.1", "box"),
-                           sign=local_signer(ca_pem, lambda: ca_key))
+    return MeshGatewayCertificate(tmp_path, lambda: ca_pem, gateway_names("", "127.0.0.1", "box"),
+                                  local_signer(ca_pem, lambda: ca_key)).context()
 
 
 def test_the_gateway_names_are_the_advertised_and_local_ones():
@@ -180,5 +187,5 @@ def test_operator_files_are_loaded_and_bad_ones_name_the_key(tmp_path, ca):
     with pytest.raises(StartupError, match="gateway.tls_cert"):
         gateway_context("files", tmp_path, cert_file="site.key", key_file="site.key")
     with pytest.raises(StartupError, match="gateway.tls = \"mesh\""):
-        gateway_context("mesh", tmp_path, ca_pem=ca_pem, names=("x",), sign=local_signer(ca_pem, lambda: (
-            tmp_path / "ca.key").read_bytes()))  # this member holds no CA key
+        MeshGatewayCertificate(tmp_path, lambda: ca_pem, ("x",), local_signer(ca_pem, lambda: (
+            tmp_path / "ca.key").read_bytes())).context()  # this member holds no CA key

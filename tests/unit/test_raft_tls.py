@@ -14,7 +14,7 @@ import zlib
 import pytest
 from pysyncobj.encryptor import getEncryptor
 
-from raft.commands import AddMember, CreateToken, InitMesh, SetMemberState, SetReplicas
+from raft.commands import AddMember, CreateToken, InitMesh, SetAuthority, SetMemberState, SetReplicas
 from raft.node import ProposalFailed, RaftNode
 from raft.state import MeshState, apply
 from raft.tls import member_authorizer
@@ -232,9 +232,10 @@ def test_as_client_a_member_refuses_a_server_not_bound_to_the_address_it_dialled
         listener.close()
 
 
-def test_a_member_changes_only_its_own_addresses_and_profile(mesh):
+def test_a_member_changes_only_its_own_addresses_profile_and_authority(mesh):
     """Issue 14, item 1: a follower forwarding a re-announce of another member (its addresses pointed
-    elsewhere) is refused on the leader; its own re-announce and profile update go through."""
+    elsewhere), or another member's SetAuthority (clearing an authority's flag would make its removal owe no
+    CA rotation), is refused on the leader; its own re-announce and SetAuthority go through."""
     _, nodes, addrs = mesh
     leader = leader_of(nodes)
     follower_id, follower = next((k, n) for k, n in nodes.items() if n is not leader)
@@ -248,6 +249,10 @@ def test_a_member_changes_only_its_own_addresses_and_profile(mesh):
                     raft_address=addrs[follower_id], profile={"cores": 3}, joined_at=time.time())
     wait_until(lambda: _proposed(follower, own), 30, "the follower's own re-announce to commit")
     assert leader.state.members[follower_id].http_address == "127.0.0.1:7"
+    with pytest.raises((ProposalFailed, TimeoutError)):
+        follower.propose(SetAuthority(victim, not before.authority)).result(timeout=3)
+    wait_until(lambda: _proposed(follower, SetAuthority(follower_id, True)), 30, "the follower's own SetAuthority")
+    assert leader.state.members[follower_id].authority
     still_serving(nodes, leader, 5)
     assert leader.state.members[victim] == before  # checked after later entries committed: it never was
 
