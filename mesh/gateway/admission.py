@@ -10,7 +10,8 @@ replaced by the same admission (mesh/replicas/failover.py).
 A named session's turn goes to the replica that served its previous turn while that one is ready
 and has a free slot: it still holds the previous prompt's KV cache, so only the new part of the
 conversation is prefilled (Sessions, below; the router's `prefer`). Otherwise, and after a change of
-leader (this map lives in the leader's memory), the least-loaded replica serves it as any request.
+leader (this map lives in the leader's memory), the least-loaded replica serves it as any request. A turn
+resumed on another replica after its own was lost moves the session there.
 """
 
 from __future__ import annotations
@@ -103,8 +104,10 @@ class Admission:
             log.debug("session turn on %s, not on %s (its previous replica is gone or full)", node_id, prefer)
         self.metrics.prompt_tokens.labels(model).inc(opened.prompt_tokens)
 
-        def reopen(at: ResumeAt, avoid: set[str]):
-            return self.admit(model, single_choice(request, at), avoid)
+        async def reopen(at: ResumeAt, avoid: set[str]) -> tuple[str, Opened]:
+            node_id, opened = await self.admit(model, single_choice(request, at), avoid, prefer=prefer)
+            self.sessions.put(key, node_id)  # the session's KV cache is there now: its next turn follows it
+            return node_id, opened
 
         def counted(node_id: str) -> None:
             self.metrics.failovers.labels(model).inc()

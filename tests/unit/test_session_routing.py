@@ -154,6 +154,73 @@ def test_admission_sends_each_turn_of_a_session_where_the_last_one_ran(replicas)
     asyncio.run(run())
 
 
+def test_a_turn_resumed_elsewhere_moves_the_session_there():
+    """A session's turn on c (over real gRPC) loses c mid-stream and resumes on b: the session's KV cache is on b
+    now, so its next turn goes to b, not back to the lost c nor to the least-loaded replica (a, this member)."""
+    turn = GenerateRequest(Sampling(max_tokens=300, temperature=0), messages=(Message("user", "hi"),))
+    busy = GenerateRequest(Sampling(max_tokens=500), prompts=("z",))
+
+    def null_shard() -> LocalShard:
+        return LocalShard("reasoning", MODEL, NullBackend(n_ctx=1024, reply_tokens=400, delay_s=0.01, slots=1),
+                          queue_depth=4, named_template="gemma")
+
+    async def run():
+        shards = {n: null_shard() for n in "abc"}
+        servers, ports = {}, {}
+        for n in "bc":
+            server = grpc.aio.server(options=SERVER_OPTIONS)
+            ShardService(lambda s=shards[n]: {("reasoning", MODEL): s}).add_to(server)
+            ports[n] = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            servers[n] = server
+        members = {n: Member(n, n, f"h:{i}", f"h:{i + 10}", {"parallel": 1}, "active", 1.0,
+                             grpc_address=f"127.0.0.1:{ports.get(n, 1)}") for i, n in enumerate("abc")}
+        state = MeshState(members=members, shards={("reasoning", MODEL, n): Shard("reasoning", MODEL, n, "ready")
+                                                   for n in "abc"})
+        router = Router("a", lambda: state, lambda: {("reasoning", MODEL): shards["a"]},
+                        lambda address, role, model, node_id: RemoteShard(address, role, model, node_id),
+                        default_slots=1)
+        admission = Admission(MeshConfig(), Metrics(), router)
+        # a and b busy (b through the router, which counts a remote replica's load by what it sent there)
+        held = {"a": await shards["a"].open(busy), "b": await router.pick("reasoning", MODEL, prefer="b")[1].open(busy)}
+        try:
+            first = await admission.open(MODEL, turn, session=("key", "trip"))
+            assert first.resumable.node_id == "c"
+            events = first.events()
+            await anext(events)
+            held.pop("b").cancel()  # b frees up, a stays busy: the turn will resume on b
+            await wait_until_idle(shards["b"])
+            assert router.pick("reasoning", MODEL, exclude={"c"})[0] == "b"
+            await servers.pop("c").stop(None)  # c is lost mid-turn
+            async for _ in events:
+                pass
+            assert first.resumable.node_id == "b"
+            held.pop("a").cancel()
+            await wait_until_idle(shards["a"])
+            later = await admission.open(MODEL, turn, session=("key", "trip"))
+            assert later.resumable.node_id == "b", "the next turn goes where the session's KV cache now is"
+            async for _ in later.events():
+                pass
+        finally:
+            for opened in held.values():
+                opened.cancel()
+            await router.close()
+            for server in servers.values():
+                await server.stop(None)
+            for shard in shards.values():
+                shard.close()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+async def wait_until_idle(shard) -> None:
+    for _ in range(2000):
+        if shard.load == 0:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the replica did not go idle")
+
+
 async def wait_idle(r: Replicas) -> None:
     for _ in range(2000):
         if all(s.load == 0 for s in r.by_node.values()):
