@@ -30,6 +30,8 @@ PROMPT_IDS_TURNS = 2
 # all (least recently used sessions first); MeshState counts what they evicted.
 
 
+MAX_REPLICA_ID = 64  # characters of SessionTurnEnd.replica (member ids are 16-32)
+
 def session_metrics(state: MeshState) -> dict[str, int]:
     """The session log's size and what its caps evicted, for the metrics layer (the three *_evicted values are
     counters: they only grow, the same on every member; the bytes are estimates, raft/session_budget.py)."""
@@ -104,13 +106,15 @@ def _session_append(state: MeshState, cmd: SessionAppend) -> MeshState:
 
 
 def _session_turn_end(state: MeshState, cmd: SessionTurnEnd) -> MeshState:
+    if not isinstance(cmd.replica, str) or len(cmd.replica) > MAX_REPLICA_ID:
+        raise Rejected(f"a turn's replica is a member id of at most {MAX_REPLICA_ID} characters")
     session, turn = _open_turn(state, cmd.session_id, cmd.turn)
     turn = dataclasses.replace(turn, finish_reason=cmd.finish_reason)
     turns = (*session.turns[:-1], turn)
     dropped = max(0, len(turns) - MAX_TURNS)
     freed = sum(t.size for t in turns[:dropped])
     turns, over, over_freed = fit_turns(turns[dropped:], SESSION_BYTES)  # oldest first, the newest kept
-    session = dataclasses.replace(session, turns=turns, last_used=cmd.at)
+    session = dataclasses.replace(session, turns=turns, last_used=cmd.at, replica=cmd.replica)
     state = dataclasses.replace(state, session_turns_evicted=state.session_turns_evicted + dropped + over,
                                 session_bytes_evicted=state.session_bytes_evicted + freed + over_freed)
     return _within_total(state, {**state.sessions, cmd.session_id: session}, cmd.session_id)

@@ -244,6 +244,9 @@ class SessionTurnEnd(Command):
     turn: int
     finish_reason: str
     at: float
+    # The member whose replica ended the turn, and so holds the conversation's KV cache: the session's next turn
+    # goes there, whichever member leads by then. Left out of an entry while "" (older members read it).
+    replica: str = ""
 
 
 @dataclass(frozen=True)
@@ -360,7 +363,7 @@ class BadCommand(ValueError):
 _OMITTED_AT_DEFAULT = {("session_turn_start", "owner"): "", ("set_split", "auto"): False,
                        ("register_model", "layers"): 0, ("register_model", "layer_bytes"): 0,
                        ("apply_placement", "split_model"): "", ("apply_placement", "split_head"): "",
-                       ("apply_placement", "split_stages"): ()}
+                       ("apply_placement", "split_stages"): (), ("session_turn_end", "replica"): ""}
 
 
 def encode(cmd: Command) -> dict[str, Any]:

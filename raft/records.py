@@ -162,6 +162,7 @@ class Session:
     turns: tuple[Turn, ...]
     last_used: float
     owner: str = ""  # the API key id that started it; "" without keys (and in older logs and dumps)
+    replica: str = ""  # the member whose replica ended its last turn (its KV cache is there); "" if unknown
 
     @functools.cached_property
     def size(self) -> int:

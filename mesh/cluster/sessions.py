@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from mesh.core.errors import ApiError, bad_request
 from raft.commands import SessionAppend, SessionTurnEnd, SessionTurnStart
 from raft.node import ProposalFailed, RaftNode
-from raft.state import MAX_PROMPT_IDS, Rejected
+from raft.state import MAX_PROMPT_IDS, MeshState, Rejected
 from shards.types import Message, Piece
 
 SESSION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -62,6 +62,15 @@ class SessionLog:
         return TurnRecorder(self, session_id, turn, messages, prompt_tokens, prompt_token_ids, owner)
 
 
+def recorded_replica(state: MeshState, owner: str, session_id: str) -> str | None:
+    """The member whose replica ended the session's last turn, as the log says (None: no such session of `owner`,
+    or none recorded)."""
+    session = state.sessions.get(session_id)
+    if session is None or session.owner != owner:
+        return None
+    return session.replica or None
+
+
 def session_not_found(session_id: str) -> ApiError:
     return ApiError(404, f"No session {session_id!r}.", param="X-Session-Id", code="session_not_found")
 
@@ -98,11 +107,12 @@ class TurnRecorder:
                 SessionAppend(self.session_id, self.turn, tuple(self._tokens), self._text)))
             self._tokens, self._text = [], ""
 
-    async def finish(self, finish_reason: str) -> None:
-        """Commits the rest of the answer and the turn's end; NotCommitted if a majority did not."""
+    async def finish(self, finish_reason: str, replica: str = "") -> None:
+        """Commits the rest of the answer and the turn's end (`replica`: the member whose replica ended it, where
+        the session's next turn finds its KV cache); NotCommitted if a majority did not."""
         self._checkpoint()
         self._pending.append(self.log.raft.propose(
-            SessionTurnEnd(self.session_id, self.turn, finish_reason, time.time())))
+            SessionTurnEnd(self.session_id, self.turn, finish_reason, time.time(), replica)))
         pending, self._pending = self._pending, []
         try:
             await asyncio.wait_for(asyncio.gather(*(asyncio.wrap_future(f) for f in pending)), COMMIT_TIMEOUT_S)

@@ -10,8 +10,9 @@ replaced by the same admission (mesh/replicas/failover.py).
 A named session's turn goes to the replica that served its previous turn while that one is ready
 and has a free slot: it still holds the previous prompt's KV cache, so only the new part of the
 conversation is prefilled (Sessions, below; the router's `prefer`). Otherwise, and after a change of
-leader (this map lives in the leader's memory), the least-loaded replica serves it as any request. A turn
-resumed on another replica after its own was lost moves the session there.
+leader (this map lives in the leader's memory, so a new leader reads the member that ended the session's last turn
+from the log), the least-loaded replica serves it as any request. A turn resumed on another replica after its own
+was lost moves the session there.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ class Admission:
         # None falls back to loading_detail.
         self.unready_reason: Callable[[str], str | None] = lambda model: None
         self.sessions = Sessions()
+        # (owner, session id) -> the member whose replica ended the session's last turn, from the log (the daemon
+        # sets it), for a session this member has not routed yet (it became leader since).
+        self.recorded_replica: Callable[[str, str], str | None] = lambda owner, session_id: None
 
     def unready(self, model: str) -> str:
         return self.unready_reason(model) or self.loading_detail
@@ -91,7 +95,7 @@ class Admission:
         if resume is not None:
             request = single_choice(request, resume)
         key = (*session, model) if session is not None else None
-        prefer = self.sessions.get(key)
+        prefer = self.sessions.get(key) or (self.recorded_replica(*session) if session is not None else None)
         try:
             node_id, opened = await self.admit(model, request, set(), fit=bool(request.messages), prefer=prefer)
         except ContextLengthExceeded as exc:  # a chat longer than the window: the context role shortens it

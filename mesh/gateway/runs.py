@@ -53,7 +53,7 @@ class Run:
                     first_seen = True
                     self.metrics.ttft.labels(self.model).observe(time.perf_counter() - self.started)
                 if self.recorder is not None and index == 0:
-                    event = await record(self.recorder, event)
+                    event = await record(self.recorder, event, self.resumable.node_id)
                 if isinstance(event, Failed) and not stream:
                     raise failure(event, self.retry_after_s)
                 yield index, event

@@ -46,13 +46,14 @@ def conversation(req: ChatRequest, history: tuple[Message, ...] | list[Message])
     return (*preamble, *req.instructions, *history, *req.messages)
 
 
-async def record(recorder: TurnRecorder, event: Event) -> Event:
-    """Adds choice 0's answer to the session log; its end is committed before it is passed on."""
+async def record(recorder: TurnRecorder, event: Event, replica: str = "") -> Event:
+    """Adds choice 0's answer to the session log; its end is committed before it is passed on, with the member
+    whose replica generated it (`replica`)."""
     if isinstance(event, Piece):
         recorder.add(event)
     elif isinstance(event, Finished):
         try:
-            await recorder.finish(event.reason)
+            await recorder.finish(event.reason, replica)
         except NotCommitted as exc:
             return Failed(str(exc), retryable=True)
     return event

@@ -18,7 +18,7 @@ from mesh.cluster.control import Control, ControlPlane
 from mesh.cluster.placer import Placer, battery_policy
 from mesh.cluster.profile_refresh import ProfileRefresher
 from mesh.cluster.readiness import why_no_replica
-from mesh.cluster.sessions import SessionLog
+from mesh.cluster.sessions import SessionLog, recorded_replica
 from mesh.cluster.witness import LeadershipHandoff
 from mesh.core.config import MeshConfig
 from mesh.core.errors import StartupError
@@ -133,6 +133,7 @@ class NodeDaemon:
         gateway = Gateway(cfg, self.metrics, router,
                           SessionLog(raft, cfg.sessions.checkpoint_tokens, cfg.sessions.checkpoint_ms))
         gateway.admission.unready_reason = lambda model: why_no_replica(raft.state, model)
+        gateway.admission.recorded_replica = lambda owner, session_id: recorded_replica(raft.state, owner, session_id)
         control = Control(ControlPlane(raft=raft, ca_pem=lambda: self.live().ca_pem,
                                        status=self.status, leader_peer=self.leader_peer,
                                        leave=self.leave, authority=self.authority,

@@ -11,16 +11,20 @@ import asyncio
 import grpc
 import pytest
 
+from mesh.cluster.sessions import SessionLog, recorded_replica
 from mesh.core.config import MeshConfig
 from mesh.core.metrics import Metrics
 from mesh.gateway.admission import Admission, Sessions
 from mesh.replicas.remote_shard import RemoteShard
 from mesh.replicas.router import Router, slots_of
+from raft.commands import InitMesh, SessionTurnEnd, SessionTurnStart, decode, encode
 from raft.records import Member, MeshState, Shard, Split
+from raft.state import Rejected, apply
 from shards.backend_null import NullBackend
 from shards.grpc_service import SERVER_OPTIONS, ShardService
 from shards.local import LocalShard
 from shards.types import GenerateRequest, Message, Sampling
+from tests.unit.test_session_scope import LocalRaft
 
 MODEL = "m"
 
@@ -277,3 +281,54 @@ def test_another_members_free_slots_come_from_its_profile_not_this_members():
                 shard.close()
 
     asyncio.run(asyncio.wait_for(run(), 30))
+
+
+def test_a_new_leader_sends_a_sessions_turn_where_the_log_says_its_last_turn_ended(replicas):
+    """The member that ended a turn is in the log (SessionTurnEnd.replica): a leader that never routed the session
+    (a fresh Admission, as after a change of leader) sends its next turn there, and records where that one ended."""
+    r = replicas(slots=1)
+    raft = LocalRaft(apply(MeshState(), InitMesh("m", "m", 1.0)))
+    log = SessionLog(raft)
+    turn = GenerateRequest(Sampling(max_tokens=3, temperature=0), messages=(Message("user", "hi"),))
+
+    async def one_turn(admission: Admission, index: int) -> str:
+        run = await admission.open(MODEL, turn, session=("", "trip"))
+        run.recorder = log.recorder("trip", index, turn.messages, run.prompt_tokens, run.resumable.prompt_token_ids)
+        async for _ in run.events():
+            pass
+        return run.resumable.node_id
+
+    async def run():
+        hold = [await r.by_node[n].open(GenerateRequest(Sampling(max_tokens=500), prompts=("z",))) for n in "ab"]
+        first = Admission(MeshConfig(), Metrics(), router(r, {"a": "ready", "b": "ready", "c": "ready"}))
+        assert await one_turn(first, 0) == "c"
+        for opened in hold:
+            opened.cancel()
+        await wait_idle(r)
+        assert raft.state.sessions["trip"].replica == "c"
+        leader = Admission(MeshConfig(), Metrics(), router(r, {"a": "ready", "b": "ready", "c": "ready"}))
+        assert await one_turn(leader, 1) == "a", "without the log's record: the least-loaded replica"
+        assert raft.state.sessions["trip"].replica == "a"
+        await wait_idle(r)
+        hold = await r.by_node["a"].open(GenerateRequest(Sampling(max_tokens=500), prompts=("z",)))
+        assert await one_turn(Admission(MeshConfig(), Metrics(), router(r, {"a": "ready", "b": "ready",
+                                                                            "c": "ready"})), 2) == "b"
+        hold.cancel()
+        await wait_idle(r)
+        wired = Admission(MeshConfig(), Metrics(), router(r, {"a": "ready", "b": "ready", "c": "ready"}))
+        wired.recorded_replica = lambda owner, session_id: recorded_replica(raft.state, owner, session_id)
+        assert await one_turn(wired, 3) == "b", "a new leader reads where the last turn ended"
+    asyncio.run(run())
+
+
+def test_the_turns_replica_is_recorded_checked_and_left_out_of_older_entries():
+    state = apply(MeshState(), InitMesh("m", "m", 1.0))
+    state = apply(state, SessionTurnStart("s", 0, (("user", "hi"),), 3, 2.0, owner="k1"))
+    state = apply(state, SessionTurnEnd("s", 0, "stop", 3.0, replica="n-b"))
+    assert recorded_replica(state, "k1", "s") == "n-b"
+    assert recorded_replica(state, "k2", "s") is None, "another key's session says nothing"
+    assert recorded_replica(state, "k1", "other") is None
+    assert "replica" not in encode(SessionTurnEnd("s", 0, "stop", 3.0))
+    assert decode(encode(SessionTurnEnd("s", 0, "stop", 3.0, replica="n-b"))).replica == "n-b"
+    with pytest.raises(Rejected):
+        apply(state, SessionTurnEnd("s", 0, "stop", 3.0, replica="x" * 65))
