@@ -59,6 +59,15 @@ def test_the_model_line_carries_the_heads_rpc_protocol():
     assert read_model_line(b"gemma") == ("", None, False)  # no end of line: not a model line
 
 
+async def head_connection(tunnel: HeadTunnel) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A head process's connection through `tunnel`, shown to reach the (echo) stage."""
+    host, port = (await tunnel.start()).rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+    return reader, writer
+
+
 def test_a_stage_member_gone_silent_costs_the_head_its_connection(monkeypatch):
     """The stage member's meshd frozen (its event loop stopped; its kernel still accepts and acknowledges, so TCP
     alone would wait for good): the head member's heartbeat gets no pong for SILENT_S and closes the head's
@@ -84,11 +93,8 @@ def test_a_stage_member_gone_silent_costs_the_head_its_connection(monkeypatch):
 
     async def head_member():
         tunnel = HeadTunnel("m", lambda: (f"127.0.0.1:{server.bound_port}", "stage1"), HEAD.client_context)
-        host, port = (await tunnel.start()).rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await head_connection(tunnel)
         try:
-            writer.write(b"ping")
-            assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
             await asyncio.sleep(1.5)  # heartbeats answered for longer than SILENT_S: the connection stands
             writer.write(b"pong")
             assert await asyncio.wait_for(reader.readexactly(4), 10) == b"pong"
@@ -134,11 +140,8 @@ def test_a_stage_member_frozen_before_the_heartbeat_connects_is_silence_not_a_re
             return next(targets, f"127.0.0.1:{frozen.getsockname()[1]}"), "stage1"
 
         tunnel = HeadTunnel("m", target, HEAD.client_context)
-        host, port = (await tunnel.start()).rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await head_connection(tunnel)
         try:
-            writer.write(b"ping")
-            assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
             started = time.monotonic()
             got = await asyncio.wait_for(reader.read(4), 20)  # b"": the tunnel closed the head's connection
             return got, time.monotonic() - started
