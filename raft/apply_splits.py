@@ -11,6 +11,7 @@ from raft.vocab import MemberState
 MAX_STAGES = 16
 MAX_STAGE_LAYERS = 4096
 MAX_STAGE_DETAIL = 500  # characters of a stage's report (SetStageState.detail); a longer one is refused
+MAX_STAGE_FAILURES = 64  # failures kept in MeshState.stage_failures (the oldest go first)
 
 
 def _set_split(state: MeshState, cmd: SetSplit) -> MeshState:
@@ -59,11 +60,25 @@ def _set_stage_state(state: MeshState, cmd: SetStageState) -> MeshState:
         raise Rejected(f"unknown stage state {cmd.state!r} (one of {', '.join(STAGE_STATES)})")
     if not isinstance(cmd.detail, str) or len(cmd.detail) > MAX_STAGE_DETAIL:
         raise Rejected(f"a stage's detail is text of at most {MAX_STAGE_DETAIL} characters")
+    if type(cmd.at) not in (int, float) or not 0 <= cmd.at < 1e11:
+        raise Rejected("a stage report's time is seconds since 1970")
     states = {n: (s, d) for n, s, d in split.stage_states}
     states[cmd.node_id] = (cmd.state, cmd.detail)
     recorded = tuple((n, *states[n]) for n in order if n in states)
     split = dataclasses.replace(split, stage_states=recorded)
-    return dataclasses.replace(state, splits={**state.splits, cmd.model: split})
+    return dataclasses.replace(state, splits={**state.splits, cmd.model: split},
+                               stage_failures=_failures(state.stage_failures, cmd))
+
+
+def _failures(failures: dict, cmd: SetStageState) -> dict:
+    """MeshState.stage_failures after a stage report: a "failed" recorded, a "ready" clearing it."""
+    key = (cmd.model, cmd.node_id)
+    if cmd.state == "failed":
+        kept = sorted({**failures, key: (cmd.detail, float(cmd.at))}.items(), key=lambda kv: (kv[1][1], kv[0]))
+        return dict(kept[-MAX_STAGE_FAILURES:])
+    if cmd.state == "ready" and key in failures:
+        return {k: v for k, v in failures.items() if k != key}
+    return failures
 
 
 def placer_split(state: MeshState, model: str, head: str, stages: tuple) -> MeshState:

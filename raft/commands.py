@@ -301,6 +301,9 @@ class SetStageState(Command):
     node_id: str
     state: str
     detail: str = ""
+    # When the stage member said it (its clock): a "failed" is kept in MeshState.stage_failures with it, so that
+    # any leader's placer plans around that member for a while. Left out of an entry while 0 (older members).
+    at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -363,7 +366,8 @@ class BadCommand(ValueError):
 _OMITTED_AT_DEFAULT = {("session_turn_start", "owner"): "", ("set_split", "auto"): False,
                        ("register_model", "layers"): 0, ("register_model", "layer_bytes"): 0,
                        ("apply_placement", "split_model"): "", ("apply_placement", "split_head"): "",
-                       ("apply_placement", "split_stages"): (), ("session_turn_end", "replica"): ""}
+                       ("apply_placement", "split_stages"): (), ("session_turn_end", "replica"): "",
+                       ("set_stage_state", "at"): 0.0}
 
 
 def encode(cmd: Command) -> dict[str, Any]:

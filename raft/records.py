@@ -199,6 +199,10 @@ class MeshState:
     # The session log: per named session, each turn's messages, answer tokens and text.
     sessions: dict[str, Session] = field(default_factory=dict)
     splits: dict[str, Split] = field(default_factory=dict)  # model -> its pipeline (meshctl split)
+    # The last failure each member reported for its stage of a model, kept past the split it was in (a new
+    # SetSplit starts the split's stage states afresh): (model, node id) -> (detail, when: the member's clock).
+    # A "ready" from that member for that model clears it (raft/apply_splits.py).
+    stage_failures: dict[tuple[str, str], tuple[str, float]] = field(default_factory=dict)
     # The CAs every member trusts (raft/apply_trust.py): (fingerprint, certificate PEM) pairs, () until the first
     # rotation (each member trusts its ca.pem); `signing_ca` signs new certificates; `ca_rotation_owed` says why
     # a rotation is owed ("" when none); `ca_made_by` is the authority that made the signing CA.

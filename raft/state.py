@@ -139,8 +139,9 @@ def _set_member_state(state: MeshState, cmd: SetMemberState) -> MeshState:
                   for k, a in admins.items()}
     # A pipeline needs every one of its members: one that leaves takes the split with it.
     splits = {m: s for m, s in state.splits.items() if cmd.state != MemberState.GONE or cmd.node_id not in s.members}
+    failures = {k: f for k, f in state.stage_failures.items() if cmd.state != MemberState.GONE or k[1] != cmd.node_id}
     new = dataclasses.replace(state, members=members, shards=shards, pins=pins, model_files=files, admins=admins,
-                              splits=splits)
+                              splits=splits, stage_failures=failures)
     if cmd.state == MemberState.GONE and member.authority and member.state != MemberState.GONE:
         # Its copy of the CA key left with it: a rotation is owed (raft/apply_trust.py).
         new = apply_trust.owe_rotation(new, f"{member.name} held the CA key and was removed")

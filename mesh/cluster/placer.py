@@ -40,14 +40,17 @@ FAILED_STAGE_RETRY_S = 120.0  # a member whose stage of a model failed is planne
 
 class Placer:
     def __init__(self, raft: RaftNode, grace_s: float, reserve_bytes: int,
-                 clock: Callable[[], float] = time.monotonic, battery: BatteryPolicy = BatteryPolicy()) -> None:
+                 clock: Callable[[], float] = time.monotonic, battery: BatteryPolicy = BatteryPolicy(),
+                 wall: Callable[[], float] = time.time) -> None:
         self.raft = raft
         self.battery = battery
         self.grace_s = grace_s
         self.reserve = reserve_bytes
         self.clock = clock
+        self.wall = wall  # stage failures carry the reporting member's clock
         self._down_since: dict[str, float] = {}  # raft address -> when this leader lost it
-        self._failed: dict[tuple[str, str], tuple[float, str]] = {}  # (model, node) -> (when seen, detail)
+        self._failed: dict[tuple[str, str], tuple[float, str]] = {}  # failures without a time: when first seen
+        self._said: set[tuple[str, str]] = set()  # failures logged (once each)
 
     def healthy(self, state: MeshState) -> dict[str, bool]:
         """node_id -> usable for shards: active, and reachable (or lost for less than the grace period)."""
@@ -161,17 +164,25 @@ class Placer:
 
     def _failed_stages(self, state: MeshState, model: str) -> dict[str, str]:
         """node id -> what failed, for members whose stage of `model` reported "failed" within
-        FAILED_STAGE_RETRY_S (remembered here: a new SetSplit starts the recorded states afresh)."""
-        now = self.clock()
-        split = state.splits.get(model)
-        for node_id, stage_state, detail in (split.stage_states if split is not None else ()):
-            if stage_state == "failed" and (model, node_id) not in self._failed:
-                self._failed[(model, node_id)] = (now, detail or "no detail")
-                log.warning("the stage of %s on %s failed (%s): planning around it", model, node_id, detail)
-        for key, (since, _) in list(self._failed.items()):
-            if now - since >= FAILED_STAGE_RETRY_S:
-                del self._failed[key]
-        return {node_id: detail for (m, node_id), (_, detail) in sorted(self._failed.items()) if m == model}
+        FAILED_STAGE_RETRY_S. The log keeps each failure with when the member said it (MeshState.stage_failures),
+        so a new leader plans around it too; a failure reported without a time (a member of the version before)
+        is timed from when this placer first saw it."""
+        now, wall = self.clock(), self.wall()
+        failed = {}
+        for (m, node_id), (detail, at) in sorted(state.stage_failures.items()):
+            if m != model:
+                continue
+            if not at:
+                at = wall - (now - self._failed.setdefault((m, node_id), (now, detail))[0])
+            if wall - at < FAILED_STAGE_RETRY_S:
+                failed[node_id] = detail or "no detail"
+                if (m, node_id) not in self._said:
+                    self._said.add((m, node_id))
+                    log.warning("the stage of %s on %s failed (%s): planning around it", model, node_id, detail)
+        for key in set(self._failed) - set(state.stage_failures):
+            del self._failed[key]
+        self._said &= {(model, n) for n in failed} | {k for k in self._said if k[0] != model}
+        return failed
 
     async def step(self) -> bool:
         """Commits a new placement if it differs from the state's; True if it committed one."""

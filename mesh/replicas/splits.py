@@ -191,7 +191,7 @@ class SplitRunner:
             split = state.splits.get(model)
             if split is None or split.stage_state(self.node_id) == known or model in self._reporting:
                 continue
-            task = asyncio.create_task(self.report(SetStageState(model, self.node_id, *known)),
+            task = asyncio.create_task(self.report(SetStageState(model, self.node_id, *known, at=time.time())),
                                        name=f"stage-state-{model}")
             self._reporting[model] = task
             task.add_done_callback(lambda t, m=model: self._reported(m, t))

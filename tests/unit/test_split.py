@@ -19,6 +19,7 @@ from raft.commands import (
     RegisterModel,
     SetMemberState,
     SetSplit,
+    SetStageState,
     decode,
     encode,
 )
@@ -78,6 +79,7 @@ def test_a_member_that_leaves_takes_its_pipelines_with_it():
 
 def test_splits_survive_the_full_dump():
     state = apply(mesh(), SetSplit("gemma", "a", (("b", 5), ("c", 4))))
+    state = apply(state, SetStageState("gemma", "b", "failed", "cannot allocate its share", at=1.5))
     restored, *_ = decode_dump(encode_dump(state, (b"\x01", 3, 1), (b"\x01", 2, 1), ["127.0.0.1:8002"]))
     assert restored == state
     assert type(restored.splits["gemma"]) is Split

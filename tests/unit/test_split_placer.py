@@ -7,6 +7,7 @@ nodes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import types
 from pathlib import Path
 
@@ -34,11 +35,13 @@ from raft.commands import (
     SetSplit,
     SetStageState,
     UpdateProfile,
+    encode,
 )
 from raft.node import RaftNode, RaftTiming
 from raft.profile import MemberProfile
-from raft.state import Split
+from raft.state import Rejected, Split, apply
 from tests.procs import free_ports
+from tests.unit.test_split import mesh as split_mesh
 
 MIB, GIB = 1 << 20, 1 << 30
 MEMORY, LAYER = 485_896_896, 7_990_272  # the default model's figures (test_split_planning.py)
@@ -318,3 +321,32 @@ def test_a_stage_member_keeps_its_recorded_memory_like_a_member_holding_a_shard(
     assert proposed == []
     assert asyncio.run(ProfileRefresher("b", lambda: state, propose, read=read).refresh())  # no split: refreshed
     assert len(proposed) == 1
+
+
+def test_a_stage_failure_is_in_the_log_so_any_leader_plans_around_it():
+    state = apply(split_mesh(), SetSplit("gemma", "a", (("b", 9),), auto=True))
+    failed = apply(state, SetStageState("gemma", "b", "failed", "cannot allocate 60 MiB", at=1000.0))
+    assert failed.stage_failures == {("gemma", "b"): ("cannot allocate 60 MiB", 1000.0)}
+    replanned = apply(failed, SetSplit("gemma", "a", (("c", 9),), auto=True))  # states afresh, the failure kept
+    assert replanned.splits["gemma"].stage_states == () and ("gemma", "b") in replanned.stage_failures
+
+    def leader(wall: float) -> Placer:  # a placer that never saw the report (a leader elected since)
+        return Placer(None, grace_s=3600, reserve_bytes=0, wall=lambda: wall)
+
+    assert leader(1000.0 + 60)._failed_stages(replanned, "gemma") == {"b": "cannot allocate 60 MiB"}
+    assert leader(1000.0 + 121)._failed_stages(replanned, "gemma") == {}, "tried again after 120 s"
+    again = apply(apply(replanned, SetSplit("gemma", "a", (("b", 9),), auto=True)),
+                  SetStageState("gemma", "b", "ready", "9 layers", at=1200.0))
+    assert again.stage_failures == {}, "a ready stage clears its failure"
+    assert apply(failed, SetMemberState("b", "gone")).stage_failures == {}
+    with pytest.raises(Rejected):
+        apply(state, SetStageState("gemma", "b", "failed", "x", at=-1.0))
+    assert "at" not in encode(SetStageState("gemma", "b", "ready"))
+    many = state
+    for i in range(70):  # one failure per (model, member) and at most MAX_STAGE_FAILURES in all
+        many = apply(many, SetStageState("gemma", "b", "failed", f"{i}", at=float(i)))
+    assert many.stage_failures == {("gemma", "b"): ("69", 69.0)}
+    crowded = {("m", f"n{i}"): ("x", float(i)) for i in range(64)}
+    trimmed = apply(dataclasses.replace(state, stage_failures=crowded),
+                    SetStageState("gemma", "b", "failed", "late", at=100.0))
+    assert len(trimmed.stage_failures) == 64 and ("m", "n0") not in trimmed.stage_failures
