@@ -28,6 +28,10 @@ MAX_KV_BYTES = 4 * 1024 * 1024
 # node.kv_cache_type: the KV cache's element type. q8_0 holds about 0.53x the bytes of f16 (Gemma 3 270M: 42 MB
 # a 4096-token slot instead of 77 MB); llama.cpp needs flash attention for a quantized V cache.
 KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+# Tokens llama.cpp computes at once within a batch of n_batch (its default: 512). The compute buffer's touched part
+# grows with it (attention scores: context x ubatch per head): 64, the batched backend's prefill piece, holds
+# 17 MB less after a 371-token prompt on the default model, and the greedy answers measured stayed the same.
+N_UBATCH = 64
 
 
 def kv_cache_type(name: str) -> int:
@@ -41,7 +45,7 @@ class LlamaBackend:
         quantized = {} if kv_type == "f16" else {"type_k": kv_cache_type(kv_type), "type_v": kv_cache_type(kv_type),
                                                  "flash_attn": True}
         self._llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads,
-                                    n_threads_batch=threads, n_batch=512, logits_all=False,
+                                    n_threads_batch=threads, n_batch=512, n_ubatch=N_UBATCH, logits_all=False,
                                     verbose=False, **quantized)
         self.n_ctx = self._llm.n_ctx()
         self._init_vocab(self._llm._model)

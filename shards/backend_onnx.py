@@ -74,7 +74,12 @@ class Encoder:
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         options.enable_cpu_mem_arena = False  # the arena keeps a batch's peak for good (~2x the RSS)
+        # Memory patterns keep each input shape's planned buffers: with the arena off they only add to the
+        # peak (the default encoder: 230 instead of 420 MB after 32 x 256 tokens; the same vectors).
+        options.enable_mem_pattern = False
         options.log_severity_level = 3
+        # Constant folding makes float32 copies of the int8 weights at load (the default encoder: +176 MB for a 23 MB
+        # file, +47 MB without it), but without it every call dequantizes them again: 96 instead of 10 ms a text.
         self._session = ort.InferenceSession(str(self.path), sess_options=options,
                                              providers=["CPUExecutionProvider"])
         inputs = {i.name for i in self._session.get_inputs()}

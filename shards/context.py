@@ -38,11 +38,12 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from shards.types import Message, NotReady, QueueFull, ShardKind
+
+if TYPE_CHECKING:  # numpy is imported where vectors are used: meshd imports this module for its types (~13 MB)
+    import numpy as np
 
 log = logging.getLogger("quorum.context")
 
@@ -192,6 +193,8 @@ def fit(messages: Sequence[Message], budget: int, cost: Callable[[str], int], se
 
     `vectors` are the embeddings of fit_inputs' texts: the query's first, then one per sentence.
     """
+    import numpy as np
+
     if not messages:
         raise CannotFit("no messages")
     last = len(messages) - 1
@@ -260,6 +263,8 @@ def _exchanges(messages: Sequence[Message], last: int) -> list[list[int]]:
 def _summary(messages: Sequence[Message], dropped: set[int], sents: Sequence[Sentence], vecs: np.ndarray,
              sims: np.ndarray, room: int, cost: Callable[[str], int]) -> tuple[str | None, int]:
     """(the summary text or None, sentences in it) from the sentences of `dropped` messages."""
+    import numpy as np
+
     pool = [k for k, s in enumerate(sents) if s.message in dropped]
     room -= cost(SUMMARY_HEADER) + MESSAGE_OVERHEAD
     if not pool or room <= 0:

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _slim_process()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     dd = DataDir((args.data_dir or default_data_dir()).expanduser())
@@ -194,7 +195,48 @@ async def _serve(daemon) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await daemon.run(stop)
+    trimming = asyncio.create_task(_trim_heap(), name="heap-trim")
+    try:
+        await daemon.run(stop)
+    finally:
+        trimming.cancel()
+        await asyncio.gather(trimming, return_exceptions=True)  # cancelled on purpose
+
+
+M_ARENA_MAX = -8  # glibc mallopt(3)
+TRIM_FIRST_S, TRIM_EVERY_S = 15.0, 600.0
+
+
+def _libc():
+    """glibc, or None where malloc is another (musl on OpenWrt, macOS): the settings below are glibc's."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # no glibc here: nothing to tune, meshd runs the same
+        return None
+
+
+def _slim_process() -> None:
+    """Start-up choices that keep meshd small (a witness on a router; README, Footprints)."""
+    # httpx imports its command-line client when it can (click, pygments, rich where installed); meshd never
+    # runs it. None in sys.modules makes that import fail as if they were missing, which httpx expects.
+    sys.modules.setdefault("httpx._main", None)
+    libc = _libc()
+    if libc is not None:  # each thread that allocates gets an arena of its own otherwise (up to 8 x cores)
+        libc.mallopt(M_ARENA_MAX, 2)
+
+
+async def _trim_heap() -> None:
+    """Hands the heap's free pages back to the system once start-up's garbage is freed, then now and then."""
+    libc = _libc()
+    if libc is None:
+        return
+    await asyncio.sleep(TRIM_FIRST_S)
+    while True:
+        libc.malloc_trim(0)
+        await asyncio.sleep(TRIM_EVERY_S)
 
 
 def _leave(config: MeshConfig, dd: DataDir) -> int:

@@ -12,7 +12,12 @@
      process, shards/host.py) minus the resident part of the GGUF file mapping. llama.cpp mmaps the
      weights read-only from the file; psutil's memory_maps() gives each mapping's resident bytes, and
      those of the mapping whose path ends in .gguf are subtracted (what stays is Python, llama.cpp's
-     KV cache and compute buffers, gRPC, the gateway). Each process is shown on its own line too;
+     KV cache and compute buffers, gRPC, the gateway). Each process is shown on its own line too.
+     RSS counts a shared page (libpython, numpy, gRPC, mapped by meshd and by each shard process) once
+     in every process, so the same sum of PSS (each shared page split between the processes mapping it)
+     minus the GGUF's PSS is shown beside it: what the node costs the machine. The target is judged on
+     the RSS figure, the stricter one (the issue's own measure). A context shard's sentence encoder is
+     read into memory by onnxruntime, not mapped: its file size is shown on a line of its own;
    - idle CPU: the process's user+system CPU seconds over the window / the window (100% = one core);
    - Raft traffic: TCP payload bytes on every connection to or from a member's Raft port, from the
      kernel's per-socket counters (`ss -tin`: bytes_received at each end, so every byte counts once,
@@ -20,12 +25,17 @@
      (52 bytes a segment on loopback, with timestamps) are shown separately. The same for all
      inter-member ports (Raft, gRPC, HTTPS peer port, HTTP) for completeness.
 
-    .venv/bin/python -m tests.bench.bench_footprint [--idle-s 60] [--starts 3]
+    .venv/bin/python -m tests.bench.bench_footprint [--idle-s 60] [--starts 3] [--parallel N] [--kv-cache-type q8_0]
+
+--parallel and --kv-cache-type go to the model nodes' mesh.toml ([node] parallel, kv_cache_type); without them
+the model nodes run the defaults (parallel by the machine's memory). Memory per slot: two runs, --parallel 1 and
+the default, side by side (or the shard process's lines, which name the slots).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import subprocess
@@ -84,11 +94,14 @@ def _alive(node: Meshd) -> bool:
 
 def resident_by_kind(pid: int) -> dict[str, int]:
     """Resident bytes of the process's mappings: the GGUF file, shared libraries, anonymous memory
-    (heap, Python objects, llama.cpp's KV cache and buffers, thread stacks) and other files."""
-    kinds = {"gguf": 0, "libraries": 0, "anonymous": 0, "other files": 0}
+    (heap, Python objects, llama.cpp's KV cache and buffers, thread stacks) and other files; and the
+    PSS of the GGUF mapping ("gguf pss") and of the whole process ("pss")."""
+    kinds = {"gguf": 0, "libraries": 0, "anonymous": 0, "other files": 0, "gguf pss": 0, "pss": 0}
     for m in psutil.Process(pid).memory_maps(grouped=True):
+        kinds["pss"] += m.pss
         if m.path.endswith(".gguf"):
             kinds["gguf"] += m.rss
+            kinds["gguf pss"] += m.pss
         elif ".so" in m.path.rpartition("/")[2]:
             kinds["libraries"] += m.rss
         elif not m.path.startswith("/"):
@@ -104,12 +117,35 @@ def node_memory(pid: int) -> list[tuple[str, int, dict[str, int]]]:
     out = [("meshd", daemon.memory_info().rss, resident_by_kind(pid))]
     for child in daemon.children(recursive=True):
         try:
-            args = child.cmdline()
-            label = "shard process " + next((a.split('"role": "')[1].split('"')[0] for a in args if '"role"' in a), "?")
+            spec = host_spec(child)
+            label = f"shard process {spec.get('role', '?')}"
+            if spec.get("kind") == "llama" and not spec.get("stages"):
+                label += f" ({max(1, spec.get('parallel', 1))} slots, {spec.get('kv_cache_type', 'f16')} KV)"
             out.append((label, child.memory_info().rss, resident_by_kind(child.pid)))
-        except (psutil.Error, IndexError):  # a child that ended between the listing and the read: not counted
+        except psutil.Error:  # a child that ended between the listing and the read: not counted
             continue
     return out
+
+
+def host_spec(child: psutil.Process) -> dict:
+    """The HostSpec JSON a shard process was started with (shards/host.py), {} for another child."""
+    for arg in child.cmdline():
+        if arg.startswith("{") and '"role"' in arg:
+            return json.loads(arg)
+    return {}
+
+
+def encoder_file_bytes(pid: int) -> int:
+    """Size of the .onnx files the node's shard processes serve (read into memory, not mapped)."""
+    total = 0
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            path = host_spec(child).get("path", "")
+        except psutil.Error:  # ended since the listing: not counted
+            continue
+        if path.endswith(".onnx") and Path(path).exists():
+            total += Path(path).stat().st_size
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
@@ -168,7 +204,19 @@ def ports_of(status: dict) -> tuple[set[int], set[int]]:
     return raft, every
 
 
-def build_mesh(root: Path, starts: int) -> tuple[dict[str, Meshd], list[float]]:
+def model_config(args) -> str:
+    """The model nodes' mesh.toml: the [node] settings given on the command line."""
+    lines = [f"parallel = {args.parallel}"] if args.parallel is not None else []
+    lines += [f'kv_cache_type = "{args.kv_cache_type}"'] if args.kv_cache_type else []
+    return "[node]\n" + "\n".join(lines) + "\n" if lines else ""
+
+
+def build_mesh(root: Path, args) -> tuple[dict[str, Meshd], list[float]]:
+    starts, config = args.starts, model_config(args)
+    for name in MODEL_NODES:
+        if config:
+            (root / name).mkdir(parents=True)
+            (root / name / "mesh.toml").write_text(config)
     a = Meshd(root / "a", command="start")
     a.init()
     nodes = {"a": a}
@@ -200,7 +248,7 @@ def build_mesh(root: Path, starts: int) -> tuple[dict[str, Meshd], list[float]]:
 
 
 def measure(args, root: Path) -> list[Row]:
-    nodes, times = build_mesh(root, args.starts)
+    nodes, times = build_mesh(root, args)
     try:
         pids = {name: n.proc.pid for name, n in nodes.items()}
         for name in WITNESSES:
@@ -224,6 +272,7 @@ def measure(args, root: Path) -> list[Row]:
         all_payload, all_segments, all_churn = traffic(sockets0, sockets1, all_ports)
         rss_idle = {name: psutil.Process(pids[name]).memory_full_info() for name in WITNESSES}
         model = {name: node_memory(pids[name]) for name in MODEL_NODES}
+        encoders = {name: encoder_file_bytes(pids[name]) for name in MODEL_NODES}
     finally:
         kill_all(nodes)
 
@@ -235,16 +284,25 @@ def measure(args, root: Path) -> list[Row]:
         rows.append(Row(f"witness {name} RSS after {window:.0f} s idle", rss_idle[name].rss / MB, "MB", 50))
         rows.append(Row(f"  witness {name} USS after {window:.0f} s idle (not shared)", rss_idle[name].uss / MB, "MB",
                         None))
+        rows.append(Row(f"  witness {name} PSS after {window:.0f} s idle", rss_idle[name].pss / MB, "MB", None))
     for name in MODEL_NODES:
         procs = model[name]
         rss = sum(r for _, r, _ in procs)
         kinds = {k: sum(kk[k] for _, _, kk in procs) for k in procs[0][2]}
         rows.append(Row(f"model node {name} ({'+'.join(roles[name])}) RSS - resident GGUF, {len(procs)} processes",
                         (rss - kinds["gguf"]) / MB, "MB", 150))
+        rows.append(Row(f"model node {name} PSS - GGUF's PSS (shared pages split), same processes",
+                        (kinds["pss"] - kinds["gguf pss"]) / MB, "MB", 150))
         for label, r, kk in procs:
             rows.append(Row(f"  model node {name}: {label} RSS - resident GGUF", (r - kk["gguf"]) / MB, "MB", None))
+            rows.append(Row(f"  model node {name}: {label} PSS - GGUF's PSS", (kk["pss"] - kk["gguf pss"]) / MB,
+                            "MB", None))
         for kind, size in kinds.items():
-            rows.append(Row(f"  model node {name}: {kind}", size / MB, "MB", None))
+            if kind not in ("pss", "gguf pss"):
+                rows.append(Row(f"  model node {name}: {kind}", size / MB, "MB", None))
+        if encoders[name]:
+            rows.append(Row(f"  model node {name}: of which the sentence encoder's file (read in, not mapped)",
+                            encoders[name] / MB, "MB", None))
     for name in nodes:
         kind = "witness" if name in WITNESSES else "model node"
         rows.append(Row(f"idle CPU, {kind} {name} (% of one core)", cpu[name], "%", None))
@@ -264,6 +322,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--idle-s", type=float, default=60.0, help="length of the idle window (seconds)")
     ap.add_argument("--starts", type=int, default=3, help="timed `meshd start` runs")
+    ap.add_argument("--parallel", type=int, default=None, metavar="N",
+                    help="the model nodes' node.parallel (slots per reasoning shard; default: by memory)")
+    ap.add_argument("--kv-cache-type", choices=("f16", "q8_0"), default=None,
+                    help="the model nodes' node.kv_cache_type (default: the built-in one)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="quorum-footprint-") as tmp:
         rows = measure(args, Path(tmp))
