@@ -124,12 +124,17 @@ async def _placer_splits(raft: RaftNode) -> None:
     assert raft.state.splits == {}
 
 
-def test_the_placer_splits_a_model_no_member_holds_and_plans_again_when_a_stage_fails(tmp_path):
+def on_one_member_raft(tmp_path: Path, body) -> None:
+    """Runs `body(raft)` against a real one-member Raft group in `tmp_path`."""
     raft = RaftNode(f"127.0.0.1:{free_ports(1)}", [], tmp_path / "raft", "unit-test-secret", TIMING)
     try:
-        asyncio.run(asyncio.wait_for(_placer_splits(raft), 120))
+        asyncio.run(asyncio.wait_for(body(raft), 120))
     finally:
         raft.close()
+
+
+def test_the_placer_splits_a_model_no_member_holds_and_plans_again_when_a_stage_fails(tmp_path):
+    on_one_member_raft(tmp_path, _placer_splits)
 
 
 async def _transitions(raft: RaftNode, tmp_path: Path) -> None:
@@ -227,11 +232,7 @@ async def _transitions(raft: RaftNode, tmp_path: Path) -> None:
 
 
 def test_the_placer_moves_between_a_pipeline_and_a_whole_replica_make_before_break(tmp_path):
-    raft = RaftNode(f"127.0.0.1:{free_ports(1)}", [], tmp_path / "raft", "unit-test-secret", TIMING)
-    try:
-        asyncio.run(asyncio.wait_for(_transitions(raft, tmp_path), 120))
-    finally:
-        raft.close()
+    on_one_member_raft(tmp_path, lambda raft: _transitions(raft, tmp_path))
 
 
 def test_the_layer_figures_are_read_from_the_real_gguf(tmp_path):

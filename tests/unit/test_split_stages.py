@@ -68,6 +68,13 @@ async def head_connection(tunnel: HeadTunnel) -> tuple[asyncio.StreamReader, asy
     return reader, writer
 
 
+async def until_closed(reader: asyncio.StreamReader) -> tuple[bytes, float]:
+    """What the head's connection reads next (b"" once the tunnel closes it), and how long that took."""
+    started = time.monotonic()
+    got = await asyncio.wait_for(reader.read(4), 20)
+    return got, time.monotonic() - started
+
+
 def test_a_stage_member_gone_silent_costs_the_head_its_connection(monkeypatch):
     """The stage member's meshd frozen (its event loop stopped; its kernel still accepts and acknowledges, so TCP
     alone would wait for good): the head member's heartbeat gets no pong for SILENT_S and closes the head's
@@ -99,9 +106,7 @@ def test_a_stage_member_gone_silent_costs_the_head_its_connection(monkeypatch):
             writer.write(b"pong")
             assert await asyncio.wait_for(reader.readexactly(4), 10) == b"pong"
             loop.call_soon_threadsafe(frozen.wait)  # the stage member's meshd stops running
-            started = time.monotonic()
-            got = await asyncio.wait_for(reader.read(4), 20)  # b"": the tunnel closed the head's connection
-            return got, time.monotonic() - started
+            return await until_closed(reader)
         finally:
             writer.close()
             await tunnel.close()
@@ -142,9 +147,7 @@ def test_a_stage_member_frozen_before_the_heartbeat_connects_is_silence_not_a_re
         tunnel = HeadTunnel("m", target, HEAD.client_context)
         reader, writer = await head_connection(tunnel)
         try:
-            started = time.monotonic()
-            got = await asyncio.wait_for(reader.read(4), 20)  # b"": the tunnel closed the head's connection
-            return got, time.monotonic() - started
+            return await until_closed(reader)
         finally:
             writer.close()
             await tunnel.close()
