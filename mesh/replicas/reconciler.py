@@ -96,6 +96,8 @@ class Reconciler:
         # A head that lost a stage: key -> (its split's placement and stage states then, when)
         self._lost: dict[tuple[str, str], tuple[tuple | None, tuple, float]] = {}
         self._too_big: dict[tuple[str, str], str] = {}  # shards refused here as too big to load whole (reported)
+        self._ready_detail: dict[tuple[str, str], str] = {}  # what each running shard's "ready" report says
+        self._reasserting: set[tuple[str, str]] = set()  # running shards whose "ready" is being reported again
 
     async def run(self, changed: asyncio.Event, every_s: float = 1.0) -> None:
         self._wake = changed
@@ -128,6 +130,7 @@ class Reconciler:
             if _placed(self._split_of.get(key)) != _placed(self._head_split(key, state)):
                 log.info("%s/%s: its split changed; starting its process again", *key)
                 await self._unload(key)
+        self._reassert_ready(state, want)
         # Reasoning first: a node is ready (and /health answers 200) once its chat shard is loaded.
         for key in sorted(want - set(self.local), key=lambda k: (k[0] != Role.REASONING, k)):
             if time.monotonic() < self._failed.get(key, 0.0) or key in self._loading:
@@ -141,6 +144,24 @@ class Reconciler:
                 task = asyncio.create_task(self._load(key, state), name=f"head-load-{key[1]}")
                 self._loading[key] = (task, split)
                 task.add_done_callback(lambda t, k=key: self._head_loaded(k, t))
+
+    def _reassert_ready(self, state: MeshState, want: set[tuple[str, str]]) -> None:
+        """A shard running here whose "ready" is not in the log reports it again. Its report can be lost (the
+        leader changed as it was proposed, no quorum then: _report gives up) or the log can record the shard
+        afresh (placed again); until the log says "ready", no member routes a request to it."""
+        for key in sorted(set(self.local) & want):
+            shard = state.shards.get((*key, self.node_id))
+            if shard is None or shard.state == ShardState.READY or key in self._reasserting:
+                continue
+            self._reasserting.add(key)
+            log.info("%s/%s runs here but the log says %r: reporting it ready again", *key, shard.state)
+
+            def done(future, key=key) -> None:
+                self._reasserting.discard(key)
+                if future.exception() is not None:  # the next step tries again
+                    log.info("ready report of %s/%s not committed: %s", *key, future.exception())
+            self.raft.propose(SetShardState(*key, self.node_id, ShardState.READY,
+                                            self._ready_detail.get(key, ""))).add_done_callback(done)
 
     async def _stages_ready(self, key: tuple[str, str], split: Split, state: MeshState) -> bool:
         """True once every stage of the split this head belongs to reports "ready" in Raft; until then the
@@ -218,12 +239,13 @@ class Reconciler:
             self._failed[key] = time.monotonic() + RETRY_AFTER_FAILURE_S
             await self._report(SetShardState(role, model_name, self.node_id, ShardState.FAILED, str(exc)[:300]))
             return
+        detail = "" if split is None else "pipeline head: " + ", ".join(
+            f"{self._name(state, node_id)}={layers}" for node_id, layers in split.stages)
+        self._ready_detail[key] = detail
         self.local[key] = shard
         self._split_of[key] = split
         self.metrics.watch_shard(role, model_name, lambda: shard.waiting, shard.rss)
         self._failed.pop(key, None)
-        detail = "" if split is None else "pipeline head: " + ", ".join(
-            f"{self._name(state, node_id)}={layers}" for node_id, layers in split.stages)
         await self._report(SetShardState(role, model_name, self.node_id, ShardState.READY, detail))
         log.info("ready: %s shard of %s", role, model_name)
 
@@ -323,6 +345,7 @@ class Reconciler:
     async def _unload(self, key: tuple[str, str]) -> None:
         shard = self.local.pop(key)
         self._split_of.pop(key, None)
+        self._ready_detail.pop(key, None)
         self.metrics.unwatch_shard(*key)
         await shard.stop()
         log.info("stopped %s shard of %s (no longer placed here)", *key)

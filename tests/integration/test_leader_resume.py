@@ -42,17 +42,20 @@ def nodes(tmp_path_factory):
 
 
 def leader_of(nodes: dict[str, Meshd]) -> str:
-    def known() -> str | None:
+    """The leader every member names. A member just thawed from SIGSTOP may still name itself for a
+    moment; trusting it alone made the test kill a follower and see no resume."""
+    def agreed() -> str | None:
+        named = set()
         for node in nodes.values():
             try:
                 st = node.status()
             except (httpx.HTTPError, ValueError):
-                continue  # a member still starting: ask another
-            name = next((m["name"] for m in st["members"] if m["leader"]), None)
-            if name is not None and st["raft"]["has_quorum"]:
-                return name
-        return None
-    return wait_until(known, 30, "a leader")
+                return None  # a member still starting: ask again
+            if not st["raft"]["has_quorum"]:
+                return None
+            named.add(next((m["name"] for m in st["members"] if m["leader"]), None))
+        return named.pop() if len(named) == 1 and None not in named else None
+    return wait_until(agreed, 30, "one leader every member names")
 
 
 def completion_text(lines, at_first) -> tuple[str, int]:
@@ -136,5 +139,9 @@ def test_a_relayed_stream_resumes_exactly_through_a_lost_leader(nodes, tmp_path,
         if how == "killed":  # the next case needs all three members again
             victim.kill()
             nodes[leader] = Meshd(victim.data_dir, command="start", port=victim.port, name=leader).start()
-        wait_until(lambda: ready_replicas(member) == NAMES and nodes[leader].health() == 200, 120,
-                   "all three replicas again")
+        try:
+            wait_until(lambda: ready_replicas(member) == NAMES and nodes[leader].health() == 200, 120,
+                       "all three replicas again")
+        except TimeoutError as e:
+            seen = {n: (node.health(), ready_replicas(node)) for n, node in nodes.items()}
+            raise TimeoutError(f"{e}: (health, ready replicas) by member: {seen}") from e

@@ -21,6 +21,7 @@ from proto import mesh_pb2, mesh_pb2_grpc
 from shards.backend_null import NullBackend
 from shards.grpc_service import (
     CLIENT_OPTIONS,
+    CONNECT_TIMEOUT_MS,
     REASON_KEY,
     SERVER_OPTIONS,
     ShardService,
@@ -324,6 +325,27 @@ def test_frozen_peer_is_detected_by_keepalive():
                 backend.gate.set()
 
     run(main())
+
+
+def test_a_peer_that_accepts_and_never_answers_is_not_ready_within_the_connect_timeout():
+    """A frozen member's kernel still accepts connections: without a connect deadline gRPC waits 20 s there
+    before the router may try another replica (a resumed stream stalled that long after a lost leader)."""
+    async def main():
+        with socket.socket() as listener:  # accepts into its backlog, never speaks TLS or HTTP/2
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(16)
+            far = RemoteShard(f"127.0.0.1:{listener.getsockname()[1]}", ROLE, MODEL, node_id="node-b",
+                              credentials=grpc.ssl_channel_credentials())
+            try:
+                started = time.perf_counter()
+                with pytest.raises(NotReady, match="UNAVAILABLE"):
+                    await far.open(GenerateRequest(Sampling(), messages=CHAT))
+                assert time.perf_counter() - started < CONNECT_TIMEOUT_MS / 1000 + 3.0  # 20 s without it
+                assert far.load == 0
+            finally:
+                await far.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
 
 
 def test_health_reports_the_shard():
