@@ -21,6 +21,16 @@ one batch, or 8 or more decode rows, change some rows again (~0.04-2 in the logi
 prefills one prompt at a time, and decodes its sequences in llama_decode calls of at most EXACT_ROWS
 (7) rows each, the prompt's piece beside the first: with 8 or more slots a step is two or more calls,
 each exact (measured: 12 concurrent greedy answers equal each run alone; in one call 6 of 12 differed).
+Why 8: from 8 rows on, llama.cpp multiplies by the weights with llamafile's GEMM (tinyBLAS), which rounds
+otherwise than the per-row dot products below 8. That GEMM is also what makes 8 rows cheap (measured on a
+2-core x86 VM, 2 threads, one call: 1 row 11.4 ms, 4 rows 35 ms, 7 rows 63 ms, 8 rows 45 ms), so exactness
+costs about 40% of the aggregate from 8 slots on; `exact = False` (node.batch_exact) decodes every
+sequence in one call instead, and a greedy answer may then depend on what else runs beside it.
+
+Order (measured): with one KV stream per slot, llama.cpp cuts a call into a separate pass over the weights
+(a ubatch) wherever the sequence ids are not consecutive and ascending; slots 1..7 then 0 took 74 ms where
+0..7 took 43. So each call lists its sequences by slot, and a new sequence takes the lowest free slot that
+gives no less prefix reuse.
 """
 
 from __future__ import annotations
@@ -68,7 +78,8 @@ class Sequence:
 
 
 class LlamaBatchBackend(LlamaBackend):
-    def __init__(self, path: str, n_ctx: int, threads: int, slots: int, kv_type: str = "f16") -> None:
+    def __init__(self, path: str, n_ctx: int, threads: int, slots: int, kv_type: str = "f16",
+                 exact: bool = True) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         params = llama_cpp.llama_model_default_params()
@@ -85,6 +96,7 @@ class LlamaBatchBackend(LlamaBackend):
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = _internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
         self.slots = slots
+        self.exact = exact  # at most EXACT_ROWS decoding sequences a call (see the module doc)
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx) // slots  # each slot's own window
         self._row = -1
         self._free = list(range(slots))
@@ -124,7 +136,7 @@ class LlamaBatchBackend(LlamaBackend):
         starting with the same tokens takes that slot and prefills only the rest. The kept chunks were
         computed exactly as a fresh prefill computes them (same boundaries from position 0, one prompt
         per step), so the answer is the same as without reuse."""
-        slot, reuse = self._pick_slot(prompt) if not resume_kv else (self._free[0], 0)
+        slot, reuse = self._pick_slot(prompt) if not resume_kv else (self._lowest_free(), 0)
         self._free.remove(slot)
         self._cached.pop(slot, None)
         llama_cpp.llama_memory_seq_rm(self._mem, slot, reuse, -1)
@@ -142,11 +154,11 @@ class LlamaBatchBackend(LlamaBackend):
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
         """The free slot whose kept prompt shares the most whole CHUNKs with `prompt` (leaving at least
-        one token to prefill, for logits) and how many tokens that is; else the longest-free slot."""
-        best, reuse = self._free[0], 0
+        one token to prefill, for logits) and how many tokens that is; else _lowest_free()."""
+        best, reuse = self._lowest_free(), 0
         if not self.prefix_reuse:
             return best, 0
-        for slot in self._free:
+        for slot in sorted(self._free):
             kept = self._cached.get(slot, ())
             common, limit = 0, min(len(kept), len(prompt) - 1)
             while common < limit and kept[common] == prompt[common]:
@@ -155,6 +167,11 @@ class LlamaBatchBackend(LlamaBackend):
             if common > reuse:
                 best, reuse = slot, common
         return best, reuse
+
+    def _lowest_free(self) -> int:
+        """The lowest free slot that keeps no prompt for reuse, else the lowest: running slots stay consecutive
+        (one pass over the weights a call, see the module doc) while kept prompts live as long as they can."""
+        return min(self._free, key=lambda slot: (slot in self._cached, slot))
 
     def release(self, seq: Sequence) -> None:
         """Ends a sequence and frees its slot, keeping the KV of its prompt's whole chunks for reuse."""
@@ -168,14 +185,17 @@ class LlamaBatchBackend(LlamaBackend):
             self._free.append(seq.slot)
 
     def step(self, seqs: list[Sequence]) -> None:
-        """The sequences' next tokens, decoded; each sequence's new tokens land in its `out` (or `error`). Decoding
-        sequences go first, then one prompt's chunk, in llama_decode calls of at most EXACT_ROWS decoding
-        sequences each (the prompt's chunk beside the first): more rows in one call change the numbers."""
-        decoding = [i for i, s in enumerate(seqs) if s.feed is not None and len(s.feed.tokens) == 1]
+        """The sequences' next tokens, decoded; each sequence's new tokens land in its `out` (or `error`): every
+        decoding sequence and one prompt's chunk, listed by slot, in llama_decode calls of at most EXACT_ROWS
+        decoding sequences each when `exact` (the prompt's chunk beside the first), else in one call."""
+        by_slot = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)  # one ubatch per call (module doc)
+        decoding = [i for i in by_slot if seqs[i].feed is not None and len(seqs[i].feed.tokens) == 1]
         # One prompt at a time: chunks of several prompts in one batch change the numbers (measured).
-        filling = [i for i, s in enumerate(seqs) if s.feed is not None and len(s.feed.tokens) > 1][:1]
-        groups = [decoding[k:k + EXACT_ROWS] for k in range(0, len(decoding), EXACT_ROWS)] or [[]]
-        groups[0] = groups[0] + filling
+        filling = [i for i in by_slot if seqs[i].feed is not None and len(seqs[i].feed.tokens) > 1][:1]
+        calls = -(-len(decoding) // EXACT_ROWS) if self.exact else 1
+        size = -(-len(decoding) // max(calls, 1))  # as even as it goes: 8 rows are 4 + 4, cheaper than 7 + 1
+        groups = [decoding[k:k + size] for k in range(0, len(decoding), size)] if decoding else [[]]
+        groups[0] = sorted(groups[0] + filling, key=lambda i: seqs[i].slot)
         for group in groups:
             self._decode(seqs, group)
 
@@ -332,6 +352,7 @@ class LlamaBatchBackend(LlamaBackend):
 
 
 def open_backend(path: str, n_ctx: int, threads: int, slots: int = 4, kv_cache_type: str = "f16",
-                 **_unused) -> LlamaBatchBackend:
+                 batch_exact: bool = True, **_unused) -> LlamaBatchBackend:
     """`slots` sequences decoded together in one context, each with its own window of n_ctx tokens."""
-    return LlamaBatchBackend(path=path, n_ctx=n_ctx, threads=threads, slots=slots, kv_type=kv_cache_type)
+    return LlamaBatchBackend(path=path, n_ctx=n_ctx, threads=threads, slots=slots, kv_type=kv_cache_type,
+                             exact=batch_exact)

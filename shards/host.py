@@ -53,6 +53,7 @@ class HostSpec:
     # one sequence (LlamaBackend, repacking and KV checkpoints off): `parallel` is not used. (): the whole model.
     stages: tuple[str, ...] = ()
     kv_cache_type: str = "f16"  # node.kv_cache_type: f16, or q8_0 (about half the KV cache's memory)
+    batch_exact: bool = True  # node.batch_exact: batched answers equal each alone (shards/backend_llama_batch.py)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -84,7 +85,7 @@ def open_shard(spec: HostSpec):
         loaded = open_split_backend(spec.path, spec.n_ctx, spec.threads, stages)
         log.info("split model loaded in %.1f s; weights (MiB): %s", loaded.load_s, loaded.buffers)
         return LocalShard(spec.role, spec.model, loaded.backend, spec.queue_depth, spec.chat_template)
-    extra = {"kv_cache_type": spec.kv_cache_type} if spec.kind == "llama" else {}
+    extra = {"kv_cache_type": spec.kv_cache_type, "batch_exact": spec.batch_exact} if spec.kind == "llama" else {}
     backend = load_backend(spec.kind, path=spec.path, n_ctx=spec.n_ctx, threads=spec.threads,
                            slots=max(1, spec.parallel), **extra)
     return LocalShard(spec.role, spec.model, backend, spec.queue_depth, spec.chat_template)

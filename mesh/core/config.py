@@ -38,6 +38,9 @@ class NodeConfig:
     threads: int = 0  # 0: the physical cores
     parallel: int = 0  # generations a llama.cpp shard decodes together; 0: by this machine's memory
     kv_cache_type: str = "f16"  # llama.cpp's KV cache: f16, or q8_0 (about half the memory a slot)
+    # true: a batched greedy answer equals the same request alone, at about 0.6x the aggregate from 8 slots on
+    # (shards/backend_llama_batch.py); false: every slot in one llama.cpp call, faster, answers may vary with load
+    batch_exact: bool = True
     memory_budget_mib: int = 0  # the most memory this node gives to models (MiB); 0: whatever it has free
 
     @property

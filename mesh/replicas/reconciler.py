@@ -273,7 +273,7 @@ class Reconciler:
                         queue_depth=self.cfg.gateway.queue_depth,
                         socket=str(socket), parent=os.getpid(), chat_template=model.chat_template,
                         parallel=1 if kind == "onnx" else self.cfg.node.resolved_parallel(),
-                        kv_cache_type=self.cfg.node.kv_cache_type)
+                        kv_cache_type=self.cfg.node.kv_cache_type, batch_exact=self.cfg.node.batch_exact)
 
     async def _exited(self, shard: ShardProcess, exit_: Exit) -> None:
         """A shard process died on its own: report it, then restart it with back-off, or give up."""

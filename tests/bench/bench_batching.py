@@ -5,7 +5,8 @@ in-process batched limit of raw llama.cpp on the same machine, side by side in o
             with weight repacking (llama.cpp's default) and without it (what the shard uses, for
             batch invariance: shards/backend_llama_batch.py)
   engine    shards/engine.py Engine over LlamaBatchBackend (slots = the largest stream count), B
-            concurrent greedy generations submitted at once, each with its own prompt
+            concurrent greedy generations submitted at once, each with its own prompt; "exact" as shipped
+            (node.batch_exact = true: calls of at most 7 sequences), "one call" with batch_exact = false
 
 Prints aggregate decode tok/s at 1, 2, 4, 8 streams for each and the engine's share of the raw
 limit, then the engine's time to first token p50/p95 at 8 streams (64-token prompts). Run:
@@ -147,21 +148,29 @@ def main() -> None:
         path = str(model_path(Path(tmp)))
         backend = LlamaBatchBackend(path, n_ctx=N_CTX, threads=args.threads, slots=max(counts))
         engine = Engine(backend, queue_depth=max(counts), name="bench")
+        loose = LlamaBatchBackend(path, n_ctx=N_CTX, threads=args.threads, slots=max(counts), exact=False)
+        one_call = Engine(loose, queue_depth=max(counts), name="bench-one-call")
         try:
-            engine_run(engine, backend, 1, 4, 16)  # warm up
+            engine_run(engine, backend, 1, 4, 16)  # warm up (it also leaves slot 0 last in the free list)
+            engine_run(one_call, loose, 1, 4, 16)
             rows = []
             for n in counts:  # best of --runs, alternated: a shared machine's load comes and goes
-                best = [0.0, 0.0, 0.0]
+                best = [0.0, 0.0, 0.0, 0.0]
                 for _ in range(args.runs):
                     best[0] = max(best[0], raw_rate(path, args.threads, n, args.tokens, repack=True))
                     best[1] = max(best[1], raw_rate(path, args.threads, n, args.tokens, repack=False))
                     best[2] = max(best[2], engine_run(engine, backend, n, args.tokens, 16)[0])
+                    best[3] = max(best[3], engine_run(one_call, loose, n, args.tokens, 16)[0])
                 rows.append((n, *best))
+            one_call.close()
             print(f"\naggregate decode tok/s (best of {args.runs}), {args.threads} threads, {args.tokens} tokens a "
                   f"stream, engine slots={max(counts)}")
-            print(f"{'streams':>7} {'raw repacked':>13} {'raw plain':>10} {'engine':>8} {'engine/raw best':>16}")
-            for n, repacked, plain, rate in rows:
-                print(f"{n:>7} {repacked:>13.1f} {plain:>10.1f} {rate:>8.1f} {rate / max(repacked, plain):>16.2f}")
+            print(f"{'streams':>7} {'raw repacked':>13} {'raw plain':>10} {'exact':>7} {'/raw':>5} "
+                  f"{'one call':>9} {'/raw':>5}")
+            for n, repacked, plain, rate, loose_rate in rows:
+                limit = max(repacked, plain)
+                print(f"{n:>7} {repacked:>13.1f} {plain:>10.1f} {rate:>7.1f} {rate / limit:>5.2f} "
+                      f"{loose_rate:>9.1f} {loose_rate / limit:>5.2f}")
             n = max(counts)
             rate, firsts = engine_run(engine, backend, n, args.tokens, 64)
             print(f"\nengine slots={n}, {n} streams with 64-token prompts: {rate:.1f} tok/s aggregate decode, "

@@ -189,3 +189,52 @@ def test_more_slots_than_one_decode_call_keeps_exact_still_answer_as_alone(model
         assert [r.wait().tokens for r in runs] == expected
     finally:
         engine.close()
+
+
+def test_each_decode_call_lists_its_sequences_by_slot_and_a_new_one_takes_the_lowest_free_slot(model_file,
+                                                                                               monkeypatch):
+    """llama.cpp cuts a call into a separate pass over the weights wherever the sequence ids are not consecutive
+    and ascending (slots 1..7 then 0 took 74 ms a step where 0..7 took 43): each call lists its sequences by slot,
+    new sequences fill the lowest free slots, and with node.batch_exact = false all of them share one call."""
+    import llama_cpp
+
+    import shards.backend_llama_batch as batching
+
+    calls: list[list[int]] = []
+    decode = llama_cpp.llama_decode
+
+    def recorded(ctx, batch):  # the sequences that decode one token in the call (a prompt's piece has more)
+        ids = [batch.seq_id[j][0] for j in range(batch.n_tokens)]
+        calls.append([i for i in dict.fromkeys(ids) if ids.count(i) == 1])
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(batching.llama_cpp, "llama_decode", recorded)
+    texts = PROMPTS + MORE_PROMPTS + ["The moon is", "Three primary colours are"]
+    for exact in (True, False):
+        backend = batching.open_backend(path=model_file, n_ctx=256, threads=2, slots=len(texts), batch_exact=exact)
+        try:
+            prompts = [backend.tokenize(t, add_bos=True) for t in texts]
+            sampling = Sampling(temperature=0.0, max_tokens=TOKENS)
+            first = [backend.start(p, sampling, 1) for p in prompts[:4]]
+            assert [s.slot for s in first] == [0, 1, 2, 3]
+            backend.release(first[0])
+            backend.release(first[2])
+            later = [backend.start(p, sampling, 1) for p in prompts[4:]]
+            assert sorted(s.slot for s in later) == [0, 2, 4, 5, 6, 7, 8], "the gaps are filled first"
+            assert later[0].slot == 0 and later[1].slot == 2
+            running = [first[1], first[3], *later]
+            calls.clear()
+            for _ in range(TOKENS):
+                backend.step([s for s in running if s.feed is not None])
+                for s in running:
+                    s.out = []
+            decoding = [c for c in calls if len(c) > 1]
+            assert decoding and all(c == sorted(c) for c in decoding), calls
+            widest = max(len(c) for c in decoding)
+            if exact:  # nine sequences: two calls of five and four (as even as it goes), never more than 7
+                assert widest <= batching.EXACT_ROWS and widest >= 5, calls
+            else:
+                assert widest == len(running), calls
+        finally:
+            backend.close()
+
