@@ -20,6 +20,7 @@ from typing import Callable
 
 from shards.backend import Backend
 from shards.slots import Run, Stepper
+from shards.stall_watch import StallWatch
 from shards.types import Event, Failed, Finished, QueueFull, Sampling
 
 log = logging.getLogger("quorum.shard")
@@ -40,8 +41,11 @@ class Job:
 
 class Engine:
     def __init__(self, backend: Backend, queue_depth: int, name: str = "shard",
-                 on_finish: Callable[[Finished], None] | None = None, queue_tokens: int | None = None) -> None:
+                 on_finish: Callable[[Finished], None] | None = None, queue_tokens: int | None = None,
+                 stall: StallWatch | None = None) -> None:
+        """`stall`: times each step (shards/stall_watch.py); the engine closes it."""
         self.backend = backend
+        self.stall = stall
         self.on_finish = on_finish  # called on the worker thread for every ended generation
         self.queue_depth = queue_depth
         # Prompt tokens the queue may hold (not yet prefilled); None: queue_depth full windows.
@@ -118,6 +122,8 @@ class Engine:
             run.job.cancel.set()
         self._jobs.put(None)
         self._thread.join(timeout=30)
+        if self.stall is not None:
+            self.stall.close()
         self.backend.close()
 
     def _run(self) -> None:
@@ -170,12 +176,18 @@ class Engine:
                 run.reason = "cancelled"
         live = [r for r in self._runs if r.reason is None]
         if live:
+            if self.stall is not None:  # a generate-only backend prefills a whole prompt (and replay) in one step
+                self.stall.started(0 if self._stepper.batched else
+                                   sum(len(r.job.prompt) + len(r.job.forced) for r in live if not r.produced))
             try:
                 self._stepper.step([r.seq for r in live])
             except Exception as exc:  # the step itself failed: every generation in it ends, the shard goes on
                 log.exception("%s: a batched step failed", self.name)
                 for run in live:
                     run.seq.error = exc
+            finally:
+                if self.stall is not None:
+                    self.stall.ended()
             for run in live:
                 self._hand_out(run)
         for run in [r for r in self._runs if r.reason is not None]:

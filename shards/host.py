@@ -30,6 +30,21 @@ from shards.child_process import die_with_parent, offer_to_oom_killer
 log = logging.getLogger("quorum.shard-host")
 
 STAGE_WAIT_S = 60.0  # a split head waits this long for its stages to answer before it gives up (and is retried)
+STALLED_EXIT = 70  # EX_SOFTWARE: the process ended itself on a stuck decoding step (shards/stall_watch.py)
+
+
+def stall_watch(spec: "HostSpec"):
+    """The watch on the generator's decoding steps: a stuck step ends this process, so meshd restarts it and
+    its streams resume elsewhere. QUORUM_STALL_LIMIT_S sets the bound (tests; a HostSpec carries no test knobs)."""
+    from shards.stall_watch import STEP_LIMIT_S, StallWatch
+
+    def end(why: str) -> None:
+        log.critical("%s; ending the shard process", why)
+        logging.shutdown()  # the line reaches meshd before the exit
+        os._exit(STALLED_EXIT)
+
+    limit = float(os.environ.get("QUORUM_STALL_LIMIT_S", "0") or 0) or STEP_LIMIT_S
+    return StallWatch(end, limit_s=limit, name=f"{spec.role}/{spec.model}")
 
 
 @dataclass(frozen=True)
@@ -84,11 +99,12 @@ def open_shard(spec: HostSpec):
         wait_for_stages(stages, STAGE_WAIT_S)  # a stage restarted with us may still be starting
         loaded = open_split_backend(spec.path, spec.n_ctx, spec.threads, stages)
         log.info("split model loaded in %.1f s; weights (MiB): %s", loaded.load_s, loaded.buffers)
-        return LocalShard(spec.role, spec.model, loaded.backend, spec.queue_depth, spec.chat_template)
+        return LocalShard(spec.role, spec.model, loaded.backend, spec.queue_depth, spec.chat_template,
+                          stall=stall_watch(spec))
     extra = {"kv_cache_type": spec.kv_cache_type, "batch_exact": spec.batch_exact} if spec.kind == "llama" else {}
     backend = load_backend(spec.kind, path=spec.path, n_ctx=spec.n_ctx, threads=spec.threads,
                            slots=max(1, spec.parallel), **extra)
-    return LocalShard(spec.role, spec.model, backend, spec.queue_depth, spec.chat_template)
+    return LocalShard(spec.role, spec.model, backend, spec.queue_depth, spec.chat_template, stall=stall_watch(spec))
 
 
 async def serve(spec: HostSpec, ready_fd: int) -> None:

@@ -14,6 +14,7 @@ from typing import AsyncIterator, Callable
 
 from shards.backend import Backend
 from shards.engine import Engine, Job
+from shards.stall_watch import StallWatch
 from shards.templates import Message, render
 from shards.types import (
     ContextLengthExceeded,
@@ -67,14 +68,14 @@ class LocalShard:
 
     def __init__(self, role: str, model: str, backend: Backend, queue_depth: int,
                  named_template: str | None, on_finish: Callable[[Finished], None] | None = None,
-                 queue_tokens: int | None = None) -> None:
+                 queue_tokens: int | None = None, stall: StallWatch | None = None) -> None:
         self.role = role
         self.model = model
         self.backend = backend
         self.n_ctx = backend.n_ctx
         self._named_template = named_template
         self._engine = Engine(backend, queue_depth, name=f"{role}/{model}", on_finish=on_finish,
-                              queue_tokens=queue_tokens)
+                              queue_tokens=queue_tokens, stall=stall)
         self.slots = self._engine.slots  # generations decoded together (continuous batching)
 
     @property

@@ -130,3 +130,35 @@ def test_stop_ends_the_process(tmp_path):
     pid = asyncio.run(main())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_stuck_decoding_step_ends_the_process_so_its_streams_can_resume_elsewhere(tmp_path, monkeypatch):
+    """A step that never returns (here a null token taking 30 s; in life a llama.cpp call stuck on a stage that
+    never answers) leaves the process answering gRPC while its streams wait for good: past its bound the process
+    ends itself (exit 70, the reason in its last log line), the stream ends Failed, and meshd restarts it."""
+    monkeypatch.setenv("QUORUM_NULL_DELAY_S", "30")
+    monkeypatch.setenv("QUORUM_STALL_LIMIT_S", "0.5")  # plus 1 s a prompt token for the null backend's first step
+    exits: list[Exit] = []
+
+    async def main() -> None:
+        async def on_exit(_shard, exit_: Exit) -> None:
+            exits.append(exit_)
+
+        shard = shard_process(spec(tmp_path), Metrics(), on_exit)
+        await shard.start(60)
+        try:
+            started = asyncio.get_running_loop().time()
+            text, ends = await asyncio.wait_for(_generate(shard), 30)
+            assert text == "" and isinstance(ends[-1], Failed), ends
+            for _ in range(200):
+                if exits:
+                    break
+                await asyncio.sleep(0.05)
+            assert exits and exits[0].returncode == 70, exits
+            assert "the backend is stuck; ending the shard process" in exits[0].describe()
+            assert asyncio.get_running_loop().time() - started < 25  # not the 30 s token
+        finally:
+            await shard.stop()
+
+    asyncio.run(main())
+
