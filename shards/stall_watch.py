@@ -24,7 +24,8 @@ PER_PROMPT_TOKEN_S = 1.0
 
 class StallWatch:
     def __init__(self, on_stall: Callable[[str], None], limit_s: float = STEP_LIMIT_S,
-                 per_token_s: float = PER_PROMPT_TOKEN_S, name: str = "shard") -> None:
+                 per_token_s: float = PER_PROMPT_TOKEN_S, name: str = "shard", every_s: float | None = None) -> None:
+        """`every_s`: how often the watch thread looks (default: a quarter of the bound, at most a second)."""
         self.on_stall = on_stall
         self.limit_s = limit_s
         self.per_token_s = per_token_s
@@ -33,6 +34,7 @@ class StallWatch:
         self._step: tuple[float, float, int] | None = None  # (started, its bound, prompt tokens in it)
         self._fired = False
         self._closed = threading.Event()
+        self._every_s = every_s if every_s is not None else min(1.0, limit_s / 4)
         self._thread = threading.Thread(target=self._watch, name=f"stall-watch-{name}", daemon=True)
         self._thread.start()
 
@@ -49,20 +51,26 @@ class StallWatch:
         self._closed.set()
         self._thread.join(timeout=5)
 
-    def _watch(self) -> None:
-        every = min(1.0, self.limit_s / 4)
-        while not self._closed.wait(every):
-            with self._lock:
-                step = self._step
+    def check(self, now: float | None = None) -> str | None:
+        """One look (the thread's, every `every_s`): calls on_stall, once, for a step past its bound; returns
+        what it said."""
+        with self._lock:
+            step = self._step
             if step is None or self._fired:
-                continue
+                return None
             started, bound, tokens = step
-            running = time.monotonic() - started
-            if running > bound:
-                self._fired = True
-                why = (f"{self.name}: a decoding step has run {running:.0f} s, past its bound of {bound:.0f} s "
-                       f"({tokens} prompt tokens in it): the backend is stuck")
-                try:
-                    self.on_stall(why)
-                except Exception:  # the callback's own failure: logged, the watch has done what it can
-                    log.exception("%s: the stall callback failed", self.name)
+            running = (time.monotonic() if now is None else now) - started
+            if running <= bound:
+                return None
+            self._fired = True
+        why = (f"{self.name}: a decoding step has run {running:.0f} s, past its bound of {bound:.0f} s "
+               f"({tokens} prompt tokens in it): the backend is stuck")
+        try:
+            self.on_stall(why)
+        except Exception:  # the callback's own failure: logged, the watch has done what it can
+            log.exception("%s: the stall callback failed", self.name)
+        return why
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self._every_s):
+            self.check()

@@ -24,27 +24,30 @@ def until(condition, what: str) -> None:
 
 def test_a_step_past_its_bound_is_reported_once_and_steps_in_time_never():
     said: list[str] = []
-    watch = StallWatch(said.append, limit_s=0.2, per_token_s=0.0, name="reasoning/m")
+    watch = StallWatch(said.append, limit_s=120.0, per_token_s=0.0, name="reasoning/m", every_s=3600)
     try:
-        for _ in range(5):  # steps well within the bound
-            watch.started()
-            watch.ended()
+        watch.started()
+        begun = time.monotonic()
+        assert watch.check(now=begun + 119) is None  # a slow step, within its bound
+        watch.ended()
+        assert watch.check(now=begun + 1000) is None  # an ended step is never reported
         watch.started(prefill_tokens=3)
-        until(lambda: said, "the stuck step to be reported")
-        assert "reasoning/m: a decoding step has run" in said[0] and "3 prompt tokens" in said[0]
-        time.sleep(0.3)  # the watch looks again in the meantime: still the one report
-        assert len(said) == 1
+        begun = time.monotonic()
+        assert watch.check(now=begun + 121) == said[0]
+        assert "reasoning/m: a decoding step has run 121 s, past its bound of 120 s (3 prompt tokens" in said[0]
+        assert watch.check(now=begun + 500) is None and len(said) == 1  # once: the process is ending
     finally:
         watch.close()
 
 
 def test_the_bound_grows_with_the_prompt_a_step_prefills():
     said: list[str] = []
-    watch = StallWatch(said.append, limit_s=0.2, per_token_s=60.0)
+    watch = StallWatch(said.append, limit_s=120.0, per_token_s=1.0, every_s=3600)
     try:
-        watch.started(prefill_tokens=1)  # a bound of 60.2 s: a slow prefill, not a stall
-        time.sleep(0.6)
-        assert said == []
+        watch.started(prefill_tokens=4000)  # a generate-only backend's first step: the whole prompt
+        begun = time.monotonic()
+        assert watch.check(now=begun + 4000) is None  # a slow prefill, not a stall
+        assert watch.check(now=begun + 4121) is not None
     finally:
         watch.close()
 
