@@ -34,6 +34,7 @@ class StallWatch:
         self._step: tuple[float, float, int] | None = None  # (started, its bound, prompt tokens in it)
         self._fired = False
         self._closed = threading.Event()
+        self._busy = threading.Event()  # a step is running: the thread looks only then (no wake-ups when idle)
         self._every_s = every_s if every_s is not None else min(1.0, limit_s / 4)
         self._thread = threading.Thread(target=self._watch, name=f"stall-watch-{name}", daemon=True)
         self._thread.start()
@@ -42,13 +43,16 @@ class StallWatch:
         """A step begins; `prefill_tokens`: prompt tokens it may prefill beyond a batched step's piece."""
         with self._lock:
             self._step = (time.monotonic(), self.limit_s + self.per_token_s * prefill_tokens, prefill_tokens)
+        self._busy.set()
 
     def ended(self) -> None:
         with self._lock:
             self._step = None
+        self._busy.clear()
 
     def close(self) -> None:
         self._closed.set()
+        self._busy.set()
         self._thread.join(timeout=5)
 
     def check(self, now: float | None = None) -> str | None:
@@ -72,5 +76,8 @@ class StallWatch:
         return why
 
     def _watch(self) -> None:
-        while not self._closed.wait(self._every_s):
+        while not self._closed.is_set():
+            self._busy.wait()
+            if self._closed.wait(self._every_s):
+                return
             self.check()
