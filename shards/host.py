@@ -36,14 +36,15 @@ STALLED_EXIT = 70  # EX_SOFTWARE: the process ended itself on a stuck decoding s
 def stall_watch(spec: "HostSpec"):
     """The watch on the generator's decoding steps: a stuck step ends this process, so meshd restarts it and
     its streams resume elsewhere. QUORUM_STALL_LIMIT_S sets the bound (tests; a HostSpec carries no test knobs)."""
-    from shards.stall_watch import STEP_LIMIT_S, StallWatch
+    from shards.stall_watch import HEAD_STEP_LIMIT_S, STEP_LIMIT_S, StallWatch
 
     def end(why: str) -> None:
         log.critical("%s; ending the shard process", why)
         logging.shutdown()  # the line reaches meshd before the exit
         os._exit(STALLED_EXIT)
 
-    limit = float(os.environ.get("QUORUM_STALL_LIMIT_S", "0") or 0) or STEP_LIMIT_S
+    limit = float(os.environ.get("QUORUM_STALL_LIMIT_S", "0") or 0) or (HEAD_STEP_LIMIT_S if spec.stages
+                                                                         else STEP_LIMIT_S)
     return StallWatch(end, limit_s=limit, name=f"{spec.role}/{spec.model}")
 
 

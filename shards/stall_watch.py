@@ -19,6 +19,9 @@ from typing import Callable
 log = logging.getLogger("quorum.engine")
 
 STEP_LIMIT_S = 120.0
+# A pipeline's head decodes one sequence a token a step through its stages (a few seconds a token at worst on
+# a LAN of phones): a stage that hangs is what stops it, and it is noticed sooner.
+HEAD_STEP_LIMIT_S = 30.0
 PER_PROMPT_TOKEN_S = 1.0
 
 

@@ -80,3 +80,21 @@ def test_the_engine_times_its_steps_and_a_stuck_one_is_reported():
     finally:
         backend.release.set()
         engine.close()
+
+
+def test_a_pipeline_head_is_watched_closer_than_a_whole_model(monkeypatch, tmp_path):
+    """A head's step is one token through its stages: a hung stage is noticed after 30 s, not 2 minutes."""
+    from shards.host import HostSpec, stall_watch
+    from shards.stall_watch import HEAD_STEP_LIMIT_S, STEP_LIMIT_S
+
+    monkeypatch.delenv("QUORUM_STALL_LIMIT_S", raising=False)
+    whole = HostSpec("reasoning", "m", "llama", "/m.gguf", 512, 1, 4, str(tmp_path / "s.sock"), 1)
+    head = HostSpec("reasoning", "m", "llama", "/m.gguf", 512, 1, 4, str(tmp_path / "s.sock"), 1,
+                    stages=("127.0.0.1:5000=9",))
+    for spec, limit in ((whole, STEP_LIMIT_S), (head, HEAD_STEP_LIMIT_S)):
+        watch = stall_watch(spec)
+        try:
+            assert watch.limit_s == limit and watch.name == "reasoning/m"
+        finally:
+            watch.close()
+    assert HEAD_STEP_LIMIT_S < STEP_LIMIT_S
