@@ -96,7 +96,6 @@ class Reconciler:
         # A head that lost a stage: key -> (its split's placement and stage states then, when)
         self._lost: dict[tuple[str, str], tuple[tuple | None, tuple, float]] = {}
         self._too_big: dict[tuple[str, str], str] = {}  # shards refused here as too big to load whole (reported)
-        self._ready_detail: dict[tuple[str, str], str] = {}  # what each running shard's "ready" report says
         self._reasserting: set[tuple[str, str]] = set()  # running shards whose "ready" is being reported again
 
     async def run(self, changed: asyncio.Event, every_s: float = 1.0) -> None:
@@ -161,7 +160,7 @@ class Reconciler:
                 if future.exception() is not None:  # the next step tries again
                     log.info("ready report of %s/%s not committed: %s", *key, future.exception())
             self.raft.propose(SetShardState(*key, self.node_id, ShardState.READY,
-                                            self._ready_detail.get(key, ""))).add_done_callback(done)
+                                            self._ready_detail(self._split_of.get(key), state))).add_done_callback(done)
 
     async def _stages_ready(self, key: tuple[str, str], split: Split, state: MeshState) -> bool:
         """True once every stage of the split this head belongs to reports "ready" in Raft; until then the
@@ -239,15 +238,18 @@ class Reconciler:
             self._failed[key] = time.monotonic() + RETRY_AFTER_FAILURE_S
             await self._report(SetShardState(role, model_name, self.node_id, ShardState.FAILED, str(exc)[:300]))
             return
-        detail = "" if split is None else "pipeline head: " + ", ".join(
-            f"{self._name(state, node_id)}={layers}" for node_id, layers in split.stages)
-        self._ready_detail[key] = detail
         self.local[key] = shard
         self._split_of[key] = split
         self.metrics.watch_shard(role, model_name, lambda: shard.waiting, shard.rss)
         self._failed.pop(key, None)
-        await self._report(SetShardState(role, model_name, self.node_id, ShardState.READY, detail))
+        await self._report(SetShardState(role, model_name, self.node_id, ShardState.READY,
+                                         self._ready_detail(split, state)))
         log.info("ready: %s shard of %s", role, model_name)
+
+    def _ready_detail(self, split: Split | None, state: MeshState) -> str:
+        """What a shard's "ready" report says: a pipeline head names its stages and their layers."""
+        return "" if split is None else "pipeline head: " + ", ".join(
+            f"{self._name(state, node_id)}={layers}" for node_id, layers in split.stages)
 
     def _head_split(self, key: tuple[str, str], state: MeshState) -> Split | None:
         """The split whose head this shard is: the model's reasoning shard on the split's head member (llama.cpp
@@ -345,7 +347,6 @@ class Reconciler:
     async def _unload(self, key: tuple[str, str]) -> None:
         shard = self.local.pop(key)
         self._split_of.pop(key, None)
-        self._ready_detail.pop(key, None)
         self.metrics.unwatch_shard(*key)
         await shard.stop()
         log.info("stopped %s shard of %s (no longer placed here)", *key)
