@@ -340,7 +340,7 @@ def test_a_peer_that_accepts_and_never_answers_is_not_ready_within_the_connect_t
                 started = time.perf_counter()
                 with pytest.raises(NotReady, match="UNAVAILABLE"):
                     await far.open(GenerateRequest(Sampling(), messages=CHAT))
-                assert time.perf_counter() - started < CONNECT_TIMEOUT_MS / 1000 + 3.0  # 20 s without it
+                assert time.perf_counter() - started < CONNECT_TIMEOUT_MS / 1000 + 10.0  # 20 s without it
                 assert far.load == 0
             finally:
                 await far.close()
