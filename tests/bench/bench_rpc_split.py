@@ -12,7 +12,10 @@ runs alternate configuration by configuration, and every stage is a real stage p
 at 1 thread each and at the best thread count (physical cores; head and stage each get that many).
 Prints median decode tokens/s, time to first token, load time, split/whole ratios (issue target:
 >= 0.9 for 2 stages on loopback), MiB of weights on the stage, and loopback bytes per generated token
-(the machine's `lo` counters over the head's run: approximate on a shared machine). Run:
+(the machine's `lo` counters over the head's run: approximate on a shared machine), and the loopback MiB
+sent while the head loaded: what a reload costs the network, with the stage cache warm (split) and empty
+(split-cold). ggml's RPC client offers the cache only tensors over 10 MiB (HASH_THRESHOLD in ggml-rpc.cpp);
+every tensor in the default model's layers is under 1.1 MiB, so both send the stage's whole share. Run:
 
     .venv/bin/python -m tests.bench.bench_rpc_split [--runs 3] [--tokens 64] [--threads 1 2]
 """
@@ -62,7 +65,8 @@ def default_model():
 
 
 def run_head(model: str, flags: list[str], threads: int, tokens: int) -> dict:
-    """One head run: its ready and done lines merged, plus loopback bytes per token."""
+    """One head run: its ready and done lines merged, plus loopback bytes per token and during the load."""
+    lo_start = psutil.net_io_counters(pernic=True)["lo"].bytes_sent
     proc = subprocess.Popen([sys.executable, "-m", "shards.rpc_head", "--model", model, "--prompt", PROMPT,
                              "--threads", str(threads), "--max-tokens", str(tokens), "--parent", str(os.getpid()),
                              *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -91,7 +95,8 @@ def run_head(model: str, flags: list[str], threads: int, tokens: int) -> dict:
     if proc.returncode != 0 or len(lines) != 2:
         raise RuntimeError(f"head failed ({proc.returncode}):\n{err.decode(errors='replace')[-3000:]}")
     ready, done = lines
-    return {**ready, **done, "lo_per_token": (lo_at[1] - lo_at[0]) / max(done["tokens"], 1)}
+    return {**ready, **done, "lo_per_token": (lo_at[1] - lo_at[0]) / max(done["tokens"], 1),
+            "lo_load": lo_at[0] - lo_start}
 
 
 def bench(model: str, threads: int, runs: int, tokens: int, cache: Path) -> dict[str, list[dict]]:
@@ -107,18 +112,21 @@ def bench(model: str, threads: int, runs: int, tokens: int, cache: Path) -> dict
                     r = run_head(model, [f.format(**endpoints) for f in flags], threads, tokens)
                 results[name].append(r)
                 print(f"  threads {threads} run {i + 1} {name:12s} {r['decode_tok_s']:6.1f} tok/s  "
-                      f"ttft {r['ttft_s'] * 1000:6.0f} ms  load {r['load_s']:.2f} s", flush=True)
+                      f"ttft {r['ttft_s'] * 1000:6.0f} ms  load {r['load_s']:.2f} s, "
+                      f"{r['lo_load'] / 2**20:.1f} MiB on lo", flush=True)
     return results
 
 
 def report(threads: int, results: dict[str, list[dict]]) -> None:
     med = {n: statistics.median(r["decode_tok_s"] for r in rs) for n, rs in results.items()}
     print(f"\nthreads {threads} (head and stage each):")
-    print(f"  {'config':12s} {'tok/s':>7s} {'ttft ms':>8s} {'load s':>7s} {'stage MiB':>10s} {'lo KiB/token':>13s}")
+    print(f"  {'config':12s} {'tok/s':>7s} {'ttft ms':>8s} {'load s':>7s} {'load lo MiB':>12s} {'stage MiB':>10s} "
+          f"{'lo KiB/token':>13s}")
     for name, rs in results.items():
         stage_mib = sum(v for k, v in rs[0]["buffers"].items() if k.startswith("RPC"))
         print(f"  {name:12s} {med[name]:7.1f} {statistics.median(r['ttft_s'] for r in rs) * 1000:8.0f} "
-              f"{statistics.median(r['load_s'] for r in rs):7.2f} {stage_mib:10.1f} "
+              f"{statistics.median(r['load_s'] for r in rs):7.2f} "
+              f"{statistics.median(r['lo_load'] for r in rs) / 2**20:12.1f} {stage_mib:10.1f} "
               f"{statistics.median(r['lo_per_token'] for r in rs) / 1024:13.1f}")
     print(f"  split3/whole {med['split3'] / med['whole']:.2f}x; load without the stage cache "
           f"{statistics.median(r['load_s'] for r in results['split-cold']):.2f} s, with it "
