@@ -96,6 +96,8 @@ class RegisterModel(Command):
     memory_bytes: int
     layers: int = 0  # transformer blocks (GGUF block_count); 0: not split by layers
     layer_bytes: int = 0  # one block's weights (on average) and its KV cache for the context
+    slots: int = 0  # the KV caches (node.parallel) memory_bytes counts; 0: not recorded (older members)
+    slot_bytes: int = 0  # one slot's KV cache for the context; 0: not recorded (every member charged memory_bytes)
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,7 @@ class BadCommand(ValueError):
 # the version before them still reads the entry (decode fills the default back in).
 _OMITTED_AT_DEFAULT = {("session_turn_start", "owner"): "", ("set_split", "auto"): False,
                        ("register_model", "layers"): 0, ("register_model", "layer_bytes"): 0,
+                       ("register_model", "slots"): 0, ("register_model", "slot_bytes"): 0,
                        ("apply_placement", "split_model"): "", ("apply_placement", "split_head"): "",
                        ("apply_placement", "split_stages"): (), ("session_turn_end", "replica"): "",
                        ("set_stage_state", "at"): 0.0}

@@ -54,6 +54,18 @@ class Model:
     # for models that are not split by layers: such a model is only ever placed whole).
     layers: int = 0  # transformer blocks
     layer_bytes: int = 0  # what one block costs the member holding it: its weights and its KV cache
+    # memory_bytes counts `slots` KV caches (the registering member's node.parallel), each `slot_bytes`: a member
+    # decoding another number of sequences at once needs memory_for(its slots). 0 in older logs and for models
+    # without a KV cache: every member is then charged memory_bytes.
+    slots: int = 0
+    slot_bytes: int = 0
+
+    def memory_for(self, slots: int) -> int:
+        """What one whole shard of this model needs on a member whose generating shards have `slots` slots
+        (0: not reported, charged as registered)."""
+        if slots <= 0 or self.slots <= 0 or self.slot_bytes <= 0:
+            return self.memory_bytes
+        return self.memory_bytes + (slots - self.slots) * self.slot_bytes
 
 
 @dataclass(frozen=True)

