@@ -63,9 +63,15 @@ class Model:
     def memory_for(self, slots: int) -> int:
         """What one whole shard of this model needs on a member whose generating shards have `slots` slots
         (0: not reported, charged as registered)."""
-        if slots <= 0 or self.slots <= 0 or self.slot_bytes <= 0:
-            return self.memory_bytes
-        return self.memory_bytes + (slots - self.slots) * self.slot_bytes
+        return memory_for_slots(self.memory_bytes, self.slots, self.slot_bytes, slots)
+
+
+def memory_for_slots(memory_bytes: int, recorded_slots: int, slot_bytes: int, slots: int) -> int:
+    """A model's need with `slots` KV caches, from its catalog figures: `memory_bytes` counting `recorded_slots`
+    caches of `slot_bytes` each. Unchanged when either side is not known (0)."""
+    if slots <= 0 or recorded_slots <= 0 or slot_bytes <= 0:
+        return memory_bytes
+    return memory_bytes + (slots - recorded_slots) * slot_bytes
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from mesh.cluster.placement import NodeInfo, member_memory
 from mesh.cluster.split_planning import SplitModel, pinned_pipeline
 from mesh.core.config import PlacementConfig
 from raft.profile import MemberProfile
+from raft.records import memory_for_slots
 from raft.vocab import MemberState
 
 
@@ -54,7 +55,8 @@ def pinned_split(st: dict, models: list[dict], nodes: list[str], model_name: str
             raise ValueError(f"no member {name!r}")
         free = member_memory(MemberProfile.from_wire(member.get("profile")), reserve)
         members.append(NodeInfo(member["node_id"], "", free, 0.0))
-    split_model = SplitModel(model["name"], model["memory_bytes"], model.get("layers", 0), model.get("layer_bytes", 0))
+    one_slot = memory_for_slots(model["memory_bytes"], model.get("slots", 0), model.get("slot_bytes", 0), 1)
+    split_model = SplitModel(model["name"], one_slot, model.get("layers", 0), model.get("layer_bytes", 0))
     pipeline, warning = pinned_pipeline(split_model, members)
     names = {m["node_id"]: m["name"] for m in live}
     return ({"model": model["name"], "head": names[pipeline.head],

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 
 from nodes.device_class import NO_MODEL_CLASSES, DeviceClass
 from raft.profile import MemberProfile
+from raft.records import memory_for_slots
 from raft.vocab import MODEL_ROLES, Role
 
 BATTERY_CLASSES = frozenset({DeviceClass.TERMUX_PHONE})  # device classes whose battery limits what they hold
@@ -84,10 +85,7 @@ class ModelInfo:
     def need(self, node: NodeInfo | None) -> int:
         """What one shard of this model needs on `node`, which decodes `node.slots` sequences at once
         (raft.records.Model.memory_for)."""
-        slots = node.slots if node is not None else 0
-        if slots <= 0 or self.slots <= 0 or self.slot_bytes <= 0:
-            return self.memory_bytes
-        return self.memory_bytes + (slots - self.slots) * self.slot_bytes
+        return memory_for_slots(self.memory_bytes, self.slots, self.slot_bytes, node.slots if node is not None else 0)
 
 
 @dataclass(frozen=True, order=True)

@@ -321,7 +321,9 @@ def _ready(state: MeshState, a: Assignment) -> bool:
 
 
 def split_model(model: Model) -> SplitModel:
-    return SplitModel(model.name, model.memory_bytes, model.layers, model.layer_bytes)
+    """The model as the split planner sees it: a pipeline's head decodes one sequence at a time, so it is
+    charged one slot's KV cache, whatever the registering member's node.parallel."""
+    return SplitModel(model.name, model.memory_for(1), model.layers, model.layer_bytes)
 
 
 def replace_memory(node: NodeInfo, memory: int) -> NodeInfo:

@@ -40,7 +40,7 @@ STAGE_OVERHEAD = 96 * _MIB
 @dataclass(frozen=True)
 class SplitModel:
     name: str
-    memory_bytes: int  # the whole model on one member (placement.ModelInfo.memory_bytes)
+    memory_bytes: int  # the whole model with one slot (raft.records.Model.memory_for(1): a head decodes one sequence)
     layers: int  # transformer blocks; 0: not known (the model is never split)
     layer_bytes: int  # one block's weights and KV cache
 

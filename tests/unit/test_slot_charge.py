@@ -9,6 +9,7 @@ figures) charges every member memory_bytes, as before.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 
 import pytest
@@ -98,3 +99,22 @@ def test_registering_records_this_members_slots_and_upgrades_an_entry_without_th
     older = apply(empty(), RegisterModel(**{**cmd.__dict__, "slots": 0, "slot_bytes": 0})).models
     asyncio.run(register_models((spec,), tmp_path, older, propose, progress=False, slots=3))
     assert len(proposed) == 2 and proposed[-1].slot_bytes == slot, "an older entry is registered again, with them"
+
+
+def test_a_pipeline_head_is_charged_one_slot_whatever_the_registering_member_ran():
+    from mesh.cli.pipelines import pinned_split
+    from mesh.cluster.placer import split_model
+
+    state = apply(empty(), register(slots=8, slot_bytes=50 * MIB, layers=10, layer_bytes=20 * MIB))
+    assert split_model(state.models["gemma"]).memory_bytes == 650 * MIB  # 1000 - 7 x 50: the head decodes one
+
+    # meshctl's pinned split reads the same figures from the control API's JSON: 800 MiB between the two members
+    # hold the model with one slot's cache (650 MiB), not with the registering member's eight (1000 MiB).
+    members = [{"node_id": n, "name": n, "state": "active", "profile": {"memory_available_for_models": mib * MIB}}
+               for n, mib in (("head", 600), ("stage", 200))]
+    model = {**dataclasses.asdict(state.models["gemma"]), "roles": ["reasoning"]}
+    body, warning = pinned_split({"node": {}, "members": members}, [model], ["head", "stage"], None)
+    assert warning == "" and body["head"] == "head", warning
+    model.update(slots=0, slot_bytes=0)  # an entry without slot figures: the whole 1000 MiB is charged
+    assert "too little free memory" in pinned_split({"node": {}, "members": members}, [model], ["head", "stage"],
+                                                    None)[1]
