@@ -2,24 +2,25 @@
 
 Each slot is one llama.cpp sequence (seq id = slot) with its own KV stream (`kv_unified = False`,
 so a slot's cells sit in the same order as if it ran alone), its own sampler chain, grammar,
-seed, logprobs, forced replay and KV checkpoints. One `step` builds a single llama_batch from every
-active sequence (one token per decoding sequence, prompt chunks for prefilling ones) and decodes it.
+seed, logprobs, forced replay and KV checkpoints. One `step` decodes every active sequence (one token
+per decoding sequence, a prompt chunk for prefilling ones) in as few llama_decode calls as exactness allows.
 
 A sequence is a generator (`_sequence`) written like the single-context LlamaBackend.generate:
 it yields `Feed` (tokens to decode next; the driver sends back the batch row of its logits) and
 `TokenStep` (a token for the engine). Prompts are prefilled in CHUNK-token pieces aligned to
-absolute positions, so a prompt is cut the same way whatever else is in the batch, one prompt's
-piece per step beside every decoding sequence's token: a long prompt delays running streams by
-at most one piece per step, never freezes them.
+absolute positions, so a prompt is cut the same way whatever else is in the batch, and a step takes
+one piece of a prompt per llama_decode call (at least PREFILLS prompts a step when that many wait,
+so that prompts arriving together get their first token sooner): a long prompt delays running
+streams by at most one piece per step, never freezes them.
 
 Exactness (measured on this build, Gemma 3 270M, see tests/unit/test_batching_llama.py): with
 llama.cpp's repacked CPU weights (`use_extra_bufts`, the default) a decode batch of 4 or more rows
 runs the 4-row GEMM kernel and rows 0-2 of it get logits up to ~4.6 apart from the same row alone,
 so greedy answers can differ. Without repacking (REPACK = False, here) rows are bit-identical to a
 lone decode up to 7 decode rows, and with one prompt's piece beside them; pieces of two prompts in
-one batch, or 8 or more decode rows, change some rows again (~0.04-2 in the logits). So a step
-prefills one prompt at a time, and decodes its sequences in llama_decode calls of at most EXACT_ROWS
-(7) rows each, the prompt's piece beside the first: with 8 or more slots a step is two or more calls,
+one batch, or 8 or more decode rows, change some rows again (~0.04-2 in the logits). So a call holds
+one prompt's piece at most, and a step decodes its sequences in llama_decode calls of at most EXACT_ROWS
+(7) rows each, a prompt's piece beside each: with 8 or more slots a step is two or more calls,
 each exact (measured: 12 concurrent greedy answers equal each run alone; in one call 6 of 12 differed).
 Why 8: from 8 rows on, llama.cpp multiplies by the weights with llamafile's GEMM (tinyBLAS), which rounds
 otherwise than the per-row dot products below 8. That GEMM is also what makes 8 rows cheap (measured on a
@@ -55,6 +56,7 @@ CHUNK = 64  # prompt tokens per prefill piece, cut at multiples of CHUNK from po
 N_BATCH = 512  # the most tokens one step decodes
 REPACK = False  # repacked weights break batch invariance (see above)
 EXACT_ROWS = 7  # decoding sequences per llama_decode call that keep batch invariance (see above)
+PREFILLS = 4  # prompts a step takes a piece of, at least (one per call: never two prompts' pieces in one call)
 
 
 @dataclass
@@ -186,16 +188,21 @@ class LlamaBatchBackend(LlamaBackend):
 
     def step(self, seqs: list[Sequence]) -> None:
         """The sequences' next tokens, decoded; each sequence's new tokens land in its `out` (or `error`): every
-        decoding sequence and one prompt's chunk, listed by slot, in llama_decode calls of at most EXACT_ROWS
-        decoding sequences each when `exact` (the prompt's chunk beside the first), else in one call."""
+        decoding sequence, in llama_decode calls of at most EXACT_ROWS decoding sequences each when `exact`, else
+        in one call, and a piece of as many waiting prompts as there are calls (at least PREFILLS), one per call
+        (beside that call's decoding sequences, or in a call of its own), each call listed by slot."""
         by_slot = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)  # one ubatch per call (module doc)
         decoding = [i for i in by_slot if seqs[i].feed is not None and len(seqs[i].feed.tokens) == 1]
-        # One prompt at a time: chunks of several prompts in one batch change the numbers (measured).
-        filling = [i for i in by_slot if seqs[i].feed is not None and len(seqs[i].feed.tokens) > 1][:1]
+        filling = [i for i in by_slot if seqs[i].feed is not None and len(seqs[i].feed.tokens) > 1]
         calls = -(-len(decoding) // EXACT_ROWS) if self.exact else 1
         size = -(-len(decoding) // max(calls, 1))  # as even as it goes: 8 rows are 4 + 4, cheaper than 7 + 1
-        groups = [decoding[k:k + size] for k in range(0, len(decoding), size)] if decoding else [[]]
-        groups[0] = sorted(groups[0] + filling, key=lambda i: seqs[i].slot)
+        groups = [decoding[k:k + size] for k in range(0, len(decoding), size)] if decoding else []
+        # One prompt's piece per call: pieces of several prompts in one call change the numbers (measured).
+        for k, i in enumerate(filling[:max(len(groups), PREFILLS)]):
+            if k < len(groups):
+                groups[k] = sorted(groups[k] + [i], key=lambda j: seqs[j].slot)
+            else:
+                groups.append([i])
         for group in groups:
             self._decode(seqs, group)
 

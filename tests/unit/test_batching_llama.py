@@ -238,3 +238,43 @@ def test_each_decode_call_lists_its_sequences_by_slot_and_a_new_one_takes_the_lo
         finally:
             backend.close()
 
+
+
+def test_prompts_arriving_together_are_prefilled_a_piece_each_per_call(model_file, monkeypatch):
+    """Several waiting prompts: a step takes a piece of up to PREFILLS of them (more when it makes more calls), one
+    prompt's piece per llama_decode call (two prompts' pieces in one call change the numbers), so prompts that
+    arrive together get their first token in fewer steps; their answers stay those of each run alone."""
+    import llama_cpp
+
+    import shards.backend_llama_batch as batching
+
+    pieces: list[list[int]] = []  # per call: the sequences it prefills (more than one token)
+    decode = llama_cpp.llama_decode
+
+    def recorded(ctx, batch):
+        ids = [batch.seq_id[j][0] for j in range(batch.n_tokens)]
+        pieces.append([i for i in dict.fromkeys(ids) if ids.count(i) > 1])
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(batching.llama_cpp, "llama_decode", recorded)
+    texts = PROMPTS + MORE_PROMPTS[:1]
+    assert len(texts) > batching.PREFILLS
+    engine = Engine(batching.open_backend(path=model_file, n_ctx=256, threads=2, slots=len(texts)), queue_depth=16,
+                    name="batch-test-prefills")
+    try:
+        prompts = [engine.backend.tokenize(t, add_bos=True) for t in texts]
+        expected = [alone(engine, p) for p in prompts]
+        pieces.clear()
+        sampling = Sampling(temperature=0.0, max_tokens=TOKENS)
+        # One step of the backend itself (the engine is idle: nothing was submitted since the runs above ended).
+        seqs = [engine.backend.start(p, sampling, 1) for p in prompts]
+        engine.backend.step(seqs)
+        assert all(len(p) <= 1 for p in pieces), pieces
+        assert sum(len(p) for p in pieces) == batching.PREFILLS, pieces
+        for s in seqs:
+            engine.backend.release(s)
+        runs = [submit(engine, p) for p in prompts]
+        assert [r.wait().tokens for r in runs] == expected
+        assert all(len(p) <= 1 for p in pieces), pieces
+    finally:
+        engine.close()
