@@ -8,7 +8,8 @@ bundle with both CAs, cross-over, then the old one dropped):
   becomes the authority); its CA joins the trusted set and signs from then on; the first rotation adopts the
   CAs its proposer trusted before (`trusted_before`), which the state did not name yet; each of them must be one
   self-signed CA certificate with a key of ours (`ca_fingerprint`), judged from its bytes alone (cryptography,
-  which every member has: raft/tls.py needs it too), so every member gives the same verdict;
+  which every member has, imported only when a CA is proposed or such an entry replayed: a witness does not hold
+  it while idle), so every member gives the same verdict;
 - each member reports the newest CA it trusts and the one that signed its certificate (SetMemberCa); members
   renew under the new CA only once every live member trusts it (`untrusting`), so a member that was away
   (a phone asleep) still reaches the others when it returns, learns the new CA, and the rotation goes on;
@@ -24,16 +25,15 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from typing import TYPE_CHECKING
 
 from raft.commands import RequestCaRotation, RetireCas, RotateCa, SetMemberCa
 from raft.pem import CERT_BLOCK
 from raft.records import MeshState, Rejected
 from raft.vocab import MemberState
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 MAX_TRUSTED = 8  # CAs trusted at once: a rotation every removal, each finished before long
 MAX_CA_PEM = 4096
@@ -41,7 +41,7 @@ MAX_CA_PEM = 4096
 
 CA_CURVES = ("secp256r1", "secp384r1")  # EC keys a CA may have (meshd makes P-256)
 CA_RSA_BITS = (2048, 4096)  # or RSA keys of that many bits, at least and at most
-CA_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+CA_HASHES = ("SHA256", "SHA384", "SHA512")  # signature hashes, by their class in cryptography.hazmat.primitives.hashes
 
 
 def ca_fingerprint(pem: str) -> str:
@@ -58,6 +58,8 @@ def ca_fingerprint(pem: str) -> str:
     if block is None or block.end() != len(raw):
         raise Rejected("not a PEM certificate: a CA is one PEM certificate block and nothing else")
     body = b"".join(block.group(0).splitlines()[1:-1])
+    from cryptography import x509
+
     try:
         der = base64.b64decode(body, validate=True)
         cert = x509.load_der_x509_certificate(der)
@@ -68,6 +70,11 @@ def ca_fingerprint(pem: str) -> str:
 
 
 def _check_ca(cert: x509.Certificate) -> None:
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     try:
         extensions = cert.extensions
         constraints = extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -91,7 +98,7 @@ def _check_ca(cert: x509.Certificate) -> None:
     if not (isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in CA_CURVES) and \
             not (isinstance(key, rsa.RSAPublicKey) and CA_RSA_BITS[0] <= key.key_size <= CA_RSA_BITS[1]):
         raise Rejected("a CA key is EC P-256 or P-384, or RSA of 2048 to 4096 bits")
-    if not isinstance(digest, CA_HASHES):
+    if not isinstance(digest, tuple(getattr(hashes, name) for name in CA_HASHES)):
         raise Rejected("a CA certificate is signed with SHA-256, SHA-384 or SHA-512")
     if cert.issuer != cert.subject:
         raise Rejected("a CA certificate of the mesh is self-signed: its issuer is not its subject")

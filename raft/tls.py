@@ -12,7 +12,9 @@ Who may talk (`authorize(node_id, raft_address)`, checked by raft/transport.py):
   Raft message is taken;
 - again on every established connection every `RECHECK_S` (a member removed while connected is dropped);
 - when the trusted CAs change (`RaftTls.reload` after a CA rotation dropped one), an established connection
-  whose peer's certificate no trusted CA signed is closed at its next read.
+  whose peer's certificate no trusted CA signed is closed at its next read. A connection whose handshake trusted
+  only CAs that are all still trusted needs no check of its own (OpenSSL verified its peer up to one of them); the
+  others are checked with cryptography, imported only then (a witness does not hold it while idle).
 
 The rule (`member_authorizer`, the default RaftNode uses with its own state):
 - an id the replicated state knows as removed (MemberState.GONE, final: an id is never reused) is refused,
@@ -37,14 +39,14 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-
-from raft.pem import cert_blocks
+from raft.pem import cert_blocks, trust_set
 from raft.state import MeshState
 from raft.vocab import MemberState
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 RECHECK_S = 0.25  # how often established connections are checked against the state again
 Authorize = Callable[[str, str], bool]
@@ -85,22 +87,41 @@ class RaftTls:
         """New connections present `cert_pem` and trust `ca_pem` from now on. Open connections whose peer's
         certificate no CA in `ca_pem` signed (a CA rotation dropped its CA) are closed at their next read."""
         self.box[0] = _contexts(cert_pem, key_pem, ca_pem, self.box)
-        trusted = [x509.load_pem_x509_certificate(block) for block in cert_blocks(ca_pem)]
+        now = trust_set(ca_pem)
         with _LOCK:  # the tick thread adds sessions
-            sessions = list(_SESSIONS)
-        for session in sessions:
-            if _FAMILY.get(session.context) is self.box and not session.revoked and \
-                    not any(_issued(session.peer_der, ca) for ca in trusted):
-                session.revoked = True
+            checked = [s for s in _SESSIONS if _FAMILY.get(s.context) is self.box and not s.revoked
+                       and (s.resumed or not _covered(_TRUSTED.get(s.context), now))]
+        if checked:
+            from cryptography import x509
+
+            trusted = [x509.load_pem_x509_certificate(block) for block in cert_blocks(ca_pem)]
+            for session in checked:
+                if not any(_issued(session.peer_der, ca) for ca in trusted):
+                    session.revoked = True
 
 
-# Which RaftTls (its box) made a context, and the established sessions: what `reload` checks again.
+def _covered(verified: frozenset[bytes] | None, now: frozenset[bytes] | None) -> bool:
+    """Whether every CA a session's handshake trusted is trusted now. Then OpenSSL verified its peer's certificate
+    up to a CA trusted now (the contexts load no other trust anchor), and it is not checked again (unless the
+    session was resumed: its peer was verified in an earlier handshake, under what trust is not known). The only
+    certificates the signature check would still refuse chain through an intermediate CA, which only the key of
+    a CA trusted now can sign, and that key signs member certificates directly anyway."""
+    return bool(verified) and now is not None and verified <= now
+
+
+# Which RaftTls (its box) made a context, the CAs it trusts (raft/pem.py trust_set) and the established
+# sessions: what `reload` checks again.
 _FAMILY: weakref.WeakKeyDictionary[ssl.SSLContext, list] = weakref.WeakKeyDictionary()
+_TRUSTED: weakref.WeakKeyDictionary[ssl.SSLContext, frozenset[bytes] | None] = weakref.WeakKeyDictionary()
 _SESSIONS: weakref.WeakSet[TlsSession] = weakref.WeakSet()
 _LOCK = threading.Lock()
 
 
 def _issued(peer_der: bytes | None, ca: x509.Certificate) -> bool:
+    """Whether `ca` signed the peer's certificate (cryptography: asked only once a CA may have been dropped)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
     try:
         x509.load_der_x509_certificate(peer_der or b"").verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):  # another issuer, another key type, or no certificate
@@ -119,7 +140,9 @@ def _contexts(cert_pem: bytes, key_pem: bytes, ca_pem: bytes, box: list | None =
         ctx.load_verify_locations(cadata=ca_pem.decode())
         load_chain(ctx, cert_pem, key_pem)
         if box is not None:
-            _FAMILY[ctx] = box
+            with _LOCK:
+                _FAMILY[ctx] = box
+                _TRUSTED[ctx] = trust_set(ca_pem)
     return _Contexts(server, client)
 
 
@@ -148,6 +171,7 @@ class TlsSession:
         self.peer_id: str | None = None
         self.peer_der: bytes | None = None
         self.revoked = False  # its peer's CA is no longer trusted (RaftTls.reload): the next read fails
+        self.resumed = False  # a resumed TLS session (none are offered: num_tickets 0), verified in another handshake
 
     def handshake(self) -> bool:
         """Advances the handshake; True once it is done. Raises ssl.SSLError (bad certificate, garbage)."""
@@ -159,6 +183,7 @@ class TlsSession:
         if not self.peer_id:  # verified by the CA but naming nobody: not a member certificate
             raise ssl.SSLError("the peer's certificate has no common name")
         self.peer_der = self._obj.getpeercert(binary_form=True)
+        self.resumed = self._obj.session_reused
         self.established = True
         with _LOCK:
             _SESSIONS.add(self)

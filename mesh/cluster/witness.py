@@ -2,7 +2,8 @@
 
 A witness runs from the base install alone: it never imports grpcio, numpy, llama-cpp-python or
 onnxruntime (`heavy_modules_loaded()` says which of them a process holds; /control/v1/status shows
-it as node.heavy_modules). What that means for the roles a witness can play:
+it as node.heavy_modules), and holds cryptography only after a rare event that needs it (node.on_demand_modules).
+What that means for the roles a witness can play:
 
 - It votes and may be elected, but the gateway runs on the leader and routes over gRPC, which a
   witness has not got. So a witness that finds itself leading hands leadership to a healthy model
@@ -30,6 +31,9 @@ from raft.vocab import MemberState, ShardState
 log = logging.getLogger("quorum.witness")
 
 HEAVY_MODULES = ("grpc", "numpy", "llama_cpp", "onnxruntime")
+# In the base install, but imported only for a rare event (a key and a certificate request at a join or a renewal,
+# signing, a CA rotation: mesh/security/pki.py): a witness holds none of them once started and idle.
+ON_DEMAND_MODULES = ("cryptography",)
 ROUTER_CLASS = DeviceClass.OPENWRT_ROUTER
 HANDOFF_WAIT_S = 2.0  # after a transfer was sent: how long to wait for it before trying again
 
@@ -37,6 +41,11 @@ HANDOFF_WAIT_S = 2.0  # after a transfer was sent: how long to wait for it befor
 def heavy_modules_loaded() -> list[str]:
     """Which of the model-node-only packages this process has imported."""
     return [name for name in HEAVY_MODULES if name in sys.modules]
+
+
+def on_demand_modules_loaded() -> list[str]:
+    """Which of ON_DEMAND_MODULES this process holds now (one imported stays until the process ends)."""
+    return [name for name in ON_DEMAND_MODULES if name in sys.modules]
 
 
 def joins_as_witness(flag: bool, root: Path = Path("/")) -> bool:

@@ -15,18 +15,17 @@ from mesh.core.errors import StartupError
 from mesh.node.startup import bind, raft_limits, raft_timing, until
 from mesh.security.admin import new_admin
 from mesh.security.datadir import DataDir, NodeRecord
+from mesh.security.keygen import key_and_request
+from mesh.security.own_cert import holds_from
 from mesh.security.peer_tls import JOIN_PATH
 from mesh.security.pki import (
     PkiError,
-    certificate_request,
     check_fingerprint,
     common_name,
     create_ca,
     fingerprint,
     issue_node_certificate,
     make_bundle,
-    new_key,
-    signed_by,
     trusting,
 )
 from mesh.security.tokens import BadToken, new_token, split_token
@@ -100,7 +99,12 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
     except BadToken as exc:
         raise StartupError(f"cannot join: {exc}") from None
     node = cfg.node
-    key = new_key()
+    # The leader names the certificate; the key is made in a child process (mesh/security/keygen.py: this one never
+    # imports cryptography for it, which a witness would hold until it restarts).
+    try:
+        key, csr = await asyncio.to_thread(key_and_request, "joining")
+    except PkiError as exc:
+        raise StartupError(f"cannot join: {exc}") from None
     # This member's admin credential: minted here, only its digest travels; the leader records it.
     admin = new_admin(f"member {record.name}")
     body = {"token": token.strip(), "name": record.name,
@@ -108,11 +112,11 @@ async def join_mesh(dd: DataDir, cfg: MeshConfig, peer: str, token: str, name: s
             "http_address": node.http_address, "grpc_address": node.grpc_address,
             "raft_address": node.raft_address, "peer_address": node.peer_address, "witness": witness,
             "profile": await asyncio.to_thread(local_profile, node.memory_budget_bytes),
-            "csr": certificate_request(key, "joining").decode()}  # the leader names the certificate
+            "csr": csr.decode()}
     answer, ca_pem = await _join_through(peer, ca_fingerprint, body)
     node_id = answer.get("node_id")
     cert = answer.get("certificate", "").encode()
-    if not isinstance(node_id, str) or not node_id or not signed_by(cert, ca_pem) or common_name(cert) != node_id:
+    if not isinstance(node_id, str) or not node_id or not holds_from(cert, key, ca_pem) or common_name(cert) != node_id:
         raise StartupError("the leader answered the join without a certificate for the id it assigned")
     ca_key = answer.get("ca_key")
     # During a CA rotation the mesh trusts the older CA too (members not yet renewed): trust what it trusts.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mesh.cluster.witness import heavy_modules_loaded
+from mesh.cluster.witness import heavy_modules_loaded, on_demand_modules_loaded
 from mesh.core.config import MeshConfig
 from mesh.security.datadir import NodeRecord
 from raft.node import RaftNode
@@ -29,6 +29,7 @@ def status_view(raft: RaftNode, record: NodeRecord, cfg: MeshConfig, reconciler)
         "mesh": {"id": state.mesh_id, "name": state.name, "created_at": state.created_at},
         "node": {"id": record.node_id, "name": record.name, "listen": cfg.node.listen,
                  "witness": record.witness, "heavy_modules": heavy_modules_loaded(),
+                 "on_demand_modules": on_demand_modules_loaded(),
                  # what placement keeps free on a member that reports no figure of its own (meshctl's split shares)
                  "reserve_mib": cfg.placement.reserve_mib},
         "raft": raft.status(),

@@ -38,14 +38,13 @@ from typing import Awaitable, Callable
 import httpx
 
 from mesh.security.datadir import DataDir
+from mesh.security.own_cert import holds_from, own_issuer
 from mesh.security.pki import (
     PkiError,
     create_ca,
     fingerprint,
-    issuer_of,
     make_bundle,
     same_key,
-    signed_by,
     split_bundle,
 )
 from mesh.security.renewal import LiveIdentity
@@ -116,12 +115,13 @@ class TrustKeeper:
             await self._rotate(state)
         else:  # settled (by this member's RotateCa or another's): the next rotation owed waits its turn afresh
             self._owed_since = None
-        current = self.live()
-        if state.trusted_cas and not signed_by(current.cert_pem, current.ca_pem) \
+        current = self.live()  # its own certificate: checked without cryptography (own_cert), every member
+        if state.trusted_cas and not holds_from(current.cert_pem, current.key_pem, current.ca_pem) \
                 and (not untrusting(state) or state.ca_finish) and self._renewal_asked != state.signing_ca:
             self._renewal_asked = state.signing_ca
             self.renew()  # every member trusts the signing CA: a certificate from it, now
-        issuer, trusts = issuer_of(current.cert_pem, current.ca_pem), fingerprint(current.ca_pem)
+        issuer = own_issuer(current.cert_pem, current.key_pem, current.ca_pem)
+        trusts = fingerprint(current.ca_pem)
         cert = fingerprint(current.cert_pem)
         if issuer is not None and (issuer, trusts, cert) != (me.ca, me.trusts, me.cert):
             await self._propose(SetMemberCa(self.node_id, issuer, trusts, cert), "report this member's CAs")

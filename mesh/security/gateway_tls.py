@@ -30,6 +30,7 @@ from typing import Callable
 
 from mesh.core.errors import StartupError
 from mesh.security.authority import NoAuthority
+from mesh.security.own_cert import holds_from
 from mesh.security.pki import (
     PkiError,
     certificate_names,
@@ -37,10 +38,8 @@ from mesh.security.pki import (
     gateway_request,
     lifetime,
     new_key,
-    same_key,
     server_only_context,
     sign_gateway_request,
-    signed_by,
 )
 
 log = logging.getLogger("quorum.gateway")
@@ -84,7 +83,7 @@ def mesh_certificate(data_dir: Path, ca_pem: bytes, names: tuple[str, ...], sign
 
 def _still_good(cert: bytes, key: bytes, ca_pem: bytes, names: tuple[str, ...]) -> bool:
     try:
-        return (signed_by(cert, ca_pem) and same_key(cert, key) and set(names) <= set(certificate_names(cert))
+        return (holds_from(cert, key, ca_pem) and set(names) <= set(certificate_names(cert))
                 and not expires_within(cert, RENEW_BEFORE_S))
     except ValueError:  # an unreadable stored certificate or key: make a new certificate
         return False

@@ -21,7 +21,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from mesh.security.pki import NODE_DNS_NAME, NodeIdentity, node_dns_name, still_trusted
+from mesh.security.held_trust import still_trusted
+from mesh.security.pki import NODE_DNS_NAME, NodeIdentity, node_dns_name
 
 log = logging.getLogger("quorum.grpc")
 

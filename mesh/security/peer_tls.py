@@ -26,8 +26,9 @@ import httpx
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.core.errors import ApiError
+from mesh.security.held_trust import still_trusted, verified_against
 from mesh.security.http_guard import ConnectionLimits, GuardedH11Protocol, QuietServer, guarded, guarded_server
-from mesh.security.pki import NodeIdentity, der_fingerprint, load_identity, node_dns_name, still_trusted
+from mesh.security.pki import NodeIdentity, der_fingerprint, load_identity, node_dns_name
 from raft.state import MeshState
 from raft.vocab import MemberState
 
@@ -37,6 +38,7 @@ JOIN_PATH = "/control/v1/join"
 PEER_KEY = "quorum.peer_node"  # scope key: the node id in the client's verified certificate, or None
 PEER_CERT_KEY = "quorum.peer_cert"  # scope key: that certificate's fingerprint (pki.cert_fingerprint), or None
 PEER_DER_KEY = "quorum.peer_der"  # scope key: that certificate (DER), or None
+PEER_CAS_KEY = "quorum.peer_cas"  # scope key: the CAs (DER) its handshake trusted (held_trust), or None
 
 
 class PeerProtocol(GuardedH11Protocol):
@@ -50,11 +52,16 @@ class PeerProtocol(GuardedH11Protocol):
         self.peer_node = node_id = _common_name(ssl_object.getpeercert() if ssl_object is not None else None)
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None and node_id is not None else None
         cert = der_fingerprint(der) if der else None
+        # The context the handshake ran with (the SNI callback may have switched it: mesh/security/renewal.py), so
+        # the CAs it trusted then or since (a context's trust only grows): a superset of those that verified `der`.
+        # Not for a resumed session: its certificate was verified in an earlier handshake, perhaps under CAs since
+        # dropped (tickets outlive the switch), so it gets the full check.
+        cas = verified_against(ssl_object.context) if der and not ssl_object.session_reused else None
         super().connection_made(transport)
         app = self.app
 
         async def with_peer(scope: Scope, receive: Receive, send: Send) -> None:
-            scope[PEER_KEY], scope[PEER_CERT_KEY], scope[PEER_DER_KEY] = node_id, cert, der
+            scope[PEER_KEY], scope[PEER_CERT_KEY], scope[PEER_DER_KEY], scope[PEER_CAS_KEY] = node_id, cert, der, cas
             await app(scope, receive, send)
 
         self.app = with_peer
@@ -77,7 +84,7 @@ def _common_name(cert: dict | None) -> str | None:
 
 class PeerGate:
     """ASGI middleware for the peer port: joins pass; the rest needs a live member's certificate, from a CA this
-    member trusts now (`trusted()`: its ca.pem; pki.still_trusted)."""
+    member trusts now (`trusted()`: its ca.pem; held_trust.still_trusted)."""
 
     def __init__(self, app: ASGIApp, state: Callable[[], MeshState], trusted: Callable[[], bytes] | None = None
                  ) -> None:
@@ -95,7 +102,8 @@ class PeerGate:
                 await ApiError(403, f"This port serves mesh members only ({why}).", type="permission_error",
                                code="not_a_member").response()(scope, receive, send)
                 return
-            if self.trusted is not None and not still_trusted(scope.get(PEER_DER_KEY), self.trusted()):
+            if self.trusted is not None and not still_trusted(scope.get(PEER_DER_KEY), self.trusted(),
+                                                              scope.get(PEER_CAS_KEY)):
                 log.warning("peer request to %s from %s refused: its certificate is from a CA the mesh no longer "
                             "trusts", scope["path"], node_id)
                 await ApiError(403, "This connection's client certificate is from a CA this mesh no longer trusts "

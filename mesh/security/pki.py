@@ -12,6 +12,13 @@ posing as the leader's peer port or a shard). Node certificates last NODE_DAYS (
 daemon well before (mesh/security/renewal.py); the replicated member list refuses removed ids everywhere.
 
 Files (in the data dir; keys 0600): ca.pem, ca.key, node.pem, node.key.
+
+The cryptography package is imported only by what makes keys, requests and certificates, or checks a signature
+on a certificate of another member (a join, a renewal, a CA rotation): a witness on a 256 MB router never holds
+it while idle. Fingerprints, this member's own certificate's facts (mesh/security/cert_facts.py) and whether a
+CA issued a certificate whose key this member holds (mesh/security/own_cert.py: OpenSSL, in an in-memory
+handshake) need only the standard library; so does whether a peer's connection is still trusted while every CA it
+was verified against is (mesh/security/held_trust.py).
 """
 
 from __future__ import annotations
@@ -22,16 +29,18 @@ import functools
 import hashlib
 import re
 import ssl
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
-from raft.pem import cert_blocks
+from mesh.security import cert_facts
+from mesh.security.held_trust import load_trust
+from raft.pem import CERT_BLOCK, block_der, cert_blocks
 from raft.tls import load_chain
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 NODE_DNS_NAME = "quorum-node"
 CA_YEARS = 20
@@ -59,9 +68,12 @@ class NodeIdentity:
         """TLS for a node's HTTPS peer port: this node's certificate; a client certificate is
         verified against the mesh CA when one is sent (joining nodes have none yet)."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # TLS 1.3 without session tickets: no connection resumes a session verified under a CA since dropped
+        # (TLS 1.2's session ids would, and only members, all TLS 1.3, talk to this port).
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.num_tickets = 0
         load_chain(ctx, self.cert_pem, self.key_pem)
-        ctx.load_verify_locations(cadata=self.ca_pem.decode())
+        load_trust(ctx, self.ca_pem)
         ctx.verify_mode = ssl.CERT_OPTIONAL
         return ctx
 
@@ -78,7 +90,7 @@ def load_identity(ctx: ssl.SSLContext, identity: NodeIdentity, before: NodeIdent
     thread that makes the context's connections (for asyncio servers and clients: the loop)."""
     load_chain(ctx, identity.cert_pem, identity.key_pem)
     if before is None or before.ca_pem != identity.ca_pem:
-        ctx.load_verify_locations(cadata=identity.ca_pem.decode())
+        load_trust(ctx, identity.ca_pem)
 
 
 def trusting(ca_pem: bytes) -> ssl.SSLContext:
@@ -87,7 +99,7 @@ def trusting(ca_pem: bytes) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False  # members are named by address; the CA signature is what identifies them
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=ca_pem.decode())
+    load_trust(ctx, ca_pem)
     return ctx
 
 
@@ -96,17 +108,26 @@ def _now() -> datetime.datetime:
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
 
 def new_key() -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return _key_pem(ec.generate_private_key(ec.SECP256R1()))
 
 
 def create_ca(mesh_name: str, label: str = "") -> tuple[bytes, bytes]:
     """(CA certificate PEM, CA key PEM) for a new mesh, or a new CA of a mesh (`label`, e.g. the date of a
     rotation, keeps its name apart from the CA it replaces)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     label = f" {label}" if label else ""
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Quorum mesh"),
@@ -127,6 +148,10 @@ def create_ca(mesh_name: str, label: str = "") -> tuple[bytes, bytes]:
 
 
 def certificate_request(key_pem: bytes, node_id: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     key = serialization.load_pem_private_key(key_pem, None)
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)]))
@@ -143,6 +168,10 @@ def sign_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, node_id: str,
     """The node certificate for `node_id`, the id the leader assigned, for the key of a self-consistent
     request, valid for `days`. The request's own subject is ignored: a joiner proves it holds the key,
     the CA names it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     if not _NODE_ID.fullmatch(node_id or ""):
         raise PkiError(f"not a node id: {node_id!r}")
     csr = _request(csr_pem)
@@ -173,11 +202,18 @@ def issue_node_certificate(ca_pem: bytes, ca_key_pem: bytes, node_id: str,
 
 def fingerprint(ca_pem: bytes) -> str:
     """sha256 of the (first) certificate (DER), base64url without padding: 43 characters."""
+    return der_fingerprint(_first_der(ca_pem))
+
+
+def _first_der(pem: bytes) -> bytes:
+    """The DER of the first certificate of a PEM bundle, read through (cert_facts) to be sure it is one."""
+    blocks = cert_blocks(pem)
     try:
-        der = x509.load_pem_x509_certificate(ca_pem).public_bytes(serialization.Encoding.DER)
-    except ValueError:
+        der = block_der(blocks[0])
+        cert_facts.read(der)
+    except (IndexError, ValueError):
         raise PkiError("not a PEM certificate") from None
-    return der_fingerprint(der)
+    return der
 
 
 def der_fingerprint(der: bytes) -> str:
@@ -200,44 +236,32 @@ def issuer_of(cert_pem: bytes, bundle: bytes) -> str | None:
     return next((fingerprint(ca) for ca in split_bundle(bundle) if signed_by(cert_pem, ca)), None)
 
 
-def still_trusted(cert: bytes | None, trusted: bytes) -> bool:
-    """Whether a peer's certificate (DER, or PEM as gRPC gives it), which its TLS handshake verified, is from one
-    of the CAs this member trusts now (`trusted`: its ca.pem, which follows the log). A connection outlives the
-    trust it was opened under; the peer port and gRPC ask this on every request, so one opened with a certificate
-    of a CA since retired (a removed authority's copy of the old key) serves nothing after RetireCas: a held
-    connection gets no more than a new one would."""
-    return bool(cert) and _issued_by_any(cert, trusted)
-
-
-@functools.lru_cache(maxsize=256)  # per (certificate, trusted CAs): a signature check per connection, not per call
-def _issued_by_any(cert: bytes, trusted: bytes) -> bool:
-    try:
-        leaf = x509.load_pem_x509_certificate(cert) if cert.startswith(b"-----") else \
-            x509.load_der_x509_certificate(cert)
-    except ValueError:
-        return False
-    for pem in split_bundle(trusted):
-        try:
-            leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(pem))
-        except (ValueError, TypeError, InvalidSignature):  # another issuer, another key type
-            continue
-        return True
-    return False
-
-
 def check_fingerprint(ca_pem: bytes, expected: str) -> None:
-    """Raises PkiError unless `ca_pem` is the CA the join token names."""
+    """Raises PkiError unless `ca_pem` is the CA the join token names, and nothing else: one PEM certificate. A
+    joiner trusts all of `ca_pem` for the TLS that carries its token, and a fingerprint covers only the first
+    certificate, so a CA appended behind the real one (an answer forged on the plain HTTP fetch) is refused."""
     import hmac
 
+    raw = ca_pem.strip()
+    block = CERT_BLOCK.match(raw)  # the first block (fullmatch would stretch it over a second one)
+    if block is None or block.end() != len(raw):
+        raise PkiError("the peer's mesh CA is not one PEM certificate and nothing else")
     if not hmac.compare_digest(fingerprint(ca_pem), expected):
         raise PkiError("the peer's mesh CA does not match the token's fingerprint: it is not a member "
                        "of the mesh this token was made for")
 
 
 def common_name(cert_pem: bytes) -> str:
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
+    return _facts(cert_pem).common_name
+
+
+@functools.lru_cache(maxsize=32)
+def _facts(cert_pem: bytes) -> cert_facts.CertFacts:
+    """The facts of the first certificate of `cert_pem` (PkiError, a ValueError, if it is none)."""
+    try:
+        return cert_facts.read(block_der(cert_blocks(cert_pem)[0]))
+    except (IndexError, ValueError):
+        raise PkiError("not a PEM certificate") from None
 
 
 def node_id_of(cert_pem: bytes) -> str | None:
@@ -249,13 +273,16 @@ def node_id_of(cert_pem: bytes) -> str | None:
 
 def lifetime(cert_pem: bytes) -> tuple[float, float]:
     """(not before, not after) as Unix times."""
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+    facts = _facts(cert_pem)
+    return facts.not_before, facts.not_after
 
 
 def signed_by(cert_pem: bytes, ca_pem: bytes) -> bool:
     """Whether `cert_pem` was issued by the CA `ca_pem` (signature and validity period; of a bundle, the first:
     the signing CA)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
@@ -286,6 +313,10 @@ def sign_gateway_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, names
     """The gateway certificate for the key in `csr_pem`, valid for `names` (DNS names or IP
     addresses) for `days`."""
     import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
 
     if not names:
         raise PkiError("a gateway certificate needs at least one name")
@@ -319,17 +350,12 @@ def sign_gateway_request(ca_pem: bytes, ca_key_pem: bytes, csr_pem: bytes, names
 
 def certificate_names(cert_pem: bytes) -> tuple[str, ...]:
     """The DNS names and IP addresses a certificate is valid for."""
-    try:
-        ext = x509.load_pem_x509_certificate(cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return ()
-    return tuple([*ext.value.get_values_for_type(x509.DNSName),
-                  *(str(ip) for ip in ext.value.get_values_for_type(x509.IPAddress))])
+    facts = _facts(cert_pem)
+    return (*facts.dns_names, *facts.ip_addresses)
 
 
 def expires_within(cert_pem: bytes, seconds: float) -> bool:
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return cert.not_valid_after_utc <= _now() + datetime.timedelta(seconds=seconds)
+    return _facts(cert_pem).not_after <= time.time() + seconds
 
 
 def server_only_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
@@ -342,6 +368,9 @@ def server_only_context(cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
 
 def same_key(cert_pem: bytes, key_pem: bytes) -> bool:
     """Whether the certificate is for this private key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     pub = serialization.load_pem_private_key(key_pem, None).public_key()
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     return (x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(serialization.Encoding.DER, spki)
@@ -350,6 +379,9 @@ def same_key(cert_pem: bytes, key_pem: bytes) -> bool:
 
 def _request(csr_pem: bytes) -> x509.CertificateSigningRequest:
     """A certificate request that proves its EC key (its subject is never used: the CA names what it signs)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     if not isinstance(csr_pem, bytes) or len(csr_pem) > MAX_CSR_BYTES:
         raise PkiError("certificate request missing or too large")
     try:

@@ -33,17 +33,14 @@ from typing import Awaitable, Callable
 import httpx
 
 from mesh.security.authority import NoAuthority
+from mesh.security.keygen import key_and_request
+from mesh.security.own_cert import holds_from, own_issuer
 from mesh.security.pki import (
     NodeIdentity,
     PkiError,
-    certificate_request,
-    issuer_of,
     lifetime,
     load_identity,
-    new_key,
     node_id_of,
-    same_key,
-    signed_by,
 )
 
 log = logging.getLogger("quorum.renewal")
@@ -102,7 +99,7 @@ class LiveIdentity:
 
 def due(cert_pem: bytes, now: float) -> bool:
     """Whether a node certificate should be renewed now: two thirds of its life gone (a CA rotation asks
-    through Renewer.wake)."""
+    through Renewer.wake). Read without cryptography (mesh/security/cert_facts.py): it is this member's own."""
     start, end = lifetime(cert_pem)
     return node_id_of(cert_pem) is None or now >= start + (end - start) * RENEW_AT
 
@@ -128,10 +125,11 @@ class Renewer:
 
     async def renew(self) -> NodeIdentity:
         """A new key and certificate, written and installed. Raises PkiError, NoAuthority, httpx.HTTPError."""
-        key = await asyncio.to_thread(new_key)
-        cert = await self.sign({"kind": "node", "csr": certificate_request(key, self.node_id).decode()})
+        key, csr = await asyncio.to_thread(key_and_request, self.node_id)  # in a child: mesh/security/keygen.py
+        cert = await self.sign({"kind": "node", "csr": csr.decode()})
         trusted = self.live().ca_pem  # the trusted CAs now (a rotation may have moved on meanwhile)
-        if issuer_of(cert, trusted) is None or not same_key(cert, key) or node_id_of(cert) != self.node_id:
+        # own_issuer: a CA trusted now signed it and it is valid now, for `key` (a TLS handshake in memory proves it).
+        if own_issuer(cert, key, trusted) is None or node_id_of(cert) != self.node_id:
             raise PkiError("the authority's answer is not a certificate of this mesh for this node and key")
         _write(self.data_dir / "node.key", key, private=True)
         _write(self.data_dir / "node.pem", cert)
@@ -148,7 +146,7 @@ class Renewer:
             if self._forced or due(self.live().cert_pem, self.clock()):
                 try:
                     renewed = await self.renew()
-                    if signed_by(renewed.cert_pem, self.live().ca_pem):
+                    if holds_from(renewed.cert_pem, renewed.key_pem, self.live().ca_pem):
                         self._forced = False
                     else:  # an authority that has not applied the rotation yet signed it: ask again soon
                         wait = min(every_s, RETRY_S)
