@@ -26,6 +26,7 @@ from raft.state import MeshState, apply
 from raft.tls import RaftTls, TlsSession
 from tests.asgi_serving import HANDS_OFF, serving
 from tests.procs import REPO
+from tests.tls_sessions import handshake
 
 STEADY = """
 import json, sys, time
@@ -146,16 +147,6 @@ def test_the_peer_port_resumes_no_session_from_before_a_ca_was_dropped(cas):
 
     asyncio.run(serving(server, check))
     assert held_trust.still_trusted(b"not a certificate", new, None) is False  # no verified set: the full check
-
-
-def handshake(client: TlsSession, server: TlsSession) -> None:
-    for _ in range(10):  # a bounded handshake in memory
-        if client.handshake() & server.handshake():
-            break
-        server.incoming.write(client.take())
-        client.incoming.write(server.take())
-    client.incoming.write(server.take())
-    assert server.established and client.established and client.handshake()
 
 
 def test_raft_reloads_check_signatures_only_once_a_ca_a_session_trusted_is_dropped(cas, monkeypatch):
