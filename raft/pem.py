@@ -29,6 +29,15 @@ def block_der(block: bytes) -> bytes:
     return der
 
 
+def still_covers(verified: frozenset[bytes] | None, now: frozenset[bytes] | None) -> bool:
+    """Whether every CA a connection's handshake trusted (`verified`, trust_set of its context) is trusted `now`.
+    Then OpenSSL verified the peer's certificate up to a CA trusted now (the mesh's contexts load no other trust
+    anchor) and no signature check of our own is needed. The only certificates that check would still refuse
+    chain through an intermediate CA, which only the key of a CA trusted now can sign, and that key can sign a
+    member certificate directly anyway. False when either set is not known."""
+    return bool(verified) and now is not None and verified <= now
+
+
 def trust_set(pem: bytes) -> frozenset[bytes] | None:
     """The certificates (DER) that OpenSSL trusts after load_verify_locations(cadata=pem), or None when that is
     not certain: a block this pattern does not take (another PEM label, a body that is not base64), which OpenSSL

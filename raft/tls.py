@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from raft.pem import cert_blocks, trust_set
+from raft.pem import cert_blocks, still_covers, trust_set
 from raft.state import MeshState
 from raft.vocab import MemberState
 
@@ -90,7 +90,7 @@ class RaftTls:
         now = trust_set(ca_pem)
         with _LOCK:  # the tick thread adds sessions
             checked = [s for s in _SESSIONS if _FAMILY.get(s.context) is self.box and not s.revoked
-                       and (s.resumed or not _covered(_TRUSTED.get(s.context), now))]
+                       and (s.resumed or not still_covers(_TRUSTED.get(s.context), now))]
         if checked:
             from cryptography import x509
 
@@ -98,15 +98,6 @@ class RaftTls:
             for session in checked:
                 if not any(_issued(session.peer_der, ca) for ca in trusted):
                     session.revoked = True
-
-
-def _covered(verified: frozenset[bytes] | None, now: frozenset[bytes] | None) -> bool:
-    """Whether every CA a session's handshake trusted is trusted now. Then OpenSSL verified its peer's certificate
-    up to a CA trusted now (the contexts load no other trust anchor), and it is not checked again (unless the
-    session was resumed: its peer was verified in an earlier handshake, under what trust is not known). The only
-    certificates the signature check would still refuse chain through an intermediate CA, which only the key of
-    a CA trusted now can sign, and that key signs member certificates directly anyway."""
-    return bool(verified) and now is not None and verified <= now
 
 
 # Which RaftTls (its box) made a context, the CAs it trusts (raft/pem.py trust_set) and the established

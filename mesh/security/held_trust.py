@@ -15,7 +15,7 @@ import ssl
 import threading
 import weakref
 
-from raft.pem import cert_blocks, trust_set
+from raft.pem import cert_blocks, still_covers, trust_set
 
 # What each context loaded through `load_trust` verifies peers against: the certificates (DER) of every bundle
 # loaded into it (a context's trust store only grows), None once one of them was not certain (raft/pem.py
@@ -48,16 +48,13 @@ def still_trusted(cert: bytes | None, trusted: bytes, verified: frozenset[bytes]
     connection gets no more than a new one would.
 
     `verified`: every CA the handshake's context trusted (`verified_against`; None for a resumed TLS session, whose
-    certificate an earlier handshake verified, under what trust is not known). When each of them is still trusted,
-    the answer is yes without a signature check of our own: OpenSSL verified the certificate's signature in that
-    handshake, up to one of those CAs (it takes no other trust anchor: these contexts load no default CAs), and
-    that CA is trusted now. The one case where the signature check below would still say no is a chain through an
-    intermediate CA, which only the key of a CA trusted now can sign, and that key can sign a member certificate
-    directly anyway. Otherwise (a CA was dropped since the handshake, or the set is not known) the signature is
-    checked against each CA trusted now, with cryptography."""
+    certificate an earlier handshake verified, under what trust is not known). When each of them is still trusted
+    the answer is yes without a signature check of our own (raft/pem.py still_covers says why); otherwise (a CA
+    was dropped since the handshake, or the set is not known) the signature is checked against each CA trusted
+    now, with cryptography."""
     if not cert:
         return False
-    if verified and verified <= (_trusted_now(trusted) or frozenset()):
+    if still_covers(verified, _trusted_now(trusted)):
         return True
     return _issued_by_any(cert, trusted)
 
