@@ -96,6 +96,7 @@ class RemoteShard:
         self._max_in_flight = max_in_flight  # gRPC cancels calls when thousands share a channel
         self._channel: grpc.aio.Channel | None = None
         self._channel_credentials: grpc.ChannelCredentials | None = None  # what self._channel was made with
+        self._retired: list[grpc.aio.Channel] = []  # channels of older credentials, kept until no call runs
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
@@ -105,9 +106,14 @@ class RemoteShard:
         """This shard's channel, made on the running loop the first time."""
         loop = asyncio.get_running_loop()
         creds = self._credentials() if callable(self._credentials) else self._credentials
-        if self._channel is not None and creds is not self._channel_credentials and self.load == 0 \
-                and loop is self._loop:
-            self._channel = None  # renewed credentials: a new channel (the idle old one closes when dropped)
+        if self._channel is not None and creds is not self._channel_credentials and loop is self._loop:
+            # Renewed credentials: new calls take a new channel, presenting the certificate held now (one from a CA
+            # that a rotation retires next is refused from then on). Calls running on the old one finish there: it
+            # is held until no call runs, then dropped, which closes it (dropping it earlier would cancel them).
+            self._retired.append(self._channel)
+            self._channel = None
+        if self._retired and self.load == 0:
+            self._retired.clear()
         if self._channel is None:
             if creds is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=CLIENT_OPTIONS)
@@ -121,10 +127,12 @@ class RemoteShard:
         return self._channel
 
     async def close(self) -> None:
-        """Closes the channel (cancelling calls still running); a later call makes a new one."""
-        channel, self._channel, self._loop = self._channel, None, None
-        if channel is not None:
-            await channel.close()
+        """Closes the channel and any of older credentials (cancelling calls still running); a later call makes a
+        new one."""
+        channels, self._channel, self._loop, self._retired = [self._channel, *self._retired], None, None, []
+        for channel in channels:
+            if channel is not None:
+                await channel.close()
 
     async def open(self, req: GenerateRequest) -> Opened:
         """Sends the request and waits for the peer to admit it; see the module doc for errors."""

@@ -154,10 +154,12 @@ def peer_client(identity: Identity, timeout: httpx.Timeout | float = 30.0,
 class MemberTransport(httpx.AsyncBaseTransport):
     """Each request goes over TLS that accepts only the certificate of the member at its address (the SNI
     and hostname check name `ID.quorum-node`), in one connection pool per member id: a pooled connection
-    verified for one member is never used for another. When the trusted CAs change, the pools built with the
-    old trust are retired at the next request: none takes a new one, and each is closed then, or, while it
-    carries requests, when the last of their responses is closed (a relayed stream finishes on the connection it
-    started on)."""
+    verified for one member is never used for another. When this member's identity changes (a renewal, or new
+    trusted CAs), the pools opened before are retired at the next request: none takes a new one, and each is closed
+    then, or, while it carries requests, when the last of their responses is closed (a relayed stream finishes on
+    the connection it started on). A pooled connection presents the certificate it was opened with: one opened
+    before a renewal would still present the certificate of the CA a rotation is about to retire, and the peer
+    refuses it from then on (403), so no new request takes it."""
 
     def __init__(self, identity: Identity, expect: Callable[[str], str | None]) -> None:
         self._identity = identity if callable(identity) else (lambda: identity)
@@ -178,14 +180,14 @@ class MemberTransport(httpx.AsyncBaseTransport):
         current = self._identity()
         if current is not self._loaded:
             if current.ca_pem != self._loaded.ca_pem:
-                # The trusted CAs changed (a rotation): a context's trust store only grows, so a new context, and
-                # new pools for it; the old ones are closed once idle.
+                # The trusted CAs changed (a rotation): a context's trust store only grows, so a new context.
                 self._context = current.client_context()
                 self._context.check_hostname = True
-                self._retired.update(self._pools.values())
-                self._pools = {}
             else:  # renewed: new handshakes present the new certificate
                 load_identity(self._context, current, self._loaded)
+            # Either way, new pools: their connections present the certificate held now (the old ones close once idle).
+            self._retired.update(self._pools.values())
+            self._pools = {}
             self._loaded = current
             await self._close_idle()
         pool = self._pools.get(node_id)

@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from mesh.replicas.remote_shard import RemoteShard
 from mesh.security.authority import Authority, qualifies
 from mesh.security.grpc_tls import channel_credentials, server_credentials, target_for
 from mesh.security.peer_tls import peer_client
@@ -141,3 +142,52 @@ def test_grpc_server_serves_the_renewed_certificate_and_clients_check_the_id(ca)
     past_tls, refused, after, refused_after = asyncio.run(go())
     assert past_tls == after == grpc.StatusCode.UNIMPLEMENTED  # TLS done; the bare server has no Shard service
     assert refused == refused_after == grpc.StatusCode.UNAVAILABLE
+
+
+def test_after_a_renewal_new_peer_requests_present_the_new_certificate_not_a_pooled_connection(ca):
+    """A keep-alive connection presents the certificate it was opened with. One opened before a renewal still
+    presents a certificate of the CA that a rotation retires next, which the peer refuses from then on (403): so a
+    renewal retires the pools, and the next request opens a connection with the certificate held now."""
+    leader, live = ident(ca, "leader"), LiveIdentity(ident(ca, "member"))
+    seen: list[bytes] = []  # the client certificate of each connection the server accepted
+
+    async def go() -> None:
+        async def handle(reader, writer):
+            seen.append(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+            while await reader.readuntil(b"\r\n\r\n"):  # keep-alive: one answer per request, until the client goes
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                await writer.drain()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=leader.server_context())
+        port = server.sockets[0].getsockname()[1]
+        async with server, peer_client(live, 5, expect=lambda address: "leader") as client:
+            assert (await client.get(f"https://127.0.0.1:{port}/")).status_code == 200
+            assert (await client.get(f"https://127.0.0.1:{port}/")).status_code == 200
+            assert len(seen) == 1, "the second request reuses the pooled connection"
+            live.replace(ident(ca, "member"))  # renewed: a new key and certificate, the same CA
+            assert (await client.get(f"https://127.0.0.1:{port}/")).status_code == 200
+
+    asyncio.run(go())
+    first, renewed = (x509.load_der_x509_certificate(der).serial_number for der in seen)
+    assert len(seen) == 2 and first != renewed
+    assert renewed == x509.load_pem_x509_certificate(live().cert_pem).serial_number
+
+
+def test_a_busy_remote_shard_takes_a_new_channel_for_new_calls_after_a_renewal():
+    """gRPC likewise: new calls take a channel made with the renewed credentials even while calls run on the old
+    one, which is kept (dropping it would cancel them) until no call runs."""
+    creds = [grpc.ssl_channel_credentials()]
+    shard = RemoteShard("127.0.0.1:1", "reasoning", "m", "n1", credentials=lambda: creds[0])
+
+    async def go() -> None:
+        old = shard.channel()
+        shard.load = 2  # calls running on it
+        creds[0] = grpc.ssl_channel_credentials()  # renewed
+        new = shard.channel()
+        assert new is not old and shard.channel() is new
+        assert shard._retired == [old], "the old channel is dropped while calls run on it"
+        shard.load = 0
+        assert shard.channel() is new and shard._retired == []
+        await shard.close()
+
+    asyncio.run(go())
